@@ -1,0 +1,283 @@
+//! Multifd channels (QEMU 7.2 layout): the 64-byte initial packet, page packets
+//! with a 1344-byte header, and payloads without compression, with one zlib
+//! stream per channel, or one zstd stream per channel.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::input::{IResult, Input};
+use std::io::Read;
+
+/// Magic of initial and page packets.
+pub const MULTIFD_MAGIC: u32 = 0x1122_3344;
+/// Packet version.
+pub const MULTIFD_VERSION: u32 = 1;
+/// Bytes of page data a packet covers at most (`MULTIFD_PACKET_SIZE`).
+pub const MULTIFD_PACKET_SIZE: u64 = 512 * 1024;
+/// SYNC flag.
+pub const MULTIFD_FLAG_SYNC: u32 = 0x1;
+/// zlib payload.
+pub const MULTIFD_FLAG_ZLIB: u32 = 0x2;
+/// zstd payload.
+pub const MULTIFD_FLAG_ZSTD: u32 = 0x4;
+/// Compression bits of the flags in 7.2.
+pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xe;
+
+/// The packet each multifd connection starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialPacket {
+    /// Source VM UUID (all zero without `-uuid`).
+    pub uuid: [u8; 16],
+    /// 0-based channel id.
+    pub channel_id: u8,
+}
+
+impl InitialPacket {
+    /// The 64 bytes on the wire.
+    pub fn encode(&self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[..4].copy_from_slice(&MULTIFD_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&MULTIFD_VERSION.to_be_bytes());
+        b[8..24].copy_from_slice(&self.uuid);
+        b[24] = self.channel_id;
+        b
+    }
+
+    /// Parse the 64 bytes, checking magic and version.
+    pub fn decode(b: &[u8; 64]) -> std::result::Result<Self, ErrorKind> {
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let version = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+        if magic != MULTIFD_MAGIC {
+            return Err(ErrorKind::Multifd(format!("bad initial packet magic {magic:#x}")));
+        }
+        if version != MULTIFD_VERSION {
+            return Err(ErrorKind::Multifd(format!("initial packet version {version}")));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[8..24]);
+        Ok(InitialPacket { uuid, channel_id: b[24] })
+    }
+}
+
+/// Payload compression of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Raw pages.
+    None,
+    /// One zlib stream per channel.
+    Zlib,
+    /// One zstd stream per channel.
+    Zstd,
+}
+
+/// A page packet's header fields (stale fields kept as QEMU sent them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketHeader {
+    /// Flags (SYNC, compression).
+    pub flags: u32,
+    /// Offset slots in the packet (128 with 4 KiB pages).
+    pub pages_alloc: u32,
+    /// Pages with data in this packet.
+    pub normal_pages: u32,
+    /// Payload bytes (meaningful only when `normal_pages > 0`).
+    pub next_packet_size: u32,
+    /// Global packet counter.
+    pub packet_num: u64,
+    /// RAM block name.
+    pub block: String,
+    /// Byte offsets of the `normal_pages` pages.
+    pub offsets: Vec<u64>,
+}
+
+impl PacketHeader {
+    /// True for a SYNC packet.
+    pub fn is_sync(&self) -> bool {
+        self.flags & MULTIFD_FLAG_SYNC != 0
+    }
+}
+
+enum Inflater {
+    None,
+    Zlib(Box<flate2::Decompress>),
+    Zstd(Box<zstd::stream::raw::Decoder<'static>>),
+}
+
+/// Reads one multifd channel: the initial packet, then page packets with their
+/// (decompressed) data.
+pub struct ChannelReader<R> {
+    input: Input<R>,
+    tps: u64,
+    initial: Option<InitialPacket>,
+    inflater: Inflater,
+    compression: Option<Compression>,
+    comp: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl<R: Read> ChannelReader<R> {
+    /// A reader for a channel with target page size `tps`.
+    pub fn new(reader: R, tps: u64) -> Self {
+        ChannelReader { input: Input::new(reader), tps, initial: None, inflater: Inflater::None, compression: None, comp: vec![], data: vec![] }
+    }
+
+    /// The initial packet, read on first use.
+    pub fn initial(&mut self) -> Result<&InitialPacket> {
+        if self.initial.is_none() {
+            let mut b = [0u8; 64];
+            self.input.read_exact(&mut b, "the multifd initial packet").map_err(|k| self.input.err(k))?;
+            let p = InitialPacket::decode(&b).map_err(|k| Error::at(0, k))?;
+            self.initial = Some(p);
+        }
+        match &self.initial {
+            Some(p) => Ok(p),
+            None => Err(Error::at(0, ErrorKind::Multifd("no initial packet".into()))),
+        }
+    }
+
+    /// Pages per packet (offset slots in the header).
+    pub fn pages_per_packet(&self) -> u64 {
+        MULTIFD_PACKET_SIZE / self.tps
+    }
+
+    /// Compression seen so far on this channel.
+    pub fn compression(&self) -> Option<Compression> {
+        self.compression
+    }
+
+    /// The next packet and its page data (`normal_pages * tps` bytes), or `None` at a clean end.
+    pub fn next_packet(&mut self) -> Result<Option<(PacketHeader, &[u8])>> {
+        self.initial()?;
+        let start = self.input.offset();
+        match self.packet() {
+            Ok(Some(h)) => {
+                let n = h.normal_pages as usize * self.tps as usize;
+                Ok(Some((h, &self.data[..n])))
+            }
+            Ok(None) => Ok(None),
+            Err(k @ (ErrorKind::UnexpectedEof { .. } | ErrorKind::Io(_))) => Err(self.input.err(k)),
+            Err(k) => Err(Error::at(start, k)),
+        }
+    }
+
+    fn packet(&mut self) -> IResult<Option<PacketHeader>> {
+        const W: &str = "a multifd packet header";
+        if self.input.at_end()? {
+            return Ok(None);
+        }
+        let slots = self.pages_per_packet();
+        let magic = self.input.be32(W)?;
+        let version = self.input.be32(W)?;
+        if magic != MULTIFD_MAGIC || version != MULTIFD_VERSION {
+            return Err(ErrorKind::Multifd(format!("bad packet magic {magic:#x} / version {version}")));
+        }
+        let flags = self.input.be32(W)?;
+        let pages_alloc = self.input.be32(W)?;
+        let normal_pages = self.input.be32(W)?;
+        let next_packet_size = self.input.be32(W)?;
+        let packet_num = self.input.be64(W)?;
+        self.input.skip(32, W)?;
+        let mut name = [0u8; 256];
+        self.input.read_exact(&mut name, W)?;
+        let end = name.iter().position(|&c| c == 0).unwrap_or(256);
+        let block = String::from_utf8_lossy(&name[..end]).into_owned();
+        if pages_alloc as u64 > slots {
+            return Err(ErrorKind::Multifd(format!("pages_alloc {pages_alloc} above {slots}")));
+        }
+        if normal_pages > pages_alloc {
+            return Err(ErrorKind::Multifd(format!("normal_pages {normal_pages} above pages_alloc {pages_alloc}")));
+        }
+        let mut offsets = Vec::with_capacity(normal_pages as usize);
+        for i in 0..slots {
+            let o = self.input.be64(W)?;
+            if i < normal_pages as u64 {
+                offsets.push(o);
+            }
+        }
+        let h = PacketHeader { flags, pages_alloc, normal_pages, next_packet_size, packet_num, block, offsets };
+        if normal_pages == 0 {
+            return Ok(Some(h)); // next_packet_size is stale here: no data follows
+        }
+        let out_len = normal_pages as usize * self.tps as usize;
+        self.data.resize(out_len, 0);
+        let comp = match flags & MULTIFD_FLAG_COMPRESSION_MASK {
+            0 => Compression::None,
+            MULTIFD_FLAG_ZLIB => Compression::Zlib,
+            MULTIFD_FLAG_ZSTD => Compression::Zstd,
+            f => return Err(ErrorKind::Multifd(format!("unknown compression flags {f:#x}"))),
+        };
+        if let Some(c) = self.compression {
+            if c != comp {
+                return Err(ErrorKind::Multifd(format!("compression changed from {c:?} to {comp:?}")));
+            }
+        }
+        self.compression = Some(comp);
+        if comp == Compression::None {
+            if next_packet_size as usize != out_len {
+                return Err(ErrorKind::Multifd(format!("next_packet_size {next_packet_size} for {normal_pages} pages")));
+            }
+            self.input.read_exact(&mut self.data, "multifd page data")?;
+            return Ok(Some(h));
+        }
+        // A compressed payload never legitimately exceeds twice the raw size.
+        if next_packet_size as usize > 2 * out_len + 1024 {
+            return Err(ErrorKind::Multifd(format!("compressed size {next_packet_size} too large")));
+        }
+        self.comp.resize(next_packet_size as usize, 0);
+        self.input.read_exact(&mut self.comp, "multifd compressed data")?;
+        self.inflate(comp)?;
+        Ok(Some(h))
+    }
+
+    fn inflate(&mut self, comp: Compression) -> IResult<()> {
+        let bad = |m: String| ErrorKind::Multifd(m);
+        if matches!(self.inflater, Inflater::None) {
+            self.inflater = match comp {
+                Compression::Zlib => Inflater::Zlib(Box::new(flate2::Decompress::new(true))),
+                Compression::Zstd => {
+                    Inflater::Zstd(Box::new(zstd::stream::raw::Decoder::new().map_err(|e| bad(format!("zstd: {e}")))?))
+                }
+                Compression::None => Inflater::None,
+            };
+        }
+        let want = self.data.len();
+        match &mut self.inflater {
+            Inflater::Zlib(z) => {
+                let (in0, out0) = (z.total_in(), z.total_out());
+                loop {
+                    let i = (z.total_in() - in0) as usize;
+                    let o = (z.total_out() - out0) as usize;
+                    if i == self.comp.len() || o == want {
+                        break;
+                    }
+                    z.decompress(&self.comp[i..], &mut self.data[o..], flate2::FlushDecompress::Sync)
+                        .map_err(|e| bad(format!("zlib: {e}")))?;
+                    if z.total_in() - in0 == i as u64 && z.total_out() - out0 == o as u64 {
+                        break;
+                    }
+                }
+                let got = (z.total_out() - out0) as usize;
+                if got != want || (z.total_in() - in0) as usize != self.comp.len() {
+                    return Err(bad(format!("zlib payload inflated to {got} bytes, expected {want}")));
+                }
+            }
+            Inflater::Zstd(z) => {
+                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                let mut inb = InBuffer::around(&self.comp);
+                let mut outb = OutBuffer::around(&mut self.data[..]);
+                loop {
+                    let (ip, op) = (inb.pos(), outb.pos());
+                    z.run(&mut inb, &mut outb).map_err(|e| bad(format!("zstd: {e}")))?;
+                    if inb.pos() == ip && outb.pos() == op {
+                        break;
+                    }
+                    if inb.pos() == self.comp.len() && outb.pos() == want {
+                        break;
+                    }
+                }
+                if outb.pos() != want || inb.pos() != self.comp.len() {
+                    return Err(bad(format!("zstd payload inflated to {} bytes, expected {want}", outb.pos())));
+                }
+            }
+            Inflater::None => return Err(bad("no decompressor".into())),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! Errors of the qmig facade and CLI.
+
+use std::path::PathBuf;
+
+/// What can go wrong in a qmig command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The stream did not decode.
+    #[error("{0}")]
+    Format(#[from] savevm_format::Error),
+    /// The stream could not be written.
+    #[error("{0}")]
+    Encode(#[from] savevm_format::EncodeError),
+    /// A file could not be opened, created, mapped or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Bad arguments or a request the stream cannot satisfy.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// Wrap an I/O error with the file it concerns.
+    pub fn file(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::File { path: path.into(), source }
+    }
+}
+
+/// Result alias of the facade.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,82 @@
+//! Guest RAM blocks backed by files mapped with memmap2: read-only sources for
+//! `save`, and sparse, writable images for `analyze --extract-ram`.
+
+use crate::error::{Error, Result};
+use memmap2::{Mmap, MmapMut};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// Parse `NAME=PATH` (the `--ram` / `--extract-ram` argument form).
+pub fn parse_name_path(s: &str) -> Result<(String, PathBuf)> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !p.is_empty() && n.len() <= 255 => Ok((n.to_string(), PathBuf::from(p))),
+        _ => Err(Error::Usage(format!("expected NAME=PATH (name of at most 255 bytes), got '{s}'"))),
+    }
+}
+
+/// A read-only mapping of a guest RAM file.
+pub struct RamFile {
+    /// RAM block name.
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl RamFile {
+    /// Map `path` read-only; its length must be a positive multiple of 4 KiB.
+    pub fn open(name: &str, path: &Path) -> Result<Self> {
+        let f = File::open(path).map_err(|e| Error::file(path, e))?;
+        let len = f.metadata().map_err(|e| Error::file(path, e))?.len();
+        if len == 0 || len % 4096 != 0 {
+            return Err(Error::Usage(format!(
+                "{}: RAM file length {len} is not a positive multiple of 4096",
+                path.display()
+            )));
+        }
+        // SAFETY: the mapping is read-only and only read through `bytes()`; if another
+        // process truncates the file meanwhile we may fault, as QEMU would.
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, e))?;
+        Ok(RamFile { name: name.to_string(), path: path.to_path_buf(), map: Some(map) })
+    }
+
+    /// The block's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// A writable RAM image: a file of the block's length, created sparse and mapped shared.
+pub struct RamImage {
+    /// The file.
+    pub path: PathBuf,
+    map: MmapMut,
+}
+
+impl RamImage {
+    /// Create (or truncate) `path` with `len` bytes, all zero and sparse, and map it.
+    pub fn create(path: &Path, len: u64) -> Result<Self> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::file(path, e))?;
+        f.set_len(len).map_err(|e| Error::file(path, e))?;
+        // SAFETY: we just created and truncated the file and hold the only handle we
+        // know of; it is mapped shared so writes land in the file.
+        let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
+        Ok(RamImage { path: path.to_path_buf(), map })
+    }
+
+    /// The image's bytes.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// Flush to the file.
+    pub fn flush(&self) -> Result<()> {
+        self.map.flush().map_err(|e| Error::file(&self.path, e))
+    }
+}
