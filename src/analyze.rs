@@ -64,6 +64,14 @@ impl PageSink for ExtractSink {
         let o = usize::try_from(offset).ok()?;
         img.bytes_mut().get_mut(o..o + 4096)
     }
+
+    fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
+        if let Some(img) = self.images.get_mut(&block.name) {
+            if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
+                r.fill(0);
+            }
+        }
+    }
 }
 
 impl ExtractSink {

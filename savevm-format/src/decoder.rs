@@ -179,6 +179,10 @@ pub trait PageSink {
     /// The page-sized destination for `offset` of `block` (already range-checked),
     /// or `None` to have the page handed out in the event instead.
     fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]>;
+
+    /// A postcopy discard of `len` bytes at `start` of `block` (range-checked): the
+    /// destination drops those pages, so they read as zero. Default: ignore.
+    fn discard(&mut self, _block: &RamBlock, _start: u64, _len: u64) {}
 }
 
 /// A sink that takes nothing: every page is handed out in its event.
@@ -396,7 +400,7 @@ impl<R: Read> Decoder<R> {
         match self.phase {
             Phase::Header => self.header().map(Some),
             Phase::Config => self.configuration_record().map(Some),
-            Phase::TopLevel => self.top_level().map(Some),
+            Phase::TopLevel => self.top_level(sink).map(Some),
             Phase::RamBody => self.ram_record(sink).map(Some),
             Phase::DeviceBody => self.device_body().map(Some),
             Phase::Footer => self.footer().map(Some),
@@ -480,7 +484,7 @@ impl<R: Read> Decoder<R> {
         Ok(Ev::Config(cfg))
     }
 
-    fn top_level(&mut self) -> IResult<Ev> {
+    fn top_level<S: PageSink + ?Sized>(&mut self, sink: &mut S) -> IResult<Ev> {
         const W: &str = "the next record";
         if let Some(end) = self.package_end {
             let off = self.input.offset();
@@ -563,7 +567,17 @@ impl<R: Read> Decoder<R> {
                         self.package_end = Some(self.input.offset() + *n as u64);
                     }
                     Command::PostcopyAdvise(Some(_)) => self.postcopy_advised = true,
-                    Command::PostcopyRamDiscard { .. } => self.last_block = None,
+                    Command::PostcopyRamDiscard { block, ranges } => {
+                        let b = *self.block_index.get(block).ok_or_else(|| ErrorKind::UnknownRamBlock(block.clone()))?;
+                        let blk = &self.blocks[b];
+                        for &(start, len) in ranges {
+                            if start.checked_add(len).is_none_or(|e| e > blk.length) {
+                                return Err(ErrorKind::RamOffsetOutOfRange { block: blk.name.clone(), offset: start, length: blk.length });
+                            }
+                            sink.discard(blk, start, len);
+                        }
+                        self.last_block = None;
+                    }
                     _ => {}
                 }
                 Ok(Ev::Command(c))

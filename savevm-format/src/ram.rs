@@ -106,7 +106,7 @@ pub fn record_header(
     }
 }
 
-/// Write the MEM_SIZE record and block list (the body of the RAM START section, before EOS).
+/// Write the MEM_SIZE record and block list (the body of the RAM START section, before EOS); returns its length.
 pub fn write_block_list<W: Write>(w: &mut W, blocks: &[RamBlock]) -> Result<u64, EncodeError> {
     let total: u64 = blocks.iter().map(|b| b.length).sum();
     w.write_all(&(total | ram_flags::MEM_SIZE).to_be_bytes())?;

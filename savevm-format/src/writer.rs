@@ -166,9 +166,9 @@ impl<W: Write> StreamWriter<W> {
     /// MEM_SIZE record with the block list (inside the RAM START section); resets CONTINUE.
     pub fn ram_block_list(&mut self, blocks: &[RamBlock]) -> Result<(), EncodeError> {
         let mut v = Vec::new();
-        let n = ram::write_block_list(&mut v, blocks)?;
+        // 7.2 does not count the setup block list in `ram.transferred`.
+        ram::write_block_list(&mut v, blocks)?;
         self.put(&v)?;
-        self.stats.transferred += n;
         self.blocks = blocks.to_vec();
         self.last_block = None;
         Ok(())
