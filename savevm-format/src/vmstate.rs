@@ -343,14 +343,17 @@ pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -
             }
         } else {
             let mut elems = Vec::new();
-            let mut unused = false;
-            for _ in 0..n {
-                match decode_elem(vmsd, f, &state, input)? {
-                    Some(v) => elems.push(v),
-                    None => unused = true,
+            for i in 0..n {
+                let before = input.offset();
+                if let Some(v) = decode_elem(vmsd, f, &state, input)? {
+                    elems.push(v);
+                }
+                // Zero-size elements cost no input: refuse hostile counts of them.
+                if i == 0 && input.offset() == before && n > 4096 {
+                    return Err(ErrorKind::BadField { field: path(vmsd, f), why: format!("{n} zero-size elements") });
                 }
             }
-            if !unused {
+            if !matches!(f.kind, Kind::Unused(_)) {
                 state.fields.push((f.name.clone(), Value::Array(elems)));
             }
         }
