@@ -1,0 +1,124 @@
+//! The CLI contract: `qmig analyze` JSON shape, `--extract-ram`, `qmig save`, and
+//! errors as exit status 1 with one line on stderr naming the offset and cause.
+
+mod common;
+
+use common::TestDir;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn qmig(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run qmig")
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Exit status 1, nothing on stdout, exactly one line on stderr, no panic or backtrace.
+fn assert_one_line_error(out: &Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "'{n}' missing from: {err}");
+    }
+    err
+}
+
+#[test]
+fn analyze_prints_the_documented_json() {
+    let out = qmig(&["analyze", &fixture("q35-kvm-64m.mig")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["header"]["version"], 3);
+    assert_eq!(doc["configuration"]["name"], "pc-q35-7.2");
+    let sections = doc["sections"].as_array().expect("sections");
+    assert_eq!(sections.len(), 33);
+    assert_eq!(sections[0]["kind"], "start");
+    assert_eq!(sections[0]["name"], "ram");
+    assert_eq!(sections[3]["kind"], "full");
+    assert_eq!(sections[3]["name"], "timer");
+    assert!(sections.iter().all(|s| s["id"].is_u64() && s["instance_id"].is_u64() && s["version"].is_u64()));
+    let blocks = doc["ram"]["blocks"].as_array().expect("blocks");
+    assert_eq!(blocks[0]["name"], "pc.ram");
+    assert_eq!(blocks[0]["length"], 64 << 20);
+    let total: u64 = blocks.iter().map(|b| b["pages"]["zero"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(total, 16463);
+    assert_eq!(doc["devices"]["globalstate"]["runstate"], "prelaunch");
+    assert!(doc["devices"]["dma (1)"].is_object(), "second instance keyed 'NAME (1)'");
+    let cpu = doc["devices"]["cpu"].as_object().expect("cpu decoded from the vmdesc");
+    assert!(cpu.len() > 50, "cpu has {} entries", cpu.len());
+    assert_eq!(doc["vmdesc"]["devices"].as_array().map(Vec::len), Some(30));
+}
+
+#[test]
+fn save_then_analyze_extracts_the_same_ram() {
+    let dir = TestDir::new("cli-save");
+    let ram = dir.path().join("ram.bin");
+    let mut bytes = qmig::pattern::generate(qmig::pattern::Pattern::Mixed { every: 3 }, 9, 4 << 20);
+    bytes[5] = 1; // a page 0 with one byte set
+    std::fs::write(&ram, &bytes).expect("write ram");
+    let stream = dir.path().join("s.mig");
+    let out = qmig(&["save", "--ram", &format!("mem={}", ram.display()), "--out", &stream.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert_eq!(stats["status"], "completed");
+    assert_eq!(stats["ram"]["total"], 4 << 20);
+    let img = dir.path().join("img.bin");
+    let out = qmig(&["analyze", &stream.to_string_lossy(), "--extract-ram", &format!("mem={}", img.display())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["ram"]["blocks"][0]["pages"]["normal"], stats["ram"]["normal"]);
+    assert_eq!(doc["ram"]["blocks"][0]["pages"]["zero"], stats["ram"]["duplicate"]);
+    assert!(std::fs::read(&img).expect("image") == bytes, "extracted RAM differs");
+}
+
+#[test]
+fn truncated_stream_is_one_line_with_offset() {
+    let dir = TestDir::new("cli-trunc");
+    let full = std::fs::read(fixture("precopy-none-16m-mixed32-s1.mig")).expect("fixture");
+    let cut = dir.path().join("cut.mig");
+    std::fs::write(&cut, &full[..100_000]).expect("write");
+    let out = qmig(&["analyze", &cut.to_string_lossy()]);
+    assert_one_line_error(&out, &["at byte 100000", "section 'ram'", "stream ends inside a page"]);
+}
+
+#[test]
+fn device_without_description_names_its_section() {
+    // A q35 stream cut right after EOF: no vmdesc to decode devices from.
+    let dir = TestDir::new("cli-nodesc");
+    let full = std::fs::read(fixture("q35-kvm-64m.mig")).expect("fixture");
+    let cut = dir.path().join("novmdesc.mig");
+    std::fs::write(&cut, &full[..390_324]).expect("write");
+    let out = qmig(&["analyze", &cut.to_string_lossy()]);
+    assert_one_line_error(&out, &["section 'cpu_common'", "no description for device 'cpu_common'"]);
+}
+
+#[test]
+fn bad_arguments_and_files_are_one_line() {
+    let dir = TestDir::new("cli-bad");
+    assert_one_line_error(&qmig(&["analyze", "/nonexistent/stream.mig"]), &["/nonexistent/stream.mig", "No such file"]);
+    let img = dir.path().join("x.bin");
+    assert_one_line_error(
+        &qmig(&["analyze", &fixture("precopy-none-16m-mixed32-s1.mig"), "--extract-ram", &format!("nope={}", img.display())]),
+        &["RAM block 'nope' is not in the stream", "mem"],
+    );
+    assert_one_line_error(&qmig(&["analyze", &fixture("precopy-none-16m-mixed32-s1.mig"), "--extract-ram", "noequals"]), &["NAME=PATH"]);
+    let odd = dir.path().join("odd.bin");
+    std::fs::write(&odd, [1u8; 1000]).expect("write");
+    assert_one_line_error(
+        &qmig(&["save", "--ram", &format!("mem={}", odd.display()), "--out", &dir.path().join("o.mig").to_string_lossy()]),
+        &["not a positive multiple of 4096"],
+    );
+    let garbage = dir.path().join("garbage.mig");
+    std::fs::write(&garbage, b"this is not a migration stream").expect("write");
+    assert_one_line_error(&qmig(&["analyze", &garbage.to_string_lossy()]), &["at byte 0", "not a migration stream"]);
+    assert!(!Path::new(&img).exists(), "no image is created for a block the stream lacks");
+}
