@@ -38,7 +38,11 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Json> {
     let channels = opts
         .multifd_channels
         .iter()
-        .map(|p| File::open(p).map(|f| ChannelReader::new(BufReader::with_capacity(1 << 20, f), 4096)).map_err(|e| Error::file(p, e)))
+        .map(|p| {
+            File::open(p)
+                .map(|f| ChannelReader::new(BufReader::with_capacity(1 << 20, f), 4096))
+                .map_err(|e| Error::file(p, e))
+        })
         .collect::<Result<Vec<_>>>()?;
     analyze_reader(BufReader::with_capacity(1 << 20, f), vmdesc.as_ref(), &opts.extract, channels)
 }
@@ -206,10 +210,9 @@ fn drain_to_sync<C: Read>(
     loop {
         let Some((h, data)) = ch.next_packet()? else { return Ok(false) };
         if h.normal_pages > 0 {
-            let b = blocks
-                .iter()
-                .find(|b| b.name == h.block)
-                .ok_or_else(|| Error::Usage(format!("multifd packet {} names unknown RAM block '{}'", h.packet_num, h.block)))?;
+            let b = blocks.iter().find(|b| b.name == h.block).ok_or_else(|| {
+                Error::Usage(format!("multifd packet {} names unknown RAM block '{}'", h.packet_num, h.block))
+            })?;
             for (i, &off) in h.offsets.iter().enumerate() {
                 if off % tps != 0 || off.checked_add(tps).is_none_or(|e| e > b.length) {
                     return Err(Error::Usage(format!(

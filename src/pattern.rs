@@ -128,7 +128,7 @@ impl Pattern {
         match *self {
             Pattern::Zero => true,
             Pattern::Random | Pattern::Text => false,
-            Pattern::Mixed { every } => page % every.max(1) != 0,
+            Pattern::Mixed { every } => !page.is_multiple_of(every.max(1)),
         }
     }
 }
@@ -257,14 +257,8 @@ mod tests {
     fn page_zero_seed_zero_is_plain_splitmix() {
         // s0 = 0 for seed 0, page 0: the page is the classic SplitMix64 sequence from 0.
         let pg = page(Pattern::Random, 0, 0);
-        assert_eq!(
-            u64::from_le_bytes(pg[..8].try_into().unwrap()),
-            0xe220_a839_7b1d_cdaf
-        );
-        assert_eq!(
-            u64::from_le_bytes(pg[8..16].try_into().unwrap()),
-            0x6e78_9e6a_a1b9_65f4
-        );
+        assert_eq!(u64::from_le_bytes(pg[..8].try_into().unwrap()), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(u64::from_le_bytes(pg[8..16].try_into().unwrap()), 0x6e78_9e6a_a1b9_65f4);
     }
 
     #[test]
@@ -272,10 +266,7 @@ mod tests {
         assert_eq!(page_state(0, 0), 0);
         assert_eq!(page_state(5, 0), 5);
         assert_eq!(page_state(0, 1), 0xD1B5_4A32_D192_ED03);
-        assert_eq!(
-            page_state(1, 2),
-            0xD1B5_4A32_D192_ED03u64.wrapping_mul(2) ^ 1
-        );
+        assert_eq!(page_state(1, 2), 0xD1B5_4A32_D192_ED03u64.wrapping_mul(2) ^ 1);
         // Same page and seed -> same bytes; different page -> different bytes.
         assert_eq!(page(Pattern::Random, 7, 3), page(Pattern::Random, 7, 3));
         assert_ne!(page(Pattern::Random, 7, 3), page(Pattern::Random, 7, 4));
@@ -305,27 +296,16 @@ mod tests {
         // Values cross-checked with an independent implementation of the README
         // algorithm (which reproduces the README's RAM file sha256 for mixed32 seed 1).
         let pg = page(Pattern::Text, 0, 0);
-        assert_eq!(
-            &pg[..46],
-            b"memory guest not\nwill\nthey so been rust to\nhas"
-        );
-        assert!(pg
-            .iter()
-            .all(|&b| b == b' ' || b == b'\n' || b.is_ascii_lowercase()));
+        assert_eq!(&pg[..46], b"memory guest not\nwill\nthey so been rust to\nhas");
+        assert!(pg.iter().all(|&b| b == b' ' || b == b'\n' || b.is_ascii_lowercase()));
         let pg = page(Pattern::Text, 3, 5);
         assert_eq!(&pg[..24], b"memory on\nwould guest me");
     }
 
     #[test]
     fn cross_checked_bytes() {
-        assert_eq!(
-            page(Pattern::Random, 7, 3)[..8],
-            [0x5f, 0xef, 0x30, 0xc2, 0x26, 0x14, 0xfa, 0xdc]
-        );
-        assert_eq!(
-            page(Pattern::Mixed { every: 4 }, 1, 4)[..8],
-            [0xb8, 0x2d, 0xa4, 0xc6, 0x69, 0x62, 0x7f, 0xe8]
-        );
+        assert_eq!(page(Pattern::Random, 7, 3)[..8], [0x5f, 0xef, 0x30, 0xc2, 0x26, 0x14, 0xfa, 0xdc]);
+        assert_eq!(page(Pattern::Mixed { every: 4 }, 1, 4)[..8], [0xb8, 0x2d, 0xa4, 0xc6, 0x69, 0x62, 0x7f, 0xe8]);
     }
 
     #[test]
@@ -354,12 +334,7 @@ mod tests {
         assert!(Pattern::parse("mixed0").is_err());
         assert!(Pattern::parse("mixed").is_err());
         assert!(Pattern::parse("ones").is_err());
-        for p in [
-            Pattern::Zero,
-            Pattern::Random,
-            Pattern::Text,
-            Pattern::Mixed { every: 8 },
-        ] {
+        for p in [Pattern::Zero, Pattern::Random, Pattern::Text, Pattern::Mixed { every: 8 }] {
             assert_eq!(Pattern::parse(&p.to_string()), Ok(p));
         }
     }

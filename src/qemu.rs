@@ -119,16 +119,12 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> QemuError {
 /// Finds `qemu-system-x86_64` on `PATH`; `None` when it is not installed.
 pub fn qemu_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU_BINARY_NAME))
-        .find(|p| is_executable(p))
+    std::env::split_paths(&path).map(|dir| dir.join(QEMU_BINARY_NAME)).find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Whether a `query-migrate` status is final (`completed`, `failed` or `cancelled`).
@@ -166,19 +162,13 @@ impl Qmp {
                 Err(e) => {
                     alive()?;
                     if Instant::now() >= deadline {
-                        return Err(QemuError::ConnectTimeout {
-                            path: path.to_path_buf(),
-                            timeout,
-                            last_error: e,
-                        });
+                        return Err(QemuError::ConnectTimeout { path: path.to_path_buf(), timeout, last_error: e });
                     }
                     thread::sleep(Duration::from_millis(10));
                 }
             }
         };
-        let writer = stream
-            .try_clone()
-            .map_err(io_err("cannot clone QMP socket"))?;
+        let writer = stream.try_clone().map_err(io_err("cannot clone QMP socket"))?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
@@ -189,9 +179,7 @@ impl Qmp {
         };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
-            return Err(QemuError::Protocol(format!(
-                "expected a QMP greeting, got {greeting}"
-            )));
+            return Err(QemuError::Protocol(format!("expected a QMP greeting, got {greeting}")));
         }
         qmp.greeting = greeting;
         qmp.execute("qmp_capabilities", None)?;
@@ -222,15 +210,10 @@ impl Qmp {
         }
         let mut line = Value::Object(msg).to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| match e.kind() {
-                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QemuError::Closed,
-                _ => QemuError::Io {
-                    context: format!("cannot send QMP command {cmd}"),
-                    source: e,
-                },
-            })?;
+        self.writer.write_all(line.as_bytes()).map_err(|e| match e.kind() {
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QemuError::Closed,
+            _ => QemuError::Io { context: format!("cannot send QMP command {cmd}"), source: e },
+        })?;
         let deadline = Instant::now() + self.timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -249,21 +232,14 @@ impl Qmp {
                 return Ok(ret.clone());
             }
             if let Some(err) = reply.get("error") {
-                let field = |k: &str| {
-                    err.get(k)
-                        .and_then(Value::as_str)
-                        .unwrap_or("(missing)")
-                        .to_string()
-                };
+                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("(missing)").to_string();
                 return Err(QemuError::Command {
                     command: cmd.to_string(),
                     class: field("class"),
                     desc: field("desc"),
                 });
             }
-            return Err(QemuError::Protocol(format!(
-                "unexpected reply to {cmd}: {reply}"
-            )));
+            return Err(QemuError::Protocol(format!("unexpected reply to {cmd}: {reply}")));
         }
     }
 
@@ -278,15 +254,9 @@ impl Qmp {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(QemuError::Timeout {
-                    what: format!("{what} from QEMU"),
-                    timeout: limit,
-                });
+                return Err(QemuError::Timeout { what: format!("{what} from QEMU"), timeout: limit });
             }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(remaining))
-                .map_err(io_err("cannot set QMP socket timeout"))?;
+            self.reader.get_ref().set_read_timeout(Some(remaining)).map_err(io_err("cannot set QMP socket timeout"))?;
             match self.reader.read_until(b'\n', &mut self.partial) {
                 Ok(0) => return Err(QemuError::Closed),
                 Ok(_) => {
@@ -300,21 +270,13 @@ impl Qmp {
                     if text.is_empty() {
                         continue;
                     }
-                    return serde_json::from_str(text).map_err(|e| {
-                        QemuError::Protocol(format!("invalid JSON from QEMU ({e}): {text}"))
-                    });
+                    return serde_json::from_str(text)
+                        .map_err(|e| QemuError::Protocol(format!("invalid JSON from QEMU ({e}): {text}")));
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    continue
-                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => return Err(QemuError::Closed),
-                Err(e) => {
-                    return Err(QemuError::Io {
-                        context: "cannot read from QMP socket".into(),
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(QemuError::Io { context: "cannot read from QMP socket".into(), source: e }),
             }
         }
     }
@@ -335,27 +297,18 @@ impl Qmp {
 
     /// Starts an outgoing migration to `uri` (e.g. `exec:cat > FILE`, `unix:SOCK`).
     pub fn migrate(&mut self, uri: &str) -> Result<(), QemuError> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
-            .map(drop)
+        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
     }
 
     /// Starts an incoming migration from `uri` on a QEMU started with `-incoming defer`.
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QemuError> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .map(drop)
+        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
     }
 
     /// Sets migration capabilities, e.g. `&[("xbzrle", true)]`.
     pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), QemuError> {
-        let list: Vec<Value> = caps
-            .iter()
-            .map(|(c, s)| json!({ "capability": c, "state": s }))
-            .collect();
-        self.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": list })),
-        )
-        .map(drop)
+        let list: Vec<Value> = caps.iter().map(|(c, s)| json!({ "capability": c, "state": s })).collect();
+        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list }))).map(drop)
     }
 
     /// Polls `query-migrate` every 20 ms until completed/failed/cancelled; returns the final reply.
@@ -372,11 +325,7 @@ impl Qmp {
         loop {
             alive()?;
             let info = self.query_migrate()?;
-            let status = info
-                .get("status")
-                .and_then(Value::as_str)
-                .unwrap_or("none")
-                .to_string();
+            let status = info.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
             if is_terminal_status(&status) {
                 return Ok(info);
             }
@@ -393,18 +342,11 @@ impl Qmp {
 
 /// Checks that a final `query-migrate` reply says `completed`, else [`QemuError::MigrationFailed`].
 pub fn expect_completed(info: Value) -> Result<Value, QemuError> {
-    let status = info
-        .get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("none")
-        .to_string();
+    let status = info.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
     if status == "completed" {
         return Ok(info);
     }
-    let desc = info
-        .get("error-desc")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let desc = info.get("error-desc").and_then(Value::as_str).map(str::to_string);
     Err(QemuError::MigrationFailed { status, desc, info })
 }
 
@@ -458,11 +400,7 @@ impl QemuConfig {
 
     /// Adds a `memory-backend-file` RAM block `name` of `len` bytes backed by `path` (share=on).
     pub fn ram(mut self, name: impl Into<String>, path: impl Into<PathBuf>, len: u64) -> Self {
-        self.ram.push(RamBackend {
-            name: name.into(),
-            path: path.into(),
-            len,
-        });
+        self.ram.push(RamBackend { name: name.into(), path: path.into(), len });
         self
     }
 
@@ -507,11 +445,7 @@ impl QemuConfig {
         a.push("-machine".into());
         a.push(machine.into());
         for r in &self.ram {
-            let mut o = OsString::from(format!(
-                "memory-backend-file,id={},size={},mem-path=",
-                r.name,
-                size_arg(r.len)
-            ));
+            let mut o = OsString::from(format!("memory-backend-file,id={},size={},mem-path=", r.name, size_arg(r.len)));
             o.push(r.path.as_os_str());
             o.push(",share=on");
             a.push("-object".into());
@@ -541,7 +475,7 @@ impl QemuConfig {
 /// Formats a byte count for QEMU's size parser (`64M`, or `12345B` when not a MiB multiple).
 pub fn size_arg(len: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if len != 0 && len % MIB == 0 {
+    if len != 0 && len.is_multiple_of(MIB) {
         format!("{}M", len / MIB)
     } else {
         format!("{len}B")
@@ -610,10 +544,8 @@ impl QemuProcess {
         let dir = RunDir::create()?;
         let sock = dir.0.join("qmp.sock");
         let stderr_path = dir.0.join("stderr.log");
-        let stderr_file = File::create(&stderr_path).map_err(io_err(format!(
-            "cannot create QEMU stderr log {}",
-            stderr_path.display()
-        )))?;
+        let stderr_file = File::create(&stderr_path)
+            .map_err(io_err(format!("cannot create QEMU stderr log {}", stderr_path.display())))?;
         let args = config.args(&sock);
         let command_line = std::iter::once(binary.as_os_str())
             .chain(args.iter().map(OsString::as_os_str))
@@ -626,18 +558,8 @@ impl QemuProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr_file))
             .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: binary.clone(),
-                source,
-            })?;
-        let mut proc = QemuProcess {
-            child,
-            qmp: None,
-            exit: None,
-            command_line,
-            stderr_path,
-            dir,
-        };
+            .map_err(|source| QemuError::Spawn { binary: binary.clone(), source })?;
+        let mut proc = QemuProcess { child, qmp: None, exit: None, command_line, stderr_path, dir };
         let qmp = {
             let p = &mut proc;
             Qmp::connect_checked(&sock, config.timeout, &mut || p.check_alive())
@@ -663,9 +585,7 @@ impl QemuProcess {
 
     /// Everything QEMU has written to stderr so far.
     pub fn stderr(&self) -> String {
-        fs::read(&self.stderr_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.stderr_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// The QMP client, or [`QemuError::Closed`] after [`QemuProcess::quit`] dropped it.
@@ -682,10 +602,7 @@ impl QemuProcess {
     /// Returns the exit status if QEMU has exited (non-blocking).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, QemuError> {
         if self.exit.is_none() {
-            self.exit = self
-                .child
-                .try_wait()
-                .map_err(io_err("cannot query the QEMU process"))?;
+            self.exit = self.child.try_wait().map_err(io_err("cannot query the QEMU process"))?;
         }
         Ok(self.exit)
     }
@@ -694,10 +611,7 @@ impl QemuProcess {
     pub fn check_alive(&mut self) -> Result<(), QemuError> {
         match self.try_wait()? {
             None => Ok(()),
-            Some(status) => Err(QemuError::Exited {
-                status,
-                stderr: self.stderr(),
-            }),
+            Some(status) => Err(QemuError::Exited { status, stderr: self.stderr() }),
         }
     }
 
@@ -782,10 +696,7 @@ impl QemuProcess {
         self.qmp = None;
         // Ignore "already exited" races: wait() below is the authority.
         let _ = self.child.kill();
-        let s = self
-            .child
-            .wait()
-            .map_err(io_err("cannot reap the QEMU process"))?;
+        let s = self.child.wait().map_err(io_err("cannot reap the QEMU process"))?;
         self.exit = Some(s);
         Ok(s)
     }
@@ -810,16 +721,9 @@ mod tests {
 
     #[test]
     fn command_line_shape() {
-        let c = QemuConfig::new()
-            .ram("mem", "/tmp/a.ram", 16 << 20)
-            .incoming(true)
-            .arg("-name")
-            .arg("x");
-        let args: Vec<String> = c
-            .args(Path::new("/tmp/q.sock"))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let c = QemuConfig::new().ram("mem", "/tmp/a.ram", 16 << 20).incoming(true).arg("-name").arg("x");
+        let args: Vec<String> =
+            c.args(Path::new("/tmp/q.sock")).into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
             args.join(" "),
             "-machine none,memory-backend=mem \

@@ -8,11 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn qmig(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run qmig")
+    Command::new(env!("CARGO_BIN_EXE_qmig")).args(args).env("RUST_BACKTRACE", "1").output().expect("run qmig")
 }
 
 fn fixture(name: &str) -> String {
@@ -107,14 +103,28 @@ fn bad_arguments_and_files_are_one_line() {
     assert_one_line_error(&qmig(&["analyze", "/nonexistent/stream.mig"]), &["/nonexistent/stream.mig", "No such file"]);
     let img = dir.path().join("x.bin");
     assert_one_line_error(
-        &qmig(&["analyze", &fixture("precopy-none-16m-mixed32-s1.mig"), "--extract-ram", &format!("nope={}", img.display())]),
+        &qmig(&[
+            "analyze",
+            &fixture("precopy-none-16m-mixed32-s1.mig"),
+            "--extract-ram",
+            &format!("nope={}", img.display()),
+        ]),
         &["RAM block 'nope' is not in the stream", "mem"],
     );
-    assert_one_line_error(&qmig(&["analyze", &fixture("precopy-none-16m-mixed32-s1.mig"), "--extract-ram", "noequals"]), &["NAME=PATH"]);
+    assert_one_line_error(
+        &qmig(&["analyze", &fixture("precopy-none-16m-mixed32-s1.mig"), "--extract-ram", "noequals"]),
+        &["NAME=PATH"],
+    );
     let odd = dir.path().join("odd.bin");
     std::fs::write(&odd, [1u8; 1000]).expect("write");
     assert_one_line_error(
-        &qmig(&["save", "--ram", &format!("mem={}", odd.display()), "--out", &dir.path().join("o.mig").to_string_lossy()]),
+        &qmig(&[
+            "save",
+            "--ram",
+            &format!("mem={}", odd.display()),
+            "--out",
+            &dir.path().join("o.mig").to_string_lossy(),
+        ]),
         &["not a positive multiple of 4096"],
     );
     let garbage = dir.path().join("garbage.mig");

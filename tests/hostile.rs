@@ -233,10 +233,7 @@ fn block_of_2_pow_60_is_rejected_without_allocating() {
             }
         };
         let peak = PEAK.load(Ordering::Relaxed) - base;
-        assert!(
-            matches!(err.kind, ErrorKind::RamTooLarge { .. } | ErrorKind::RamTotalMismatch { .. }),
-            "{err}"
-        );
+        assert!(matches!(err.kind, ErrorKind::RamTooLarge { .. } | ErrorKind::RamTotalMismatch { .. }), "{err}");
         assert!(peak < 64 * 1024, "decoder allocated {peak} bytes for a hostile length");
     }
 }

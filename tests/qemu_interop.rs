@@ -43,9 +43,7 @@ fn save_ram_image(seed: u64) -> Vec<u8> {
 fn get<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
     let mut cur = v;
     for k in path {
-        cur = cur
-            .get(*k)
-            .unwrap_or_else(|| panic!("analyze JSON: missing {}; document: {v:#}", path.join(".")));
+        cur = cur.get(*k).unwrap_or_else(|| panic!("analyze JSON: missing {}; document: {v:#}", path.join(".")));
     }
     cur
 }
@@ -61,12 +59,7 @@ fn mentions(v: &Value, name: &str) -> bool {
 }
 
 fn u64_at(v: &Value, path: &[&str]) -> u64 {
-    get(v, path).as_u64().unwrap_or_else(|| {
-        panic!(
-            "analyze JSON: {} is not an unsigned integer",
-            path.join(".")
-        )
-    })
+    get(v, path).as_u64().unwrap_or_else(|| panic!("analyze JSON: {} is not an unsigned integer", path.join(".")))
 }
 
 #[test]
@@ -86,10 +79,8 @@ fn qemu_to_qmig_analyze_extracts_identical_ram() {
     let normal = pattern::nonzero_pages(SRC_PATTERN, PAGES);
     let zero = PAGES - normal;
 
-    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &ram_path, RAM_LEN))
-        .expect("start source QEMU");
-    qemu.migrate(&format!("exec:cat > {}", shell_quote(&stream)))
-        .expect("migrate to file");
+    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &ram_path, RAM_LEN)).expect("start source QEMU");
+    qemu.migrate(&format!("exec:cat > {}", shell_quote(&stream))).expect("migrate to file");
     let info = qemu
         .wait_migration(MIGRATION_LIMIT)
         .and_then(expect_completed)
@@ -100,16 +91,8 @@ fn qemu_to_qmig_analyze_extracts_identical_ram() {
     qemu.quit(QUIT_LIMIT).expect("quit source QEMU");
 
     let out_arg = format!("mem={}", out.display());
-    let run = run_qmig_ok(
-        &dir,
-        &[
-            "analyze",
-            stream.to_str().expect("UTF-8 path"),
-            "--extract-ram",
-            &out_arg,
-        ],
-        QMIG_LIMIT,
-    );
+    let run =
+        run_qmig_ok(&dir, &["analyze", stream.to_str().expect("UTF-8 path"), "--extract-ram", &out_arg], QMIG_LIMIT);
     let doc: Value = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| {
         panic!(
             "qmig analyze did not print one JSON document ({e}); stdout (first 2000 bytes): {}",
@@ -118,34 +101,19 @@ fn qemu_to_qmig_analyze_extracts_identical_ram() {
     });
 
     assert_eq!(u64_at(&doc, &["header", "version"]), 3, "{doc:#}");
-    assert_eq!(
-        get(&doc, &["configuration", "name"]).as_str(),
-        Some("none"),
-        "configuration.name"
-    );
+    assert_eq!(get(&doc, &["configuration", "name"]).as_str(), Some("none"), "configuration.name");
     assert!(
-        get(&doc, &["sections"])
-            .as_array()
-            .is_some_and(|a| !a.is_empty()),
+        get(&doc, &["sections"]).as_array().is_some_and(|a| !a.is_empty()),
         "sections must be a non-empty array: {:#}",
         doc["sections"]
     );
-    let blocks = get(&doc, &["ram", "blocks"])
-        .as_array()
-        .unwrap_or_else(|| panic!("ram.blocks is not an array: {doc:#}"));
-    assert_eq!(
-        blocks.len(),
-        1,
-        "exactly one RAM block expected: {blocks:#?}"
-    );
+    let blocks =
+        get(&doc, &["ram", "blocks"]).as_array().unwrap_or_else(|| panic!("ram.blocks is not an array: {doc:#}"));
+    assert_eq!(blocks.len(), 1, "exactly one RAM block expected: {blocks:#?}");
     let b = &blocks[0];
     assert_eq!(b["name"].as_str(), Some("mem"), "block name: {b:#}");
     assert_eq!(u64_at(b, &["length"]), RAM_LEN, "block length: {b:#}");
-    assert_eq!(
-        u64_at(b, &["pages", "normal"]),
-        normal,
-        "normal pages: {b:#}"
-    );
+    assert_eq!(u64_at(b, &["pages", "normal"]), normal, "normal pages: {b:#}");
     assert_eq!(u64_at(b, &["pages", "zero"]), zero, "zero pages: {b:#}");
     assert_eq!(u64_at(b, &["pages", "xbzrle"]), 0, "xbzrle pages: {b:#}");
     let devices = get(&doc, &["devices"]);
@@ -175,40 +143,19 @@ fn qmig_save_loads_into_qemu() {
     fs::write(&src, &ram).expect("write source RAM file");
     // Pre-fill the destination with other data, so every page (zero pages too)
     // must come from the stream, as it does from a QEMU source.
-    fs::write(
-        &dst,
-        pattern::generate(Pattern::Random, 0x0bad, RAM_LEN as usize),
-    )
-    .expect("write destination RAM file");
+    fs::write(&dst, pattern::generate(Pattern::Random, 0x0bad, RAM_LEN as usize)).expect("write destination RAM file");
 
     let ram_arg = format!("mem={}", src.display());
-    run_qmig_ok(
-        &dir,
-        &[
-            "save",
-            "--ram",
-            &ram_arg,
-            "--out",
-            stream.to_str().expect("UTF-8 path"),
-        ],
-        QMIG_LIMIT,
-    );
+    run_qmig_ok(&dir, &["save", "--ram", &ram_arg, "--out", stream.to_str().expect("UTF-8 path")], QMIG_LIMIT);
     let stream_len = fs::metadata(&stream).expect("stream written").len();
     assert!(stream_len > 0, "qmig save wrote an empty stream");
 
     let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, RAM_LEN).incoming(true))
         .expect("start destination QEMU");
-    qemu.migrate_incoming(&format!("exec:cat {}", shell_quote(&stream)))
-        .expect("migrate-incoming");
-    let info = qemu
-        .wait_migration(MIGRATION_LIMIT)
-        .and_then(expect_completed)
-        .unwrap_or_else(|e| {
-            panic!(
-                "QEMU did not load the qmig stream ({stream_len} bytes): {e}\nstderr: {}",
-                qemu.stderr()
-            )
-        });
+    qemu.migrate_incoming(&format!("exec:cat {}", shell_quote(&stream))).expect("migrate-incoming");
+    let info = qemu.wait_migration(MIGRATION_LIMIT).and_then(expect_completed).unwrap_or_else(|e| {
+        panic!("QEMU did not load the qmig stream ({stream_len} bytes): {e}\nstderr: {}", qemu.stderr())
+    });
     let runstate = qemu.query_status().expect("query-status");
     assert!(
         runstate == "prelaunch" || runstate == "paused",
@@ -216,15 +163,9 @@ fn qmig_save_loads_into_qemu() {
     );
     let stderr = qemu.stderr();
     qemu.quit(QUIT_LIMIT).expect("quit destination QEMU");
-    assert!(
-        stderr.trim().is_empty(),
-        "destination QEMU complained: {stderr}"
-    );
+    assert!(stderr.trim().is_empty(), "destination QEMU complained: {stderr}");
 
     let loaded = fs::read(&dst).expect("read destination RAM");
     assert_same_ram("destination RAM after loading qmig save", &loaded, &ram);
-    eprintln!(
-        "{NAME}: ok in {:?} (stream {stream_len} bytes)",
-        t0.elapsed()
-    );
+    eprintln!("{NAME}: ok in {:?} (stream {stream_len} bytes)", t0.elapsed());
 }

@@ -159,7 +159,11 @@ impl Command {
                 let bad = |why| ErrorKind::CommandPayload { name: "RECV_BITMAP", why };
                 let n = *p.first().ok_or(bad("empty"))? as usize;
                 if p.len() != 1 + n {
-                    return Err(ErrorKind::CommandLength { name: "RECV_BITMAP", expected: "1 + name length", got: p.len() });
+                    return Err(ErrorKind::CommandLength {
+                        name: "RECV_BITMAP",
+                        expected: "1 + name length",
+                        got: p.len(),
+                    });
                 }
                 Command::RecvBitmap(String::from_utf8_lossy(&p[1..]).into_owned())
             }
@@ -174,7 +178,11 @@ impl Command {
     fn decode_discard(p: &[u8]) -> Result<Command, ErrorKind> {
         let bad = |why| ErrorKind::CommandPayload { name: "POSTCOPY_RAM_DISCARD", why };
         if p.len() < 1 + 1 + 1 + 1 + 16 {
-            return Err(ErrorKind::CommandLength { name: "POSTCOPY_RAM_DISCARD", expected: "at least 20", got: p.len() });
+            return Err(ErrorKind::CommandLength {
+                name: "POSTCOPY_RAM_DISCARD",
+                expected: "at least 20",
+                got: p.len(),
+            });
         }
         if p[0] != 0 {
             return Err(bad("discard version is not 0"));
@@ -188,7 +196,7 @@ impl Command {
             return Err(bad("missing 0 byte after the block name"));
         }
         let rest = &p[3 + n..];
-        if rest.is_empty() || rest.len() % 16 != 0 {
+        if rest.is_empty() || !rest.len().is_multiple_of(16) {
             return Err(bad("range list is not a non-empty multiple of 16 bytes"));
         }
         let ranges = rest.chunks_exact(16).map(|c| (be64(c), be64(&c[8..]))).collect();
@@ -300,7 +308,11 @@ impl RpMessage {
             }
             rp::REQ_PAGES_ID => {
                 if p.len() < 13 || p.len() != 13 + p[12] as usize {
-                    return Err(ErrorKind::CommandLength { name: "REQ_PAGES_ID", expected: "13 + name length", got: p.len() });
+                    return Err(ErrorKind::CommandLength {
+                        name: "REQ_PAGES_ID",
+                        expected: "13 + name length",
+                        got: p.len(),
+                    });
                 }
                 RpMessage::ReqPagesId {
                     start: be64(p),
@@ -314,7 +326,11 @@ impl RpMessage {
             }
             rp::RECV_BITMAP => {
                 if p.is_empty() || p.len() != 1 + p[0] as usize {
-                    return Err(ErrorKind::CommandLength { name: "RECV_BITMAP", expected: "1 + name length", got: p.len() });
+                    return Err(ErrorKind::CommandLength {
+                        name: "RECV_BITMAP",
+                        expected: "1 + name length",
+                        got: p.len(),
+                    });
                 }
                 RpMessage::RecvBitmap(String::from_utf8_lossy(&p[1..]).into_owned())
             }

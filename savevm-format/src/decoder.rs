@@ -372,18 +372,16 @@ impl<R: Read> Decoder<R> {
             Ev::Config(c) => Event::Configuration(c),
             Ev::Start(h) => Event::SectionStart(h),
             Ev::Blocks => Event::RamBlocks(&self.blocks),
-            Ev::Page(b, offset, placed) => Event::Page {
-                block: &self.blocks[b],
-                offset,
-                data: (!placed).then_some(&self.page_buf[..]),
-            },
+            Ev::Page(b, offset, placed) => {
+                Event::Page { block: &self.blocks[b], offset, data: (!placed).then_some(&self.page_buf[..]) }
+            }
             Ev::Zero(b, offset, fill) => Event::ZeroPage { block: &self.blocks[b], offset, fill },
-            Ev::Xbzrle(b, offset, len) => Event::XbzrlePage { block: &self.blocks[b], offset, delta: &self.xbz_buf[..len] },
-            Ev::Compressed(b, offset, placed) => Event::CompressedPage {
-                block: &self.blocks[b],
-                offset,
-                data: (!placed).then_some(&self.page_buf[..]),
-            },
+            Ev::Xbzrle(b, offset, len) => {
+                Event::XbzrlePage { block: &self.blocks[b], offset, delta: &self.xbz_buf[..len] }
+            }
+            Ev::Compressed(b, offset, placed) => {
+                Event::CompressedPage { block: &self.blocks[b], offset, data: (!placed).then_some(&self.page_buf[..]) }
+            }
             Ev::MultifdFlush => Event::MultifdFlush,
             Ev::Eos => Event::RamEos,
             Ev::Device(state, source) => Event::Device { state, source },
@@ -432,11 +430,17 @@ impl<R: Read> Decoder<R> {
         let len = self.input.be32(W)?;
         if len > 255 {
             // QEMU reads it into a 256-byte buffer and fails beyond that.
-            return Err(ErrorKind::BadField { field: "configuration.len".into(), why: format!("machine name length {len}") });
+            return Err(ErrorKind::BadField {
+                field: "configuration.len".into(),
+                why: format!("machine name length {len}"),
+            });
         }
         let mut name = [0u8; 255];
         self.input.read_exact(&mut name[..len as usize], W)?;
-        let mut cfg = Configuration { machine: String::from_utf8_lossy(&name[..len as usize]).into_owned(), ..Default::default() };
+        let mut cfg = Configuration {
+            machine: String::from_utf8_lossy(&name[..len as usize]).into_owned(),
+            ..Default::default()
+        };
         while self.input.peek_u8()? == Some(QEMU_VM_SUBSECTION) {
             let head = self.input.peek(2)?;
             if head.len() < 2 {
@@ -568,11 +572,16 @@ impl<R: Read> Decoder<R> {
                     }
                     Command::PostcopyAdvise(Some(_)) => self.postcopy_advised = true,
                     Command::PostcopyRamDiscard { block, ranges } => {
-                        let b = *self.block_index.get(block).ok_or_else(|| ErrorKind::UnknownRamBlock(block.clone()))?;
+                        let b =
+                            *self.block_index.get(block).ok_or_else(|| ErrorKind::UnknownRamBlock(block.clone()))?;
                         let blk = &self.blocks[b];
                         for &(start, len) in ranges {
                             if start.checked_add(len).is_none_or(|e| e > blk.length) {
-                                return Err(ErrorKind::RamOffsetOutOfRange { block: blk.name.clone(), offset: start, length: blk.length });
+                                return Err(ErrorKind::RamOffsetOutOfRange {
+                                    block: blk.name.clone(),
+                                    offset: start,
+                                    length: blk.length,
+                                });
                             }
                             sink.discard(blk, start, len);
                         }

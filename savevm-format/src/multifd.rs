@@ -115,7 +115,15 @@ pub struct ChannelReader<R> {
 impl<R: Read> ChannelReader<R> {
     /// A reader for a channel with target page size `tps`.
     pub fn new(reader: R, tps: u64) -> Self {
-        ChannelReader { input: Input::new(reader), tps, initial: None, inflater: Inflater::None, compression: None, comp: vec![], data: vec![] }
+        ChannelReader {
+            input: Input::new(reader),
+            tps,
+            initial: None,
+            inflater: Inflater::None,
+            compression: None,
+            comp: vec![],
+            data: vec![],
+        }
     }
 
     /// The initial packet, read on first use.
@@ -211,7 +219,9 @@ impl<R: Read> ChannelReader<R> {
         self.compression = Some(comp);
         if comp == Compression::None {
             if next_packet_size as usize != out_len {
-                return Err(ErrorKind::Multifd(format!("next_packet_size {next_packet_size} for {normal_pages} pages")));
+                return Err(ErrorKind::Multifd(format!(
+                    "next_packet_size {next_packet_size} for {normal_pages} pages"
+                )));
             }
             self.input.read_exact(&mut self.data, "multifd page data")?;
             return Ok(Some(h));

@@ -389,7 +389,8 @@ fn decode_elem<R: Read>(vmsd: &Vmsd, f: &Field, state: &State, input: &mut Input
         }
         Kind::Buffer(n) => Value::Bytes(input.read_vec(*n as u64, W)?),
         Kind::VBuffer { field, multiply } => {
-            let n = var_len(state, field, *multiply).map_err(|why| ErrorKind::BadField { field: path(vmsd, f), why })?;
+            let n =
+                var_len(state, field, *multiply).map_err(|why| ErrorKind::BadField { field: path(vmsd, f), why })?;
             Value::Bytes(input.read_vec(n, W)?)
         }
         Kind::Text(n) => {
@@ -496,10 +497,8 @@ pub fn encode_v<W: Write>(vmsd: &Vmsd, version: u32, state: &State, w: &mut W) -
         if !needed {
             continue;
         }
-        let s = present.ok_or_else(|| EncodeError::MissingSubsection {
-            vmsd: vmsd.name.clone(),
-            sub: sub.vmsd.name.clone(),
-        })?;
+        let s = present
+            .ok_or_else(|| EncodeError::MissingSubsection { vmsd: vmsd.name.clone(), sub: sub.vmsd.name.clone() })?;
         let name = sub.vmsd.name.as_bytes();
         if name.len() > 255 {
             return Err(EncodeError::NameTooLong(sub.vmsd.name.clone()));

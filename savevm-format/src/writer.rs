@@ -38,7 +38,15 @@ pub struct StreamWriter<W: Write> {
 impl<W: Write> StreamWriter<W> {
     /// A writer with 4 KiB target pages.
     pub fn new(w: W) -> Self {
-        StreamWriter { w, written: 0, tps: 4096, blocks: vec![], last_block: None, devices: vec![], stats: RamStats::default() }
+        StreamWriter {
+            w,
+            written: 0,
+            tps: 4096,
+            blocks: vec![],
+            last_block: None,
+            devices: vec![],
+            stats: RamStats::default(),
+        }
     }
 
     /// Bytes written so far.
@@ -118,7 +126,14 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.put(&v)?)
     }
 
-    fn section_with_idstr(&mut self, t: u8, id: u32, idstr: &str, instance: u32, version: u32) -> Result<(), EncodeError> {
+    fn section_with_idstr(
+        &mut self,
+        t: u8,
+        id: u32,
+        idstr: &str,
+        instance: u32,
+        version: u32,
+    ) -> Result<(), EncodeError> {
         if idstr.len() > 255 {
             return Err(EncodeError::NameTooLong(idstr.to_string()));
         }
@@ -176,7 +191,7 @@ impl<W: Write> StreamWriter<W> {
 
     fn record(&mut self, block: usize, offset: u64, flags: u64) -> Result<(), EncodeError> {
         let b = self.blocks.get(block).ok_or_else(|| EncodeError::BadRecord(format!("no RAM block {block}")))?;
-        if offset % self.tps as u64 != 0 || offset + self.tps as u64 > b.length {
+        if !offset.is_multiple_of(self.tps as u64) || offset + self.tps as u64 > b.length {
             return Err(EncodeError::BadRecord(format!("offset {offset:#x} outside block '{}'", b.name)));
         }
         let mut buf = [0u8; MAX_RECORD_HEADER];
@@ -246,7 +261,14 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// A whole FULL device section (header, body, footer), remembered for the vmdesc.
-    pub fn device(&mut self, id: u32, idstr: &str, instance: u32, vmsd: &Vmsd, state: &State) -> Result<(), EncodeError> {
+    pub fn device(
+        &mut self,
+        id: u32,
+        idstr: &str,
+        instance: u32,
+        vmsd: &Vmsd,
+        state: &State,
+    ) -> Result<(), EncodeError> {
         let body = vmstate::encode_to_vec(vmsd, state)?;
         let desc = vmstate::vmdesc(idstr, instance, vmsd, state)?;
         self.section_full(id, idstr, instance, vmsd.version_id)?;
@@ -337,15 +359,23 @@ pub mod section_ids {
 /// RAM START (block list), one PART with every page (zero pages as ZERO records),
 /// an empty END, `timer`, `globalstate`, EOF and vmdesc. For a guest QEMU would
 /// send in one pass, the bytes equal QEMU's own.
-pub fn write_stopped_guest<W: Write>(w: W, blocks: &[(&str, &[u8])], opts: &StoppedGuest) -> Result<(W, RamStats), EncodeError> {
+pub fn write_stopped_guest<W: Write>(
+    w: W,
+    blocks: &[(&str, &[u8])],
+    opts: &StoppedGuest,
+) -> Result<(W, RamStats), EncodeError> {
     let mut s = StreamWriter::new(w);
     let tps = s.page_size();
     s.header()?;
     s.configuration(&Configuration { machine: opts.machine.clone(), ..Default::default() })?;
-    let list: Vec<RamBlock> = blocks.iter().enumerate().map(|(i, (n, d))| RamBlock::new(i, *n, d.len() as u64)).collect();
+    let list: Vec<RamBlock> =
+        blocks.iter().enumerate().map(|(i, (n, d))| RamBlock::new(i, *n, d.len() as u64)).collect();
     for b in &list {
         if b.length % tps as u64 != 0 {
-            return Err(EncodeError::BadRecord(format!("block '{}' length {} is not a multiple of {tps}", b.name, b.length)));
+            return Err(EncodeError::BadRecord(format!(
+                "block '{}' length {} is not a multiple of {tps}",
+                b.name, b.length
+            )));
         }
     }
     s.section_start(section_ids::RAM, RAM_IDSTR, 0, RAM_VERSION)?;
@@ -365,7 +395,13 @@ pub fn write_stopped_guest<W: Write>(w: W, blocks: &[(&str, &[u8])], opts: &Stop
     s.ram_eos()?;
     s.footer(section_ids::RAM)?;
     let timer = crate::builtin::timer();
-    s.device(section_ids::TIMER, "timer", 0, &timer, &crate::builtin::timer_state(opts.cpu_ticks_offset, opts.cpu_clock_offset))?;
+    s.device(
+        section_ids::TIMER,
+        "timer",
+        0,
+        &timer,
+        &crate::builtin::timer_state(opts.cpu_ticks_offset, opts.cpu_clock_offset),
+    )?;
     let gs = crate::builtin::globalstate();
     s.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &crate::builtin::globalstate_state(&opts.runstate))?;
     s.eof()?;

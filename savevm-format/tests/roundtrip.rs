@@ -26,8 +26,14 @@ fn leaf() -> impl Strategy<Value = (Kind, BoxedStrategy<Value>)> {
             let lim = if n == 8 { i64::MAX } else { (1i64 << (8 * n - 1)) - 1 };
             (Kind::Int(n), (-lim - 1..=lim).prop_map(Value::Int).boxed())
         }),
-        (0u32..40).prop_map(|n| (Kind::Buffer(n), prop::collection::vec(any::<u8>(), n as usize).prop_map(Value::Bytes).boxed())),
-        (1u32..40).prop_map(|n| (Kind::Text(n), "[a-z-]{0,38}".prop_map(move |s: String| Value::Text(s[..s.len().min(n as usize - 1)].to_string())).boxed())),
+        (0u32..40).prop_map(|n| (
+            Kind::Buffer(n),
+            prop::collection::vec(any::<u8>(), n as usize).prop_map(Value::Bytes).boxed()
+        )),
+        (1u32..40).prop_map(|n| (
+            Kind::Text(n),
+            "[a-z-]{0,38}".prop_map(move |s: String| Value::Text(s[..s.len().min(n as usize - 1)].to_string())).boxed()
+        )),
         (0u32..20).prop_map(|n| (Kind::Unused(n), Just(Value::Uint(0)).boxed())),
         Just((Kind::Timer, prop_oneof![Just(None), (0..u64::MAX).prop_map(Some)].prop_map(Value::Timer).boxed())),
         (1u32..200).prop_map(|bits| {
@@ -102,7 +108,11 @@ fn desc(depth: u32, tag: String) -> BoxedStrategy<(Vmsd, State)> {
                     }
                     Spec::Var(k, vals) => {
                         let cnt = format!("n{i}");
-                        v = v.field(&cnt, Kind::Uint(4)).array(&name, k.clone(), Count::Var { field: cnt.clone(), multiply: 1 });
+                        v = v.field(&cnt, Kind::Uint(4)).array(
+                            &name,
+                            k.clone(),
+                            Count::Var { field: cnt.clone(), multiply: 1 },
+                        );
                         s.set(&cnt, Value::Uint(vals.len() as u64));
                         if !unused(&k) {
                             s.set(&name, Value::Array(vals));
@@ -180,11 +190,15 @@ fn version_gating_and_needed_predicate() {
     let mut s = State::default();
     s.set("flags", Value::Uint(1));
     s.set("new", Value::Uint(7));
-    s.subsections.push(SubsectionState { name: "dev/extra".into(), version: 1, state: {
-        let mut x = State::default();
-        x.set("x", Value::Uint(0x1234));
-        x
-    }});
+    s.subsections.push(SubsectionState {
+        name: "dev/extra".into(),
+        version: 1,
+        state: {
+            let mut x = State::default();
+            x.set("x", Value::Uint(0x1234));
+            x
+        },
+    });
     let b2 = vmstate::encode_to_vec(&v, &s).unwrap();
     assert_eq!(b2, [1, 0, 0, 0, 7, 5, 9, b'd', b'e', b'v', b'/', b'e', b'x', b't', b'r', b'a', 0, 0, 0, 1, 0x12, 0x34]);
     let mut b1 = vec![];
@@ -208,7 +222,8 @@ fn version_gating_and_needed_predicate() {
 fn builtin_vmdesc_matches_qemu() {
     // The vmdesc QEMU 7.2 writes for a -machine none guest, byte for byte.
     let want = r#"{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2, "fields": [{"name": "cpu_ticks_offset", "type": "int64", "size": 8}, {"name": "unused", "type": "unused_buffer", "size": 8}, {"name": "cpu_clock_offset", "type": "int64", "size": 8}]}, {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1, "fields": [{"name": "size", "type": "uint32", "size": 4}, {"name": "runstate", "type": "buffer", "size": 100}]}]}"#;
-    let (stream, _) = savevm_format::write_stopped_guest(Vec::new(), &[("mem", &[0u8; 4096][..])], &StoppedGuest::default()).unwrap();
+    let (stream, _) =
+        savevm_format::write_stopped_guest(Vec::new(), &[("mem", &[0u8; 4096][..])], &StoppedGuest::default()).unwrap();
     let (json, pos) = savevm_format::find_trailing_vmdesc(&stream).unwrap();
     assert_eq!(&stream[pos + 5..], want.as_bytes());
     assert_eq!(json["devices"][1]["name"], "globalstate");
@@ -385,11 +400,7 @@ fn guest() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let page = prop_oneof![2 => Just(vec![0u8; 4096]), 1 => prop::collection::vec(any::<u8>(), 4096), 1 => any::<u8>().prop_map(|b| vec![b; 4096])];
     prop::collection::vec(("[a-z.]{1,12}", prop::collection::vec(page, 1..8)), 1..4).prop_map(|blocks| {
         let mut seen = std::collections::HashSet::new();
-        blocks
-            .into_iter()
-            .filter(|(n, _)| seen.insert(n.clone()))
-            .map(|(n, pages)| (n, pages.concat()))
-            .collect()
+        blocks.into_iter().filter(|(n, _)| seen.insert(n.clone())).map(|(n, pages)| (n, pages.concat())).collect()
     })
 }
 

@@ -37,15 +37,10 @@ impl TestDir {
     /// Creates `<base>/qmig-test-<pid>-<name>`, replacing any leftover of the same name.
     pub fn new(name: &str) -> TestDir {
         let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
         let path = base.join(format!("qmig-test-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create test dir {}: {e}", path.display()));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create test dir {}: {e}", path.display()));
         TestDir { path }
     }
 
@@ -110,12 +105,7 @@ pub fn run_qmig(dir: &TestDir, args: &[&str], limit: Duration) -> Run {
     };
     let stdout = String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default()).into_owned();
-    Run {
-        status,
-        stdout,
-        stderr,
-        command,
-    }
+    Run { status, stdout, stderr, command }
 }
 
 /// Like [`run_qmig`], but panics with the command, status and stderr unless it succeeded.
@@ -140,13 +130,7 @@ pub fn shell_quote(p: &Path) -> String {
 
 /// Asserts that two RAM images are identical, naming the first differing page and the count.
 pub fn assert_same_ram(what: &str, actual: &[u8], expected: &[u8]) {
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "{what}: length {} instead of {}",
-        actual.len(),
-        expected.len()
-    );
+    assert_eq!(actual.len(), expected.len(), "{what}: length {} instead of {}", actual.len(), expected.len());
     if actual == expected {
         return;
     }
@@ -164,15 +148,7 @@ pub fn assert_same_ram(what: &str, actual: &[u8], expected: &[u8]) {
          expected {} page, got {} page",
         expected.len() / 4096,
         page * 4096,
-        if exp_zero {
-            "an all-zero"
-        } else {
-            "a non-zero"
-        },
-        if act_zero {
-            "an all-zero"
-        } else {
-            "a non-zero"
-        },
+        if exp_zero { "an all-zero" } else { "a non-zero" },
+        if act_zero { "an all-zero" } else { "a non-zero" },
     );
 }
