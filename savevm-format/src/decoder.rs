@@ -153,7 +153,9 @@ pub enum Event<'a> {
     Device {
         /// Decoded fields and subsections.
         state: State,
-        /// Which description decoded it.
+        /// The description that decoded it (encodes the state back to the same bytes).
+        vmsd: Arc<Vmsd>,
+        /// Where that description came from.
         source: DescriptionSource,
     },
     /// Footer read and checked; the section is over.
@@ -225,7 +227,7 @@ enum Ev {
     Compressed(usize, u64, bool),
     MultifdFlush,
     Eos,
-    Device(State, DescriptionSource),
+    Device(State, Arc<Vmsd>, DescriptionSource),
     End(SectionKind, u32),
     Command(Command),
     PackageEnd,
@@ -384,7 +386,7 @@ impl<R: Read> Decoder<R> {
             }
             Ev::MultifdFlush => Event::MultifdFlush,
             Ev::Eos => Event::RamEos,
-            Ev::Device(state, source) => Event::Device { state, source },
+            Ev::Device(state, vmsd, source) => Event::Device { state, vmsd, source },
             Ev::End(kind, section_id) => Event::SectionEnd { kind, section_id },
             Ev::Command(c) => Event::Command(c),
             Ev::PackageEnd => Event::PackageEnd,
@@ -766,7 +768,7 @@ impl<R: Read> Decoder<R> {
             builtin::check_globalstate(&state)?;
         }
         self.phase = Phase::Footer;
-        Ok(Ev::Device(state, source))
+        Ok(Ev::Device(state, vmsd, source))
     }
 
     fn footer(&mut self) -> IResult<Ev> {

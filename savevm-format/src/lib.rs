@@ -16,13 +16,14 @@
 //! ```
 //! use savevm_format::{write_stopped_guest, Decoder, Event, StoppedGuest};
 //! let ram = vec![0u8; 8 * 4096];
-//! let (stream, _) = write_stopped_guest(Vec::new(), &[("mem", &ram)], &StoppedGuest::default()).unwrap();
+//! let (stream, _) = write_stopped_guest(Vec::new(), &[("mem", &ram)], &StoppedGuest::default())?;
 //! let mut d = Decoder::new(&stream[..]);
 //! let mut zero = 0;
-//! while let Some(ev) = d.next().unwrap() {
+//! while let Some(ev) = d.next()? {
 //!     if let Event::ZeroPage { .. } = ev { zero += 1 }
 //! }
 //! assert_eq!(zero, 8);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod builtin;

@@ -328,8 +328,19 @@ fn var_len(state: &State, f: &str, multiply: u32) -> Result<u64, String> {
 
 // ---------------------------------------------------------------- decode
 
+/// Most elements that consume no input (zero-size fields, structs of them) in one
+/// top-level decode. Every other element consumes at least one byte, but nested
+/// arrays of empty elements multiply (4096 x 4096 x 4096 from a 300-byte vmdesc),
+/// so a per-array limit alone does not bound time and memory.
+const MAX_EMPTY_ELEMS: u32 = 1 << 16;
+
 /// Decode the body of `vmsd` at stream version `version` (fields, then subsections).
 pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -> IResult<State> {
+    let mut empty_budget = MAX_EMPTY_ELEMS;
+    decode_in(vmsd, version, input, &mut empty_budget)
+}
+
+fn decode_in<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>, empty: &mut u32) -> IResult<State> {
     vmsd.check_version(version)?;
     let mut state = State::default();
     for f in &vmsd.fields {
@@ -338,14 +349,14 @@ pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -
         }
         let n = count_of(&state, f).map_err(|why| ErrorKind::BadField { field: path(vmsd, f), why })?;
         if let Count::One = f.count {
-            if let Some(v) = decode_elem(vmsd, f, &state, input)? {
+            if let Some(v) = decode_counted(vmsd, f, &state, input, empty)? {
                 state.fields.push((f.name.clone(), v));
             }
         } else {
             let mut elems = Vec::new();
             for i in 0..n {
                 let before = input.offset();
-                if let Some(v) = decode_elem(vmsd, f, &state, input)? {
+                if let Some(v) = decode_counted(vmsd, f, &state, input, empty)? {
                     elems.push(v);
                 }
                 // Zero-size elements cost no input: refuse hostile counts of them.
@@ -358,8 +369,27 @@ pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -
             }
         }
     }
-    decode_subsections(vmsd, &mut state, input)?;
+    decode_subsections(vmsd, &mut state, input, empty)?;
     Ok(state)
+}
+
+/// `decode_elem`, charging an element that consumed no input to the `empty` budget.
+fn decode_counted<R: Read>(
+    vmsd: &Vmsd,
+    f: &Field,
+    state: &State,
+    input: &mut Input<R>,
+    empty: &mut u32,
+) -> IResult<Option<Value>> {
+    let before = input.offset();
+    let v = decode_elem(vmsd, f, state, input, empty)?;
+    if input.offset() == before {
+        *empty = empty.checked_sub(1).ok_or_else(|| ErrorKind::BadField {
+            field: path(vmsd, f),
+            why: format!("more than {MAX_EMPTY_ELEMS} zero-size elements in one device"),
+        })?;
+    }
+    Ok(v)
 }
 
 fn path(vmsd: &Vmsd, f: &Field) -> String {
@@ -370,7 +400,13 @@ fn int_be(b: &[u8]) -> u64 {
     b.iter().fold(0u64, |acc, &x| acc << 8 | x as u64)
 }
 
-fn decode_elem<R: Read>(vmsd: &Vmsd, f: &Field, state: &State, input: &mut Input<R>) -> IResult<Option<Value>> {
+fn decode_elem<R: Read>(
+    vmsd: &Vmsd,
+    f: &Field,
+    state: &State,
+    input: &mut Input<R>,
+    empty: &mut u32,
+) -> IResult<Option<Value>> {
     const W: &str = "a device field";
     Ok(Some(match &f.kind {
         Kind::Bool => Value::Bool(input.u8(W)? != 0),
@@ -407,12 +443,12 @@ fn decode_elem<R: Read>(vmsd: &Vmsd, f: &Field, state: &State, input: &mut Input
             Value::Timer(if t == u64::MAX { None } else { Some(t) })
         }
         Kind::Bitmap(bits) => Value::Bytes(input.read_vec((*bits as u64).div_ceil(64) * 8, W)?),
-        Kind::Struct(inner) => Value::Struct(decode(inner, inner.version_id, input)?),
+        Kind::Struct(inner) => Value::Struct(decode_in(inner, inner.version_id, input, empty)?),
         Kind::Raw { size, .. } => Value::Bytes(input.read_vec(*size as u64, W)?),
     }))
 }
 
-fn decode_subsections<R: Read>(vmsd: &Vmsd, state: &mut State, input: &mut Input<R>) -> IResult<()> {
+fn decode_subsections<R: Read>(vmsd: &Vmsd, state: &mut State, input: &mut Input<R>, empty: &mut u32) -> IResult<()> {
     loop {
         let head = input.peek(2)?;
         if head.len() < 2 || head[0] != QEMU_VM_SUBSECTION {
@@ -436,7 +472,7 @@ fn decode_subsections<R: Read>(vmsd: &Vmsd, state: &mut State, input: &mut Input
         };
         input.skip(2 + len as u64, "a subsection header")?;
         let version = input.be32("a subsection header")?;
-        let sub_state = decode(&sub.vmsd, version, input)?;
+        let sub_state = decode_in(&sub.vmsd, version, input, empty)?;
         state.subsections.push(SubsectionState { name, version, state: sub_state });
     }
 }
@@ -539,22 +575,24 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
             w.write_all(&x.to_be_bytes()[8 - n..])?;
             return Ok(n as u64);
         }
-        (Kind::Buffer(len), Value::Bytes(b)) => {
+        (Kind::Buffer(len), Value::Bytes(b)) | (Kind::Text(len), Value::Bytes(b)) => {
             fixed(b, *len as u64)?;
             w.write_all(b)?;
+        }
+        // A text buffer is a buffer on the wire: a state decoded with a built-in
+        // description encodes with one derived from the vmdesc, and back.
+        (Kind::Buffer(len), Value::Text(s)) | (Kind::Text(len), Value::Text(s)) => {
+            if s.len() >= *len as usize {
+                return Err(bad(format!("text longer than {} bytes", len.saturating_sub(1))));
+            }
+            let mut buf = vec![0u8; *len as usize];
+            buf[..s.len()].copy_from_slice(s.as_bytes());
+            w.write_all(&buf)?;
         }
         (Kind::VBuffer { field, multiply }, Value::Bytes(b)) => {
             let len = var_len(state, field, *multiply).map_err(bad)?;
             fixed(b, len)?;
             w.write_all(b)?;
-        }
-        (Kind::Text(len), Value::Text(s)) => {
-            if s.len() >= *len as usize {
-                return Err(bad(format!("text longer than {} bytes", len - 1)));
-            }
-            let mut buf = vec![0u8; *len as usize];
-            buf[..s.len()].copy_from_slice(s.as_bytes());
-            w.write_all(&buf)?;
         }
         (Kind::Timer, Value::Timer(t)) => w.write_all(&t.unwrap_or(u64::MAX).to_be_bytes())?,
         (Kind::Bitmap(bits), Value::Bytes(b)) => {
@@ -574,7 +612,7 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
 fn elem_size_hint(k: &Kind, v: &Value) -> u64 {
     match (k, v) {
         (Kind::Bool, _) => 1,
-        (Kind::Text(n), _) => *n as u64,
+        (Kind::Text(n), _) | (Kind::Buffer(n), Value::Text(_)) => *n as u64,
         (Kind::Timer, _) => 8,
         (_, Value::Bytes(b)) => b.len() as u64,
         _ => 0,
