@@ -9,7 +9,9 @@ mod error;
 pub mod pattern;
 pub mod qemu;
 pub mod ramfile;
-pub mod save;
+pub mod recv;
+pub mod send;
+pub mod stats;
 
 pub use error::{Error, Result};
 

@@ -3,10 +3,14 @@
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
 use qmig::ramfile::parse_name_path;
+use qmig::send::SendOptions;
 use savevm_format::StoppedGuest;
-use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use transports::{CancelToken, MigrationUri, RateLimit};
 
 /// qmig: QEMU-compatible live migration in Rust.
 #[derive(Parser)]
@@ -25,56 +29,147 @@ enum Cmd {
         /// Write RAM block NAME's final image to PATH (sparse file of the block's length). Repeatable.
         #[arg(long = "extract-ram", value_name = "NAME=PATH")]
         extract_ram: Vec<String>,
-        /// A multifd channel capture belonging to this stream (one file per channel, in channel order). Repeatable.
+        /// A multifd channel capture belonging to this stream (one file per channel). Repeatable.
         #[arg(long = "multifd-channel", value_name = "PATH")]
         multifd_channel: Vec<PathBuf>,
     },
-    /// Write the stream of a stopped `-machine none` guest whose RAM blocks are files.
+    /// Write the stream of a stopped `-machine none` guest to a file (same as `send --to file:STREAM`).
     Save {
-        /// RAM block NAME is the file PATH (length a multiple of 4096). Repeatable.
-        #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
-        ram: Vec<String>,
+        #[command(flatten)]
+        guest: GuestArgs,
         /// The stream file to write.
         #[arg(long = "out", value_name = "STREAM")]
         out: PathBuf,
-        /// Runstate recorded in `globalstate` (`prelaunch` keeps a `-S` destination in prelaunch).
-        #[arg(long, default_value = "prelaunch")]
-        runstate: String,
+    },
+    /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:).
+    Send {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Destination: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
+        #[arg(long = "to", value_name = "URI")]
+        to: String,
+        /// Rate limit in bytes/s (QEMU's `max-bandwidth`; 0 = unlimited, the default here, where QEMU uses 128 MiB/s).
+        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 0)]
+        max_bandwidth: u64,
+    },
+    /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
+    Recv {
+        /// RAM block NAME goes to file PATH (created if missing, else its length must match). Repeatable.
+        #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
+        ram: Vec<String>,
+        /// Source: tcp:HOST:PORT (port 0 picks one), unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
+        #[arg(long = "from", value_name = "URI")]
+        from: String,
     },
 }
 
-fn run(cli: Cli) -> qmig::Result<()> {
+#[derive(clap::Args)]
+struct GuestArgs {
+    /// RAM block NAME is the file PATH (length a positive multiple of 4096). Repeatable.
+    #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
+    ram: Vec<String>,
+    /// Runstate recorded in `globalstate` (`prelaunch` keeps a `-S` destination in prelaunch).
+    #[arg(long, default_value = "prelaunch")]
+    runstate: String,
+}
+
+impl GuestArgs {
+    fn parse(&self) -> qmig::Result<(Vec<(String, PathBuf)>, StoppedGuest)> {
+        if !savevm_format::builtin::RUN_STATES.contains(&self.runstate.as_str()) {
+            return Err(qmig::Error::Usage(format!("unknown runstate '{}'", self.runstate)));
+        }
+        let ram = self.ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
+        Ok((ram, StoppedGuest { runstate: self.runstate.clone(), ..Default::default() }))
+    }
+}
+
+fn uri(s: &str) -> qmig::Result<MigrationUri> {
+    s.parse::<MigrationUri>().map_err(|e| qmig::Error::Transport(e.into()))
+}
+
+fn print_line(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
     match cli.cmd {
         Cmd::Analyze { stream, extract_ram, multifd_channel } => {
             let extract = extract_ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let doc = analyze(&stream, &AnalyzeOptions { extract, multifd_channels: multifd_channel })?;
-            println!("{doc}");
+            print_line(&doc);
         }
-        Cmd::Save { ram, out, runstate } => {
-            if !savevm_format::builtin::RUN_STATES.contains(&runstate.as_str()) {
-                return Err(qmig::Error::Usage(format!("unknown runstate '{runstate}'")));
-            }
+        Cmd::Save { guest, out } => {
+            let (ram, guest) = guest.parse()?;
+            let to = MigrationUri::File { path: out, offset: 0 };
+            let st = qmig::send::send(&ram, &to, &SendOptions { guest, rate: RateLimit::new(0) }, cancel)?;
+            print_line(&st.to_json());
+        }
+        Cmd::Send { guest, to, max_bandwidth } => {
+            let (ram, guest) = guest.parse()?;
+            let to = uri(&to)?;
+            let st = qmig::send::send(&ram, &to, &SendOptions { guest, rate: RateLimit::new(max_bandwidth) }, cancel)?;
+            print_line(&st.to_json());
+        }
+        Cmd::Recv { ram, from } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
-            let opts = StoppedGuest { runstate, ..Default::default() };
-            let total: u64 = ram.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
-            let st = qmig::save::save(&ram, &out, &opts)?;
-            println!(
-                "{}",
-                json!({"status": "completed", "ram": {
-                    "transferred": st.transferred, "total": total, "duplicate": st.duplicate,
-                    "normal": st.normal, "normal-bytes": st.normal * 4096,
-                }})
-            );
+            let from = uri(&from)?;
+            let st = qmig::recv::recv(&ram, &from, cancel, |bound| {
+                if matches!(bound, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+                    print_line(&serde_json::json!({ "listening": bound.to_string() }));
+                }
+            })?;
+            print_line(&st.to_json());
         }
     }
     Ok(())
 }
 
+/// Block SIGINT and SIGTERM in every thread and turn them into a cancel from a
+/// dedicated thread, so a blocked transfer is woken through the same path as an
+/// API cancel. Returns the signal number once one arrived.
+fn cancel_on_signals(cancel: &CancelToken) -> Arc<AtomicI32> {
+    use nix::sys::signal::{SigSet, Signal};
+    let got = Arc::new(AtomicI32::new(0));
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_ok() {
+        let (g, c) = (got.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            if let Ok(sig) = set.wait() {
+                g.store(sig as i32, Ordering::SeqCst);
+                c.cancel();
+            }
+        });
+    }
+    got
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let cancel = match CancelToken::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qmig: error: cannot create the cancel token: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let signal = cancel_on_signals(&cancel);
+    match run(cli, &cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let sig = signal.load(Ordering::SeqCst);
+            if sig != 0 || e.is_cancelled() {
+                let name = match sig {
+                    2 => "SIGINT",
+                    15 => "SIGTERM",
+                    _ => "a cancel request",
+                };
+                eprintln!("qmig: cancelled by {name}; the migration did not complete");
+                return ExitCode::from(if sig == 15 { 143 } else { 130 });
+            }
             eprintln!("qmig: error: {e}");
             ExitCode::from(1)
         }

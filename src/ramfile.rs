@@ -80,3 +80,26 @@ impl RamImage {
         self.map.flush().map_err(|e| Error::file(&self.path, e))
     }
 }
+
+impl RamImage {
+    /// Map an existing destination RAM file of exactly `len` bytes, or create it
+    /// (sparse) when it does not exist.
+    pub fn open_or_create(name: &str, path: &Path, len: u64) -> Result<Self> {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::create(path, len),
+            Err(e) => Err(Error::file(path, e)),
+            Ok(m) if m.len() != len => Err(Error::Usage(format!(
+                "size mismatch: RAM block '{name}' is {len:#x} bytes in the stream but {} is {:#x}",
+                path.display(),
+                m.len()
+            ))),
+            Ok(_) => {
+                let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::file(path, e))?;
+                // SAFETY: a shared writable mapping of a file of the checked length; we are
+                // its only writer for the duration of the migration, as QEMU is for its RAM.
+                let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
+                Ok(RamImage { path: path.to_path_buf(), map })
+            }
+        }
+    }
+}

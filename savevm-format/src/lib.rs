@@ -45,4 +45,7 @@ pub use decoder::{
 };
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;
-pub use writer::{section_ids, to_qemu_json, write_stopped_guest, RamStats, StoppedGuest, StreamWriter};
+pub use writer::{
+    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, RamStats, StoppedGuest,
+    StreamWriter,
+};

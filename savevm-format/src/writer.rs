@@ -215,6 +215,15 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// The header of a PAGE record, counted as a sent page: the caller writes the
+    /// page's bytes itself right after (e.g. queued in place for a vectored send).
+    pub fn ram_page_header(&mut self, block: usize, offset: u64) -> Result<(), EncodeError> {
+        self.record(block, offset, ram_flags::PAGE)?;
+        self.stats.normal += 1;
+        self.stats.transferred += self.tps as u64;
+        Ok(())
+    }
+
     /// A ZERO record (fill byte 0).
     pub fn ram_zero(&mut self, block: usize, offset: u64) -> Result<(), EncodeError> {
         self.record(block, offset, ram_flags::ZERO)?;
@@ -355,39 +364,34 @@ pub mod section_ids {
     pub const GLOBALSTATE: u32 = 4;
 }
 
-/// Write the whole stream of a stopped `-machine none` guest in QEMU 7.2's layout:
-/// RAM START (block list), one PART with every page (zero pages as ZERO records),
-/// an empty END, `timer`, `globalstate`, EOF and vmdesc. For a guest QEMU would
-/// send in one pass, the bytes equal QEMU's own.
-pub fn write_stopped_guest<W: Write>(
-    w: W,
-    blocks: &[(&str, &[u8])],
+/// The part of a stopped guest's stream before its pages: header, configuration,
+/// RAM START (block list, EOS, footer) and the header of the RAM PART section.
+pub fn write_guest_prologue<W: Write>(
+    s: &mut StreamWriter<W>,
+    blocks: &[RamBlock],
     opts: &StoppedGuest,
-) -> Result<(W, RamStats), EncodeError> {
-    let mut s = StreamWriter::new(w);
-    let tps = s.page_size();
-    s.header()?;
-    s.configuration(&Configuration { machine: opts.machine.clone(), ..Default::default() })?;
-    let list: Vec<RamBlock> =
-        blocks.iter().enumerate().map(|(i, (n, d))| RamBlock::new(i, *n, d.len() as u64)).collect();
-    for b in &list {
-        if b.length % tps as u64 != 0 {
+) -> Result<(), EncodeError> {
+    let tps = s.page_size() as u64;
+    for b in blocks {
+        if b.length == 0 || b.length % tps != 0 {
             return Err(EncodeError::BadRecord(format!(
-                "block '{}' length {} is not a multiple of {tps}",
+                "block '{}' length {} is not a positive multiple of {tps}",
                 b.name, b.length
             )));
         }
     }
+    s.header()?;
+    s.configuration(&Configuration { machine: opts.machine.clone(), ..Default::default() })?;
     s.section_start(section_ids::RAM, RAM_IDSTR, 0, RAM_VERSION)?;
-    s.ram_block_list(&list)?;
+    s.ram_block_list(blocks)?;
     s.ram_eos()?;
     s.footer(section_ids::RAM)?;
-    s.section_part(section_ids::RAM)?;
-    for (i, (_, data)) in blocks.iter().enumerate() {
-        for (p, page) in data.chunks_exact(tps).enumerate() {
-            s.ram_page_auto(i, (p * tps) as u64, page)?;
-        }
-    }
+    s.section_part(section_ids::RAM)
+}
+
+/// The part after the pages: EOS and footer of the PART, an empty END, `timer`,
+/// `globalstate`, EOF and the vmdesc.
+pub fn write_guest_epilogue<W: Write>(s: &mut StreamWriter<W>, opts: &StoppedGuest) -> Result<(), EncodeError> {
     s.ram_eos()?;
     s.stats.transferred += 8; // 7.2 counts the EOS of PART sections
     s.footer(section_ids::RAM)?;
@@ -405,7 +409,29 @@ pub fn write_stopped_guest<W: Write>(
     let gs = crate::builtin::globalstate();
     s.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &crate::builtin::globalstate_state(&opts.runstate))?;
     s.eof()?;
-    s.vmdesc()?;
+    s.vmdesc()
+}
+
+/// Write the whole stream of a stopped `-machine none` guest in QEMU 7.2's layout:
+/// RAM START (block list), one PART with every page (zero pages as ZERO records),
+/// an empty END, `timer`, `globalstate`, EOF and vmdesc. For a guest QEMU would
+/// send in one pass, the bytes equal QEMU's own.
+pub fn write_stopped_guest<W: Write>(
+    w: W,
+    blocks: &[(&str, &[u8])],
+    opts: &StoppedGuest,
+) -> Result<(W, RamStats), EncodeError> {
+    let mut s = StreamWriter::new(w);
+    let tps = s.page_size();
+    let list: Vec<RamBlock> =
+        blocks.iter().enumerate().map(|(i, (n, d))| RamBlock::new(i, *n, d.len() as u64)).collect();
+    write_guest_prologue(&mut s, &list, opts)?;
+    for (i, (_, data)) in blocks.iter().enumerate() {
+        for (p, page) in data.chunks_exact(tps).enumerate() {
+            s.ram_page_auto(i, (p * tps) as u64, page)?;
+        }
+    }
+    write_guest_epilogue(&mut s, opts)?;
     let stats = s.stats;
     Ok((s.finish()?, stats))
 }

@@ -1,0 +1,426 @@
+//! Channels: one connected migration transport (socket, pipe pair of an `exec:`
+//! child, inherited fd, or file), with I/O that never blocks past a cancel.
+
+use crate::cancel::{CancelToken, Wake};
+use crate::error::TransportError;
+use crate::uri::MigrationUri;
+use nix::poll::PollFlags;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::fs::OpenOptions;
+use std::io::{self, IoSlice, Read, Seek, SeekFrom};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Most stderr kept from an `exec:` child.
+const STDERR_KEEP: usize = 64 * 1024;
+
+/// Which side of a migration a channel serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The source: we write the stream.
+    Outgoing,
+    /// The destination: we read the stream.
+    Incoming,
+}
+
+/// A running `exec:` command.
+struct ExecChild {
+    command: String,
+    child: Arc<Mutex<Child>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    status: Option<ExitStatus>,
+}
+
+impl ExecChild {
+    fn spawn(command: &str, dir: Direction) -> Result<(ExecChild, OwnedFd), TransportError> {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(command).stderr(Stdio::piped()).process_group(0);
+        match dir {
+            Direction::Outgoing => cmd.stdin(Stdio::piped()).stdout(Stdio::null()),
+            Direction::Incoming => cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
+        };
+        let spawn_err = |source| TransportError::Spawn { command: command.to_string(), source };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let fd: OwnedFd = match dir {
+            Direction::Outgoing => child.stdin.take().map(OwnedFd::from),
+            Direction::Incoming => child.stdout.take().map(OwnedFd::from),
+        }
+        .ok_or_else(|| spawn_err(io::Error::other("no pipe to the command")))?;
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut keep = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = e.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = STDERR_KEEP.saturating_sub(keep.len());
+                    keep.extend_from_slice(&buf[..n.min(room)]);
+                }
+                keep
+            })
+        });
+        Ok((ExecChild { command: command.to_string(), child: Arc::new(Mutex::new(child)), stderr, status: None }, fd))
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.child.lock().ok().map(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    /// Wait for the command; an error if it failed (with what it printed on stderr).
+    fn wait(&mut self) -> Result<(), TransportError> {
+        let status = match self.status {
+            Some(s) => s,
+            None => {
+                let s = self
+                    .child
+                    .lock()
+                    .map_err(|_| io::Error::other("exec child lock poisoned"))
+                    .and_then(|mut c| c.wait())
+                    .map_err(|source| TransportError::Spawn { command: self.command.clone(), source })?;
+                self.status = Some(s);
+                s
+            }
+        };
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        if status.success() {
+            Ok(())
+        } else {
+            let text = String::from_utf8_lossy(&stderr);
+            let last = text.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
+            Err(TransportError::Exec { command: self.command.clone(), status, stderr: last })
+        }
+    }
+
+    /// Kill the command's process group.
+    fn kill(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for ExecChild {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            // Still running (or never waited): never leave a zombie behind.
+            let exited = self.child.lock().ok().and_then(|mut c| c.try_wait().ok().flatten());
+            if exited.is_none() {
+                self.kill();
+            }
+            if let Ok(mut c) = self.child.lock() {
+                let _ = c.wait();
+            }
+        }
+        if let Some(h) = self.stderr.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A connected migration channel.
+pub struct Channel {
+    read: Option<OwnedFd>,
+    write: Option<OwnedFd>,
+    exec: Option<ExecChild>,
+    cancel: CancelToken,
+    peer: String,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Channel({})", self.peer)
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+impl Channel {
+    fn socket(fd: OwnedFd, cancel: &CancelToken, peer: String) -> io::Result<Channel> {
+        set_nonblocking(&fd)?;
+        let other = fd.try_clone()?;
+        // Cancel shuts the socket down, so even a peer that never reads cannot keep us.
+        let hook_fd = fd.try_clone()?;
+        cancel.on_cancel(Box::new(move || {
+            let _ = nix::sys::socket::shutdown(hook_fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }));
+        Ok(Channel { read: Some(fd), write: Some(other), exec: None, cancel: cancel.clone(), peer })
+    }
+
+    fn pipe(
+        fd: OwnedFd,
+        dir: Direction,
+        exec: Option<ExecChild>,
+        cancel: &CancelToken,
+        peer: String,
+    ) -> io::Result<Channel> {
+        set_nonblocking(&fd)?;
+        if let Some(e) = &exec {
+            let child = e.child.clone();
+            cancel.on_cancel(Box::new(move || {
+                if let Ok(c) = child.lock() {
+                    let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+                }
+            }));
+        }
+        let (read, write) = match dir {
+            Direction::Incoming => (Some(fd), None),
+            Direction::Outgoing => (None, Some(fd)),
+        };
+        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer })
+    }
+
+    /// What this channel is connected to (for messages).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The token that cancels this channel's I/O.
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// Read into `buf`; blocks until data, end of stream (0) or cancel.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd =
+            self.read.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is write-only"))?;
+        loop {
+            self.cancel.check()?;
+            match nix::unistd::read(fd.as_fd(), buf) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, None)?;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
+    /// Write some of `iov` (vectored); blocks until progress or cancel.
+    pub fn write_vectored(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        let fd =
+            self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
+        loop {
+            self.cancel.check()?;
+            match nix::sys::uio::writev(fd.as_fd(), iov) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
+                        continue;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> io::Error {
+        if self.cancel.is_cancelled() {
+            crate::cancel::cancelled()
+        } else {
+            e
+        }
+    }
+
+    /// Close the write side (the peer sees end of stream), keeping the read side.
+    pub fn close_write(&mut self) {
+        if let (Some(_), Some(w)) = (&self.read, &self.write) {
+            // A socket (both fds are the same socket): tell the peer we are done.
+            let _ = nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        }
+        self.write = None;
+    }
+
+    /// Close everything and, for `exec:`, wait for the command and check its exit status.
+    pub fn finish(mut self) -> Result<(), TransportError> {
+        self.read = None;
+        self.write = None;
+        match self.exec.as_mut() {
+            Some(e) => e.wait(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd).
+pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
+    let at = |source| TransportError::Connect { uri: uri.to_string(), source };
+    match uri {
+        MigrationUri::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port)).map_err(at)?;
+            let _ = s.set_nodelay(true);
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| uri.to_string());
+            Channel::socket(OwnedFd::from(s), cancel, peer).map_err(at)
+        }
+        MigrationUri::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(at)?;
+            Channel::socket(OwnedFd::from(s), cancel, uri.to_string()).map_err(at)
+        }
+        MigrationUri::Fd(n) => {
+            let fd = take_fd(*n).map_err(at)?;
+            fd_channel(fd, Direction::Outgoing, cancel, uri).map_err(at)
+        }
+        MigrationUri::Exec(cmd) => {
+            let (child, fd) = ExecChild::spawn(cmd, Direction::Outgoing)?;
+            Channel::pipe(fd, Direction::Outgoing, Some(child), cancel, uri.to_string()).map_err(at)
+        }
+        MigrationUri::File { path, offset } => {
+            let file_err = |source| TransportError::File { path: path.clone(), source };
+            let mut f = OpenOptions::new().write(true).create(true).truncate(false).open(path).map_err(file_err)?;
+            f.set_len(*offset).map_err(file_err)?;
+            f.seek(SeekFrom::Start(*offset)).map_err(file_err)?;
+            Channel::pipe(OwnedFd::from(f), Direction::Outgoing, None, cancel, uri.to_string()).map_err(at)
+        }
+    }
+}
+
+/// Take ownership of inherited descriptor `n` after checking it is open.
+fn take_fd(n: i32) -> io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    // SAFETY: `n` is only borrowed for the F_GETFD probe, which has no side effect.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+    fcntl(borrowed, FcntlArg::F_GETFD)
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("fd {n} is not open")))?;
+    // SAFETY: the fd is open (checked above) and `fd:N` hands it to us: nothing else in
+    // this process uses it, so owning (and eventually closing) it is sound.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+fn fd_channel(fd: OwnedFd, dir: Direction, cancel: &CancelToken, uri: &MigrationUri) -> io::Result<Channel> {
+    let is_socket =
+        nix::sys::stat::fstat(fd.as_fd()).map(|st| st.st_mode & libc_s_ifmt() == libc_s_ifsock()).unwrap_or(false);
+    if is_socket {
+        Channel::socket(fd, cancel, uri.to_string())
+    } else {
+        Channel::pipe(fd, dir, None, cancel, uri.to_string())
+    }
+}
+
+const fn libc_s_ifmt() -> u32 {
+    0o170000
+}
+
+const fn libc_s_ifsock() -> u32 {
+    0o140000
+}
+
+/// The incoming side, bound before the source connects.
+pub struct Listener {
+    uri: MigrationUri,
+    kind: ListenKind,
+    cancel: CancelToken,
+}
+
+enum ListenKind {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    Other,
+}
+
+impl Listener {
+    /// Bind `uri` for an incoming migration: listen on tcp/unix; fd, exec and file
+    /// need no listening and are opened by [`accept`](Self::accept).
+    pub fn bind(uri: &MigrationUri, cancel: &CancelToken) -> Result<Listener, TransportError> {
+        let at = |source| TransportError::Listen { uri: uri.to_string(), source };
+        let (kind, uri) = match uri {
+            MigrationUri::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port)).map_err(at)?;
+                l.set_nonblocking(true).map_err(at)?;
+                let port = l.local_addr().map_err(at)?.port();
+                (ListenKind::Tcp(l), MigrationUri::Tcp { host: host.clone(), port })
+            }
+            MigrationUri::Unix(path) => {
+                // Like QEMU, replace a stale socket left by an earlier run; refuse other files.
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                let l = UnixListener::bind(path).map_err(at)?;
+                l.set_nonblocking(true).map_err(at)?;
+                (ListenKind::Unix(l, path.clone()), uri.clone())
+            }
+            _ => (ListenKind::Other, uri.clone()),
+        };
+        Ok(Listener { uri, kind, cancel: cancel.clone() })
+    }
+
+    /// The URI a source should use (with the port the system picked for `tcp:…:0`).
+    pub fn local_uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    /// Wait for the source (or open the fd, command or file) and return the channel.
+    pub fn accept(self) -> Result<Channel, TransportError> {
+        let uri = self.uri.clone();
+        let at = |source| TransportError::Accept { uri: uri.to_string(), source };
+        match &self.kind {
+            ListenKind::Tcp(l) => loop {
+                match l.accept() {
+                    Ok((s, addr)) => {
+                        s.set_nonblocking(false).map_err(at)?;
+                        let _ = s.set_nodelay(true);
+                        return Channel::socket(OwnedFd::from(s), &self.cancel, addr.to_string()).map_err(at);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.cancel.wait(l.as_fd(), PollFlags::POLLIN, None).map_err(at)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(at(e)),
+                }
+            },
+            ListenKind::Unix(l, _) => loop {
+                match l.accept() {
+                    Ok((s, _)) => return Channel::socket(OwnedFd::from(s), &self.cancel, uri.to_string()).map_err(at),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.cancel.wait(l.as_fd(), PollFlags::POLLIN, None).map_err(at)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(at(e)),
+                }
+            },
+            ListenKind::Other => match &self.uri {
+                MigrationUri::Fd(n) => {
+                    let fd = take_fd(*n).map_err(at)?;
+                    fd_channel(fd, Direction::Incoming, &self.cancel, &self.uri).map_err(at)
+                }
+                MigrationUri::Exec(cmd) => {
+                    let (child, fd) = ExecChild::spawn(cmd, Direction::Incoming)?;
+                    Channel::pipe(fd, Direction::Incoming, Some(child), &self.cancel, self.uri.to_string()).map_err(at)
+                }
+                MigrationUri::File { path, offset } => {
+                    let file_err = |source| TransportError::File { path: path.clone(), source };
+                    let mut f = std::fs::File::open(path).map_err(file_err)?;
+                    f.seek(SeekFrom::Start(*offset)).map_err(file_err)?;
+                    Channel::pipe(OwnedFd::from(f), Direction::Incoming, None, &self.cancel, self.uri.to_string())
+                        .map_err(at)
+                }
+                _ => Err(at(io::Error::other("unreachable listener kind"))),
+            },
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenKind::Unix(_, path) = &self.kind {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

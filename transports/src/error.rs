@@ -1,0 +1,76 @@
+//! Errors of the transports crate.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+/// A transport failure, naming the URI, file or command concerned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The URI does not parse.
+    #[error(transparent)]
+    Uri(#[from] crate::uri::UriError),
+    /// Connecting (or opening the outgoing side) failed.
+    #[error("cannot connect to {uri}: {source}")]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Listening failed.
+    #[error("cannot listen on {uri}: {source}")]
+    Listen {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Accepting (or opening the incoming side) failed.
+    #[error("cannot accept on {uri}: {source}")]
+    Accept {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An `exec:` command could not be started.
+    #[error("cannot run '{command}': {source}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An `exec:` command failed.
+    #[error("command '{command}' failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Exec {
+        /// The command.
+        command: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The last line it printed on stderr.
+        stderr: String,
+    },
+    /// A `file:` could not be opened.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl TransportError {
+    /// True when the failure is a cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        match self {
+            TransportError::Connect { source, .. }
+            | TransportError::Listen { source, .. }
+            | TransportError::Accept { source, .. }
+            | TransportError::File { source, .. } => crate::cancel::is_cancelled(source),
+            _ => false,
+        }
+    }
+}
