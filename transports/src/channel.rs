@@ -133,6 +133,8 @@ pub struct Channel {
     exec: Option<ExecChild>,
     cancel: CancelToken,
     peer: String,
+    /// File status flags to put back on drop (inherited `fd:N` only).
+    restore_flags: Option<nix::fcntl::OFlag>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -141,12 +143,32 @@ impl std::fmt::Debug for Channel {
     }
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+/// Set O_NONBLOCK; returns the flags before.
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<nix::fcntl::OFlag> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
-    Ok(())
+    let before = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(before | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    Ok(before)
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.release(true, true);
+    }
+}
+
+impl Channel {
+    /// Close the read and/or write fd. An inherited fd's file description is shared
+    /// with other processes (a shell's stdin, say): it goes back in the mode it came in.
+    fn release(&mut self, read: bool, write: bool) {
+        for (on, slot) in [(read, &mut self.read), (write, &mut self.write)] {
+            if let (true, Some(fd)) = (on, slot.take()) {
+                if let Some(flags) = self.restore_flags {
+                    let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags));
+                }
+            }
+        }
+    }
 }
 
 impl Channel {
@@ -158,7 +180,14 @@ impl Channel {
         cancel.on_cancel(Box::new(move || {
             let _ = nix::sys::socket::shutdown(hook_fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }));
-        Ok(Channel { read: Some(fd), write: Some(other), exec: None, cancel: cancel.clone(), peer })
+        Ok(Channel {
+            read: Some(fd),
+            write: Some(other),
+            exec: None,
+            cancel: cancel.clone(),
+            peer,
+            restore_flags: None,
+        })
     }
 
     fn pipe(
@@ -181,7 +210,7 @@ impl Channel {
             Direction::Incoming => (Some(fd), None),
             Direction::Outgoing => (None, Some(fd)),
         };
-        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer })
+        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer, restore_flags: None })
     }
 
     /// What this channel is connected to (for messages).
@@ -244,13 +273,12 @@ impl Channel {
             // A socket (both fds are the same socket): tell the peer we are done.
             let _ = nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Write);
         }
-        self.write = None;
+        self.release(false, true);
     }
 
     /// Close everything and, for `exec:`, wait for the command and check its exit status.
     pub fn finish(mut self) -> Result<(), TransportError> {
-        self.read = None;
-        self.write = None;
+        self.release(true, true);
         match self.exec.as_mut() {
             Some(e) => e.wait(),
             None => Ok(()),
@@ -303,13 +331,17 @@ fn take_fd(n: i32) -> io::Result<OwnedFd> {
 }
 
 fn fd_channel(fd: OwnedFd, dir: Direction, cancel: &CancelToken, uri: &MigrationUri) -> io::Result<Channel> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?);
     let is_socket =
         nix::sys::stat::fstat(fd.as_fd()).map(|st| st.st_mode & libc_s_ifmt() == libc_s_ifsock()).unwrap_or(false);
-    if is_socket {
-        Channel::socket(fd, cancel, uri.to_string())
+    let mut ch = if is_socket {
+        Channel::socket(fd, cancel, uri.to_string())?
     } else {
-        Channel::pipe(fd, dir, None, cancel, uri.to_string())
-    }
+        Channel::pipe(fd, dir, None, cancel, uri.to_string())?
+    };
+    ch.restore_flags = Some(flags);
+    Ok(ch)
 }
 
 const fn libc_s_ifmt() -> u32 {
