@@ -21,6 +21,9 @@ pub const MULTIFD_FLAG_ZSTD: u32 = 0x4;
 /// Compression bits of the flags in 7.2.
 pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xe;
 
+/// Largest zstd window accepted (8 MiB); QEMU's level-1 streams use far less.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 /// The packet each multifd connection starts with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitialPacket {
@@ -242,7 +245,12 @@ impl<R: Read> ChannelReader<R> {
             self.inflater = match comp {
                 Compression::Zlib => Inflater::Zlib(Box::new(flate2::Decompress::new(true))),
                 Compression::Zstd => {
-                    Inflater::Zstd(Box::new(zstd::stream::raw::Decoder::new().map_err(|e| bad(format!("zstd: {e}")))?))
+                    let mut d = zstd::stream::raw::Decoder::new().map_err(|e| bad(format!("zstd: {e}")))?;
+                    // A packet holds at most 512 KiB; refuse frames that ask for a window
+                    // (decoder memory) far beyond that.
+                    d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+                        .map_err(|e| bad(format!("zstd: {e}")))?;
+                    Inflater::Zstd(Box::new(d))
                 }
                 Compression::None => Inflater::None,
             };
