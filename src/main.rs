@@ -148,7 +148,28 @@ fn cancel_on_signals(cancel: &CancelToken) -> Arc<AtomicI32> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print as clap does, exit 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Usage errors keep the error contract: exit 1, one line.
+            let text = e.render().to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let line = what.join(" ");
+            let line = line.trim_start_matches("error: ");
+            eprintln!("qmig: error: {line} (see qmig --help)");
+            return ExitCode::from(1);
+        }
+    };
     let cancel = match CancelToken::new() {
         Ok(c) => c,
         Err(e) => {

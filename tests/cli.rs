@@ -127,6 +127,8 @@ fn bad_arguments_and_files_are_one_line() {
         ]),
         &["not a positive multiple of 4096"],
     );
+    assert_one_line_error(&qmig(&["send", "--ram", "mem=x"]), &["--to <URI>", "not provided"]);
+    assert_one_line_error(&qmig(&["frobnicate"]), &["unrecognized subcommand 'frobnicate'"]);
     let garbage = dir.path().join("garbage.mig");
     std::fs::write(&garbage, b"this is not a migration stream").expect("write");
     assert_one_line_error(&qmig(&["analyze", &garbage.to_string_lossy()]), &["at byte 0", "not a migration stream"]);

@@ -6,6 +6,7 @@ use crate::error::TransportError;
 use crate::uri::MigrationUri;
 use nix::poll::PollFlags;
 use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use std::fs::OpenOptions;
 use std::io::{self, IoSlice, Read, Seek, SeekFrom};
@@ -18,9 +19,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Most stderr kept from an `exec:` child.
 const STDERR_KEEP: usize = 64 * 1024;
+/// How long a broken or ended pipe waits for its `exec:` command to finish exiting,
+/// so the command's own failure can be reported instead of EPIPE or a short stream.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 /// Which side of a migration a channel serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +40,9 @@ pub enum Direction {
 struct ExecChild {
     command: String,
     child: Arc<Mutex<Child>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
+    /// Collects the command's stderr (locked so a failing read or write can report it;
+    /// boxed to keep `Channel` small).
+    stderr: Box<Mutex<Option<JoinHandle<Vec<u8>>>>>,
     status: Option<ExitStatus>,
 }
 
@@ -68,7 +75,15 @@ impl ExecChild {
                 keep
             })
         });
-        Ok((ExecChild { command: command.to_string(), child: Arc::new(Mutex::new(child)), stderr, status: None }, fd))
+        Ok((
+            ExecChild {
+                command: command.to_string(),
+                child: Arc::new(Mutex::new(child)),
+                stderr: Box::new(Mutex::new(stderr)),
+                status: None,
+            },
+            fd,
+        ))
     }
 
     fn pid(&self) -> Option<Pid> {
@@ -80,6 +95,17 @@ impl ExecChild {
         let status = match self.status {
             Some(s) => s,
             None => {
+                // Wait for the exit without the lock (and without reaping, so the pid
+                // stays ours): a cancel takes the lock to kill the command, and must
+                // not be held up behind a command that never exits.
+                let running = self.child.lock().ok().and_then(|mut c| match c.try_wait() {
+                    Ok(None) => Some(Pid::from_raw(c.id() as i32)),
+                    _ => None,
+                });
+                if let Some(pid) = running {
+                    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+                    while waitid(Id::Pid(pid), flags) == Err(nix::errno::Errno::EINTR) {}
+                }
                 let s = self
                     .child
                     .lock()
@@ -90,14 +116,41 @@ impl ExecChild {
                 s
             }
         };
-        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr = self.stderr.get_mut().ok().and_then(Option::take).and_then(|h| h.join().ok()).unwrap_or_default();
         if status.success() {
             Ok(())
         } else {
-            let text = String::from_utf8_lossy(&stderr);
-            let last = text.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
-            Err(TransportError::Exec { command: self.command.clone(), status, stderr: last })
+            Err(TransportError::Exec { command: self.command.clone(), status, stderr: last_line(&stderr) })
         }
+    }
+
+    /// After its pipe broke or ended: the command's failure if it exits unsuccessfully
+    /// within [`EXIT_GRACE`] (None if it succeeded, still runs, or on cancel).
+    fn failure_after_pipe_end(&self, cancel: &CancelToken) -> Option<TransportError> {
+        let deadline = Instant::now() + EXIT_GRACE;
+        let status = loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            match self.child.lock().ok()?.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                _ => return None,
+            }
+        };
+        if status.success() {
+            return None;
+        }
+        // Its stderr closes when it exits (unless something it started keeps it open).
+        let mut guard = self.stderr.lock().ok()?;
+        while guard.as_ref().is_some_and(|h| !h.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let stderr = match guard.take_if(|h| h.is_finished()) {
+            Some(h) => h.join().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Some(TransportError::Exec { command: self.command.clone(), status, stderr: last_line(&stderr) })
     }
 
     /// Kill the command's process group.
@@ -120,10 +173,16 @@ impl Drop for ExecChild {
                 let _ = c.wait();
             }
         }
-        if let Some(h) = self.stderr.take() {
+        if let Some(h) = self.stderr.get_mut().ok().and_then(Option::take) {
             let _ = h.join();
         }
     }
+}
+
+/// The last non-blank line of a command's stderr, trimmed.
+fn last_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
 /// A connected migration channel.
@@ -133,6 +192,9 @@ pub struct Channel {
     exec: Option<ExecChild>,
     cancel: CancelToken,
     peer: String,
+    /// A socket's descriptor that the cancel hook shuts down; the hook holds it
+    /// weakly, so dropping the channel closes the socket even while the token lives.
+    _shutdown: Option<Arc<OwnedFd>>,
     /// File status flags to put back on drop (inherited `fd:N` only).
     restore_flags: Option<nix::fcntl::OFlag>,
 }
@@ -176,9 +238,12 @@ impl Channel {
         set_nonblocking(&fd)?;
         let other = fd.try_clone()?;
         // Cancel shuts the socket down, so even a peer that never reads cannot keep us.
-        let hook_fd = fd.try_clone()?;
+        let shutdown = Arc::new(fd.try_clone()?);
+        let hook_fd = Arc::downgrade(&shutdown);
         cancel.on_cancel(Box::new(move || {
-            let _ = nix::sys::socket::shutdown(hook_fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            if let Some(fd) = hook_fd.upgrade() {
+                let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
         }));
         Ok(Channel {
             read: Some(fd),
@@ -186,6 +251,7 @@ impl Channel {
             exec: None,
             cancel: cancel.clone(),
             peer,
+            _shutdown: Some(shutdown),
             restore_flags: None,
         })
     }
@@ -202,7 +268,12 @@ impl Channel {
             let child = e.child.clone();
             cancel.on_cancel(Box::new(move || {
                 if let Ok(c) = child.lock() {
-                    let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+                    // Only while not reaped (running or a zombie): a reaped pid may be reused.
+                    let pid = Pid::from_raw(c.id() as i32);
+                    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+                    if waitid(Id::Pid(pid), flags).is_ok() {
+                        let _ = killpg(pid, Signal::SIGKILL);
+                    }
                 }
             }));
         }
@@ -210,7 +281,7 @@ impl Channel {
             Direction::Incoming => (Some(fd), None),
             Direction::Outgoing => (None, Some(fd)),
         };
-        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer, restore_flags: None })
+        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer, _shutdown: None, restore_flags: None })
     }
 
     /// What this channel is connected to (for messages).
@@ -230,6 +301,13 @@ impl Channel {
         loop {
             self.cancel.check()?;
             match nix::unistd::read(fd.as_fd(), buf) {
+                Ok(0) if !buf.is_empty() => {
+                    // A command that ended its output by failing explains the short stream.
+                    return match self.exec.as_ref().and_then(|x| x.failure_after_pipe_end(&self.cancel)) {
+                        Some(f) => Err(io::Error::other(f)),
+                        None => Ok(0),
+                    };
+                }
                 Ok(n) => return Ok(n),
                 Err(nix::errno::Errno::EAGAIN) => {
                     self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, None)?;
@@ -260,6 +338,12 @@ impl Channel {
     }
 
     fn io_error(&self, e: io::Error) -> io::Error {
+        if !self.cancel.is_cancelled() {
+            // EPIPE from a command that exited: its exit status and stderr say why.
+            if let Some(f) = self.exec.as_ref().and_then(|x| x.failure_after_pipe_end(&self.cancel)) {
+                return io::Error::other(f);
+            }
+        }
         if self.cancel.is_cancelled() {
             crate::cancel::cancelled()
         } else {
@@ -280,7 +364,13 @@ impl Channel {
     pub fn finish(mut self) -> Result<(), TransportError> {
         self.release(true, true);
         match self.exec.as_mut() {
-            Some(e) => e.wait(),
+            // Killed by a cancel: report the cancel, not the SIGKILL exit status.
+            Some(e) => match e.wait() {
+                Err(_) if self.cancel.is_cancelled() => {
+                    Err(TransportError::Connect { uri: self.peer.clone(), source: crate::cancel::cancelled() })
+                }
+                r => r,
+            },
             None => Ok(()),
         }
     }
