@@ -2,11 +2,10 @@
 //! optionally writing RAM blocks' final images to sparse files.
 
 use crate::error::{Error, Result};
-use crate::ramfile::RamImage;
+use crate::ramfile::{ImageSink, RamImage};
 use savevm_format::multifd::ChannelReader;
 use savevm_format::{find_trailing_vmdesc, Command, Decoder, Event, PageSink, RamBlock};
 use serde_json::{json, Map, Value as Json};
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -56,39 +55,6 @@ struct PageCounts {
     multifd: u64,
 }
 
-/// Sends pages of the requested blocks into their images.
-struct ExtractSink {
-    wanted: Vec<(String, PathBuf)>,
-    images: HashMap<String, RamImage>,
-}
-
-impl PageSink for ExtractSink {
-    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]> {
-        let img = self.images.get_mut(&block.name)?;
-        let o = usize::try_from(offset).ok()?;
-        img.bytes_mut().get_mut(o..o + 4096)
-    }
-
-    fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
-        if let Some(img) = self.images.get_mut(&block.name) {
-            if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
-                r.fill(0);
-            }
-        }
-    }
-}
-
-impl ExtractSink {
-    fn blocks(&mut self, blocks: &[RamBlock]) -> Result<()> {
-        for (name, path) in &self.wanted {
-            if let Some(b) = blocks.iter().find(|b| &b.name == name) {
-                self.images.insert(name.clone(), RamImage::create(path, b.length)?);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Analyze a stream from any reader. `vmdesc` (if known in advance) decodes devices
 /// without built-in descriptions; `channels` are multifd channels to merge.
 pub fn analyze_reader<R: Read, C: Read>(
@@ -101,7 +67,7 @@ pub fn analyze_reader<R: Read, C: Read>(
     if let Some(v) = vmdesc {
         d.set_vmdesc(v)?;
     }
-    let mut sink = ExtractSink { wanted: extract.to_vec(), images: HashMap::new() };
+    let mut sink = ImageSink::default();
     let mut out = Map::new();
     let mut sections = Vec::new();
     let mut commands = Vec::new();
@@ -140,7 +106,17 @@ pub fn analyze_reader<R: Read, C: Read>(
             Event::RamBlocks(b) => {
                 blocks = b.to_vec();
                 counts = vec![PageCounts::default(); blocks.len()];
-                sink.blocks(&blocks)?;
+                let images = blocks
+                    .iter()
+                    .map(|b| {
+                        extract
+                            .iter()
+                            .find(|(n, _)| n == &b.name)
+                            .map(|(_, p)| RamImage::create(p, b.length))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                sink.set(images);
             }
             Event::Page { block, .. } => counts[block.index].normal += 1,
             Event::ZeroPage { block, .. } => counts[block.index].zero += 1,
@@ -167,14 +143,12 @@ pub fn analyze_reader<R: Read, C: Read>(
         while drain_to_sync(ch, &blocks, &mut counts, &mut sink, tps)? {}
     }
     for (name, _) in extract {
-        if !sink.images.contains_key(name) {
+        if !blocks.iter().any(|b| &b.name == name && sink.has(b.index)) {
             let have: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
             return Err(Error::Usage(format!("RAM block '{name}' is not in the stream (it has: {})", have.join(", "))));
         }
     }
-    for img in sink.images.values() {
-        img.flush()?;
-    }
+    sink.flush()?;
     let ram_blocks: Vec<Json> = blocks
         .iter()
         .zip(&counts)
@@ -204,7 +178,7 @@ fn drain_to_sync<C: Read>(
     ch: &mut ChannelReader<C>,
     blocks: &[RamBlock],
     counts: &mut [PageCounts],
-    sink: &mut ExtractSink,
+    sink: &mut ImageSink,
     tps: u64,
 ) -> Result<bool> {
     loop {

@@ -103,3 +103,46 @@ impl RamImage {
         }
     }
 }
+
+/// Destination RAM as a [`PageSink`](savevm_format::PageSink): one mapped image per
+/// block index (`None` for blocks not kept), so pages are read straight into the files.
+#[derive(Default)]
+pub struct ImageSink {
+    images: Vec<Option<RamImage>>,
+}
+
+impl ImageSink {
+    /// Install the images for a new block list (index = block index).
+    pub fn set(&mut self, images: Vec<Option<RamImage>>) {
+        self.images = images;
+    }
+
+    /// True when block `index` has an image.
+    pub fn has(&self, index: usize) -> bool {
+        matches!(self.images.get(index), Some(Some(_)))
+    }
+
+    /// Flush every image to its file.
+    pub fn flush(&self) -> Result<()> {
+        self.images.iter().flatten().try_for_each(RamImage::flush)
+    }
+
+    fn image(&mut self, index: usize) -> Option<&mut RamImage> {
+        self.images.get_mut(index)?.as_mut()
+    }
+}
+
+impl savevm_format::PageSink for ImageSink {
+    fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
+        let o = usize::try_from(offset).ok()?;
+        self.image(block.index)?.bytes_mut().get_mut(o..o + 4096)
+    }
+
+    fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
+        if let Some(img) = self.image(block.index) {
+            if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
+                r.fill(0);
+            }
+        }
+    }
+}

@@ -2,35 +2,12 @@
 //! mapped RAM files, and succeed only when it ended with EOF and every check passed.
 
 use crate::error::{Error, Result};
-use crate::ramfile::RamImage;
+use crate::ramfile::{ImageSink, RamImage};
 use crate::stats::MigrationStats;
-use savevm_format::{Decoder, Event, PageSink, RamBlock};
-use std::collections::HashMap;
+use savevm_format::{Decoder, Event};
 use std::path::PathBuf;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
-
-/// Destination RAM: one mapped file per block name.
-struct Dest {
-    wanted: HashMap<String, PathBuf>,
-    images: Vec<Option<RamImage>>,
-}
-
-impl PageSink for Dest {
-    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]> {
-        let img = self.images.get_mut(block.index)?.as_mut()?;
-        let o = usize::try_from(offset).ok()?;
-        img.bytes_mut().get_mut(o..o + 4096)
-    }
-
-    fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
-        if let Some(Some(img)) = self.images.get_mut(block.index) {
-            if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
-                r.fill(0);
-            }
-        }
-    }
-}
 
 /// Receive a migration from `uri` into the `ram` files. `on_listening` is called
 /// with the bound URI (e.g. the port picked for `tcp:HOST:0`) before waiting.
@@ -46,7 +23,7 @@ pub fn recv(
     let start = Instant::now();
     let rate = RateLimit::new(0);
     let mut d = Decoder::new(MigrationReader::new(ch, rate.clone()));
-    let mut dest = Dest { wanted: ram.iter().cloned().collect(), images: vec![] };
+    let mut dest = ImageSink::default();
     let (mut setup_time, mut normal, mut duplicate, mut total, mut eof) = (None, 0u64, 0u64, 0u64, false);
     loop {
         let ev = match d.next_with(&mut dest) {
@@ -64,18 +41,20 @@ pub fn recv(
         };
         match ev {
             Event::RamBlocks(blocks) => {
-                let mut images = Vec::new();
-                for b in blocks {
-                    let path = dest.wanted.get(&b.name).ok_or_else(|| {
-                        Error::Usage(format!(
-                            "the stream has RAM block '{}' but no --ram {}=PATH was given",
-                            b.name, b.name
-                        ))
-                    })?;
-                    images.push(Some(RamImage::open_or_create(&b.name, path, b.length)?));
-                }
+                let images = blocks
+                    .iter()
+                    .map(|b| {
+                        let (_, path) = ram.iter().find(|(n, _)| n == &b.name).ok_or_else(|| {
+                            Error::Usage(format!(
+                                "the stream has RAM block '{}' but no --ram {}=PATH was given",
+                                b.name, b.name
+                            ))
+                        })?;
+                        RamImage::open_or_create(&b.name, path, b.length).map(Some)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 total = blocks.iter().map(|b| b.length).sum();
-                dest.images = images;
+                dest.set(images);
                 setup_time = Some(start.elapsed());
             }
             Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => normal += 1,
@@ -87,9 +66,7 @@ pub fn recv(
     if !eof {
         return Err(Error::Usage("the stream ended without its EOF record".into()));
     }
-    for img in dest.images.iter().flatten() {
-        img.flush()?;
-    }
+    dest.flush()?;
     let page_size = d.page_size();
     let reader = d.into_inner();
     reader.into_channel().finish()?;
