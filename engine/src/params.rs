@@ -1,0 +1,114 @@
+//! Migration parameters and capabilities, by QEMU's names, defaults and ranges
+//! (`migrate-set-parameters`, 7.2), changeable while a migration runs.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// `migrate-set-parameters` values the engine uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationParameters {
+    /// `max-bandwidth`: bytes/s, 0 = unlimited. QEMU default 128 MiB/s.
+    pub max_bandwidth: u64,
+    /// `downtime-limit`: ms the final stop-and-copy may take. Default 300, at most 2000000.
+    pub downtime_limit: u64,
+    /// `throttle-trigger-threshold`: % of transferred bytes the dirty bytes must exceed. Default 50 (1..=100).
+    pub throttle_trigger_threshold: u8,
+    /// `cpu-throttle-initial`: first throttle %. Default 20 (1..=99).
+    pub cpu_throttle_initial: u8,
+    /// `cpu-throttle-increment`: step %. Default 10 (1..=99).
+    pub cpu_throttle_increment: u8,
+    /// `cpu-throttle-tailslow`: scale the last steps by need. Default false.
+    pub cpu_throttle_tailslow: bool,
+    /// `max-cpu-throttle`: cap %. Default 99 (initial..=99).
+    pub max_cpu_throttle: u8,
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        MigrationParameters {
+            max_bandwidth: 128 << 20,
+            downtime_limit: 300,
+            throttle_trigger_threshold: 50,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            cpu_throttle_tailslow: false,
+            max_cpu_throttle: 99,
+        }
+    }
+}
+
+/// A parameter outside QEMU's range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Parameter '{name}' expects {expects}")]
+pub struct ParameterError {
+    /// QEMU's parameter name.
+    pub name: &'static str,
+    /// The allowed range, in QEMU's words.
+    pub expects: &'static str,
+}
+
+impl MigrationParameters {
+    /// Check every value against QEMU 7.2's ranges (`migrate_params_check`).
+    pub fn validate(&self) -> Result<(), ParameterError> {
+        let bad = |name, expects| Err(ParameterError { name, expects });
+        if self.downtime_limit > 2_000_000 {
+            return bad("downtime_limit", "an integer in the range of 0 to 2000000 milliseconds");
+        }
+        if !(1..=100).contains(&self.throttle_trigger_threshold) {
+            return bad("throttle_trigger_threshold", "an integer in the range of 1 to 100");
+        }
+        if !(1..=99).contains(&self.cpu_throttle_initial) {
+            return bad("cpu_throttle_initial", "an integer in the range of 1 to 99");
+        }
+        if !(1..=99).contains(&self.cpu_throttle_increment) {
+            return bad("cpu_throttle_increment", "an integer in the range of 1 to 99");
+        }
+        if self.max_cpu_throttle < self.cpu_throttle_initial || self.max_cpu_throttle > 99 {
+            return bad("max_cpu_throttle", "an integer in the range of cpu_throttle_initial to 99");
+        }
+        Ok(())
+    }
+}
+
+/// Capabilities the engine knows (`migrate-set-capabilities`), all off by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigrationCapabilities {
+    /// `auto-converge`: throttle the vCPUs when the guest dirties faster than we send.
+    pub auto_converge: bool,
+    /// `pause-before-switchover`: wait in `pre-switchover` until told to continue.
+    pub pause_before_switchover: bool,
+    /// `events`: emit state events (the engine always notifies its subscribers).
+    pub events: bool,
+}
+
+/// Parameters shared between the migration thread and whoever tunes it.
+#[derive(Debug, Clone, Default)]
+pub struct SharedParameters {
+    inner: Arc<Mutex<MigrationParameters>>,
+}
+
+impl SharedParameters {
+    /// Share `p` (validated).
+    pub fn new(p: MigrationParameters) -> Result<Self, ParameterError> {
+        p.validate()?;
+        Ok(SharedParameters { inner: Arc::new(Mutex::new(p)) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MigrationParameters> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the current values.
+    pub fn get(&self) -> MigrationParameters {
+        self.lock().clone()
+    }
+
+    /// Change values while running (validated as a whole; nothing changes on error).
+    pub fn update(&self, f: impl FnOnce(&mut MigrationParameters)) -> Result<(), ParameterError> {
+        let mut g = self.lock();
+        let mut next = g.clone();
+        f(&mut next);
+        next.validate()?;
+        *g = next;
+        Ok(())
+    }
+}
