@@ -19,5 +19,8 @@
 
 pub mod convergence;
 pub mod dirty;
+pub mod info;
 pub mod params;
+pub mod source;
 pub mod state;
+pub mod synthetic;

@@ -65,6 +65,11 @@ impl<'g> MigrationWriter<'g> {
         &self.ch
     }
 
+    /// Send everything queued now (borrowed slices must not outlive their memory).
+    pub fn flush_now(&mut self) -> io::Result<()> {
+        self.send_pending()
+    }
+
     /// Queue `data` to be sent after everything written so far, without copying it.
     pub fn write_borrowed(&mut self, data: &'g [u8]) -> io::Result<()> {
         if data.is_empty() {

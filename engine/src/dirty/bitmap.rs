@@ -26,10 +26,11 @@ impl DirtyBitmap {
         self.words.len()
     }
 
-    /// Mark page `page` dirty.
+    /// Mark page `page` dirty. Write the page first, then mark it: a drain that sees
+    /// the mark then sees the write.
     pub fn mark(&self, page: u64) {
         if page < self.pages {
-            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
         }
     }
 
