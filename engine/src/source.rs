@@ -453,7 +453,7 @@ impl Outgoing {
                 w.get_mut().write_borrowed(page)?;
             }
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 if self.cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
                 }

@@ -122,7 +122,7 @@ impl SyntheticGuest {
                     while budget >= 1.0 && sh.run.load(Ordering::Acquire) {
                         budget -= 1.0;
                         let r = mix(&mut s);
-                        let page = if r % 5 != 0 { (r >> 8) % hot } else { (r >> 8) % pages };
+                        let page = if !r.is_multiple_of(5) { (r >> 8) % hot } else { (r >> 8) % pages };
                         let word = page as usize * PAGE / 8 + (mix(&mut s) % (PAGE as u64 / 8)) as usize;
                         counter += 1;
                         sh.mem[word].store(counter ^ r, Ordering::Relaxed);
