@@ -5,6 +5,7 @@
 //! [`engine`]. [`analyze`] and [`save`] are the library side of the CLI commands.
 
 pub mod analyze;
+pub mod demo;
 mod error;
 pub mod pattern;
 pub mod qemu;

@@ -52,6 +52,39 @@ enum Cmd {
         #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 0)]
         max_bandwidth: u64,
     },
+    /// Live-migrate a synthetic guest that keeps writing its memory, then verify the destination's RAM.
+    Demo {
+        /// Guest RAM size (suffixes K, M, G).
+        #[arg(long = "ram-size", default_value = "1G", value_parser = parse_size)]
+        ram_size: u64,
+        /// MiB/s the guest's writer threads dirty (80 % in a hot set, 20 % spread at random).
+        #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
+        dirty_rate: u64,
+        /// Writer threads (the guest's vCPUs).
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Transport: unix:PATH or tcp:HOST:PORT (default: a unix socket in a temporary directory).
+        #[arg(long)]
+        uri: Option<String>,
+        /// QEMU's `downtime-limit` in ms.
+        #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
+        downtime_limit: u64,
+        /// QEMU's `max-bandwidth` in bytes/s (0 = unlimited).
+        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 512 << 20)]
+        max_bandwidth: u64,
+        /// QEMU's `auto-converge`: throttle the writer threads when they dirty faster than we send.
+        #[arg(long = "auto-converge")]
+        auto_converge: bool,
+        /// Destination: `qmig` (a qmig recv process) or `qemu` (a real QEMU 7.2).
+        #[arg(long, default_value = "qmig", value_parser = ["qmig", "qemu"])]
+        dest: String,
+        /// Seed of the guest's content and writes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the final statistics (and "verified") to this file.
+        #[arg(long = "stats-json", value_name = "PATH")]
+        stats_json: Option<PathBuf>,
+    },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
         /// RAM block NAME goes to file PATH (created if missing, else its length must match). Repeatable.
@@ -83,6 +116,20 @@ impl GuestArgs {
     }
 }
 
+/// `1G`, `64M`, `4096`, `512K`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("'{s}' is not a size like 1G, 64M or 4096"))
+}
+
 fn uri(s: &str) -> qmig::Result<MigrationUri> {
     s.parse::<MigrationUri>().map_err(|e| qmig::Error::Transport(e.into()))
 }
@@ -111,6 +158,41 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let to = uri(&to)?;
             let st = qmig::send::send(&ram, &to, &SendOptions { guest, rate: RateLimit::new(max_bandwidth) }, cancel)?;
             print_line(&st.to_json());
+        }
+        Cmd::Demo {
+            ram_size,
+            dirty_rate,
+            vcpus,
+            uri,
+            downtime_limit,
+            max_bandwidth,
+            auto_converge,
+            dest,
+            seed,
+            stats_json,
+        } => {
+            let opts = qmig::demo::DemoOptions {
+                ram_size,
+                dirty_rate: dirty_rate << 20,
+                vcpus,
+                uri,
+                params: engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() },
+                auto_converge,
+                dest: if dest == "qemu" { qmig::demo::Destination::Qemu } else { qmig::demo::Destination::Qmig },
+                seed,
+                progress: true,
+            };
+            let (stats, verified) = qmig::demo::demo(&opts, cancel)?;
+            if let Some(p) = stats_json {
+                std::fs::write(&p, format!("{stats}\n")).map_err(|e| qmig::Error::file(&p, e))?;
+            }
+            print_line(&stats);
+            if !verified {
+                return Err(qmig::Error::Usage(format!(
+                    "verification failed: {} pages of the destination differ from the source at stop",
+                    stats["differing-pages"]
+                )));
+            }
         }
         Cmd::Recv { ram, from } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;

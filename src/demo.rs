@@ -1,0 +1,265 @@
+//! `qmig demo`: a live migration of a synthetic guest whose writer threads keep
+//! dirtying its memory, from this process to a `qmig recv` child (or a real QEMU
+//! 7.2 with `--dest qemu`), with a progress bar, a check that the destination's
+//! RAM equals the source's RAM at the moment of stop, and the final statistics.
+
+use crate::error::{Error, Result};
+use crate::pattern::{self, Pattern};
+use crate::qemu::{QemuConfig, QemuProcess};
+use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
+use engine::source::{EngineError, Outgoing};
+use engine::synthetic::SyntheticGuest;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use transports::{connect, MigrationUri};
+
+/// Where the demo migrates to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// A `qmig recv` process.
+    Qmig,
+    /// A QEMU 7.2 `-machine none` guest with a memory-backend-file.
+    Qemu,
+}
+
+/// Options of the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// Bytes/s the guest's writer threads dirty.
+    pub dirty_rate: u64,
+    /// Writer threads.
+    pub vcpus: usize,
+    /// Transport (`unix:` or `tcp:`); default a unix socket in the work directory.
+    pub uri: Option<String>,
+    /// Migration parameters (`downtime-limit`, `max-bandwidth`...).
+    pub params: MigrationParameters,
+    /// `auto-converge`.
+    pub auto_converge: bool,
+    /// The destination.
+    pub dest: Destination,
+    /// Seed of the guest's content and writes.
+    pub seed: u64,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Work files, removed on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn work_dir() -> Result<WorkDir> {
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let d = base.join(format!("qmig-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| Error::file(&d, e))?;
+    Ok(WorkDir(d))
+}
+
+/// The destination side while it runs.
+enum Dest {
+    Qmig(Child),
+    Qemu(Box<QemuProcess>),
+}
+
+/// Run the demo; returns the final statistics (`query-migrate` names plus
+/// `"verified"`), and whether the destination's RAM matched.
+pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Value, bool)> {
+    if opts.ram_size == 0 || opts.ram_size % 4096 != 0 {
+        return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
+    }
+    let dir = work_dir()?;
+    let dst_ram = dir.0.join("dst-ram");
+    let uri: MigrationUri = match &opts.uri {
+        Some(u) => u.parse().map_err(|e: transports::UriError| Error::Transport(e.into()))?,
+        None => MigrationUri::Unix(dir.0.join("migrate.sock")),
+    };
+    if !matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+        return Err(Error::Usage("the demo migrates over tcp: or unix: URIs".into()));
+    }
+
+    // The guest: a quarter of its pages random, the rest zero, then its writers start.
+    let mut guest = SyntheticGuest::new(opts.ram_size as usize, |p, page| {
+        if p % 4 == 0 {
+            let mut buf = [0u8; pattern::PAGE_SIZE];
+            pattern::fill_page(Pattern::Random, opts.seed, p, &mut buf);
+            page.copy_from_slice(&buf);
+        } else {
+            page.fill(0);
+        }
+    });
+    let region = guest.region("mem").ok_or_else(|| Error::Usage("guest RAM".into()))?;
+    guest.start(opts.vcpus, opts.dirty_rate, opts.seed);
+
+    // The destination, listening before we connect.
+    let (mut dest, uri) = match opts.dest {
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri)?,
+        Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
+    };
+
+    let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
+    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
+    out.cancel = cancel.clone();
+    let ch = connect_retry(&uri, &out.cancel)?;
+    let progress = opts.progress.then(|| spawn_progress(out.clone()));
+    let mut vcpus = guest.vcpus();
+    let dirty = vec![guest.dirty()];
+    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    if let Some((stop, h)) = progress {
+        let _ = stop.send(());
+        let _ = h.join();
+    }
+    let info = match res {
+        Ok(i) => i,
+        Err(EngineError::Cancelled) => return Err(Error::Cancelled),
+        Err(e) => return Err(Error::Usage(format!("migration failed: {e}"))),
+    };
+    let dest_report = finish_dest(&mut dest)?;
+
+    // The source is stopped: compare its RAM now with the destination's.
+    let (verified, differing) = verify(&guest, &dst_ram)?;
+    guest.shutdown();
+    let mut stats = info.to_json();
+    stats["verified"] = json!(verified);
+    stats["destination"] = dest_report;
+    stats["guest"] = json!({"writes": guest.writes(), "dirty-rate": opts.dirty_rate});
+    if !verified {
+        stats["differing-pages"] = json!(differing);
+    }
+    Ok((stats, verified))
+}
+
+fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+    let exe = std::env::current_exe().map_err(Error::Io)?;
+    let mut child = Command::new(exe)
+        .args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::Io)?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.as_mut() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+    let Some(bound) = v["listening"].as_str() else {
+        let mut err = String::new();
+        if let Some(e) = child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::Usage(format!("qmig recv did not start: {}", err.trim())));
+    };
+    let bound = bound.parse().map_err(|e: transports::UriError| Error::Transport(e.into()))?;
+    Ok((Dest::Qmig(child), bound))
+}
+
+fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+    let uri = match uri {
+        MigrationUri::Tcp { host, port: 0 } => {
+            // QEMU needs a concrete port: take a free one.
+            let l = std::net::TcpListener::bind((host.as_str(), 0)).map_err(Error::Io)?;
+            let port = l.local_addr().map_err(Error::Io)?.port();
+            MigrationUri::Tcp { host: host.clone(), port }
+        }
+        u => u.clone(),
+    };
+    let qemu_err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU: {e}"));
+    let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
+    q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
+    Ok((Dest::Qemu(Box::new(q)), uri))
+}
+
+fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
+    let t0 = Instant::now();
+    loop {
+        match connect(uri, cancel) {
+            Ok(c) => return Ok(c),
+            Err(e) if t0.elapsed() < Duration::from_secs(5) && !e.is_cancelled() => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn finish_dest(dest: &mut Dest) -> Result<Value> {
+    match dest {
+        Dest::Qmig(child) => {
+            let mut out = String::new();
+            if let Some(o) = child.stdout.as_mut() {
+                let _ = o.read_to_string(&mut out);
+            }
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let status = child.wait().map_err(Error::Io)?;
+            if !status.success() {
+                return Err(Error::Usage(format!("qmig recv failed ({status}): {}", err.trim())));
+            }
+            let stats: Value = out.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+            Ok(json!({"kind": "qmig", "stats": stats}))
+        }
+        Dest::Qemu(q) => {
+            let err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU destination: {e}"));
+            let info = q.wait_migration(Duration::from_secs(60)).map_err(err)?;
+            let runstate = q.query_status().map_err(err)?;
+            let status = info["status"].as_str().unwrap_or("").to_string();
+            if status != "completed" {
+                return Err(Error::Usage(format!("QEMU destination ended '{status}'")));
+            }
+            Ok(json!({"kind": "qemu", "status": status, "runstate": runstate}))
+        }
+    }
+}
+
+fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
+    let mut f = std::fs::File::open(dst).map_err(|e| Error::file(dst, e))?;
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let mut differing = 0u64;
+    for p in 0..guest.pages() {
+        guest.read_page(p, &mut a);
+        f.read_exact(&mut b).map_err(|e| Error::file(dst, e))?;
+        if a != b {
+            differing += 1;
+        }
+    }
+    Ok((differing == 0, differing))
+}
+
+fn spawn_progress(out: Outgoing) -> (crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    let h = std::thread::spawn(move || {
+        let bar = indicatif::ProgressBar::new_spinner();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        while rx.recv_timeout(Duration::from_millis(100)).is_err() {
+            let i = out.info.get();
+            bar.set_message(format!(
+                "{} | pass {} | sent {:.0} MiB | remaining {:.1} MiB | {:.0} Mbit/s | dirty {} pages/s | expected downtime {} ms{}",
+                i.status,
+                i.dirty_sync_count,
+                mib(i.transferred),
+                mib(i.remaining),
+                i.mbps,
+                i.dirty_pages_rate,
+                i.expected_downtime.unwrap_or(0),
+                i.cpu_throttle_percentage.map(|t| format!(" | throttle {t}%")).unwrap_or_default(),
+            ));
+            bar.tick();
+        }
+        bar.finish_and_clear();
+    });
+    (tx, h)
+}

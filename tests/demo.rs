@@ -1,0 +1,60 @@
+//! `qmig demo`: a live migration of a dirtying guest, verified at stop, into a
+//! qmig process and into a real QEMU 7.2.
+
+mod common;
+
+use common::{qemu_or_skip, TestDir};
+use std::process::Command;
+
+fn demo(dir: &TestDir, extra: &[&str]) -> serde_json::Value {
+    let stats = dir.join("stats.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args([
+            "demo",
+            "--ram-size",
+            "64M",
+            "--dirty-rate",
+            "32",
+            "--max-bandwidth",
+            "67108864",
+            "--downtime-limit",
+            "50",
+        ])
+        .args(["--stats-json", &stats.to_string_lossy()])
+        .args(extra)
+        .output()
+        .expect("run qmig demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {err}");
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats on stdout");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats file JSON");
+    assert_eq!(printed, file, "--stats-json writes what is printed");
+    assert_eq!(file["status"], "completed");
+    assert_eq!(file["verified"], true);
+    assert!(file["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) > 1, "{file}");
+    assert!(file["downtime"].is_u64() && file["ram"]["total"] == 64 << 20, "{file}");
+    file
+}
+
+#[test]
+fn demo_to_qmig_verifies() {
+    let dir = TestDir::new("demo-qmig");
+    let s = demo(&dir, &[]);
+    assert_eq!(s["destination"]["kind"], "qmig");
+    assert_eq!(s["destination"]["stats"]["status"], "completed");
+    let s = demo(&dir, &["--uri", "tcp:127.0.0.1:0", "--seed", "7", "--vcpus", "2"]);
+    assert_eq!(s["destination"]["stats"]["ram"]["total"], 64 << 20);
+}
+
+#[test]
+fn demo_to_qemu_verifies() {
+    if qemu_or_skip("demo_to_qemu_verifies").is_none() {
+        return;
+    }
+    let dir = TestDir::new("demo-qemu");
+    let s = demo(&dir, &["--dest", "qemu"]);
+    assert_eq!(s["destination"]["kind"], "qemu");
+    assert_eq!(s["destination"]["status"], "completed");
+    assert_eq!(s["destination"]["runstate"], "paused", "a running source leaves a -S destination paused");
+}
