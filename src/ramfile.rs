@@ -51,6 +51,9 @@ pub struct RamImage {
     /// The file.
     pub path: PathBuf,
     map: MmapMut,
+    /// One bit per page still known to be zero (a file we created sparse), so a ZERO
+    /// record needs no access at all: reading a hole of a tmpfs file allocates a page.
+    known_zero: Option<Vec<u64>>,
 }
 
 impl RamImage {
@@ -67,7 +70,24 @@ impl RamImage {
         // SAFETY: we just created and truncated the file and hold the only handle we
         // know of; it is mapped shared so writes land in the file.
         let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
-        Ok(RamImage { path: path.to_path_buf(), map })
+        let known_zero = Some(vec![u64::MAX; (len / 4096).div_ceil(64) as usize]);
+        Ok(RamImage { path: path.to_path_buf(), map, known_zero })
+    }
+
+    /// Page `offset` for writing: it is no longer known to be zero.
+    fn page_for_write(&mut self, offset: u64) -> Option<&mut [u8]> {
+        let o = usize::try_from(offset).ok()?;
+        let page = self.map.get_mut(o..o + 4096)?;
+        if let Some(k) = &mut self.known_zero {
+            let p = (offset / 4096) as usize;
+            k[p / 64] &= !(1u64 << (p % 64));
+        }
+        Some(page)
+    }
+
+    fn is_known_zero(&self, offset: u64) -> bool {
+        let p = (offset / 4096) as usize;
+        self.known_zero.as_ref().is_some_and(|k| k.get(p / 64).is_some_and(|w| w & (1u64 << (p % 64)) != 0))
     }
 
     /// The image's bytes.
@@ -98,7 +118,7 @@ impl RamImage {
                 // SAFETY: a shared writable mapping of a file of the checked length; we are
                 // its only writer for the duration of the migration, as QEMU is for its RAM.
                 let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
-                Ok(RamImage { path: path.to_path_buf(), map })
+                Ok(RamImage { path: path.to_path_buf(), map, known_zero: None })
             }
         }
     }
@@ -134,12 +154,24 @@ impl ImageSink {
 
 impl savevm_format::PageSink for ImageSink {
     fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
-        let o = usize::try_from(offset).ok()?;
-        self.image(block.index)?.bytes_mut().get_mut(o..o + 4096)
+        self.image(block.index)?.page_for_write(offset)
+    }
+
+    fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
+        let Some(img) = self.image(block.index) else { return };
+        if fill == 0 && img.is_known_zero(offset) {
+            return;
+        }
+        if let Some(page) = img.page_for_write(offset) {
+            if fill != 0 || !savevm_format::ram::is_zero_page(page) {
+                page.fill(fill);
+            }
+        }
     }
 
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
         if let Some(img) = self.image(block.index) {
+            img.known_zero = None; // conservative: the range is zeroed below
             if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
                 r.fill(0);
             }

@@ -182,6 +182,17 @@ pub trait PageSink {
     /// or `None` to have the page handed out in the event instead.
     fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]>;
 
+    /// A ZERO record: make the page all `fill`. The default writes the page only when
+    /// it is not already so (QEMU's check); a sink that knows a page is still zero can
+    /// skip touching it at all.
+    fn fill_page(&mut self, block: &RamBlock, offset: u64, fill: u8) {
+        if let Some(slot) = self.page_mut(block, offset) {
+            if fill != 0 || !is_zero_page(slot) {
+                slot.fill(fill);
+            }
+        }
+    }
+
     /// A postcopy discard of `len` bytes at `start` of `block` (range-checked): the
     /// destination drops those pages, so they read as zero. Default: ignore.
     fn discard(&mut self, _block: &RamBlock, _start: u64, _len: u64) {}
@@ -626,18 +637,14 @@ impl<R: Read> Decoder<R> {
                     return Err(ErrorKind::RamOffsetOutOfRange { block: blk.name.clone(), offset, length: blk.length });
                 }
                 self.last_block = Some(b);
+                if kind == RecordKind::Zero {
+                    let fill = self.input.u8("a zero page")?;
+                    sink.fill_page(&self.blocks[b], offset, fill);
+                    return Ok(Ev::Zero(b, offset, fill));
+                }
                 let tps = self.tps as usize;
                 let slot = sink.page_mut(&self.blocks[b], offset).filter(|s| s.len() >= tps).map(|s| &mut s[..tps]);
                 match kind {
-                    RecordKind::Zero => {
-                        let fill = self.input.u8("a zero page")?;
-                        if let Some(slot) = slot {
-                            if fill != 0 || !is_zero_page(slot) {
-                                slot.fill(fill);
-                            }
-                        }
-                        Ok(Ev::Zero(b, offset, fill))
-                    }
                     RecordKind::Page => {
                         let placed = slot.is_some();
                         let dst = match slot {
