@@ -14,13 +14,36 @@
 //! - [`state`]: the migration states with QEMU's names, the legal transitions of
 //!   each side, and notifiers (callbacks or crossbeam channels).
 //!
-//! The pre-copy loop, the VMM traits (vCPU control, devices, block devices,
-//! blockers) and the incoming side build on these.
+//! - [`source`]: the live pre-copy loop ([`Outgoing`](source::Outgoing)) over guest
+//!   RAM regions, with cancel from any thread and `query-migrate` figures in
+//!   [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl) is what
+//!   the VMM supplies to stop, resume and throttle its vCPUs.
+//! - [`vm`]: devices (vmstate descriptions), block devices and migration blockers;
+//!   every default refuses.
+//! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
+//!   then resume or stay paused.
+//! - [`synthetic`]: a guest of writer threads for demos and tests.
+//!
+//! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few lines:
+//!
+//! ```ignore
+//! use vm_memory::{GuestMemory, GuestMemoryRegion};
+//! let regions: Vec<GuestRegion> = mem
+//!     .iter()
+//!     .enumerate()
+//!     .filter_map(|(i, r)| {
+//!         // SAFETY: the regions stay mapped for the VM's lifetime, beyond the migration.
+//!         unsafe { GuestRegion::new(format!("ram{i}"), r.as_ptr(), r.len() as usize) }
+//!     })
+//!     .collect();
+//! ```
 
 pub mod convergence;
 pub mod dirty;
+pub mod incoming;
 pub mod info;
 pub mod params;
 pub mod source;
 pub mod state;
 pub mod synthetic;
+pub mod vm;

@@ -12,6 +12,7 @@ use crate::dirty::{count_bits, DirtyBitmap};
 use crate::info::{InfoHandle, MigrationInfo};
 use crate::params::{MigrationCapabilities, SharedParameters};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
+use crate::vm::VmParts;
 use savevm_format::ram::is_zero_page;
 use savevm_format::{section_ids, Configuration, RamBlock, StreamWriter};
 use std::ptr::NonNull;
@@ -23,6 +24,8 @@ use transports::{CancelToken, Channel, MigrationWriter, RateLimit};
 pub const PAGE: usize = 4096;
 /// Longest a RAM PART section keeps sending (QEMU's `MAX_WAIT`).
 const PART_MAX: Duration = Duration::from_millis(50);
+/// Section id of the first VMM device (QEMU uses 0, 2 and 4 for timer, ram, globalstate).
+const FIRST_DEVICE_ID: u32 = 5;
 /// Length of a dirty-rate / auto-converge period.
 const PERIOD: Duration = Duration::from_secs(1);
 
@@ -124,6 +127,12 @@ pub enum EngineError {
     /// Bad setup (regions, bitmaps).
     #[error("{0}")]
     Setup(String),
+    /// A migration blocker is registered.
+    #[error("migration is blocked: {0}")]
+    Blocked(String),
+    /// A device or block device refused.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl From<savevm_format::EncodeError> for EngineError {
@@ -228,11 +237,34 @@ impl Outgoing {
         dirty: &[Arc<DirtyBitmap>],
         vcpus: &mut dyn VcpuControl,
     ) -> Result<MigrationInfo, EngineError> {
+        self.run_vm(ch, regions, dirty, vcpus, &mut VmParts::default())
+    }
+
+    /// [`run`](Self::run) with the VM's devices (saved at switchover after `timer`),
+    /// block devices (inactivated at switchover, reactivated if it fails) and blockers
+    /// (any fails the migration at start with its reason).
+    pub fn run_vm(
+        &self,
+        ch: Channel,
+        regions: &[GuestRegion],
+        dirty: &[Arc<DirtyBitmap>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+    ) -> Result<MigrationInfo, EngineError> {
         let start = Instant::now();
         self.state.transition(S::None, S::Setup)?;
         self.info.update(|i| i.status = S::Setup);
         let mut stopped = false;
-        let result = self.precopy(ch, regions, dirty, vcpus, start, &mut stopped);
+        let mut inactivated = 0usize;
+        let result = match vm.blockers.first() {
+            Some(b) => Err(EngineError::Blocked(b.reason.clone())),
+            None => self.precopy(ch, regions, dirty, vcpus, start, &mut stopped, vm, &mut inactivated),
+        };
+        if result.is_err() {
+            for b in vm.blocks.iter_mut().take(inactivated) {
+                let _ = b.activate();
+            }
+        }
         match result {
             Ok(()) => {
                 self.state.transition_from_current(S::Completed)?;
@@ -270,6 +302,7 @@ impl Outgoing {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn precopy(
         &self,
         ch: Channel,
@@ -278,6 +311,8 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         start: Instant,
         stopped: &mut bool,
+        vm: &mut VmParts<'_>,
+        inactivated: &mut usize,
     ) -> Result<(), EngineError> {
         if regions.is_empty() || regions.len() != dirty.len() {
             return Err(EngineError::Setup("one dirty bitmap per RAM region is needed".into()));
@@ -405,6 +440,16 @@ impl Outgoing {
         self.send_pages(&mut w, regions, &mut todo, None, section_ids::RAM, true)?;
         let timer = savevm_format::builtin::timer();
         w.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0))?;
+        for (k, d) in vm.devices.iter_mut().enumerate() {
+            let state = d.save().map_err(EngineError::Device)?;
+            let vmsd = d.vmsd();
+            w.device(FIRST_DEVICE_ID + k as u32, &d.idstr(), d.instance_id(), &vmsd, &state)?;
+        }
+        // As QEMU 7.2: block devices are inactivated after the device state, before EOF.
+        for b in vm.blocks.iter_mut() {
+            b.inactivate().map_err(EngineError::Device)?;
+            *inactivated += 1;
+        }
         let gs = savevm_format::builtin::globalstate();
         w.device(
             section_ids::GLOBALSTATE,

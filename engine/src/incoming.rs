@@ -1,0 +1,141 @@
+//! The incoming side: load the stream into the VMM's RAM (through a
+//! [`PageSink`]) and devices, then invalidate every block device's cache, then
+//! resume the guest (autostart, when the source was running) or leave it paused.
+//! A failure anywhere, invalidation included, leaves the guest unstarted and the
+//! state `failed`, with the reason.
+
+use crate::source::VcpuControl;
+use crate::state::{MigrationStatus as S, Role, StateMachine};
+use crate::vm::VmParts;
+use savevm_format::{Decoder, Event, PageSink};
+use std::io::Read;
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IncomingError {
+    /// The stream did not decode (or the channel failed).
+    #[error(transparent)]
+    Stream(#[from] savevm_format::Error),
+    /// The stream ended without its EOF record.
+    #[error("the stream ended without its EOF record")]
+    Incomplete,
+    /// A device section the VMM has no handler for.
+    #[error("no device for section '{0}' instance {1}")]
+    UnknownDevice(String, u32),
+    /// A device refused its state, or a block device its invalidation.
+    #[error("{0}")]
+    Device(String),
+    /// Resuming the guest failed.
+    #[error("vCPU control: {0}")]
+    Vcpu(String),
+}
+
+/// What the incoming side did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IncomingReport {
+    /// Runstate the source recorded in `globalstate`, if sent.
+    pub runstate: Option<String>,
+    /// Whether the guest was resumed here.
+    pub resumed: bool,
+    /// Full pages received.
+    pub normal: u64,
+    /// Zero pages received.
+    pub duplicate: u64,
+    /// Devices loaded.
+    pub devices: usize,
+}
+
+/// One incoming migration.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// The destination state machine (`none -> active -> completed | failed`).
+    pub state: StateMachine,
+    /// Start the guest after loading if the source was running (QEMU without `-S`).
+    pub autostart: bool,
+}
+
+impl Incoming {
+    /// An incoming migration in state `none`.
+    pub fn new(autostart: bool) -> Self {
+        Incoming { state: StateMachine::new(Role::Destination), autostart }
+    }
+
+    /// Load the stream from `reader` into `ram` and `vm`'s devices, then finish the
+    /// handover as described in the module documentation.
+    pub fn run<R: Read, P: PageSink>(
+        &self,
+        reader: R,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+    ) -> Result<IncomingReport, IncomingError> {
+        self.state.transition(S::None, S::Active).map_err(|e| IncomingError::Device(e.to_string()))?;
+        match self.load(reader, ram, vm, vcpus) {
+            Ok(r) => {
+                let _ = self.state.transition(S::Active, S::Completed);
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.state.transition_from_current(S::Failed);
+                Err(e)
+            }
+        }
+    }
+
+    fn load<R: Read, P: PageSink>(
+        &self,
+        reader: R,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+    ) -> Result<IncomingReport, IncomingError> {
+        let mut d = Decoder::new(reader);
+        for dev in &vm.devices {
+            d.register((*dev.vmsd()).clone());
+        }
+        let mut report = IncomingReport::default();
+        let (mut section, mut eof) = (None, false);
+        while let Some(ev) = d.next_with(ram)? {
+            match ev {
+                Event::SectionStart(h) => section = Some((h.idstr, h.instance_id, h.version)),
+                Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => report.normal += 1,
+                Event::ZeroPage { .. } => report.duplicate += 1,
+                Event::Device { state, .. } => {
+                    let Some((idstr, inst, version)) = section.clone() else { continue };
+                    match idstr.as_str() {
+                        "timer" => {}
+                        "globalstate" => {
+                            if let Some(savevm_format::vmstate::Value::Text(r)) = state.get("runstate") {
+                                report.runstate = Some(r.clone());
+                            }
+                        }
+                        _ => {
+                            let dev = vm
+                                .devices
+                                .iter_mut()
+                                .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                                .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
+                            dev.load(version, state).map_err(IncomingError::Device)?;
+                            report.devices += 1;
+                        }
+                    }
+                }
+                Event::Eof => eof = true,
+                _ => {}
+            }
+        }
+        if !eof {
+            return Err(IncomingError::Incomplete);
+        }
+        // All state is in: the images the source wrote become ours before anything runs.
+        for b in vm.blocks.iter_mut() {
+            b.invalidate_cache().map_err(IncomingError::Device)?;
+        }
+        if self.autostart && report.runstate.as_deref().is_none_or(|r| r == "running") {
+            vcpus.resume().map_err(IncomingError::Vcpu)?;
+            report.resumed = true;
+        }
+        Ok(report)
+    }
+}
