@@ -156,13 +156,13 @@ fn handover(
     let mut vcpus = guest.vcpus();
     out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus, &mut vm).expect("source");
     let (r, state) = dst.join().expect("destination thread");
-    (r, entries(&src_log), entries(&dst_log), state, incoming)
+    Handover { result: r, src: entries(&src_log), dst: entries(&dst_log), state, incoming }
 }
 
 #[test]
 fn device_state_arrives_and_caches_are_invalidated_before_resume() {
-    let (r, src, dst, state, incoming) = handover("ok", false);
-    let report = r.expect("incoming");
+    let Handover { result, src, dst, state, incoming } = handover("ok", false);
+    let report = result.expect("incoming");
     assert_eq!(src, ["save serial", "inactivate disk0"], "source order");
     assert_eq!(dst, ["load serial v3", "invalidate disk0", "resume"], "destination order");
     assert_eq!(state, Some(serial_state()), "device state intact");
@@ -173,8 +173,8 @@ fn device_state_arrives_and_caches_are_invalidated_before_resume() {
 
 #[test]
 fn failed_invalidation_leaves_the_guest_stopped() {
-    let (r, _, dst, _, incoming) = handover("inval", true);
-    let e = r.expect_err("invalidation failure must fail the migration");
+    let Handover { result, dst, incoming, .. } = handover("inval", true);
+    let e = result.expect_err("invalidation failure must fail the migration");
     assert!(e.to_string().contains("image locked"), "{e}");
     assert_eq!(dst, ["load serial v3", "invalidate disk0"], "no resume after a failed invalidation");
     assert_eq!(incoming.state.status(), MigrationStatus::Failed);
