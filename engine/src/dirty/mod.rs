@@ -5,6 +5,10 @@
 mod bitmap;
 
 pub use bitmap::{count_bits, set_bits, DirtyBitmap};
+#[cfg(target_os = "linux")]
+mod uffd;
+#[cfg(target_os = "linux")]
+pub use uffd::{UffdSyncStats, UffdWriteProtect};
 
 /// Page size used for dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
