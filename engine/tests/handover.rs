@@ -121,12 +121,17 @@ fn uri(name: &str) -> MigrationUri {
     MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-handover-{}-{name}.sock", std::process::id())))
 }
 
-/// Migrate a small live guest with a serial device and a disk; returns the
-/// destination's result, its log and the received device state.
-fn handover(
-    name: &str,
-    fail_invalidate: bool,
-) -> (Result<engine::incoming::IncomingReport, IncomingError>, Vec<String>, Vec<String>, Option<State>, Incoming) {
+/// What one handover produced.
+struct Handover {
+    result: Result<engine::incoming::IncomingReport, IncomingError>,
+    src: Vec<String>,
+    dst: Vec<String>,
+    state: Option<State>,
+    incoming: Incoming,
+}
+
+/// Migrate a small live guest with a serial device and a disk.
+fn handover(name: &str, fail_invalidate: bool) -> Handover {
     let len = 8 << 20;
     let mut guest = SyntheticGuest::new(len, |p, page| page.fill(p as u8));
     guest.start(1, 8 << 20, 3);
