@@ -2,7 +2,7 @@
 //! optionally writing RAM blocks' final images to sparse files.
 
 use crate::error::{Error, Result};
-use crate::ramfile::{ImageSink, RamImage};
+use crate::ramfile::ImageSink;
 use savevm_format::multifd::ChannelReader;
 use savevm_format::{find_trailing_vmdesc, Command, Decoder, Event, PageSink, RamBlock};
 use serde_json::{json, Map, Value as Json};
@@ -67,7 +67,7 @@ pub fn analyze_reader<R: Read, C: Read>(
     if let Some(v) = vmdesc {
         d.set_vmdesc(v)?;
     }
-    let mut sink = ImageSink::default();
+    let mut sink = ImageSink::extract(extract.to_vec());
     let mut out = Map::new();
     let mut sections = Vec::new();
     let mut commands = Vec::new();
@@ -106,17 +106,6 @@ pub fn analyze_reader<R: Read, C: Read>(
             Event::RamBlocks(b) => {
                 blocks = b.to_vec();
                 counts = vec![PageCounts::default(); blocks.len()];
-                let images = blocks
-                    .iter()
-                    .map(|b| {
-                        extract
-                            .iter()
-                            .find(|(n, _)| n == &b.name)
-                            .map(|(_, p)| RamImage::create(p, b.length))
-                            .transpose()
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                sink.set(images);
             }
             Event::Page { block, .. } => counts[block.index].normal += 1,
             Event::ZeroPage { block, .. } => counts[block.index].zero += 1,

@@ -125,16 +125,52 @@ impl RamImage {
 }
 
 /// Destination RAM as a [`PageSink`](savevm_format::PageSink): one mapped image per
-/// block index (`None` for blocks not kept), so pages are read straight into the files.
+/// block index (`None` for blocks not kept), so pages are read straight into the
+/// files. The images are set up when the stream's block list arrives.
 #[derive(Default)]
 pub struct ImageSink {
     images: Vec<Option<RamImage>>,
+    targets: Vec<(String, PathBuf)>,
+    every_block: bool,
+    total: u64,
 }
 
 impl ImageSink {
-    /// Install the images for a new block list (index = block index).
-    pub fn set(&mut self, images: Vec<Option<RamImage>>) {
+    /// A destination: every block of the stream needs a file among `targets`
+    /// (opened if it exists with the right length, else created).
+    pub fn destination(targets: Vec<(String, PathBuf)>) -> Self {
+        ImageSink { targets, every_block: true, ..Default::default() }
+    }
+
+    /// An extraction: only the blocks named in `targets` are kept (files created).
+    pub fn extract(targets: Vec<(String, PathBuf)>) -> Self {
+        ImageSink { targets, every_block: false, ..Default::default() }
+    }
+
+    /// Sum of the stream's block lengths (once the block list arrived).
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn setup(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<()> {
+        let mut images = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let target = self.targets.iter().find(|(n, _)| n == &b.name);
+            images.push(match (target, self.every_block) {
+                (Some((_, p)), true) => Some(RamImage::open_or_create(&b.name, p, b.length)?),
+                (Some((_, p)), false) => Some(RamImage::create(p, b.length)?),
+                (None, true) => {
+                    return Err(Error::Usage(format!(
+                        "the stream has RAM block '{}' but no --ram {}=PATH was given",
+                        b.name, b.name
+                    )))
+                }
+                (None, false) => None,
+            });
+        }
+        self.total = blocks.iter().map(|b| b.length).sum();
         self.images = images;
+        Ok(())
     }
 
     /// True when block `index` has an image.
@@ -153,6 +189,10 @@ impl ImageSink {
 }
 
 impl savevm_format::PageSink for ImageSink {
+    fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> std::result::Result<(), String> {
+        self.setup(blocks).map_err(|e| e.to_string())
+    }
+
     fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
         self.image(block.index)?.page_for_write(offset)
     }

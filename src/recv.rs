@@ -1,13 +1,21 @@
 //! `qmig recv`: listen (or read the file / run the command), load the stream into
-//! mapped RAM files, and succeed only when it ended with EOF and every check passed.
+//! mapped RAM files through the engine's incoming side, and succeed only when it
+//! ended with EOF and every check passed.
 
 use crate::error::{Error, Result};
-use crate::ramfile::{ImageSink, RamImage};
+use crate::ramfile::ImageSink;
 use crate::stats::MigrationStats;
-use savevm_format::{Decoder, Event};
+use engine::incoming::{Incoming, IncomingError};
+use engine::source::VcpuControl;
+use engine::vm::VmParts;
 use std::path::PathBuf;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+
+/// A destination with no vCPUs to start: the guest stays paused (files only).
+struct NoGuest;
+
+impl VcpuControl for NoGuest {}
 
 /// Receive a migration from `uri` into the `ram` files. `on_listening` is called
 /// with the bound URI (e.g. the port picked for `tcp:HOST:0`) before waiting.
@@ -22,62 +30,32 @@ pub fn recv(
     let ch = listener.accept()?;
     let start = Instant::now();
     let rate = RateLimit::new(0);
-    let mut d = Decoder::new(MigrationReader::new(ch, rate.clone()));
-    let mut dest = ImageSink::default();
-    let (mut setup_time, mut normal, mut duplicate, mut total, mut eof) = (None, 0u64, 0u64, 0u64, false);
-    loop {
-        let ev = match d.next_with(&mut dest) {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break,
-            Err(e) => {
-                // A cancel shows up as an I/O error inside the decoder: report it as such.
-                if let savevm_format::ErrorKind::Io(io) = &e.kind {
-                    if transports::is_cancelled(io) {
-                        return Err(Error::Cancelled);
-                    }
+    let mut reader = MigrationReader::new(ch, rate.clone());
+    let mut dest = ImageSink::destination(ram.to_vec());
+    let incoming = Incoming::new(false);
+    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(|e| match e {
+        IncomingError::Stream(f) => {
+            // A cancel shows up as an I/O error inside the decoder: report it as such.
+            if let savevm_format::ErrorKind::Io(io) = &f.kind {
+                if transports::is_cancelled(io) {
+                    return Error::Cancelled;
                 }
-                return Err(e.into());
             }
-        };
-        match ev {
-            Event::RamBlocks(blocks) => {
-                let images = blocks
-                    .iter()
-                    .map(|b| {
-                        let (_, path) = ram.iter().find(|(n, _)| n == &b.name).ok_or_else(|| {
-                            Error::Usage(format!(
-                                "the stream has RAM block '{}' but no --ram {}=PATH was given",
-                                b.name, b.name
-                            ))
-                        })?;
-                        RamImage::open_or_create(&b.name, path, b.length).map(Some)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                total = blocks.iter().map(|b| b.length).sum();
-                dest.set(images);
-                setup_time = Some(start.elapsed());
-            }
-            Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => normal += 1,
-            Event::ZeroPage { .. } => duplicate += 1,
-            Event::Eof => eof = true,
-            _ => {}
+            Error::Format(f)
         }
-    }
-    if !eof {
-        return Err(Error::Usage("the stream ended without its EOF record".into()));
-    }
+        e => Error::Usage(e.to_string()),
+    })?;
     dest.flush()?;
-    let page_size = d.page_size();
-    let reader = d.into_inner();
+    // For exec: the command's exit status counts too.
     reader.into_channel().finish()?;
     Ok(MigrationStats {
         status: "completed".into(),
         total_time: start.elapsed(),
-        setup_time: setup_time.unwrap_or_default(),
+        setup_time: Default::default(),
         transferred: rate.total_bytes(),
-        total,
-        duplicate,
-        normal,
-        page_size,
+        total: dest.total(),
+        duplicate: report.duplicate,
+        normal: report.normal,
+        page_size: 4096,
     })
 }

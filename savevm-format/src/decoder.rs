@@ -182,6 +182,13 @@ pub trait PageSink {
     /// or `None` to have the page handed out in the event instead.
     fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]>;
 
+    /// The stream's RAM block list (MEM_SIZE), before any page: the destination checks
+    /// it against its own RAM (QEMU's "Unknown ramblock" / "Size mismatch") and sets
+    /// up memory. An error stops decoding.
+    fn ram_blocks(&mut self, _blocks: &[RamBlock]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// A ZERO record: make the page all `fill`. The default writes the page only when
     /// it is not already so (QEMU's check); a sink that knows a page is still zero can
     /// skip touching it at all.
@@ -621,7 +628,11 @@ impl<R: Read> Decoder<R> {
             }
             RecordKind::MultifdFlush => Ok(Ev::MultifdFlush),
             RecordKind::Hook => Err(ErrorKind::RamUnsupported("RDMA hook record")),
-            RecordKind::MemSize => self.block_list(offset),
+            RecordKind::MemSize => {
+                let ev = self.block_list(offset)?;
+                sink.ram_blocks(&self.blocks).map_err(ErrorKind::Sink)?;
+                Ok(ev)
+            }
             _ => {
                 let b = if flags & ram_flags::CONTINUE != 0 {
                     self.last_block.ok_or(ErrorKind::RamContinueWithoutBlock)?

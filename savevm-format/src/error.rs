@@ -248,6 +248,9 @@ pub enum ErrorKind {
     /// A configured limit was exceeded.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),
+    /// The page sink (the destination's RAM) refused the stream's block list.
+    #[error("{0}")]
+    Sink(String),
     /// A multifd channel packet that is malformed.
     #[error("multifd: {0}")]
     Multifd(String),
