@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use transports::{CancelToken, MigrationUri, RateLimit};
+use transports::{CancelToken, MigrationUri};
 
 /// qmig: QEMU-compatible live migration in Rust.
 #[derive(Parser)]
@@ -51,6 +51,15 @@ enum Cmd {
         /// Rate limit in bytes/s (QEMU's `max-bandwidth`; 0 = unlimited, the default here, where QEMU uses 128 MiB/s).
         #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 0)]
         max_bandwidth: u64,
+        /// QEMU's `downtime-limit` in ms.
+        #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
+        downtime_limit: u64,
+        /// QEMU's `auto-converge`.
+        #[arg(long = "auto-converge")]
+        auto_converge: bool,
+        /// Also write the final statistics to this file.
+        #[arg(long = "stats-json", value_name = "PATH")]
+        stats_json: Option<PathBuf>,
     },
     /// Live-migrate a synthetic guest that keeps writing its memory, then verify the destination's RAM.
     Demo {
@@ -93,6 +102,9 @@ enum Cmd {
         /// Source: tcp:HOST:PORT (port 0 picks one), unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
         #[arg(long = "from", value_name = "URI")]
         from: String,
+        /// Also write the final statistics to this file.
+        #[arg(long = "stats-json", value_name = "PATH")]
+        stats_json: Option<PathBuf>,
     },
 }
 
@@ -114,6 +126,15 @@ impl GuestArgs {
         let ram = self.ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
         Ok((ram, StoppedGuest { runstate: self.runstate.clone(), ..Default::default() }))
     }
+}
+
+/// Print the final statistics line, and write it to `path` too when given.
+fn write_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -> qmig::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, format!("{stats}\n")).map_err(|e| qmig::Error::file(p, e))?;
+    }
+    print_line(stats);
+    Ok(())
 }
 
 /// `1G`, `64M`, `4096`, `512K`.
@@ -150,14 +171,20 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         Cmd::Save { guest, out } => {
             let (ram, guest) = guest.parse()?;
             let to = MigrationUri::File { path: out, offset: 0 };
-            let st = qmig::send::send(&ram, &to, &SendOptions { guest, rate: RateLimit::new(0) }, cancel)?;
-            print_line(&st.to_json());
+            let opts = SendOptions { runstate: guest.runstate, ..Default::default() };
+            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
+            print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth } => {
+        Cmd::Send { guest, to, max_bandwidth, downtime_limit, auto_converge, stats_json } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
-            let st = qmig::send::send(&ram, &to, &SendOptions { guest, rate: RateLimit::new(max_bandwidth) }, cancel)?;
-            print_line(&st.to_json());
+            let opts = SendOptions {
+                runstate: guest.runstate,
+                params: engine::params::MigrationParameters { max_bandwidth, downtime_limit, ..Default::default() },
+                auto_converge,
+            };
+            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
+            write_stats(stats_json.as_deref(), &info.to_json())?;
         }
         Cmd::Demo {
             ram_size,
@@ -183,10 +210,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 progress: true,
             };
             let (stats, verified) = qmig::demo::demo(&opts, cancel)?;
-            if let Some(p) = stats_json {
-                std::fs::write(&p, format!("{stats}\n")).map_err(|e| qmig::Error::file(&p, e))?;
-            }
-            print_line(&stats);
+            write_stats(stats_json.as_deref(), &stats)?;
             if !verified {
                 return Err(qmig::Error::Usage(format!(
                     "verification failed: {} pages of the destination differ from the source at stop",
@@ -194,7 +218,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::Recv { ram, from } => {
+        Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let st = qmig::recv::recv(&ram, &from, cancel, |bound| {
@@ -202,7 +226,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             })?;
-            print_line(&st.to_json());
+            write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }
     Ok(())

@@ -1,22 +1,51 @@
-//! `qmig send` (and `save`): the stream of a stopped guest over any migration URI,
-//! guest pages sent in place from the mapped RAM files.
+//! `qmig send` (and `save`): a stopped guest whose RAM blocks are files, migrated
+//! by the engine's pre-copy loop over any migration URI, pages sent in place from
+//! the mappings.
 
 use crate::error::{Error, Result};
 use crate::ramfile::RamFile;
-use crate::stats::MigrationStats;
-use savevm_format::ram::is_zero_page;
-use savevm_format::{write_guest_epilogue, write_guest_prologue, RamBlock, StoppedGuest, StreamWriter};
+use engine::dirty::DirtyBitmap;
+use engine::info::MigrationInfo;
+use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
+use engine::source::{EngineError, GuestRegion, Outgoing, VcpuControl};
 use std::path::PathBuf;
-use std::time::Instant;
-use transports::{connect, CancelToken, MigrationUri, MigrationWriter, RateLimit};
+use std::sync::Arc;
+use transports::{connect, CancelToken, MigrationUri};
 
 /// Options of a send.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SendOptions {
-    /// Runstate etc. of the guest.
-    pub guest: StoppedGuest,
-    /// The rate limit (`max-bandwidth`, bytes/s; 0 = unlimited); clone it to change it while sending.
-    pub rate: RateLimit,
+    /// Runstate recorded in `globalstate` (`prelaunch` for a guest that never ran).
+    pub runstate: String,
+    /// `max-bandwidth`, `downtime-limit`, ...
+    pub params: MigrationParameters,
+    /// `auto-converge`.
+    pub auto_converge: bool,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            runstate: "prelaunch".into(),
+            params: MigrationParameters { max_bandwidth: 0, ..Default::default() },
+            auto_converge: false,
+        }
+    }
+}
+
+/// A guest that is not running: stopping, resuming and throttling are no-ops.
+struct Stopped;
+
+impl VcpuControl for Stopped {
+    fn stop(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    fn resume(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    fn set_throttle(&mut self, _: u8) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Send the guest whose RAM blocks are `ram` files to `uri`; `cancel` stops it from any thread.
@@ -25,47 +54,32 @@ pub fn send(
     uri: &MigrationUri,
     opts: &SendOptions,
     cancel: &CancelToken,
-) -> Result<MigrationStats> {
+) -> Result<MigrationInfo> {
     if ram.is_empty() {
         return Err(Error::Usage("at least one --ram NAME=PATH is needed".into()));
     }
-    let start = Instant::now();
     let files = ram.iter().map(|(n, p)| RamFile::open(n, p)).collect::<Result<Vec<_>>>()?;
-    let blocks: Vec<RamBlock> =
-        files.iter().enumerate().map(|(i, f)| RamBlock::new(i, f.name.clone(), f.bytes().len() as u64)).collect();
+    let regions = files
+        .iter()
+        .map(|f| {
+            let bytes = f.bytes();
+            // SAFETY: the read-only mapping lives in `files` until this function returns,
+            // after the migration; the engine only reads through the region.
+            unsafe { GuestRegion::new(f.name.clone(), bytes.as_ptr() as *mut u8, bytes.len()) }
+                .ok_or_else(|| Error::Usage(format!("{}: empty RAM file", f.path.display())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dirty: Vec<Arc<DirtyBitmap>> = regions.iter().map(|r| Arc::new(DirtyBitmap::new(r.pages()))).collect();
+    let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
+    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
+    out.cancel = cancel.clone();
+    out.runstate = opts.runstate.clone();
     let ch = connect(uri, cancel)?;
-    let mut w = StreamWriter::new(MigrationWriter::new(ch, opts.rate.clone()));
-    let io = |e: savevm_format::EncodeError| match e {
-        savevm_format::EncodeError::Io(e) => Error::Io(e),
-        e => Error::Encode(e),
-    };
-    write_guest_prologue(&mut w, &blocks, &opts.guest).map_err(io)?;
-    let setup_time = start.elapsed();
-    let tps = w.page_size();
-    for (i, f) in files.iter().enumerate() {
-        for (p, page) in f.bytes().chunks_exact(tps).enumerate() {
-            let off = (p * tps) as u64;
-            if is_zero_page(page) {
-                w.ram_zero(i, off).map_err(io)?;
-            } else {
-                w.ram_page_header(i, off).map_err(io)?;
-                w.get_mut().write_borrowed(page).map_err(Error::Io)?;
-            }
-        }
-    }
-    write_guest_epilogue(&mut w, &opts.guest).map_err(io)?;
-    let ram = w.ram_stats();
-    let mw = w.finish().map_err(Error::Io)?;
-    let transferred = mw.rate_limit().total_bytes();
-    mw.close()?;
-    Ok(MigrationStats {
-        status: "completed".into(),
-        total_time: start.elapsed(),
-        setup_time,
-        transferred,
-        total: blocks.iter().map(|b| b.length).sum(),
-        duplicate: ram.duplicate,
-        normal: ram.normal,
-        page_size: tps as u64,
+    out.run(ch, &regions, &dirty, &mut Stopped).map_err(|e| match e {
+        EngineError::Cancelled => Error::Cancelled,
+        EngineError::Transport(t) => Error::Transport(t),
+        EngineError::Io(io) => Error::Io(io),
+        e => Error::Usage(e.to_string()),
     })
 }

@@ -134,3 +134,48 @@ fn bad_arguments_and_files_are_one_line() {
     assert_one_line_error(&qmig(&["analyze", &garbage.to_string_lossy()]), &["at byte 0", "not a migration stream"]);
     assert!(!Path::new(&img).exists(), "no image is created for a block the stream lacks");
 }
+
+#[test]
+fn send_and_recv_write_stats_json() {
+    let dir = TestDir::new("cli-stats");
+    let ram = dir.path().join("ram.bin");
+    std::fs::write(&ram, qmig::pattern::generate(qmig::pattern::Pattern::Mixed { every: 2 }, 4, 2 << 20)).expect("ram");
+    let stream = dir.path().join("s.mig");
+    let stats = dir.path().join("send.json");
+    let out = qmig(&[
+        "send",
+        "--ram",
+        &format!("mem={}", ram.display()),
+        "--to",
+        &format!("file:{}", stream.display()),
+        "--downtime-limit",
+        "100",
+        "--max-bandwidth",
+        "0",
+        "--stats-json",
+        &stats.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout JSON");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats")).expect("JSON");
+    assert_eq!(printed, written);
+    assert_eq!(written["status"], "completed");
+    assert!(written["downtime"].is_u64() && written["ram"]["dirty-sync-count"].as_u64() >= Some(2), "{written}");
+    assert_eq!(written["ram"]["normal"].as_u64().unwrap_or(0) + written["ram"]["duplicate"].as_u64().unwrap_or(0), 512);
+    let dst = dir.path().join("dst.bin");
+    let rstats = dir.path().join("recv.json");
+    let out = qmig(&[
+        "recv",
+        "--ram",
+        &format!("mem={}", dst.display()),
+        "--from",
+        &format!("file:{}", stream.display()),
+        "--stats-json",
+        &rstats.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rstats).expect("stats")).expect("JSON");
+    assert_eq!(r["ram"]["normal"], written["ram"]["normal"]);
+    assert!(std::fs::read(&dst).expect("dst") == std::fs::read(&ram).expect("src"));
+}
