@@ -26,16 +26,27 @@
 //!
 //! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few lines:
 //!
-//! ```ignore
-//! use vm_memory::{GuestMemory, GuestMemoryRegion};
+//! ```
+//! use engine::source::GuestRegion;
+//! use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+//!
+//! // Two slots, split around a hole as x86 splits low and high memory.
+//! let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+//!     (GuestAddress(0), 2 << 20),
+//!     (GuestAddress(4 << 20), 2 << 20),
+//! ])?;
 //! let regions: Vec<GuestRegion> = mem
 //!     .iter()
 //!     .enumerate()
 //!     .filter_map(|(i, r)| {
-//!         // SAFETY: the regions stay mapped for the VM's lifetime, beyond the migration.
-//!         unsafe { GuestRegion::new(format!("ram{i}"), r.as_ptr(), r.len() as usize) }
+//!         let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+//!         // SAFETY: the regions stay mapped as long as `mem` lives, beyond the migration.
+//!         unsafe { GuestRegion::new(format!("ram{i}"), host, r.len() as usize) }
 //!     })
 //!     .collect();
+//! assert_eq!(regions.len(), 2);
+//! assert_eq!(regions[1].pages(), 512);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod convergence;
