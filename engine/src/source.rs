@@ -173,6 +173,8 @@ pub struct Outgoing {
     pub rate: RateLimit,
     /// Runstate written in `globalstate` (`running` for a live guest).
     pub runstate: String,
+    /// Set by [`continue_switchover`](Self::continue_switchover).
+    go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
 /// Iteration over the pages still to send, round robin from where the last pass stopped.
@@ -224,7 +226,34 @@ impl Outgoing {
             caps,
             cancel: CancelToken::new()?,
             runstate: "running".into(),
+            go_on: Default::default(),
         })
+    }
+
+    /// QEMU's `migrate-continue state=pre-switchover`: with `pause-before-switchover`,
+    /// let a migration waiting in `pre-switchover` (guest stopped) go on.
+    pub fn continue_switchover(&self) -> Result<(), IllegalTransition> {
+        let status = self.state.status();
+        if status != S::PreSwitchover {
+            return Err(IllegalTransition { from: S::PreSwitchover, to: S::Device, current: status });
+        }
+        let (m, cv) = &*self.go_on;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        Ok(())
+    }
+
+    /// Wait in `pre-switchover` until continued or cancelled.
+    fn wait_for_continue(&self) -> Result<(), EngineError> {
+        let (m, cv) = &*self.go_on;
+        let mut go = m.lock().unwrap_or_else(|e| e.into_inner());
+        while !*go {
+            if self.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            go = cv.wait_timeout(go, Duration::from_millis(20)).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+        Ok(())
     }
 
     /// Migrate `regions` (with their dirty bitmaps, one per region, marked by the VMM)
@@ -430,6 +459,13 @@ impl Outgoing {
         vcpus.stop().map_err(EngineError::Vcpu)?;
         *stopped = true;
         let stop_time = Instant::now();
+        if self.caps.pause_before_switchover {
+            self.state.transition(S::Active, S::PreSwitchover)?;
+            self.info.update(|i| i.status = S::PreSwitchover);
+            self.wait_for_continue()?;
+            self.state.transition(S::PreSwitchover, S::Device)?;
+            self.info.update(|i| i.status = S::Device);
+        }
         self.rate.set_max_bandwidth(0);
         for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
             d.drain_into(m);
