@@ -181,11 +181,18 @@ pub struct Outgoing {
 struct ToSend {
     maps: Vec<Vec<u64>>,
     cursor: (usize, usize),
+    /// Set bits in `maps`, kept current by `take` and `recount`.
+    pending: u64,
 }
 
 impl ToSend {
     fn pending_pages(&self) -> u64 {
-        self.maps.iter().map(|m| count_bits(m)).sum()
+        self.pending
+    }
+
+    /// Recount after bits were ORed in (a sync).
+    fn recount(&mut self) {
+        self.pending = self.maps.iter().map(|m| count_bits(m)).sum();
     }
 
     /// Take the next page to send, clearing its bit: a cyclic scan from where the
@@ -206,6 +213,7 @@ impl ToSend {
             let word = map[w];
             if word != 0 {
                 map[w] = word & (word - 1);
+                self.pending -= 1;
                 self.cursor = (r, w);
                 return Some((r, w as u64 * 64 + word.trailing_zeros() as u64));
             }
@@ -380,7 +388,9 @@ impl Outgoing {
                 })
                 .collect(),
             cursor: (0, 0),
+            pending: 0,
         };
+        todo.recount();
         let mut sync_count = 1u64;
         self.state.announce(Notification::Pass { pass: sync_count });
         let setup_time = start.elapsed();
@@ -423,6 +433,7 @@ impl Outgoing {
                 for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
                     d.drain_into(m);
                 }
+                todo.recount();
                 let after = todo.pending_pages();
                 period_dirty += after - before;
                 sync_count += 1;
@@ -470,6 +481,7 @@ impl Outgoing {
         for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
             d.drain_into(m);
         }
+        todo.recount();
         sync_count += 1;
         self.state.announce(Notification::Pass { pass: sync_count });
         self.info.update(|i| i.dirty_sync_count = sync_count);
@@ -538,13 +550,7 @@ impl Outgoing {
                 if self.cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
                 }
-                let st = w.ram_stats();
-                self.info.update(|i| {
-                    i.normal = st.normal;
-                    i.duplicate = st.duplicate;
-                    i.transferred = self.rate.total_bytes();
-                    i.remaining = todo.pending_pages() * PAGE as u64;
-                });
+                self.publish(w, todo);
                 if limit.is_some_and(|l| t0.elapsed() >= l) {
                     break;
                 }
@@ -553,6 +559,12 @@ impl Outgoing {
         w.ram_eos()?;
         w.footer(id)?;
         w.get_mut().flush_now()?;
+        self.publish(w, todo);
+        Ok(())
+    }
+
+    /// Make the page counters readable by other threads.
+    fn publish(&self, w: &StreamWriter<MigrationWriter<'_>>, todo: &ToSend) {
         let st = w.ram_stats();
         self.info.update(|i| {
             i.normal = st.normal;
@@ -560,6 +572,5 @@ impl Outgoing {
             i.transferred = self.rate.total_bytes();
             i.remaining = todo.pending_pages() * PAGE as u64;
         });
-        Ok(())
     }
 }
