@@ -226,19 +226,7 @@ fn qemu_to_recv_socket(
     let recv_stderr = recv.stderr();
     assert!(status.success(), "{}: exited {status}; stderr: {recv_stderr}; stdout: {lines:?}", recv.command);
     assert_eq!(lines.len(), 1, "{name}: recv should print exactly one stats line after listening: {lines:?}");
-    let stats = check_stats_min("qmig recv", &lines[0], info["ram"]["transferred"].as_u64().unwrap_or(0));
-    let qemu_stderr = qemu.stderr();
-    qemu.quit(QUIT_LIMIT).expect("quit source QEMU");
-    assert!(qemu_stderr.trim().is_empty(), "{name}: source QEMU complained: {qemu_stderr}");
-
-    let got = fs::read(&dst).expect("read received RAM");
-    assert_same_ram(&format!("{name}: RAM received by qmig recv"), &got, &ram);
-    eprintln!(
-        "{name}: ok in {:?} (migration {mig_time:?}; QEMU total-time {} ms; recv {})",
-        t0.elapsed(),
-        info["total-time"],
-        stats
-    );
+    finish_qemu_to_recv(name, qemu, &info, &lines[0], &dst, &ram, t0, mig_time);
 }
 
 #[test]
@@ -315,15 +303,29 @@ fn qemu_migrates_to_qmig_recv_over_exec() {
     let lines: Vec<&str> = recv_stdout.lines().collect();
     // No listening line for exec/fd: only the stats.
     assert_eq!(lines.len(), 1, "{NAME}: recv over fd:0 should print only its stats line: {recv_stdout:?}");
-    let stats = check_stats_min("qmig recv", lines[0], info["ram"]["transferred"].as_u64().unwrap_or(0));
+    finish_qemu_to_recv(NAME, qemu, &info, lines[0], &dst, &ram, t0, mig_time);
+}
+
+/// Common end of the QEMU -> qmig recv tests: recv's stats, a quiet QEMU, identical RAM.
+#[allow(clippy::too_many_arguments)]
+fn finish_qemu_to_recv(
+    name: &str,
+    qemu: QemuProcess,
+    info: &Value,
+    stats_line: &str,
+    dst: &Path,
+    ram: &[u8],
+    t0: Instant,
+    mig_time: Duration,
+) {
+    let stats = check_stats_min("qmig recv", stats_line, info["ram"]["transferred"].as_u64().unwrap_or(0));
     let qemu_stderr = qemu.stderr();
     qemu.quit(QUIT_LIMIT).expect("quit source QEMU");
-    assert!(qemu_stderr.trim().is_empty(), "{NAME}: source QEMU complained: {qemu_stderr}");
-
-    let got = fs::read(&dst).expect("read received RAM");
-    assert_same_ram(&format!("{NAME}: RAM received by qmig recv"), &got, &ram);
+    assert!(qemu_stderr.trim().is_empty(), "{name}: source QEMU complained: {qemu_stderr}");
+    let got = fs::read(dst).expect("read received RAM");
+    assert_same_ram(&format!("{name}: RAM received by qmig recv"), &got, ram);
     eprintln!(
-        "{NAME}: ok in {:?} (migration {mig_time:?}; QEMU total-time {} ms; recv {})",
+        "{name}: ok in {:?} (migration {mig_time:?}; QEMU total-time {} ms; recv {})",
         t0.elapsed(),
         info["total-time"],
         stats
