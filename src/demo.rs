@@ -73,7 +73,7 @@ enum Dest {
 /// Run the demo; returns the final statistics (`query-migrate` names plus
 /// `"verified"`), and whether the destination's RAM matched.
 pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Value, bool)> {
-    if opts.ram_size == 0 || opts.ram_size % 4096 != 0 {
+    if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(4096) {
         return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
     }
     let dir = work_dir()?;
