@@ -289,6 +289,8 @@ impl Outgoing {
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
         let start = Instant::now();
+        // Our cancel must wake the channel's blocked reads, writes and rate-limit sleeps.
+        self.cancel.link_to(ch.cancel_token());
         self.state.transition(S::None, S::Setup)?;
         self.info.update(|i| i.status = S::Setup);
         let mut stopped = false;
@@ -297,6 +299,9 @@ impl Outgoing {
             Some(b) => Err(EngineError::Blocked(b.reason.clone())),
             None => self.precopy(ch, regions, dirty, vcpus, start, &mut stopped, vm, &mut inactivated),
         };
+        // As QEMU's cpu_throttle_stop(): whatever the outcome, the vCPUs run at full speed again.
+        let _ = vcpus.set_throttle(0);
+        self.info.update(|i| i.cpu_throttle_percentage = None);
         if result.is_err() {
             for b in vm.blocks.iter_mut().take(inactivated) {
                 let _ = b.activate();
@@ -316,7 +321,6 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                let _ = vcpus.set_throttle(0);
                 let resumed = if stopped { vcpus.resume().map_err(EngineError::Vcpu) } else { Ok(()) };
                 let end = if cancelled {
                     let _ = self.state.transition_from_current(S::Cancelling);

@@ -69,6 +69,16 @@ impl CancelToken {
         self.inner.flag.load(Ordering::SeqCst)
     }
 
+    /// Cancel `other` too whenever this token is cancelled (e.g. an engine's token and
+    /// the token its channel was connected with).
+    pub fn link_to(&self, other: &CancelToken) {
+        if Arc::ptr_eq(&self.inner, &other.inner) {
+            return;
+        }
+        let o = other.clone();
+        self.on_cancel(Box::new(move || o.cancel()));
+    }
+
     /// Run `hook` on cancel (at once if already cancelled).
     pub(crate) fn on_cancel(&self, hook: Box<dyn Fn() + Send>) {
         if self.is_cancelled() {
