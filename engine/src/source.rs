@@ -412,6 +412,7 @@ impl Outgoing {
         let mut throttle = AutoConverge::default();
         let (mut period_start, mut period_dirty, mut period_bytes) = (Instant::now(), 0u64, self.rate.total_bytes());
         let mut window_pages = (Instant::now(), 0u64);
+        let mut bulk_done = false;
         loop {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
@@ -420,6 +421,7 @@ impl Outgoing {
             self.rate.set_max_bandwidth(params.max_bandwidth);
             self.info.update(|i| i.total_time = start.elapsed());
             if let Some(bw) = meter.update(Instant::now(), self.rate.total_bytes()) {
+                let bw = convergence::capped_bandwidth(bw, params.max_bandwidth);
                 threshold = convergence::threshold(bw, params.downtime_limit);
                 let pages_sent = self.info.get().normal + self.info.get().duplicate;
                 let secs = window_pages.0.elapsed().as_secs_f64().max(1e-3);
@@ -432,7 +434,9 @@ impl Outgoing {
                 });
             }
             let mut pending = todo.pending_pages() * PAGE as u64;
-            if convergence::should_sync(pending, threshold) {
+            // The bulk pass is over once every page of the initial set went out.
+            bulk_done |= pending == 0;
+            if bulk_done && convergence::should_sync(pending, threshold) {
                 let before = todo.pending_pages();
                 for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
                     d.drain_into(m);
@@ -464,16 +468,17 @@ impl Outgoing {
                     i.remaining = pending;
                 });
             }
-            if convergence::decide(pending, threshold) == Decision::Complete {
+            if convergence::decide_precopy(bulk_done, pending, threshold) == Decision::Complete {
                 break;
             }
             self.send_pages(&mut w, regions, &mut todo, Some(PART_MAX), section_ids::RAM, false)?;
         }
 
         // Switchover: stop the guest, final sync, everything left without a limit.
+        // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
+        let stop_time = Instant::now();
         vcpus.stop().map_err(EngineError::Vcpu)?;
         *stopped = true;
-        let stop_time = Instant::now();
         if self.caps.pause_before_switchover {
             self.state.transition(S::Active, S::PreSwitchover)?;
             self.info.update(|i| i.status = S::PreSwitchover);
