@@ -223,6 +223,24 @@ impl ToSend {
     }
 }
 
+/// A bitmap sync: OR every source's dirty pages into the pages to send (no allocation).
+fn harvest(
+    dirty: &[Arc<DirtyBitmap>],
+    sources: &mut [(usize, &mut dyn crate::dirty::DirtySource)],
+    todo: &mut ToSend,
+) -> Result<(), EngineError> {
+    for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
+        d.drain_into(m);
+    }
+    for (r, src) in sources.iter_mut() {
+        if let Some(m) = todo.maps.get_mut(*r) {
+            src.sync(m).map_err(|e| EngineError::Setup(format!("dirty tracking: {e}")))?;
+        }
+    }
+    todo.recount();
+    Ok(())
+}
+
 impl Outgoing {
     /// A migration in state `none` with these parameters and capabilities.
     pub fn new(params: SharedParameters, caps: MigrationCapabilities) -> std::io::Result<Self> {
@@ -299,6 +317,9 @@ impl Outgoing {
             Some(b) => Err(EngineError::Blocked(b.reason.clone())),
             None => self.precopy(ch, regions, dirty, vcpus, start, &mut stopped, vm, &mut inactivated),
         };
+        for (_, src) in vm.dirty_sources.iter_mut() {
+            let _ = src.stop();
+        }
         // As QEMU's cpu_throttle_stop(): whatever the outcome, the vCPUs run at full speed again.
         let _ = vcpus.set_throttle(0);
         self.info.update(|i| i.cpu_throttle_percentage = None);
@@ -375,6 +396,12 @@ impl Outgoing {
         w.ram_eos()?;
         w.footer(section_ids::RAM)?;
         w.get_mut().flush_now()?;
+        for (r, src) in vm.dirty_sources.iter_mut() {
+            if *r >= regions.len() {
+                return Err(EngineError::Setup(format!("dirty source for region {r}, which does not exist")));
+            }
+            src.start().map_err(|e| EngineError::Setup(format!("dirty tracking: {e}")))?;
+        }
         // Bulk pass: every page is to be sent; marks from now on come from the guest.
         for d in dirty {
             let mut scratch = vec![0u64; d.words()];
@@ -438,10 +465,7 @@ impl Outgoing {
             bulk_done |= pending == 0;
             if bulk_done && convergence::should_sync(pending, threshold) {
                 let before = todo.pending_pages();
-                for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
-                    d.drain_into(m);
-                }
-                todo.recount();
+                harvest(dirty, &mut vm.dirty_sources, &mut todo)?;
                 let after = todo.pending_pages();
                 period_dirty += after - before;
                 sync_count += 1;
@@ -487,10 +511,7 @@ impl Outgoing {
             self.info.update(|i| i.status = S::Device);
         }
         self.rate.set_max_bandwidth(0);
-        for (d, m) in dirty.iter().zip(todo.maps.iter_mut()) {
-            d.drain_into(m);
-        }
-        todo.recount();
+        harvest(dirty, &mut vm.dirty_sources, &mut todo)?;
         sync_count += 1;
         self.state.announce(Notification::Pass { pass: sync_count });
         self.info.update(|i| i.dirty_sync_count = sync_count);

@@ -61,4 +61,7 @@ pub struct VmParts<'a> {
     pub blocks: Vec<&'a mut dyn BlockDevice>,
     /// Registered blockers; any makes the migration fail at start.
     pub blockers: Vec<MigrationBlocker>,
+    /// Dirty sources besides the regions' bitmaps, as `(region index, source)`:
+    /// started at setup, ORed into the region's pages to send at every sync, stopped at the end.
+    pub dirty_sources: Vec<(usize, &'a mut dyn crate::dirty::DirtySource)>,
 }
