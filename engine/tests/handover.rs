@@ -147,7 +147,7 @@ fn handover(name: &str, fail_invalidate: bool) -> Handover {
         let ch = listener.accept().expect("accept");
         let mut serial = Serial { log: dl.clone(), state: None };
         let mut disk = Disk { log: dl.clone(), fail_invalidate };
-        let mut vm = VmParts { devices: vec![&mut serial], blocks: vec![&mut disk], blockers: vec![] };
+        let mut vm = VmParts { devices: vec![&mut serial], blocks: vec![&mut disk], ..Default::default() };
         let mut mem = Mem(vec![0; len]);
         let r = inc.run(MigrationReader::new(ch, RateLimit::new(0)), &mut mem, &mut vm, &mut DestVcpus(dl));
         (r, serial.state)
@@ -156,7 +156,7 @@ fn handover(name: &str, fail_invalidate: bool) -> Handover {
     let out = Outgoing::new(params, MigrationCapabilities::default()).expect("outgoing");
     let mut serial = Serial { log: src_log.clone(), state: None };
     let mut disk = Disk { log: src_log.clone(), fail_invalidate: false };
-    let mut vm = VmParts { devices: vec![&mut serial], blocks: vec![&mut disk], blockers: vec![] };
+    let mut vm = VmParts { devices: vec![&mut serial], blocks: vec![&mut disk], ..Default::default() };
     let ch = connect(&uri(name), &cancel).expect("connect");
     let mut vcpus = guest.vcpus();
     out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus, &mut vm).expect("source");

@@ -21,8 +21,6 @@ const HOT: usize = 1 << 20;
 struct Writer {
     run: Arc<AtomicBool>,
     parked: Arc<AtomicBool>,
-    quit: Arc<AtomicBool>,
-    writes: Arc<AtomicU64>,
 }
 
 impl VcpuControl for Writer {
@@ -117,7 +115,7 @@ fn uffd_tracked_guest_arrives_identical() {
         Outgoing::new(SharedParameters::new(params).expect("params"), MigrationCapabilities::default()).expect("out");
     let ch = connect(&uri, &cancel).expect("connect");
     let unused = vec![Arc::new(DirtyBitmap::new(guest.pages()))];
-    let mut vcpus = Writer { run, parked, quit: quit.clone(), writes: writes.clone() };
+    let mut vcpus = Writer { run, parked };
     let mut vm = VmParts { dirty_sources: vec![(0, &mut uffd)], ..Default::default() };
     let info = out.run_vm(ch, std::slice::from_ref(&guest), &unused, &mut vcpus, &mut vm).expect("migration");
     let got = dst.join().expect("destination");
