@@ -12,7 +12,6 @@ pub mod qemu;
 pub mod ramfile;
 pub mod recv;
 pub mod send;
-pub mod stats;
 
 pub use error::{Error, Result};
 

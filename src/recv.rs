@@ -4,9 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use crate::stats::MigrationStats;
 use engine::incoming::{Incoming, IncomingError};
+use engine::info::MigrationInfo;
 use engine::source::VcpuControl;
+use engine::state::MigrationStatus;
 use engine::vm::VmParts;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,7 +25,7 @@ pub fn recv(
     uri: &MigrationUri,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
-) -> Result<MigrationStats> {
+) -> Result<MigrationInfo> {
     let listener = Listener::bind(uri, cancel)?;
     on_listening(listener.local_uri());
     let ch = listener.accept()?;
@@ -48,14 +49,17 @@ pub fn recv(
     dest.flush()?;
     // For exec: the command's exit status counts too.
     reader.into_channel().finish()?;
-    Ok(MigrationStats {
-        status: "completed".into(),
-        total_time: start.elapsed(),
-        setup_time: Default::default(),
-        transferred: rate.total_bytes(),
+    let total_time = start.elapsed();
+    let transferred = rate.total_bytes();
+    let secs = total_time.as_secs_f64();
+    Ok(MigrationInfo {
+        status: MigrationStatus::Completed,
+        total_time,
+        transferred,
         total: dest.total(),
         duplicate: report.duplicate,
         normal: report.normal,
-        page_size: 4096,
+        mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
+        ..Default::default()
     })
 }

@@ -14,7 +14,7 @@ use crate::params::{MigrationCapabilities, SharedParameters};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::VmParts;
 use savevm_format::ram::is_zero_page;
-use savevm_format::{section_ids, Configuration, RamBlock, StreamWriter};
+use savevm_format::{section_ids, write_guest_prologue, RamBlock, StoppedGuest, StreamWriter};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -389,12 +389,8 @@ impl Outgoing {
         let total: u64 = blocks.iter().map(|b| b.length).sum();
         self.rate.set_max_bandwidth(self.params.get().max_bandwidth);
         let mut w = StreamWriter::new(MigrationWriter::new(ch, self.rate.clone()));
-        w.header()?;
-        w.configuration(&Configuration { machine: "none".into(), ..Default::default() })?;
-        w.section_start(section_ids::RAM, "ram", 0, 4)?;
-        w.ram_block_list(&blocks)?;
-        w.ram_eos()?;
-        w.footer(section_ids::RAM)?;
+        let guest = StoppedGuest { runstate: self.runstate.clone(), ..Default::default() };
+        write_guest_prologue(&mut w, &blocks, &guest)?;
         w.get_mut().flush_now()?;
         for (r, src) in vm.dirty_sources.iter_mut() {
             if *r >= regions.len() {

@@ -364,8 +364,8 @@ pub mod section_ids {
     pub const GLOBALSTATE: u32 = 4;
 }
 
-/// The part of a stopped guest's stream before its pages: header, configuration,
-/// RAM START (block list, EOS, footer) and the header of the RAM PART section.
+/// The start of a stream: header, configuration (`opts.machine`) and the RAM START
+/// section (block list, EOS, footer). Pages follow in PART/END sections.
 pub fn write_guest_prologue<W: Write>(
     s: &mut StreamWriter<W>,
     blocks: &[RamBlock],
@@ -385,8 +385,7 @@ pub fn write_guest_prologue<W: Write>(
     s.section_start(section_ids::RAM, RAM_IDSTR, 0, RAM_VERSION)?;
     s.ram_block_list(blocks)?;
     s.ram_eos()?;
-    s.footer(section_ids::RAM)?;
-    s.section_part(section_ids::RAM)
+    s.footer(section_ids::RAM)
 }
 
 /// The part after the pages: EOS and footer of the PART, an empty END, `timer`,
@@ -426,6 +425,7 @@ pub fn write_stopped_guest<W: Write>(
     let list: Vec<RamBlock> =
         blocks.iter().enumerate().map(|(i, (n, d))| RamBlock::new(i, *n, d.len() as u64)).collect();
     write_guest_prologue(&mut s, &list, opts)?;
+    s.section_part(section_ids::RAM)?;
     for (i, (_, data)) in blocks.iter().enumerate() {
         for (p, page) in data.chunks_exact(tps).enumerate() {
             s.ram_page_auto(i, (p * tps) as u64, page)?;
