@@ -1,0 +1,102 @@
+//! How guest RAM is laid out in guest-physical memory: one RAM block (`pc.ram`,
+//! one host mapping, one block in the migration stream) mapped into one or two
+//! KVM memory slots, the second split the way x86 PCs split RAM around the PCI
+//! hole below 4 GiB, scaled down by 16 (RAM below 192 MiB, a hole up to 256 MiB,
+//! the rest from 256 MiB).
+
+/// Bytes of RAM below the scaled-down PCI hole.
+pub const LOW_RAM_MAX: u64 = 192 << 20;
+/// Guest-physical start of RAM above the scaled-down PCI hole.
+pub const HIGH_RAM_START: u64 = 256 << 20;
+/// Largest guest RAM the identity page tables cover with the hole.
+pub const MAX_RAM: u64 = (4 << 30) - HIGH_RAM_START;
+
+/// One KVM memory slot: a range of the RAM block at a guest-physical address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Offset in the RAM block.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The RAM block's slots, in guest-physical order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// RAM block size.
+    pub ram_size: u64,
+    /// Its slots (they cover the block exactly, in order).
+    pub slots: Vec<Slot>,
+}
+
+/// Layout errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The size is unusable.
+    #[error("guest RAM size {0} bytes: must be a multiple of 2 MiB between 4 MiB and {MAX_RAM} bytes")]
+    Size(u64),
+    /// Two slots were asked for but the RAM fits below the hole.
+    #[error("a two-slot layout needs more than {LOW_RAM_MAX} bytes of RAM (got {0})")]
+    TooSmallForTwoSlots(u64),
+}
+
+impl Layout {
+    /// All RAM in one slot at guest-physical 0.
+    pub fn one_slot(ram_size: u64) -> Result<Self, LayoutError> {
+        check(ram_size)?;
+        Ok(Layout { ram_size, slots: vec![Slot { gpa: 0, offset: 0, len: ram_size }] })
+    }
+
+    /// RAM below the scaled-down PCI hole in slot 0, the rest above it in slot 1.
+    pub fn pc_split(ram_size: u64) -> Result<Self, LayoutError> {
+        check(ram_size)?;
+        if ram_size <= LOW_RAM_MAX {
+            return Err(LayoutError::TooSmallForTwoSlots(ram_size));
+        }
+        Ok(Layout {
+            ram_size,
+            slots: vec![
+                Slot { gpa: 0, offset: 0, len: LOW_RAM_MAX },
+                Slot { gpa: HIGH_RAM_START, offset: LOW_RAM_MAX, len: ram_size - LOW_RAM_MAX },
+            ],
+        })
+    }
+
+    /// `slots` = 1 or 2.
+    pub fn with_slots(ram_size: u64, slots: u32) -> Result<Self, LayoutError> {
+        if slots >= 2 {
+            Self::pc_split(ram_size)
+        } else {
+            Self::one_slot(ram_size)
+        }
+    }
+
+    /// The block offset of guest-physical `gpa`, if it is RAM.
+    pub fn offset_of(&self, gpa: u64) -> Option<u64> {
+        self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len).map(|s| s.offset + (gpa - s.gpa))
+    }
+}
+
+fn check(ram_size: u64) -> Result<(), LayoutError> {
+    if ram_size < (4 << 20) || ram_size > MAX_RAM || !ram_size.is_multiple_of(2 << 20) {
+        return Err(LayoutError::Size(ram_size));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_the_block() {
+        let l = Layout::pc_split(1 << 30).unwrap();
+        assert_eq!(l.slots.iter().map(|s| s.len).sum::<u64>(), 1 << 30);
+        assert_eq!(l.offset_of(HIGH_RAM_START), Some(LOW_RAM_MAX));
+        assert_eq!(l.offset_of(LOW_RAM_MAX), None);
+        assert_eq!(Layout::pc_split(64 << 20), Err(LayoutError::TooSmallForTwoSlots(64 << 20)));
+        assert!(Layout::one_slot(3 << 20).is_err());
+    }
+}

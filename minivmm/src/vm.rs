@@ -1,0 +1,693 @@
+//! The VM: KVM VM and one vCPU, guest RAM as one `pc.ram` block mapped into the
+//! layout's slots, the vCPU thread with stop/resume/throttle, and everything the
+//! engine needs from it (region, dirty log, `cpu` device, page sink).
+
+use crate::cpu::{self, CpuState, MSR_IA32_TSC};
+use crate::dirty::KvmDirtyLog;
+use crate::guest::{self, ctrl, CODE_ADDR, CTRL_ADDR, GDT_ADDR, PML4_ADDR, WORKING_SET_MIN};
+use crate::layout::{Layout, LayoutError};
+use engine::dirty::DirtyBitmap;
+use engine::source::{GuestRegion, VcpuControl};
+use engine::vm::DeviceHandler;
+use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use savevm_format::vmstate::{State, Vmsd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Name of the RAM block in the migration stream (as QEMU's PC machines).
+pub const RAM_BLOCK: &str = "pc.ram";
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u64 = 168;
+const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+/// Throttle time slice (QEMU's CPU_THROTTLE_TIMESLICE_NS).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// Failures of the VMM.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmError {
+    /// `/dev/kvm` or an ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The RAM layout is unusable.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Guest memory could not be set up or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The guest configuration does not fit the RAM.
+    #[error("guest: {0}")]
+    Config(String),
+    /// The vCPU did not do what it was asked.
+    #[error("vCPU: {0}")]
+    Vcpu(String),
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm { op, source: std::io::Error::from_raw_os_error(e.errno()) }
+}
+
+/// Why `/dev/kvm` cannot run our guest here, or `None` when it can.
+pub fn kvm_unavailable() -> Option<String> {
+    match Kvm::new() {
+        Err(e) => Some(format!("/dev/kvm: {}", std::io::Error::from_raw_os_error(e.errno()))),
+        Ok(k) if !k.check_extension(Cap::UserMemory) => Some("KVM lacks KVM_CAP_USER_MEMORY".into()),
+        Ok(_) => None,
+    }
+}
+
+/// What the guest program does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// Bytes of the working set (split over the slots, filled with random words at boot).
+    pub working_set: u64,
+    /// Bytes per second of page writes (one word per page); 0 = none.
+    pub dirty_rate: u64,
+    /// Seed of the working set's content and of the page choice.
+    pub seed: u64,
+}
+
+/// A snapshot of the guest's control block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Control {
+    /// Loop iterations.
+    pub counter: u64,
+    /// The guest's checksum of its working set.
+    pub checksum: u64,
+    /// Page writes.
+    pub writes: u64,
+    /// A write was in progress.
+    pub busy: bool,
+}
+
+#[derive(Default)]
+struct Ctl {
+    /// The vCPU should run.
+    run: bool,
+    /// The vCPU thread is parked (not in KVM_RUN).
+    parked: bool,
+    quit: bool,
+    throttle: u8,
+    throttle_due: bool,
+    /// Why the vCPU stopped on its own.
+    error: Option<String>,
+    /// The vCPU thread, for kicks.
+    thread: Option<libc::pthread_t>,
+}
+
+struct VcpuShared {
+    fd: Mutex<VcpuFd>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+impl VcpuShared {
+    fn kick(&self, c: &Ctl) {
+        if let Some(t) = c.thread {
+            // SAFETY: `t` is the vCPU thread, which clears it under this lock before it
+            // exits; the signal has a no-op handler, so it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Park the vCPU; kicks until it is out of KVM_RUN.
+    fn stop(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut c = lock(&self.ctl);
+        c.run = false;
+        while !c.parked {
+            if Instant::now() > deadline {
+                return Err("the vCPU did not stop within 2 s".into());
+            }
+            self.kick(&c);
+            c = self.cv.wait_timeout(c, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.error {
+            return Err(format!("the vCPU stopped: {e}"));
+        }
+        c.run = true;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// The vCPU fd, only while the vCPU is parked.
+    fn parked_fd(&self) -> Result<MutexGuard<'_, VcpuFd>, String> {
+        if !lock(&self.ctl).parked {
+            return Err("the vCPU is running".into());
+        }
+        Ok(lock(&self.fd))
+    }
+
+    fn run_loop(&self) {
+        {
+            let mut c = lock(&self.ctl);
+            // SAFETY: pthread_self has no preconditions.
+            c.thread = Some(unsafe { libc::pthread_self() });
+        }
+        loop {
+            let mut c = lock(&self.ctl);
+            while !c.run || c.quit {
+                if c.quit {
+                    c.thread = None;
+                    c.parked = true;
+                    self.cv.notify_all();
+                    return;
+                }
+                c.parked = true;
+                self.cv.notify_all();
+                c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+            c.parked = false;
+            drop(c);
+            let mut fd = lock(&self.fd);
+            let exit = match fd.run() {
+                Ok(VcpuExit::Intr) => None,
+                Ok(other) => Some(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(format!("KVM_RUN: {}", std::io::Error::from_raw_os_error(e.errno()))),
+            };
+            drop(fd);
+            let mut c = lock(&self.ctl);
+            if let Some(e) = exit {
+                c.error = Some(e);
+                c.run = false;
+                continue;
+            }
+            if c.throttle_due && c.throttle > 0 {
+                c.throttle_due = false;
+                let p = c.throttle.min(99) as u32;
+                drop(c);
+                std::thread::sleep(THROTTLE_SLICE * p / (100 - p));
+            }
+        }
+    }
+}
+
+/// Stop, resume and throttle the VM's vCPU (cloneable; what the engine drives).
+#[derive(Clone)]
+pub struct Vcpus(Arc<VcpuShared>);
+
+impl VcpuControl for Vcpus {
+    fn stop(&mut self) -> Result<(), String> {
+        self.0.stop()
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.resume()
+    }
+    fn set_throttle(&mut self, percentage: u8) -> Result<(), String> {
+        let mut c = lock(&self.0.ctl);
+        c.throttle = percentage.min(99);
+        Ok(())
+    }
+}
+
+impl Vcpus {
+    /// Whether the vCPU is out of KVM_RUN.
+    pub fn is_parked(&self) -> bool {
+        lock(&self.0.ctl).parked
+    }
+
+    /// Why the vCPU stopped on its own, if it did.
+    pub fn error(&self) -> Option<String> {
+        lock(&self.0.ctl).error.clone()
+    }
+}
+
+fn cpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |x| format!("cpu: {op}: {}", std::io::Error::from_raw_os_error(x.errno()))
+}
+
+/// The vCPU state as the engine's `cpu` device.
+pub struct CpuDevice {
+    vcpu: Arc<VcpuShared>,
+    vmsd: Arc<Vmsd>,
+}
+
+impl DeviceHandler for CpuDevice {
+    fn idstr(&self) -> String {
+        cpu::IDSTR.into()
+    }
+    fn vmsd(&self) -> Arc<Vmsd> {
+        self.vmsd.clone()
+    }
+    fn save(&mut self) -> Result<State, String> {
+        let fd = self.vcpu.parked_fd()?;
+        let regs = fd.get_regs().map_err(cpu_err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))?;
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+            .map_err(|x| format!("cpu: msrs: {x:?}"))?;
+        fd.get_msrs(&mut msrs).map_err(cpu_err("KVM_GET_MSRS"))?;
+        let tsc = msrs.as_slice().first().map(|m| m.data).unwrap_or(0);
+        Ok(CpuState { regs, sregs, tsc }.to_state())
+    }
+    fn load(&mut self, version: u32, state: State) -> Result<(), String> {
+        if version != 1 {
+            return Err(format!("cpu: version {version} unknown"));
+        }
+        let c = CpuState::from_state(&state)?;
+        let fd = self.vcpu.parked_fd()?;
+        fd.set_sregs(&c.sregs).map_err(cpu_err("KVM_SET_SREGS"))?;
+        fd.set_regs(&c.regs).map_err(cpu_err("KVM_SET_REGS"))?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, data: c.tsc, ..Default::default() }])
+            .map_err(|x| format!("cpu: msrs: {x:?}"))?;
+        fd.set_msrs(&msrs).map_err(cpu_err("KVM_SET_MSRS"))?;
+        Ok(())
+    }
+}
+
+/// A KVM VM with one vCPU running the guest program.
+pub struct Vm {
+    vm: Arc<VmFd>,
+    layout: Layout,
+    /// Owns the RAM block's mapping (the slot views in `mem` borrow it).
+    ram: Arc<MmapRegion>,
+    mem: GuestMemoryMmap,
+    regions: Vec<kvm_userspace_memory_region>,
+    vcpu: Arc<VcpuShared>,
+    thread: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+    dirty: Arc<DirtyBitmap>,
+    manual_protect: bool,
+    tsc_khz: u32,
+    config: Option<GuestConfig>,
+}
+
+static SIGNAL: Once = Once::new();
+
+impl Vm {
+    /// A VM with `layout`'s RAM (all zero) and a parked vCPU, not booted.
+    pub fn new(layout: Layout) -> Result<Vm, VmError> {
+        SIGNAL.call_once(|| {
+            let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
+        });
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        let manual_protect = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _) > 0
+            && vm
+                .enable_cap(&kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as u32,
+                    args: [KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
+
+        let ram = Arc::new(
+            MmapRegion::new(layout.ram_size as usize).map_err(|e| VmError::Memory(format!("mmap: {e}")))?,
+        );
+        let mut views = vec![];
+        let mut regions = vec![];
+        for (i, s) in layout.slots.iter().enumerate() {
+            // SAFETY: offset..offset+len lies inside `ram`, which `Vm` keeps mapped for as
+            // long as `mem` (the only owner of these views) lives.
+            let host = unsafe { ram.as_ptr().add(s.offset as usize) };
+            // SAFETY: as above: a sub-range of a live mapping we own.
+            let view = unsafe {
+                MmapRegion::build_raw(
+                    host,
+                    s.len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+                )
+            }
+            .map_err(|e| VmError::Memory(format!("slot {i}: {e}")))?;
+            views.push(
+                GuestRegionMmap::new(view, GuestAddress(s.gpa))
+                    .ok_or_else(|| VmError::Memory(format!("slot {i} overflows")))?,
+            );
+            let region = kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: s.gpa,
+                memory_size: s.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range stays mapped while the VM exists (`ram` outlives `vm`:
+            // Drop stops the vCPU first and fields drop after).
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(views).map_err(|e| VmError::Memory(e.to_string()))?;
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+
+        let shared = Arc::new(VcpuShared { fd: Mutex::new(vcpu), ctl: Mutex::new(Ctl::default()), cv: Condvar::new() });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || s2.run_loop())
+            .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
+        // Wait until the thread is parked, so kicks reach it.
+        {
+            let mut c = lock(&shared.ctl);
+            while !c.parked || c.thread.is_none() {
+                c = shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let s3 = shared.clone();
+        let ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || loop {
+                std::thread::sleep(THROTTLE_SLICE);
+                let mut c = lock(&s3.ctl);
+                if c.quit {
+                    return;
+                }
+                if c.throttle > 0 && c.run && !c.parked {
+                    c.throttle_due = true;
+                    s3.kick(&c);
+                }
+            })
+            .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
+        let pages = layout.ram_size / 4096;
+        Ok(Vm {
+            vm: Arc::new(vm),
+            layout,
+            ram,
+            mem,
+            regions,
+            vcpu: shared,
+            thread: Some(thread),
+            ticker: Some(ticker),
+            dirty: Arc::new(DirtyBitmap::new(pages)),
+            manual_protect,
+            tsc_khz,
+            config: None,
+        })
+    }
+
+    /// The RAM layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The vm-memory view of guest RAM (one region per slot).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// TSC frequency of the vCPU in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Whether KVM_CLEAR_DIRTY_LOG (manual dirty-log protection) is on.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// The guest configuration given to [`boot`](Self::boot).
+    pub fn config(&self) -> Option<GuestConfig> {
+        self.config
+    }
+
+    fn write_u64(&self, gpa: u64, v: u64) -> Result<(), VmError> {
+        self.mem.write_obj(v, GuestAddress(gpa)).map_err(|e| VmError::Memory(format!("write at {gpa:#x}: {e}")))
+    }
+
+    fn read_u64(&self, gpa: u64) -> Result<u64, VmError> {
+        self.mem.read_obj(GuestAddress(gpa)).map_err(|e| VmError::Memory(format!("read at {gpa:#x}: {e}")))
+    }
+
+    /// Working-set segments `(gpa, pages)` for `bytes` of working set.
+    fn working_set(&self, bytes: u64) -> Result<[(u64, u64); 2], VmError> {
+        let pages = bytes.div_ceil(4096).max(1);
+        let s0 = self.layout.slots[0];
+        let cap0 = (s0.len.saturating_sub(WORKING_SET_MIN)) / 4096;
+        let (p0, p1, base1) = match self.layout.slots.get(1) {
+            Some(s1) => {
+                let cap1 = s1.len / 4096;
+                let p0 = (pages / 2).min(cap0).max(pages.saturating_sub(cap1));
+                (p0, pages - p0, s1.gpa)
+            }
+            None => (pages, 0, 0),
+        };
+        if p0 > cap0 || p0 == 0 && p1 == 0 || self.layout.slots.get(1).is_some_and(|s| p1 > s.len / 4096) {
+            return Err(VmError::Config(format!("a working set of {bytes} bytes does not fit the RAM")));
+        }
+        Ok([(WORKING_SET_MIN, p0), (base1, p1)])
+    }
+
+    /// Load the guest program, page tables and control block, fill the working set
+    /// with seeded random words and set the vCPU up to start at the program in
+    /// 64-bit mode. The vCPU stays parked until resumed.
+    pub fn boot(&mut self, cfg: GuestConfig) -> Result<(), VmError> {
+        let ws = self.working_set(cfg.working_set)?;
+        // GDT: null, 64-bit code, data, TSS.
+        for (i, d) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff].iter().enumerate() {
+            self.write_u64(GDT_ADDR + 8 * i as u64, *d)?;
+        }
+        // Identity map 0..4 GiB with 2 MiB pages: PML4 -> PDPT -> 4 PDs.
+        let pdpt = PML4_ADDR + 0x1000;
+        self.write_u64(PML4_ADDR, pdpt | 3)?;
+        for g in 0..4u64 {
+            let pd = pdpt + 0x1000 * (g + 1);
+            self.write_u64(pdpt + 8 * g, pd | 3)?;
+            for j in 0..512u64 {
+                self.write_u64(pd + 8 * j, ((g * 512 + j) << 21) | 0x83)?;
+            }
+        }
+        self.mem
+            .write_slice(guest::PROGRAM, GuestAddress(CODE_ADDR))
+            .map_err(|e| VmError::Memory(format!("program: {e}")))?;
+        // The working set: random words; the checksum is their sum.
+        let mut seed = cfg.seed ^ 0x6a09_e667_f3bc_c908;
+        let mut sum = 0u64;
+        let mut page = [0u8; 4096];
+        for (base, pages) in ws {
+            for p in 0..pages {
+                for w in page.chunks_exact_mut(8) {
+                    w.copy_from_slice(&splitmix(&mut seed).to_le_bytes());
+                }
+                sum = sum.wrapping_add(guest::word_sum(&page));
+                self.mem
+                    .write_slice(&page, GuestAddress(base + p * 4096))
+                    .map_err(|e| VmError::Memory(format!("working set: {e}")))?;
+            }
+        }
+        let interval = match cfg.dirty_rate / 4096 {
+            0 => u64::MAX,
+            pps => (self.tsc_khz as u64 * 1000 / pps).max(1),
+        };
+        for (off, v) in [
+            (ctrl::COUNTER, 0),
+            (ctrl::CHECKSUM, sum),
+            (ctrl::BASE0, ws[0].0),
+            (ctrl::PAGES0, ws[0].1),
+            (ctrl::BASE1, ws[1].0),
+            (ctrl::PAGES1, ws[1].1),
+            (ctrl::INTERVAL, interval),
+            (ctrl::LCG, cfg.seed | 1),
+            (ctrl::BUSY, 0),
+            (ctrl::WRITES, 0),
+        ] {
+            self.write_u64(CTRL_ADDR + off, v)?;
+        }
+
+        let fd = self.vcpu.parked_fd().map_err(VmError::Vcpu)?;
+        let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let seg = |selector: u16, type_: u8, l: u8, db: u8, s: u8| kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db,
+            s,
+            l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.cs = seg(0x8, 0xb, 1, 0, 1);
+        let data = seg(0x10, 0x3, 0, 1, 1);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.tr = seg(0x18, 0xb, 0, 0, 0);
+        sregs.gdt = kvm_bindings::kvm_dtable { base: GDT_ADDR, limit: 31, padding: [0; 3] };
+        sregs.idt = kvm_bindings::kvm_dtable { base: 0, limit: 0, padding: [0; 3] };
+        sregs.cr3 = PML4_ADDR;
+        sregs.cr4 |= 1 << 5; // PAE
+        sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
+        sregs.efer |= 0x500; // LME | LMA
+        fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_bindings::kvm_regs { rip: CODE_ADDR, rflags: 2, rsp: CODE_ADDR, ..Default::default() };
+        fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        drop(fd);
+        self.config = Some(cfg);
+        Ok(())
+    }
+
+    /// The vCPU controls (what [`engine::source::Outgoing`] and `Incoming` drive).
+    pub fn vcpus(&self) -> Vcpus {
+        Vcpus(self.vcpu.clone())
+    }
+
+    /// The `cpu` device carrying the vCPU state.
+    pub fn cpu_device(&self) -> CpuDevice {
+        CpuDevice { vcpu: self.vcpu.clone(), vmsd: Arc::new(cpu::vmsd()) }
+    }
+
+    /// KVM's dirty log of every slot, as an engine dirty source for the RAM block.
+    pub fn dirty_log(&self) -> KvmDirtyLog {
+        KvmDirtyLog::new(self.vm.clone(), &self.layout, &self.regions, self.manual_protect)
+    }
+
+    /// The VMM's own dirty bitmap of the RAM block (nothing writes guest RAM behind
+    /// KVM's back here, so it stays empty; the engine needs one per region).
+    pub fn dirty_bitmap(&self) -> Arc<DirtyBitmap> {
+        self.dirty.clone()
+    }
+
+    /// The RAM block as an engine region (valid while the VM lives).
+    pub fn region(&self) -> Result<GuestRegion, VmError> {
+        // SAFETY: the mapping is owned by `self.ram` and stays mapped while this VM
+        // lives; the guest writes it concurrently, which KVM's dirty log reports.
+        unsafe { GuestRegion::new(RAM_BLOCK, self.ram.as_ptr(), self.layout.ram_size as usize) }
+            .ok_or_else(|| VmError::Memory("empty RAM".into()))
+    }
+
+    /// The RAM block's bytes. Callers must not hold this while the vCPU runs and
+    /// expect it to stay still.
+    pub fn ram(&self) -> &[u8] {
+        // SAFETY: `ram` is a live mapping of `ram_size` bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ram.as_ptr(), self.layout.ram_size as usize) }
+    }
+
+    /// A page sink writing the incoming `pc.ram` block straight into guest RAM.
+    pub fn sink(&mut self) -> RamSink<'_> {
+        // SAFETY: as in `ram`; the vCPU is parked while the destination loads.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.ram.as_ptr(), self.layout.ram_size as usize) };
+        RamSink { bytes }
+    }
+
+    /// The guest's control block now.
+    pub fn control(&self) -> Result<Control, VmError> {
+        Ok(Control {
+            counter: self.read_u64(CTRL_ADDR + ctrl::COUNTER)?,
+            checksum: self.read_u64(CTRL_ADDR + ctrl::CHECKSUM)?,
+            writes: self.read_u64(CTRL_ADDR + ctrl::WRITES)?,
+            busy: self.read_u64(CTRL_ADDR + ctrl::BUSY)? != 0,
+        })
+    }
+
+    /// Sum of the working set's words, read from guest memory as the control block
+    /// describes it (compare with [`Control::checksum`] while the vCPU is stopped).
+    pub fn working_set_sum(&self) -> Result<u64, VmError> {
+        let mut sum = 0u64;
+        let mut page = [0u8; 4096];
+        for (b, p) in [(ctrl::BASE0, ctrl::PAGES0), (ctrl::BASE1, ctrl::PAGES1)] {
+            let base = self.read_u64(CTRL_ADDR + b)?;
+            let pages = self.read_u64(CTRL_ADDR + p)?;
+            if pages > self.layout.ram_size / 4096 {
+                return Err(VmError::Memory(format!("control block: {pages} pages is more than the RAM")));
+            }
+            for i in 0..pages {
+                self.mem
+                    .read_slice(&mut page, GuestAddress(base + i * 4096))
+                    .map_err(|e| VmError::Memory(format!("working set: {e}")))?;
+                sum = sum.wrapping_add(guest::word_sum(&page));
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Stop the vCPU at a point where no write is in progress (running it on for a
+    /// moment while one is), read the control block and check the checksum; the
+    /// vCPU is left stopped.
+    pub fn stop_and_check(&self) -> Result<(Control, bool), VmError> {
+        let mut v = self.vcpus();
+        for _ in 0..1000 {
+            v.stop().map_err(VmError::Vcpu)?;
+            let c = self.control()?;
+            if !c.busy {
+                return Ok((c, self.working_set_sum()? == c.checksum));
+            }
+            v.resume().map_err(VmError::Vcpu)?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Err(VmError::Vcpu("always stopped mid-write".into()))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        {
+            let mut c = lock(&self.vcpu.ctl);
+            c.quit = true;
+            self.vcpu.cv.notify_all();
+        }
+        // Kick until the vCPU thread has left (it clears `thread` on its way out).
+        loop {
+            let c = lock(&self.vcpu.ctl);
+            if c.thread.is_none() {
+                break;
+            }
+            self.vcpu.kick(&c);
+            drop(c);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes incoming pages of `pc.ram` into guest RAM.
+pub struct RamSink<'a> {
+    bytes: &'a mut [u8],
+}
+
+impl savevm_format::PageSink for RamSink<'_> {
+    fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<(), String> {
+        match blocks {
+            [b] if b.name == RAM_BLOCK && b.length == self.bytes.len() as u64 => Ok(()),
+            _ => Err(format!(
+                "this VM has one RAM block '{RAM_BLOCK}' of {} bytes; the stream has {}",
+                self.bytes.len(),
+                blocks.iter().map(|b| format!("'{}' ({} bytes)", b.name, b.length)).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    fn page_mut(&mut self, _block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
+        self.bytes.get_mut(offset as usize..offset as usize + 4096)
+    }
+}
+
+fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
