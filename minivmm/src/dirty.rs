@@ -81,7 +81,9 @@ impl DirtySource for KvmDirtyLog {
             let log = kvm_dirty_log {
                 slot: s.region.slot,
                 padding1: 0,
-                __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: s.bitmap.as_mut_ptr().cast() },
+                __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: s.bitmap.as_mut_ptr().cast(),
+                },
             };
             // SAFETY: `log` points at a buffer of one bit per page of the slot, which is
             // what KVM_GET_DIRTY_LOG writes.
@@ -99,10 +101,7 @@ impl DirtySource for KvmDirtyLog {
                 };
                 // SAFETY: as above; KVM reads `num_pages` bits (the slot's size, a multiple of 64).
                 if unsafe { ioctl_with_ref(&*self.vm, KVM_CLEAR_DIRTY_LOG(), &clear) } < 0 {
-                    return Err(DirtyError::Os {
-                        op: "KVM_CLEAR_DIRTY_LOG",
-                        source: std::io::Error::last_os_error(),
-                    });
+                    return Err(DirtyError::Os { op: "KVM_CLEAR_DIRTY_LOG", source: std::io::Error::last_os_error() });
                 }
             }
             total += or_at(out, s.first_page, &s.bitmap, s.pages);

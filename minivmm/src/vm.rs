@@ -314,9 +314,8 @@ impl Vm {
                 })
                 .is_ok();
 
-        let ram = Arc::new(
-            MmapRegion::new(layout.ram_size as usize).map_err(|e| VmError::Memory(format!("mmap: {e}")))?,
-        );
+        let ram =
+            Arc::new(MmapRegion::new(layout.ram_size as usize).map_err(|e| VmError::Memory(format!("mmap: {e}")))?);
         let mut views = vec![];
         let mut regions = vec![];
         for (i, s) in layout.slots.iter().enumerate() {
