@@ -49,7 +49,7 @@ pub struct DemoOptions {
 }
 
 /// Work files, removed on drop.
-struct WorkDir(PathBuf);
+pub(crate) struct WorkDir(pub(crate) PathBuf);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
@@ -57,7 +57,7 @@ impl Drop for WorkDir {
     }
 }
 
-fn work_dir() -> Result<WorkDir> {
+pub(crate) fn work_dir() -> Result<WorkDir> {
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
     let d = base.join(format!("qmig-demo-{}", std::process::id()));
     std::fs::create_dir_all(&d).map_err(|e| Error::file(&d, e))?;
@@ -180,7 +180,7 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     Ok((Dest::Qemu(Box::new(q)), uri))
 }
 
-fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
+pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
     let t0 = Instant::now();
     loop {
         match connect(uri, cancel) {
@@ -239,7 +239,7 @@ fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
     Ok((differing == 0, differing))
 }
 
-fn spawn_progress(out: Outgoing) -> (crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>) {
+pub(crate) fn spawn_progress(out: Outgoing) -> (crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
     let h = std::thread::spawn(move || {
         let bar = indicatif::ProgressBar::new_spinner();

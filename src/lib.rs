@@ -7,6 +7,8 @@
 pub mod analyze;
 pub mod demo;
 mod error;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm_demo;
 pub mod pattern;
 pub mod qemu;
 pub mod ramfile;

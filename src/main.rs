@@ -61,12 +61,27 @@ enum Cmd {
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
     },
-    /// Live-migrate a synthetic guest that keeps writing its memory, then verify the destination's RAM.
+    /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
+        /// The guest: `kvm` (a real guest on KVM, migrated to a qmig VMM process), `synthetic` (writer threads), or `auto` (kvm where /dev/kvm works and --dest is qmig).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "synthetic"])]
+        guest: String,
+        /// Shorthand for `--guest kvm`.
+        #[arg(long, conflicts_with = "guest")]
+        kvm: bool,
+        /// KVM guest: memory slots, 1 or 2 (2 splits RAM around a PCI hole, scaled down).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+        slots: u32,
+        /// KVM guest: bytes of its working set, where its page writes go (suffixes K, M, G).
+        #[arg(long = "working-set", default_value = "256M", value_parser = parse_size)]
+        working_set: u64,
+        /// KVM guest: ms it runs on the destination before its counter and checksum are read.
+        #[arg(long = "run-on", value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..))]
+        run_on: u64,
         /// Guest RAM size (suffixes K, M, G).
         #[arg(long = "ram-size", default_value = "1G", value_parser = parse_size)]
         ram_size: u64,
-        /// MiB/s the guest's writer threads dirty (80 % in a hot set, 20 % spread at random).
+        /// MiB/s the guest dirties (KVM: page writes at random in its working set; synthetic: 80 % in a hot set).
         #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
         dirty_rate: u64,
         /// Writer threads (the guest's vCPUs).
@@ -93,6 +108,22 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+    },
+    /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
+    #[command(hide = true, name = "kvm-dest")]
+    KvmDest {
+        /// Source URI to listen on (unix: or tcp:).
+        #[arg(long = "from", value_name = "URI")]
+        from: String,
+        /// Guest RAM size.
+        #[arg(long = "ram-size", value_parser = parse_size)]
+        ram_size: u64,
+        /// Memory slots (1 or 2).
+        #[arg(long, default_value_t = 2)]
+        slots: u32,
+        /// ms the guest runs before it is read.
+        #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
+        run_on: u64,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -155,6 +186,98 @@ fn uri(s: &str) -> qmig::Result<MigrationUri> {
     s.parse::<MigrationUri>().map_err(|e| qmig::Error::Transport(e.into()))
 }
 
+/// Whether `qmig demo` runs the KVM guest: `auto` picks it where /dev/kvm works and
+/// the destination is qmig, and says on stderr why not otherwise.
+fn use_kvm(guest: &str, dest: &str) -> qmig::Result<bool> {
+    let why_not = kvm_unavailable();
+    match (guest, dest, why_not) {
+        ("synthetic", _, _) => Ok(false),
+        ("kvm", "qemu", _) => Err(qmig::Error::Usage(
+            "--guest kvm needs --dest qmig (QEMU cannot load this VMM's 'cpu' section); use --guest synthetic".into(),
+        )),
+        ("kvm", _, Some(why)) => Err(qmig::Error::Usage(format!("--guest kvm: {why}"))),
+        ("kvm", _, None) => Ok(true),
+        (_, "qemu", _) => Ok(false),
+        (_, _, Some(why)) => {
+            eprintln!("qmig demo: no KVM guest ({why}); migrating a synthetic guest instead");
+            Ok(false)
+        }
+        (_, _, None) => Ok(true),
+    }
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn kvm_unavailable() -> Option<String> {
+    minivmm::kvm_unavailable()
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn kvm_unavailable() -> Option<String> {
+    Some("this qmig was built without the `kvm` feature".into())
+}
+
+struct KvmArgs<'a> {
+    ram_size: u64,
+    slots: u32,
+    working_set: u64,
+    dirty_rate: u64,
+    uri: Option<String>,
+    params: engine::params::MigrationParameters,
+    auto_converge: bool,
+    seed: u64,
+    run_on: u64,
+    stats_json: Option<PathBuf>,
+    cancel: &'a transports::CancelToken,
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
+    let opts = qmig::kvm_demo::KvmDemoOptions {
+        ram_size: a.ram_size,
+        slots: a.slots,
+        working_set: a.working_set,
+        dirty_rate: a.dirty_rate,
+        uri: a.uri,
+        params: a.params,
+        auto_converge: a.auto_converge,
+        seed: a.seed,
+        run_on: std::time::Duration::from_millis(a.run_on),
+        progress: true,
+    };
+    let (stats, verified) = qmig::kvm_demo::demo(&opts, a.cancel)?;
+    write_stats(a.stats_json.as_deref(), &stats)?;
+    if !verified {
+        return Err(qmig::Error::Usage(format!("verification failed: {}", stats["guest"])));
+    }
+    Ok(())
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
+    Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn kvm_dest(
+    from: &MigrationUri,
+    ram_size: u64,
+    slots: u32,
+    run_on: u64,
+    cancel: &transports::CancelToken,
+) -> qmig::Result<()> {
+    let report =
+        qmig::kvm_demo::dest(ram_size, slots, from, std::time::Duration::from_millis(run_on), cancel, |bound| {
+            print_line(&serde_json::json!({ "listening": bound.to_string() }))
+        })?;
+    print_line(&report);
+    Ok(())
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn kvm_dest(_: &MigrationUri, _: u64, _: u32, _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+    Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
+}
+
 fn print_line(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
@@ -187,6 +310,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             write_stats(stats_json.as_deref(), &info.to_json())?;
         }
         Cmd::Demo {
+            guest,
+            kvm,
+            slots,
+            working_set,
+            run_on,
             ram_size,
             dirty_rate,
             vcpus,
@@ -198,12 +326,28 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             seed,
             stats_json,
         } => {
+            let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+                return kvm_demo(KvmArgs {
+                    ram_size,
+                    slots,
+                    working_set,
+                    dirty_rate: dirty_rate << 20,
+                    uri,
+                    params,
+                    auto_converge,
+                    seed,
+                    run_on,
+                    stats_json,
+                    cancel,
+                });
+            }
             let opts = qmig::demo::DemoOptions {
                 ram_size,
                 dirty_rate: dirty_rate << 20,
                 vcpus,
                 uri,
-                params: engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() },
+                params,
                 auto_converge,
                 dest: if dest == "qemu" { qmig::demo::Destination::Qemu } else { qmig::demo::Destination::Qmig },
                 seed,
@@ -218,6 +362,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
+        Cmd::KvmDest { from, ram_size, slots, run_on } => kvm_dest(&uri(&from)?, ram_size, slots, run_on, cancel)?,
         Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;

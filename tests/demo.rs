@@ -40,10 +40,10 @@ fn demo(dir: &TestDir, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn demo_to_qmig_verifies() {
     let dir = TestDir::new("demo-qmig");
-    let s = demo(&dir, &[]);
+    let s = demo(&dir, &["--guest", "synthetic"]);
     assert_eq!(s["destination"]["kind"], "qmig");
     assert_eq!(s["destination"]["stats"]["status"], "completed");
-    let s = demo(&dir, &["--uri", "tcp:127.0.0.1:0", "--seed", "7", "--vcpus", "2"]);
+    let s = demo(&dir, &["--guest", "synthetic", "--uri", "tcp:127.0.0.1:0", "--seed", "7", "--vcpus", "2"]);
     assert_eq!(s["destination"]["stats"]["ram"]["total"], 64 << 20);
 }
 

@@ -9,6 +9,10 @@ use std::sync::Arc;
 
 /// `IA32_TSC`.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_MTRR_DEF_TYPE`.
+pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRRs enabled, default memory type write-back.
+pub const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 /// Section idstr of the vCPU state.
 pub const IDSTR: &str = "cpu";
@@ -22,6 +26,8 @@ pub struct CpuState {
     pub sregs: kvm_sregs,
     /// Time-stamp counter.
     pub tsc: u64,
+    /// `IA32_MTRR_DEF_TYPE` (memory is uncacheable unless MTRRs are on).
+    pub mtrr_def_type: u64,
 }
 
 fn segment_vmsd() -> Vmsd {
@@ -58,6 +64,7 @@ pub fn vmsd() -> Vmsd {
         .field("apic_base", Kind::Uint(8))
         .array("interrupt_bitmap", Kind::Uint(8), Count::Fixed(4))
         .field("tsc", Kind::Uint(8))
+        .field("mtrr_def_type", Kind::Uint(8))
 }
 
 fn u(v: u64) -> Value {
@@ -115,6 +122,7 @@ impl CpuState {
         st.set("apic_base", u(s.apic_base));
         st.set("interrupt_bitmap", Value::Array(s.interrupt_bitmap.iter().map(|&v| u(v)).collect()));
         st.set("tsc", u(self.tsc));
+        st.set("mtrr_def_type", u(self.mtrr_def_type));
         st
     }
 
@@ -176,7 +184,7 @@ impl CpuState {
             apic_base: int("apic_base")?,
             interrupt_bitmap: [ib[0], ib[1], ib[2], ib[3]],
         };
-        Ok(CpuState { regs, sregs, tsc: int("tsc")? })
+        Ok(CpuState { regs, sregs, tsc: int("tsc")?, mtrr_def_type: int("mtrr_def_type")? })
     }
 }
 
@@ -222,6 +230,7 @@ mod tests {
         c.sregs.cr3 = 0x9000;
         c.sregs.gdt.limit = 31;
         c.tsc = 1 << 40;
+        c.mtrr_def_type = MTRR_ENABLE_WB;
         let v = vmsd();
         let bytes = savevm_format::vmstate::encode_to_vec(&v, &c.to_state()).unwrap();
         let (back, used) = savevm_format::vmstate::decode_bytes(&v, 1, &bytes).unwrap();
@@ -229,6 +238,6 @@ mod tests {
         let d = CpuState::from_state(&back).unwrap();
         assert_eq!(d.regs, c.regs);
         assert_eq!(d.sregs, c.sregs);
-        assert_eq!(d.tsc, c.tsc);
+        assert_eq!((d.tsc, d.mtrr_def_type), (c.tsc, c.mtrr_def_type));
     }
 }

@@ -100,6 +100,8 @@ struct Ctl {
     error: Option<String>,
     /// The vCPU thread, for kicks.
     thread: Option<libc::pthread_t>,
+    /// Returns from KVM_RUN.
+    exits: u64,
 }
 
 struct VcpuShared {
@@ -190,6 +192,7 @@ impl VcpuShared {
             };
             drop(fd);
             let mut c = lock(&self.ctl);
+            c.exits += 1;
             if let Some(e) = exit {
                 c.error = Some(e);
                 c.run = false;
@@ -229,6 +232,11 @@ impl Vcpus {
         lock(&self.0.ctl).parked
     }
 
+    /// Returns from KVM_RUN so far (kicks for stop and throttle).
+    pub fn exits(&self) -> u64 {
+        lock(&self.0.ctl).exits
+    }
+
     /// Why the vCPU stopped on its own, if it did.
     pub fn error(&self) -> Option<String> {
         lock(&self.0.ctl).error.clone()
@@ -256,11 +264,14 @@ impl DeviceHandler for CpuDevice {
         let fd = self.vcpu.parked_fd()?;
         let regs = fd.get_regs().map_err(cpu_err("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))?;
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+        let entry = |index| kvm_msr_entry { index, ..Default::default() };
+        let mut msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC), entry(cpu::MSR_MTRR_DEF_TYPE)])
             .map_err(|x| format!("cpu: msrs: {x:?}"))?;
-        fd.get_msrs(&mut msrs).map_err(cpu_err("KVM_GET_MSRS"))?;
-        let tsc = msrs.as_slice().first().map(|m| m.data).unwrap_or(0);
-        Ok(CpuState { regs, sregs, tsc }.to_state())
+        if fd.get_msrs(&mut msrs).map_err(cpu_err("KVM_GET_MSRS"))? != 2 {
+            return Err("cpu: KVM_GET_MSRS returned fewer MSRs than asked".into());
+        }
+        let m = msrs.as_slice();
+        Ok(CpuState { regs, sregs, tsc: m[0].data, mtrr_def_type: m[1].data }.to_state())
     }
     fn load(&mut self, version: u32, state: State) -> Result<(), String> {
         if version != 1 {
@@ -270,9 +281,12 @@ impl DeviceHandler for CpuDevice {
         let fd = self.vcpu.parked_fd()?;
         fd.set_sregs(&c.sregs).map_err(cpu_err("KVM_SET_SREGS"))?;
         fd.set_regs(&c.regs).map_err(cpu_err("KVM_SET_REGS"))?;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, data: c.tsc, ..Default::default() }])
+        let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+        let msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC, c.tsc), entry(cpu::MSR_MTRR_DEF_TYPE, c.mtrr_def_type)])
             .map_err(|x| format!("cpu: msrs: {x:?}"))?;
-        fd.set_msrs(&msrs).map_err(cpu_err("KVM_SET_MSRS"))?;
+        if fd.set_msrs(&msrs).map_err(cpu_err("KVM_SET_MSRS"))? != 2 {
+            return Err("cpu: KVM_SET_MSRS set fewer MSRs than given".into());
+        }
         Ok(())
     }
 }
@@ -538,6 +552,14 @@ impl Vm {
         fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         let regs = kvm_bindings::kvm_regs { rip: CODE_ADDR, rflags: 2, rsp: CODE_ADDR, ..Default::default() };
         fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        // Without enabled MTRRs all guest memory is uncacheable: default type write-back.
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: cpu::MSR_MTRR_DEF_TYPE,
+            data: cpu::MTRR_ENABLE_WB,
+            ..Default::default()
+        }])
+        .map_err(|e| VmError::Vcpu(format!("msrs: {e:?}")))?;
+        fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         drop(fd);
         self.config = Some(cfg);
         Ok(())
