@@ -80,7 +80,7 @@ impl Layout {
 }
 
 fn check(ram_size: u64) -> Result<(), LayoutError> {
-    if ram_size < (4 << 20) || ram_size > MAX_RAM || !ram_size.is_multiple_of(2 << 20) {
+    if !((4 << 20)..=MAX_RAM).contains(&ram_size) || !ram_size.is_multiple_of(2 << 20) {
         return Err(LayoutError::Size(ram_size));
     }
     Ok(())
