@@ -216,6 +216,7 @@ fn kvm_unavailable() -> Option<String> {
     Some("this qmig was built without the `kvm` feature".into())
 }
 
+#[cfg_attr(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
 struct KvmArgs<'a> {
     ram_size: u64,
     slots: u32,
