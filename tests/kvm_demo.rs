@@ -10,17 +10,6 @@ mod common;
 use common::TestDir;
 use std::process::Command;
 
-/// Skip (printing why) where KVM is unusable, except under CI=true on a machine
-/// with /dev/kvm, where the test must run.
-fn kvm_or_skip(test: &str) -> bool {
-    let Some(why) = minivmm::kvm_unavailable() else { return true };
-    if std::env::var("CI").as_deref() == Ok("true") && std::path::Path::new("/dev/kvm").exists() {
-        panic!("{test}: /dev/kvm exists but is unusable under CI=true: {why}");
-    }
-    println!("SKIP {test}: {why}");
-    false
-}
-
 fn kvm_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
     let stats = dir.join("kvm-stats.json");
     let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
@@ -48,7 +37,7 @@ fn kvm_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn kvm_guest_migrates_live_between_processes() {
-    if !kvm_or_skip("kvm_guest_migrates_live_between_processes") {
+    if !minivmm::kvm_or_skip("kvm_guest_migrates_live_between_processes") {
         return;
     }
     let dir = TestDir::new("kvm-demo");
@@ -63,7 +52,7 @@ fn kvm_guest_migrates_live_between_processes() {
 
 #[test]
 fn kvm_guest_one_slot_over_tcp() {
-    if !kvm_or_skip("kvm_guest_one_slot_over_tcp") {
+    if !minivmm::kvm_or_skip("kvm_guest_one_slot_over_tcp") {
         return;
     }
     let dir = TestDir::new("kvm-demo-tcp");

@@ -7,24 +7,9 @@ use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
 use std::time::Duration;
 
-/// Skip (with the reason printed) when KVM is unusable, unless CI=true on a
-/// machine that has /dev/kvm, where it must work.
-fn kvm_or_skip(test: &str) -> bool {
-    match minivmm::kvm_unavailable() {
-        None => true,
-        Some(why) => {
-            if std::env::var("CI").as_deref() == Ok("true") && std::path::Path::new("/dev/kvm").exists() {
-                panic!("{test}: /dev/kvm exists but is unusable under CI=true: {why}");
-            }
-            println!("SKIP {test}: {why}");
-            false
-        }
-    }
-}
-
 #[test]
 fn guest_runs_and_keeps_its_checksum() {
-    if !kvm_or_skip("guest_runs_and_keeps_its_checksum") {
+    if !minivmm::kvm_or_skip("guest_runs_and_keeps_its_checksum") {
         return;
     }
     for layout in [Layout::one_slot(64 << 20).unwrap(), Layout::pc_split(256 << 20).unwrap()] {
@@ -53,7 +38,7 @@ fn guest_runs_and_keeps_its_checksum() {
 
 #[test]
 fn dirty_log_reports_guest_writes_in_both_slots() {
-    if !kvm_or_skip("dirty_log_reports_guest_writes_in_both_slots") {
+    if !minivmm::kvm_or_skip("dirty_log_reports_guest_writes_in_both_slots") {
         return;
     }
     let layout = Layout::pc_split(256 << 20).unwrap();

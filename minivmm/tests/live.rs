@@ -11,19 +11,6 @@ use minivmm::{GuestConfig, Vm};
 use std::time::Duration;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
-fn kvm_or_skip(test: &str) -> bool {
-    match minivmm::kvm_unavailable() {
-        None => true,
-        Some(why) => {
-            if std::env::var("CI").as_deref() == Ok("true") && std::path::Path::new("/dev/kvm").exists() {
-                panic!("{test}: /dev/kvm exists but is unusable under CI=true: {why}");
-            }
-            println!("SKIP {test}: {why}");
-            false
-        }
-    }
-}
-
 fn sock(name: &str) -> MigrationUri {
     let p = std::env::temp_dir().join(format!("minivmm-{}-{name}.sock", std::process::id()));
     let _ = std::fs::remove_file(&p);
@@ -65,7 +52,7 @@ fn migrate(
 
 #[test]
 fn guest_migrates_live_and_runs_on() {
-    if !kvm_or_skip("guest_migrates_live_and_runs_on") {
+    if !minivmm::kvm_or_skip("guest_migrates_live_and_runs_on") {
         return;
     }
     let cases = [
@@ -96,7 +83,7 @@ fn guest_migrates_live_and_runs_on() {
 
 #[test]
 fn cancel_mid_migration_leaves_the_guest_running_on_the_source() {
-    if !kvm_or_skip("cancel_mid_migration_leaves_the_guest_running_on_the_source") {
+    if !minivmm::kvm_or_skip("cancel_mid_migration_leaves_the_guest_running_on_the_source") {
         return;
     }
     let layout = Layout::pc_split(512 << 20).unwrap();
