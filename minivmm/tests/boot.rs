@@ -24,8 +24,8 @@ fn guest_runs_and_keeps_its_checksum() {
         let (c1, ok) = vm.stop_and_check().unwrap();
         assert!(ok, "checksum after 300 ms ({layout:?})");
         assert!(c1.counter > 1000, "counter {}", c1.counter);
-        // 16 MiB/s = 4096 pages/s: ~1200 writes in 300 ms.
-        assert!(c1.writes > 600 && c1.writes < 2400, "writes {}", c1.writes);
+        // 16 MiB/s = 4096 pages/s: ~1200 writes in 300 ms, never more; fewer when the host is busy.
+        assert!(c1.writes > 100 && c1.writes < 1400, "writes {}", c1.writes);
         // Stopped means stopped.
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(vm.control().unwrap().counter, c1.counter);
