@@ -19,13 +19,16 @@ fn guest_runs_and_keeps_its_checksum() {
         assert_eq!(c0.counter, 0);
         assert_eq!(vm.working_set_sum().unwrap(), c0.checksum);
         let mut v = vm.vcpus();
+        let t0 = std::time::Instant::now();
         v.resume().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let (c1, ok) = vm.stop_and_check().unwrap();
+        let ran = t0.elapsed().as_secs_f64();
         assert!(ok, "checksum after 300 ms ({layout:?})");
         assert!(c1.counter > 1000, "counter {}", c1.counter);
         // 16 MiB/s = 4096 pages/s: ~1200 writes in 300 ms, never more; fewer when the host is busy.
-        assert!(c1.writes > 100 && c1.writes < 1400, "writes {}", c1.writes);
+        let most = (ran * 4096.0 * 1.02) as u64 + 2;
+        assert!(c1.writes > 100 && c1.writes <= most, "writes {} in {ran:.3} s (at most {most})", c1.writes);
         // Stopped means stopped.
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(vm.control().unwrap().counter, c1.counter);
