@@ -40,12 +40,12 @@ pub mod xbzrle;
 
 pub use command::{Command, RpMessage};
 pub use decoder::{
-    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, SectionHeader,
-    SectionKind,
+    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, RawBody,
+    SectionHeader, SectionKind,
 };
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;
 pub use writer::{
-    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, RamStats, StoppedGuest,
-    StreamWriter,
+    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, BodyWriter, RamStats,
+    StoppedGuest, StreamWriter,
 };
