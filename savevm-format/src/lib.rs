@@ -6,7 +6,9 @@
 //!
 //! - [`Decoder`]: a pull decoder yielding [`Event`]s (header, configuration,
 //!   sections, RAM records, device state, commands, EOF, vmdesc) from any `Read`,
-//!   with bounded memory and typed errors carrying the byte offset and section.
+//!   with bounded memory and typed errors carrying the byte offset and section;
+//!   section bodies only their owner can parse (hand-written devices, live
+//!   handlers other than RAM) go to the caller's loader ([`Decoder::register_raw`]).
 //! - [`StreamWriter`]: the writer, and [`write_stopped_guest`] for a whole stream.
 //! - [`vmstate`]: declarative device descriptions that encode, decode and describe
 //!   themselves in vmdesc JSON; [`builtin`] has QEMU's `timer` and `globalstate`.
