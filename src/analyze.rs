@@ -23,7 +23,9 @@ pub struct AnalyzeOptions {
 }
 
 /// Analyze the stream in file `path`. If the file ends with a vmdesc, devices
-/// without a built-in description are decoded from it.
+/// without a built-in description are decoded from it; a hand-written (old-style)
+/// device is its `data` buffer of the size the vmdesc records, as in QEMU's
+/// `analyze-migration.py`.
 pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Json> {
     let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
     let len = f.metadata().map_err(|e| Error::file(path, e))?.len();
@@ -116,7 +118,8 @@ pub fn analyze_reader<R: Read, C: Read>(
                     drain_to_sync(ch, &blocks, &mut counts, &mut sink, tps)?;
                 }
             }
-            Event::MultifdFlush | Event::SectionEnd { .. } | Event::PackageEnd => {}
+            // No handler is registered raw here: old-style devices decode from the vmdesc.
+            Event::MultifdFlush | Event::SectionEnd { .. } | Event::PackageEnd | Event::RawBody(_) => {}
             Event::Device { state, .. } => {
                 if let Some((name, inst)) = &current {
                     let key = if *inst == 0 { name.clone() } else { format!("{name} ({inst})") };

@@ -86,6 +86,73 @@ fn truncated_stream_is_one_line_with_offset() {
     assert_one_line_error(&out, &["at byte 100000", "section 'ram'", "stream ends inside a page"]);
 }
 
+/// A hand-written device for the engine: its bytes as they are.
+struct Blob(Vec<u8>);
+
+impl engine::vm::RawDevice for Blob {
+    fn idstr(&self) -> String {
+        "0000:00:1f.0/acpi-raw".into()
+    }
+    fn version(&self) -> u32 {
+        3
+    }
+    fn save_state(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
+        out.write_all(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn analyze_decodes_a_hand_written_device_from_its_vmdesc_size() {
+    use engine::params::{MigrationCapabilities, SharedParameters};
+    use std::io::Read;
+    use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+    // The engine migrates an idle guest with the device; the stream is kept.
+    let dir = TestDir::new("cli-raw");
+    let guest = engine::synthetic::SyntheticGuest::new(1 << 20, |p, page| page.fill(p as u8));
+    let region = guest.region("mem").expect("region");
+    let uri = MigrationUri::Unix(dir.path().join("s.sock"));
+    let cancel = CancelToken::new().expect("token");
+    let listener = Listener::bind(&uri, &cancel).expect("listen");
+    let dst = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let ch = listener.accept().expect("accept");
+        MigrationReader::new(ch, RateLimit::new(0)).read_to_end(&mut v).expect("read");
+        v
+    });
+    let body: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+    let mut dev = Blob(body.clone());
+    let mut vm = engine::vm::VmParts { raw_devices: vec![&mut dev], ..Default::default() };
+    let out =
+        engine::source::Outgoing::new(SharedParameters::default(), MigrationCapabilities::default()).expect("outgoing");
+    let ch = connect(&uri, &cancel).expect("connect");
+    out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut guest.vcpus(), &mut vm).expect("migrate");
+    let stream = dst.join().expect("destination");
+    let file = dir.path().join("raw.mig");
+    std::fs::write(&file, &stream).expect("write");
+
+    let out = qmig(&["analyze", &file.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // As analyze-migration.py: the body is the vmdesc's `data` buffer of the recorded size.
+    assert_eq!(
+        doc["devices"]["0000:00:1f.0/acpi-raw"],
+        serde_json::json!({"data": savevm_format::vmstate::hex(&body)})
+    );
+    let names: Vec<&str> =
+        doc["sections"].as_array().expect("sections").iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(names.contains(&"0000:00:1f.0/acpi-raw"), "{names:?}");
+    assert_eq!(doc["eof"], true);
+
+    // Without the vmdesc nothing says how long the body is: a typed one-line error.
+    let (_, eof) = savevm_format::find_trailing_vmdesc(&stream).expect("vmdesc");
+    let cut = dir.path().join("novmdesc.mig");
+    std::fs::write(&cut, &stream[..eof]).expect("write");
+    assert_one_line_error(
+        &qmig(&["analyze", &cut.to_string_lossy()]),
+        &["section '0000:00:1f.0/acpi-raw'", "no description for device '0000:00:1f.0/acpi-raw'"],
+    );
+}
+
 #[test]
 fn device_without_description_names_its_section() {
     // A q35 stream cut right after EOF: no vmdesc to decode devices from.

@@ -3,11 +3,15 @@
 //! resume the guest (autostart, when the source was running) or leave it paused.
 //! A failure anywhere, invalidation included, leaves the guest unstarted and the
 //! state `failed`, with the reason.
+//!
+//! vmstate devices get their decoded state; hand-written devices (FULL sections)
+//! and live devices (START/PART/END sections) read their bodies themselves from
+//! the stream, and the section footer must follow exactly where they stopped.
 
 use crate::source::VcpuControl;
 use crate::state::{MigrationStatus as S, Role, StateMachine};
-use crate::vm::VmParts;
-use savevm_format::{Decoder, Event, PageSink};
+use crate::vm::{device_error, VmParts};
+use savevm_format::{Decoder, Event, PageSink, RawBody, SectionKind};
 use std::io::Read;
 
 /// Why an incoming migration failed.
@@ -42,8 +46,24 @@ pub struct IncomingReport {
     pub normal: u64,
     /// Zero pages received.
     pub duplicate: u64,
-    /// Devices loaded.
+    /// FULL device sections loaded (vmstate and hand-written).
     pub devices: usize,
+    /// START, PART and END sections loaded by live devices.
+    pub live_sections: u64,
+}
+
+/// A loader's outcome: the stream's own failure under it (input ended, reader
+/// failed) wins, as a typed stream error at its offset; else the device's refusal,
+/// with its name and where in the stream it stopped.
+fn body_outcome(body: &RawBody<'_>, loaded: Result<(), String>) -> Result<(), IncomingError> {
+    if let Some(e) = body.stream_error() {
+        return Err(IncomingError::Stream(e));
+    }
+    loaded.map_err(|why| {
+        let h = body.header();
+        let why = format!("{why} ({} section at byte {}, body byte {})", h.kind.as_str(), h.offset, body.consumed());
+        IncomingError::Device(device_error(&h.idstr, h.instance_id, &why))
+    })
 }
 
 /// One incoming migration.
@@ -94,6 +114,12 @@ impl Incoming {
         for dev in &vm.devices {
             d.register((*dev.vmsd()).clone());
         }
+        for dev in &vm.raw_devices {
+            d.register_raw(&dev.idstr(), dev.instance_id());
+        }
+        for dev in &vm.live_devices {
+            d.register_raw(&dev.idstr(), dev.instance_id());
+        }
         let mut report = IncomingReport::default();
         let (mut section, mut eof) = (None, false);
         while let Some(ev) = d.next_with(ram)? {
@@ -116,10 +142,34 @@ impl Incoming {
                                 .iter_mut()
                                 .find(|x| x.idstr() == idstr && x.instance_id() == inst)
                                 .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
-                            dev.load(version, state).map_err(IncomingError::Device)?;
+                            dev.load(version, state)
+                                .map_err(|why| IncomingError::Device(device_error(&idstr, inst, &why)))?;
                             report.devices += 1;
                         }
                     }
+                }
+                Event::RawBody(mut body) => {
+                    let h = body.header().clone();
+                    let (idstr, inst) = (h.idstr.as_str(), h.instance_id);
+                    let unknown = || IncomingError::UnknownDevice(h.idstr.clone(), inst);
+                    let loaded = if h.kind == SectionKind::Full {
+                        let dev = vm
+                            .raw_devices
+                            .iter_mut()
+                            .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                            .ok_or_else(unknown)?;
+                        report.devices += 1;
+                        dev.load_state(h.version, &mut body)
+                    } else {
+                        let dev = vm
+                            .live_devices
+                            .iter_mut()
+                            .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                            .ok_or_else(unknown)?;
+                        report.live_sections += 1;
+                        dev.load_state(h.kind, h.version, &mut body)
+                    };
+                    body_outcome(&body, loaded)?;
                 }
                 Event::Eof => eof = true,
                 _ => {}

@@ -18,8 +18,11 @@
 //!   RAM regions, with cancel from any thread and `query-migrate` figures in
 //!   [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl) is what
 //!   the VMM supplies to stop, resume and throttle its vCPUs.
-//! - [`vm`]: devices (vmstate descriptions), block devices and migration blockers;
-//!   every default refuses.
+//! - [`vm`]: devices, block devices and migration blockers; every default refuses.
+//!   Devices are vmstate ([`DeviceHandler`](vm::DeviceHandler)), hand-written
+//!   ([`RawDevice`](vm::RawDevice): the device's own bytes in a FULL section) or
+//!   live ([`LiveDevice`](vm::LiveDevice): START/PART/END sections alongside RAM,
+//!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
 //! - [`synthetic`]: a guest of writer threads for demos and tests.

@@ -1,20 +1,26 @@
 //! The outgoing side: live pre-copy of guest RAM in QEMU 7.2's manner.
 //!
-//! Setup (RAM block list, every page marked), then passes of RAM PART sections
-//! while the guest runs; before deciding, the dirty bitmap is synced when the
-//! pending estimate already fits the threshold (bandwidth × `downtime-limit`);
-//! when the rest fits, the vCPUs stop, a final sync runs, the END section carries
-//! every remaining page, then the device sections, EOF and vmdesc. Cancel or any
-//! failure resumes the guest and ends `cancelled` / `failed`.
+//! Setup (RAM block list, every page marked; then each live device's START),
+//! then passes of RAM PART sections, each followed by a PART of every live device
+//! with pending bytes, while the guest runs; before deciding, the dirty bitmap is
+//! synced when RAM's pending estimate already fits the threshold (bandwidth ×
+//! `downtime-limit`); when RAM's rest and the live devices' pending bytes together
+//! fit, the vCPUs stop, a final sync runs, RAM's END section carries every
+//! remaining page, the live devices' END sections theirs, then the FULL device
+//! sections (vmstate, then hand-written), EOF and vmdesc. Cancel or any failure
+//! resumes the guest and ends `cancelled` / `failed`; live devices get their
+//! cleanup call whatever the outcome.
 
 use crate::convergence::{self, AutoConverge, BandwidthMeter, Decision};
 use crate::dirty::{count_bits, DirtyBitmap};
 use crate::info::{InfoHandle, MigrationInfo};
 use crate::params::{MigrationCapabilities, SharedParameters};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
-use crate::vm::VmParts;
+use crate::vm::{device_error, VmParts};
 use savevm_format::ram::is_zero_page;
 use savevm_format::{section_ids, write_guest_prologue, RamBlock, StoppedGuest, StreamWriter};
+use std::collections::HashSet;
+use std::io::Write;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +34,10 @@ const PART_MAX: Duration = Duration::from_millis(50);
 const FIRST_DEVICE_ID: u32 = 5;
 /// Length of a dirty-rate / auto-converge period.
 const PERIOD: Duration = Duration::from_secs(1);
+/// Pause after an iteration in which RAM had nothing to send and the live devices,
+/// though reporting pending bytes, wrote less than a page between them (no busy loop
+/// of near-empty sections while a device waits for its state to settle).
+const IDLE_NAP: Duration = Duration::from_millis(5);
 
 /// A RAM region of the guest, read by the engine while the guest runs.
 #[derive(Debug)]
@@ -241,6 +251,45 @@ fn harvest(
     Ok(())
 }
 
+/// Let a device write a section body; the channel's own failure wins over the
+/// device's message (which may only echo it). Returns the body's length.
+fn save_body<W: Write>(
+    w: &mut StreamWriter<W>,
+    idstr: &str,
+    instance: u32,
+    save: impl FnOnce(&mut dyn Write) -> Result<(), String>,
+) -> Result<u64, EngineError> {
+    let mut body = w.body();
+    let r = save(&mut body);
+    if let Some(e) = body.take_error() {
+        return Err(EngineError::Io(e));
+    }
+    r.map_err(|why| EngineError::Device(device_error(idstr, instance, &why)))?;
+    Ok(body.written())
+}
+
+/// Refuse two devices with the same idstr and instance among `ids`.
+fn check_unique(ids: impl Iterator<Item = (String, u32)>, what: &str) -> Result<(), EngineError> {
+    let mut seen = HashSet::new();
+    for (idstr, inst) in ids {
+        if !seen.insert((idstr.clone(), inst)) {
+            return Err(EngineError::Setup(format!("two {what} devices are '{idstr}' instance {inst}")));
+        }
+    }
+    Ok(())
+}
+
+/// What a run did that its end must undo, whatever happened.
+#[derive(Default)]
+struct Undo {
+    /// The vCPUs were stopped.
+    stopped: bool,
+    /// Block devices inactivated (a prefix of the list).
+    inactivated: usize,
+    /// Live devices whose `save_setup` was called (a prefix of the list).
+    live_setup: usize,
+}
+
 impl Outgoing {
     /// A migration in state `none` with these parameters and capabilities.
     pub fn new(params: SharedParameters, caps: MigrationCapabilities) -> std::io::Result<Self> {
@@ -295,9 +344,10 @@ impl Outgoing {
         self.run_vm(ch, regions, dirty, vcpus, &mut VmParts::default())
     }
 
-    /// [`run`](Self::run) with the VM's devices (saved at switchover after `timer`),
-    /// block devices (inactivated at switchover, reactivated if it fails) and blockers
-    /// (any fails the migration at start with its reason).
+    /// [`run`](Self::run) with the VM's devices (vmstate and hand-written ones saved
+    /// at switchover after `timer`; live ones sent alongside RAM, see the module
+    /// documentation), block devices (inactivated at switchover, reactivated if it
+    /// fails) and blockers (any fails the migration at start with its reason).
     pub fn run_vm(
         &self,
         ch: Channel,
@@ -311,20 +361,23 @@ impl Outgoing {
         self.cancel.link_to(ch.cancel_token());
         self.state.transition(S::None, S::Setup)?;
         self.info.update(|i| i.status = S::Setup);
-        let mut stopped = false;
-        let mut inactivated = 0usize;
+        let mut undo = Undo::default();
         let result = match vm.blockers.first() {
             Some(b) => Err(EngineError::Blocked(b.reason.clone())),
-            None => self.precopy(ch, regions, dirty, vcpus, start, &mut stopped, vm, &mut inactivated),
+            None => self.precopy(ch, regions, dirty, vcpus, start, vm, &mut undo),
         };
         for (_, src) in vm.dirty_sources.iter_mut() {
             let _ = src.stop();
+        }
+        // As QEMU's qemu_savevm_state_cleanup(): every live handler that was set up.
+        for d in vm.live_devices.iter_mut().take(undo.live_setup) {
+            d.save_cleanup();
         }
         // As QEMU's cpu_throttle_stop(): whatever the outcome, the vCPUs run at full speed again.
         let _ = vcpus.set_throttle(0);
         self.info.update(|i| i.cpu_throttle_percentage = None);
         if result.is_err() {
-            for b in vm.blocks.iter_mut().take(inactivated) {
+            for b in vm.blocks.iter_mut().take(undo.inactivated) {
                 let _ = b.activate();
             }
         }
@@ -342,7 +395,7 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                let resumed = if stopped { vcpus.resume().map_err(EngineError::Vcpu) } else { Ok(()) };
+                let resumed = if undo.stopped { vcpus.resume().map_err(EngineError::Vcpu) } else { Ok(()) };
                 let end = if cancelled {
                     let _ = self.state.transition_from_current(S::Cancelling);
                     S::Cancelled
@@ -372,9 +425,8 @@ impl Outgoing {
         dirty: &[Arc<DirtyBitmap>],
         vcpus: &mut dyn VcpuControl,
         start: Instant,
-        stopped: &mut bool,
         vm: &mut VmParts<'_>,
-        inactivated: &mut usize,
+        undo: &mut Undo,
     ) -> Result<(), EngineError> {
         if regions.is_empty() || regions.len() != dirty.len() {
             return Err(EngineError::Setup("one dirty bitmap per RAM region is needed".into()));
@@ -384,6 +436,12 @@ impl Outgoing {
                 return Err(EngineError::Setup(format!("dirty bitmap of '{}' has the wrong size", r.name)));
             }
         }
+        let full = vm.devices.iter().map(|d| (d.idstr(), d.instance_id()));
+        check_unique(full.chain(vm.raw_devices.iter().map(|d| (d.idstr(), d.instance_id()))), "FULL-section")?;
+        check_unique(vm.live_devices.iter().map(|d| (d.idstr(), d.instance_id())), "live")?;
+        // Section ids: vmstate devices, then hand-written ones, then live ones.
+        let raw_base = FIRST_DEVICE_ID + vm.devices.len() as u32;
+        let live_base = raw_base + vm.raw_devices.len() as u32;
         let blocks: Vec<RamBlock> =
             regions.iter().enumerate().map(|(i, r)| RamBlock::new(i, r.name.clone(), r.len as u64)).collect();
         let total: u64 = blocks.iter().map(|b| b.length).sum();
@@ -391,6 +449,14 @@ impl Outgoing {
         let mut w = StreamWriter::new(MigrationWriter::new(ch, self.rate.clone()));
         let guest = StoppedGuest { runstate: self.runstate.clone(), ..Default::default() };
         write_guest_prologue(&mut w, &blocks, &guest)?;
+        // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
+        for (k, d) in vm.live_devices.iter_mut().enumerate() {
+            let (id, idstr, inst) = (live_base + k as u32, d.idstr(), d.instance_id());
+            w.section_start(id, &idstr, inst, d.version())?;
+            undo.live_setup += 1;
+            save_body(&mut w, &idstr, inst, |out| d.save_setup(out))?;
+            w.footer(id)?;
+        }
         w.get_mut().flush_now()?;
         for (r, src) in vm.dirty_sources.iter_mut() {
             if *r >= regions.len() {
@@ -459,6 +525,8 @@ impl Outgoing {
             let mut pending = todo.pending_pages() * PAGE as u64;
             // The bulk pass is over once every page of the initial set went out.
             bulk_done |= pending == 0;
+            // RAM syncs on its own estimate (QEMU's ram_save_pending); the decision
+            // takes every live handler's pending bytes too.
             if bulk_done && convergence::should_sync(pending, threshold) {
                 let before = todo.pending_pages();
                 harvest(dirty, &mut vm.dirty_sources, &mut todo)?;
@@ -488,17 +556,44 @@ impl Outgoing {
                     i.remaining = pending;
                 });
             }
-            if convergence::decide_precopy(bulk_done, pending, threshold) == Decision::Complete {
+            let dev_pending: Vec<u64> = vm.live_devices.iter_mut().map(|d| d.pending()).collect();
+            let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
+            if convergence::decide_precopy(bulk_done, pending.saturating_add(dev_total), threshold)
+                == Decision::Complete
+            {
                 break;
             }
-            self.send_pages(&mut w, regions, &mut todo, Some(PART_MAX), section_ids::RAM, false)?;
+            // A RAM PART every iteration, unless only live devices have something to send.
+            if pending > 0 || dev_total == 0 {
+                self.send_pages(&mut w, regions, &mut todo, Some(PART_MAX), section_ids::RAM, false)?;
+            }
+            let mut dev_sent = 0u64;
+            for (k, d) in vm.live_devices.iter_mut().enumerate() {
+                if dev_pending[k] == 0 {
+                    continue;
+                }
+                if self.cancel.is_cancelled() {
+                    return Err(EngineError::Cancelled);
+                }
+                let id = live_base + k as u32;
+                w.section_part(id)?;
+                dev_sent += save_body(&mut w, &d.idstr(), d.instance_id(), |out| d.save_iterate(out))?;
+                w.footer(id)?;
+            }
+            if dev_total > 0 {
+                w.get_mut().flush_now()?;
+                self.info.update(|i| i.transferred = self.rate.total_bytes());
+                if pending == 0 && dev_sent < PAGE as u64 {
+                    std::thread::sleep(IDLE_NAP);
+                }
+            }
         }
 
         // Switchover: stop the guest, final sync, everything left without a limit.
         // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
         let stop_time = Instant::now();
         vcpus.stop().map_err(EngineError::Vcpu)?;
-        *stopped = true;
+        undo.stopped = true;
         if self.caps.pause_before_switchover {
             self.state.transition(S::Active, S::PreSwitchover)?;
             self.info.update(|i| i.status = S::PreSwitchover);
@@ -512,17 +607,32 @@ impl Outgoing {
         self.state.announce(Notification::Pass { pass: sync_count });
         self.info.update(|i| i.dirty_sync_count = sync_count);
         self.send_pages(&mut w, regions, &mut todo, None, section_ids::RAM, true)?;
+        // Live devices' END sections follow RAM's (QEMU's save_live_complete_precopy).
+        for (k, d) in vm.live_devices.iter_mut().enumerate() {
+            let id = live_base + k as u32;
+            w.section_end(id)?;
+            save_body(&mut w, &d.idstr(), d.instance_id(), |out| d.save_complete(out))?;
+            w.footer(id)?;
+        }
         let timer = savevm_format::builtin::timer();
         w.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0))?;
         for (k, d) in vm.devices.iter_mut().enumerate() {
-            let state = d.save().map_err(EngineError::Device)?;
+            let state = d.save().map_err(|why| EngineError::Device(device_error(&d.idstr(), d.instance_id(), &why)))?;
             let vmsd = d.vmsd();
             w.device(FIRST_DEVICE_ID + k as u32, &d.idstr(), d.instance_id(), &vmsd, &state)?;
+        }
+        // Hand-written devices: the body is theirs; the vmdesc records its size (QEMU's old style).
+        for (k, d) in vm.raw_devices.iter_mut().enumerate() {
+            let (id, idstr, inst) = (raw_base + k as u32, d.idstr(), d.instance_id());
+            w.section_full(id, &idstr, inst, d.version())?;
+            let size = save_body(&mut w, &idstr, inst, |out| d.save_state(out))?;
+            w.footer(id)?;
+            w.old_style_device(&idstr, inst, size);
         }
         // As QEMU 7.2: block devices are inactivated after the device state, before EOF.
         for b in vm.blocks.iter_mut() {
             b.inactivate().map_err(EngineError::Device)?;
-            *inactivated += 1;
+            undo.inactivated += 1;
         }
         let gs = savevm_format::builtin::globalstate();
         w.device(

@@ -1,6 +1,12 @@
 //! The pull decoder: `next()` yields one [`Event`] at a time from any `Read`,
 //! with no seeking and bounded memory (one page buffer, one XBZRLE buffer, the
 //! block list, and the device state of the current section).
+//!
+//! Sections whose body only their owner can parse (a hand-written device's FULL
+//! section, the START/PART/END sections of a live handler other than RAM) are
+//! handed to the caller: after [`Decoder::register_raw`], such a section yields an
+//! [`Event::RawBody`], a counting reader positioned at the body; the caller's loader
+//! reads exactly its bytes, and the decoder then expects the footer right there.
 
 use crate::builtin;
 use crate::command::Command;
@@ -10,8 +16,8 @@ use crate::ram::{is_zero_page, RamBlock, RecordKind};
 use crate::vmstate::{self, State, Vmsd};
 use crate::wire::*;
 use serde_json::Value as Json;
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
 use std::sync::Arc;
 
 /// Bounds that keep hostile input from making the decoder allocate or loop without limit.
@@ -149,6 +155,9 @@ pub enum Event<'a> {
     MultifdFlush,
     /// End of a RAM section body.
     RamEos,
+    /// The body of a section registered with [`Decoder::register_raw`], for the
+    /// caller to read (after the [`Event::SectionStart`] naming it).
+    RawBody(RawBody<'a>),
     /// A device's state, decoded with a built-in description or the vmdesc.
     Device {
         /// Decoded fields and subsections.
@@ -221,6 +230,7 @@ enum Phase {
     TopLevel,
     RamBody,
     DeviceBody,
+    RawBody,
     Footer,
     AfterEof,
     Done,
@@ -245,6 +255,7 @@ enum Ev {
     Compressed(usize, u64, bool),
     MultifdFlush,
     Eos,
+    Raw(SectionHeader, u64),
     Device(State, Arc<Vmsd>, DescriptionSource),
     End(SectionKind, u32),
     Command(Command),
@@ -273,6 +284,90 @@ pub struct Decoder<R> {
     xbz_buf: Vec<u8>,
     descriptions: HashMap<String, Arc<Vmsd>>,
     vmdesc: HashMap<(String, u32), Arc<Vmsd>>,
+    /// Old-style (hand-written) devices of the vmdesc, read as one `data` buffer.
+    old_style: HashMap<(String, u32), Arc<Vmsd>>,
+    /// Handlers whose section bodies the caller reads.
+    raw: HashSet<(String, u32)>,
+    /// The section whose body the caller reads, and where that body starts.
+    raw_section: Option<(SectionHeader, u64)>,
+}
+
+/// The body of a section registered with [`Decoder::register_raw`], read by the
+/// caller's loader straight from the stream. It counts the bytes read (so offsets
+/// stay exact) and remembers whether the stream ended or failed under the loader.
+/// The loader must read exactly the body: the next [`Decoder::next`] expects the
+/// section footer where it stopped ([`ErrorKind::RawBodyEnd`] otherwise).
+pub struct RawBody<'a> {
+    input: &'a mut dyn Read,
+    header: SectionHeader,
+    start: u64,
+    read: u64,
+    ended: bool,
+    error: Option<(io::ErrorKind, String)>,
+}
+
+impl RawBody<'_> {
+    /// The section: kind, id, idstr, instance and version.
+    pub fn header(&self) -> &SectionHeader {
+        &self.header
+    }
+
+    /// Stream offset of the next body byte.
+    pub fn offset(&self) -> u64 {
+        self.start + self.read
+    }
+
+    /// Body bytes read so far.
+    pub fn consumed(&self) -> u64 {
+        self.read
+    }
+
+    /// The stream's own failure under the loader, if any: the input ended
+    /// ([`ErrorKind::UnexpectedEof`]) or the reader failed ([`ErrorKind::Io`]), at the
+    /// offset where it happened, in this section. A loader's error is better
+    /// reported as this when there is one.
+    pub fn stream_error(&self) -> Option<Error> {
+        let kind = if let Some((k, m)) = &self.error {
+            ErrorKind::Io(io::Error::new(*k, m.clone()))
+        } else if self.ended {
+            ErrorKind::UnexpectedEof { what: "a section body" }
+        } else {
+            return None;
+        };
+        Some(Error { offset: self.offset(), section: Some(self.header.idstr.clone()), kind })
+    }
+}
+
+impl Read for RawBody<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.input.read(buf) {
+            Ok(0) if !buf.is_empty() => {
+                self.ended = true;
+                Ok(0)
+            }
+            Ok(n) => {
+                self.read += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted && self.error.is_none() {
+                    self.error = Some((e.kind(), e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RawBody<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBody")
+            .field("header", &self.header)
+            .field("start", &self.start)
+            .field("read", &self.read)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: Read> Decoder<R> {
@@ -298,6 +393,9 @@ impl<R: Read> Decoder<R> {
             xbz_buf: Vec::new(),
             descriptions: HashMap::new(),
             vmdesc: HashMap::new(),
+            old_style: HashMap::new(),
+            raw: HashSet::new(),
+            raw_section: None,
         };
         for v in builtin::all() {
             d.register(v);
@@ -316,6 +414,14 @@ impl<R: Read> Decoder<R> {
         self.descriptions.insert(vmsd.name.clone(), Arc::new(vmsd));
     }
 
+    /// Have the caller read the bodies of handler `idstr` instance `instance_id`: its
+    /// FULL section (a hand-written device, QEMU's `save_state`/`load_state`) and its
+    /// START/PART/END sections (a live handler other than RAM) each yield
+    /// [`Event::RawBody`] instead of being decoded (or refused).
+    pub fn register_raw(&mut self, idstr: &str, instance_id: u32) {
+        self.raw.insert((idstr.to_string(), instance_id));
+    }
+
     /// Supply the stream's vmdesc in advance (e.g. read from the end of a file), so
     /// devices without a registered description are decoded from it.
     pub fn set_vmdesc(&mut self, vmdesc: &Json) -> Result<()> {
@@ -325,7 +431,10 @@ impl<R: Read> Decoder<R> {
             let name = d.get("name").and_then(Json::as_str).ok_or_else(|| bad("device without name".into()))?;
             let inst = d.get("instance_id").and_then(Json::as_u64).unwrap_or(0) as u32;
             if d.get("vmsd_name").is_none() {
-                continue; // old-style device: opaque body, no description
+                // Old-style device: its body is the `data` buffer of the recorded size.
+                let v = vmstate::vmsd_from_old_style(d).map_err(|m| bad(format!("device '{name}': {m}")))?;
+                self.old_style.insert((name.to_string(), inst), Arc::new(v));
+                continue;
             }
             let v = vmstate::vmsd_from_vmdesc(d).map_err(|m| bad(format!("device '{name}': {m}")))?;
             self.vmdesc.insert((name.to_string(), inst), Arc::new(v));
@@ -386,7 +495,7 @@ impl<R: Read> Decoder<R> {
         }
     }
 
-    fn materialize(&self, ev: Ev) -> Event<'_> {
+    fn materialize(&mut self, ev: Ev) -> Event<'_> {
         match ev {
             Ev::Header(v) => Event::Header { version: v },
             Ev::Config(c) => Event::Configuration(c),
@@ -404,6 +513,9 @@ impl<R: Read> Decoder<R> {
             }
             Ev::MultifdFlush => Event::MultifdFlush,
             Ev::Eos => Event::RamEos,
+            Ev::Raw(header, start) => {
+                Event::RawBody(RawBody { input: &mut self.input, header, start, read: 0, ended: false, error: None })
+            }
             Ev::Device(state, vmsd, source) => Event::Device { state, vmsd, source },
             Ev::End(kind, section_id) => Event::SectionEnd { kind, section_id },
             Ev::Command(c) => Event::Command(c),
@@ -421,6 +533,11 @@ impl<R: Read> Decoder<R> {
             Phase::TopLevel => self.top_level(sink).map(Some),
             Phase::RamBody => self.ram_record(sink).map(Some),
             Phase::DeviceBody => self.device_body().map(Some),
+            Phase::RawBody => {
+                let (header, start) = self.raw_section.clone().ok_or(ErrorKind::UnknownSectionId(0))?;
+                self.phase = Phase::Footer;
+                Ok(Some(Ev::Raw(header, start)))
+            }
             Phase::Footer => self.footer().map(Some),
             Phase::AfterEof => self.after_eof(),
             Phase::Done => Ok(None),
@@ -543,38 +660,47 @@ impl<R: Read> Decoder<R> {
                         return Err(ErrorKind::SectionIdReused { id, idstr });
                     }
                 }
+                let header = SectionHeader { kind, section_id: id, idstr: idstr.clone(), instance_id, version, offset };
                 if idstr == RAM_IDSTR {
                     if version != RAM_VERSION {
                         return Err(ErrorKind::RamVersion(version));
                     }
                     self.phase = Phase::RamBody;
+                } else if self.raw.contains(&(idstr.clone(), instance_id)) {
+                    self.phase = Phase::RawBody;
+                    self.raw_section = Some((header.clone(), self.input.offset()));
                 } else if kind == SectionKind::Start {
                     return Err(ErrorKind::OpaqueLiveSection(idstr));
                 } else {
                     self.phase = Phase::DeviceBody;
                 }
-                self.sections.insert(id, SectionInfo { idstr: idstr.clone(), instance_id, version });
+                self.sections.insert(id, SectionInfo { idstr, instance_id, version });
                 self.current = Some((kind, id));
-                Ok(Ev::Start(SectionHeader { kind, section_id: id, idstr, instance_id, version, offset }))
+                Ok(Ev::Start(header))
             }
             QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => {
                 let id = self.input.be32("a section header")?;
                 let info = self.sections.get(&id).cloned().ok_or(ErrorKind::UnknownSectionId(id))?;
                 self.current_name = Some(info.idstr.clone());
-                if info.idstr != RAM_IDSTR {
-                    return Err(ErrorKind::OpaqueLiveSection(info.idstr));
-                }
                 let kind = if t == QEMU_VM_SECTION_PART { SectionKind::Part } else { SectionKind::End };
-                self.phase = Phase::RamBody;
-                self.current = Some((kind, id));
-                Ok(Ev::Start(SectionHeader {
+                let header = SectionHeader {
                     kind,
                     section_id: id,
                     idstr: info.idstr,
                     instance_id: info.instance_id,
                     version: info.version,
                     offset,
-                }))
+                };
+                if header.idstr == RAM_IDSTR {
+                    self.phase = Phase::RamBody;
+                } else if self.raw.contains(&(header.idstr.clone(), header.instance_id)) {
+                    self.phase = Phase::RawBody;
+                    self.raw_section = Some((header.clone(), self.input.offset()));
+                } else {
+                    return Err(ErrorKind::OpaqueLiveSection(header.idstr));
+                }
+                self.current = Some((kind, id));
+                Ok(Ev::Start(header))
             }
             QEMU_VM_COMMAND => {
                 const C: &str = "a command";
@@ -769,7 +895,12 @@ impl<R: Read> Decoder<R> {
         let Some((_, id)) = self.current else { return Err(ErrorKind::UnknownSectionId(0)) };
         let info = self.sections.get(&id).cloned().ok_or(ErrorKind::UnknownSectionId(id))?;
         let short = info.idstr.rsplit('/').next().unwrap_or(&info.idstr);
-        let (vmsd, source) = if let Some(v) = self.vmdesc.get(&(info.idstr.clone(), info.instance_id)) {
+        let key = (info.idstr.clone(), info.instance_id);
+        let (vmsd, source) = if let Some(v) = self.old_style.get(&key) {
+            // A hand-written body: the vmdesc's `data` buffer, at whatever version the section has.
+            let v = Vmsd { version_id: info.version, ..(**v).clone() };
+            (Arc::new(v), DescriptionSource::Vmdesc)
+        } else if let Some(v) = self.vmdesc.get(&key) {
             // The stream's own description is exact for this stream; prefer it for
             // devices without a built-in one, and when the built-in one disagrees in version.
             match self.descriptions.get(short).or_else(|| self.descriptions.get(&info.idstr)) {
@@ -792,13 +923,21 @@ impl<R: Read> Decoder<R> {
     fn footer(&mut self) -> IResult<Ev> {
         const W: &str = "a section footer";
         let Some((kind, id)) = self.current else { return Err(ErrorKind::UnknownSectionId(0)) };
+        // After a caller-read body, a misplaced footer means the loader misread.
+        let raw_read = self.raw_section.take().map(|(_, start)| self.input.offset().saturating_sub(start));
         let m = self.input.u8(W)?;
         if m != QEMU_VM_SECTION_FOOTER {
-            return Err(ErrorKind::MissingFooter(m));
+            return Err(match raw_read {
+                Some(read) => ErrorKind::RawBodyEnd { read, found: format!("byte {m:#04x}") },
+                None => ErrorKind::MissingFooter(m),
+            });
         }
         let found = self.input.be32(W)?;
         if found != id {
-            return Err(ErrorKind::FooterMismatch { expected: id, found });
+            return Err(match raw_read {
+                Some(read) => ErrorKind::RawBodyEnd { read, found: format!("the footer of section {found:#x}") },
+                None => ErrorKind::FooterMismatch { expected: id, found },
+            });
         }
         if let Some(end) = self.package_end {
             if self.input.offset() > end {

@@ -232,8 +232,19 @@ pub enum ErrorKind {
     #[error("no description for device '{0}' (no built-in one, and the stream has no vmdesc to decode it from)")]
     NoDescription(String),
     /// A live (iterative) section other than RAM, whose body is opaque.
-    #[error("cannot decode live section '{0}' (only 'ram' is understood)")]
+    #[error("cannot decode live section '{0}' (only 'ram' is understood, and no loader was registered for it)")]
     OpaqueLiveSection(String),
+    /// The body of a section read by the caller (see `Decoder::register_raw`) is not
+    /// followed by its footer: the loader read too little or too much.
+    #[error(
+        "no section footer where the loader's {read} bytes of body end (found {found}): it read too little or too much"
+    )]
+    RawBodyEnd {
+        /// Body bytes the loader read.
+        read: u64,
+        /// What was found instead of the footer.
+        found: String,
+    },
     /// A field value the description does not allow (count too large, bad runstate...).
     #[error("field '{field}': {why}")]
     BadField {

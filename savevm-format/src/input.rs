@@ -175,3 +175,28 @@ impl<R: Read> Input<R> {
         Ok(())
     }
 }
+
+/// Plain reads for bodies the caller decodes itself: pending peeked bytes first,
+/// then the inner reader; every byte handed out is counted in the offset.
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let pend = self.peek.len() - self.peek_pos;
+        let n = if pend > 0 {
+            let n = pend.min(buf.len());
+            buf[..n].copy_from_slice(&self.peek[self.peek_pos..self.peek_pos + n]);
+            self.peek_pos += n;
+            if self.peek_pos == self.peek.len() {
+                self.peek.clear();
+                self.peek_pos = 0;
+            }
+            n
+        } else {
+            self.inner.read(buf)?
+        };
+        self.offset += n as u64;
+        Ok(n)
+    }
+}

@@ -6,7 +6,9 @@
 //!
 //! - [`Decoder`]: a pull decoder yielding [`Event`]s (header, configuration,
 //!   sections, RAM records, device state, commands, EOF, vmdesc) from any `Read`,
-//!   with bounded memory and typed errors carrying the byte offset and section.
+//!   with bounded memory and typed errors carrying the byte offset and section;
+//!   section bodies only their owner can parse (hand-written devices, live
+//!   handlers other than RAM) go to the caller's loader ([`Decoder::register_raw`]).
 //! - [`StreamWriter`]: the writer, and [`write_stopped_guest`] for a whole stream.
 //! - [`vmstate`]: declarative device descriptions that encode, decode and describe
 //!   themselves in vmdesc JSON; [`builtin`] has QEMU's `timer` and `globalstate`.
@@ -40,12 +42,12 @@ pub mod xbzrle;
 
 pub use command::{Command, RpMessage};
 pub use decoder::{
-    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, SectionHeader,
-    SectionKind,
+    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, RawBody,
+    SectionHeader, SectionKind,
 };
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;
 pub use writer::{
-    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, RamStats, StoppedGuest,
-    StreamWriter,
+    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, BodyWriter, RamStats,
+    StoppedGuest, StreamWriter,
 };

@@ -719,6 +719,18 @@ fn unique_name(vmsd: &Vmsd, fi: usize) -> String {
     format!("{name}[{k}]")
 }
 
+/// The vmdesc JSON QEMU writes for an old-style device (hand-written `save_state`,
+/// no vmsd): `{"name", "instance_id", "size", "fields": [{"name": "data", "size", "type": "buffer"}]}`,
+/// `size` being the body's length.
+pub fn old_style_vmdesc(idstr: &str, instance_id: u32, size: u64) -> Json {
+    json!({
+        "name": idstr,
+        "instance_id": instance_id,
+        "size": size,
+        "fields": [{"name": "data", "size": size, "type": "buffer"}],
+    })
+}
+
 // ---------------------------------------------------------------- from vmdesc
 
 /// Build a description from a vmdesc device (or struct/subsection) object, so a
@@ -726,6 +738,29 @@ fn unique_name(vmsd: &Vmsd, fi: usize) -> String {
 /// QEMU's `analyze-migration.py` does). Sizes come from the JSON.
 pub fn vmsd_from_vmdesc(obj: &Json) -> Result<Vmsd, String> {
     from_desc(obj, 0)
+}
+
+/// Build a description of an old-style vmdesc entry (no `vmsd_name`; see
+/// [`old_style_vmdesc`]) as QEMU's `analyze-migration.py` reads it: its `fields`
+/// (one `data` buffer of the body's size), or a `data` buffer of `size` bytes when
+/// it has none. Named after the entry's idstr, loading any section version.
+pub fn vmsd_from_old_style(obj: &Json) -> Result<Vmsd, String> {
+    let o = obj.as_object().ok_or("vmdesc entry is not an object")?;
+    let name = o.get("name").and_then(Json::as_str).ok_or("device without name")?;
+    let mut vmsd = Vmsd::new(name, u32::MAX, 0);
+    match o.get("fields") {
+        Some(fields) => {
+            for f in fields.as_array().ok_or("fields is not an array")? {
+                vmsd.fields.push(field_from_desc(f, 0)?);
+            }
+        }
+        None => {
+            let size = o.get("size").and_then(Json::as_u64).ok_or("old-style device without size")?;
+            let size = u32::try_from(size).map_err(|_| format!("size {size} too large"))?;
+            vmsd.fields.push(Field { name: "data".into(), kind: Kind::Buffer(size), version_id: 0, count: Count::One });
+        }
+    }
+    Ok(vmsd)
 }
 
 fn from_desc(obj: &Json, depth: u32) -> Result<Vmsd, String> {

@@ -287,6 +287,36 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// A writer for a section body the caller writes by hand (a hand-written device's
+    /// bytes, a live handler's START/PART/END body), between a section header and its
+    /// [`footer`](Self::footer). Its bytes count in [`bytes_written`](Self::bytes_written).
+    pub fn body(&mut self) -> BodyWriter<'_, W> {
+        BodyWriter { s: self, written: 0, error: None }
+    }
+
+    /// Remember a hand-written FULL section of `size` body bytes for the vmdesc, in
+    /// QEMU's old-style shape ([`vmstate::old_style_vmdesc`]).
+    pub fn old_style_device(&mut self, idstr: &str, instance: u32, size: u64) {
+        self.devices.push(vmstate::old_style_vmdesc(idstr, instance, size));
+    }
+
+    /// A whole FULL section of a hand-written device whose body is `body` (header,
+    /// bytes, footer), remembered for the vmdesc in QEMU's old-style shape.
+    pub fn raw_device(
+        &mut self,
+        id: u32,
+        idstr: &str,
+        instance: u32,
+        version: u32,
+        body: &[u8],
+    ) -> Result<(), EncodeError> {
+        self.section_full(id, idstr, instance, version)?;
+        self.put(body)?;
+        self.footer(id)?;
+        self.old_style_device(idstr, instance, body.len() as u64);
+        Ok(())
+    }
+
     /// The EOF byte.
     pub fn eof(&mut self) -> Result<(), EncodeError> {
         Ok(self.put(&[QEMU_VM_EOF])?)
@@ -300,6 +330,55 @@ impl<W: Write> StreamWriter<W> {
         h[1..].copy_from_slice(&(text.len() as u32).to_be_bytes());
         self.put(&h)?;
         Ok(self.put(text.as_bytes())?)
+    }
+}
+
+/// A section body written by hand, from [`StreamWriter::body`]. It counts the bytes
+/// that went through it and keeps the first error of the underlying writer, so a
+/// device that turns that error into its own message cannot hide it.
+pub struct BodyWriter<'s, W: Write> {
+    s: &'s mut StreamWriter<W>,
+    written: u64,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> BodyWriter<'_, W> {
+    /// Body bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The first error of the underlying writer, if any (taken).
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    fn keep(&mut self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::Interrupted {
+            return e;
+        }
+        let copy = io::Error::new(e.kind(), e.to_string());
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+        copy
+    }
+}
+
+impl<W: Write> Write for BodyWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.s.w.write(buf) {
+            Ok(n) => {
+                self.s.written += n as u64;
+                self.written += n as u64;
+                Ok(n)
+            }
+            Err(e) => Err(self.keep(e)),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.w.flush().map_err(|e| self.keep(e))
     }
 }
 
