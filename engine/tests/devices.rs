@@ -549,7 +549,16 @@ fn a_live_device_dirtied_during_migration_arrives_identical() {
     let _s = serial();
     // 8 MiB/s x 10 ms is about 84 KB: the device's 256 KiB must go over several PARTs.
     let out = outgoing_with(MigrationParameters { max_bandwidth: 8 << 20, downtime_limit: 10, ..Default::default() });
-    let r = live_migration("live", &out, Arc::new(AtomicBool::new(false)));
+    // Hold the switchover for 300 ms so the emulation (one write per ms, fewer on a
+    // busy host) rewrites chunks that were already sent.
+    let hold = Arc::new(AtomicBool::new(true));
+    let h = hold.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        h.store(false, Ordering::SeqCst);
+    });
+    let r = live_migration("live", &out, hold);
+    releaser.join().expect("releaser");
     r.run.src.expect("source");
     let report = r.run.dst.expect("destination");
     assert!(r.src_mem == r.dst_mem, "device memory differs at the destination");
