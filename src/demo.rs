@@ -140,12 +140,16 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 
 fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
-    let mut child = Command::new(exe)
-        .args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(Error::Io)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
+    let (child, bound) = spawn_listening(cmd, "qmig recv")?;
+    Ok((Dest::Qmig(child), bound))
+}
+
+/// Start a qmig destination process and read the `{"listening": URI}` line it
+/// prints once it listens; `what` names it in errors.
+pub(crate) fn spawn_listening(mut cmd: Command, what: &str) -> Result<(Child, MigrationUri)> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(Error::Io)?;
     let mut line = String::new();
     if let Some(out) = child.stdout.as_mut() {
         let _ = BufReader::new(out).read_line(&mut line);
@@ -158,10 +162,31 @@ fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri
         }
         let _ = child.kill();
         let _ = child.wait();
-        return Err(Error::Usage(format!("qmig recv did not start: {}", err.trim())));
+        return Err(Error::Usage(format!("{what} did not start: {}", err.trim())));
     };
     let bound = bound.parse().map_err(|e: transports::UriError| Error::Transport(e.into()))?;
-    Ok((Dest::Qmig(child), bound))
+    Ok((child, bound))
+}
+
+/// Wait for a qmig destination process to end; its last stdout line (JSON) on
+/// success, its stderr in the error otherwise.
+pub(crate) fn wait_report(child: &mut Child, what: &str) -> Result<Value> {
+    let mut out = String::new();
+    if let Some(o) = child.stdout.as_mut() {
+        let _ = o.read_to_string(&mut out);
+    }
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait().map_err(Error::Io)?;
+    if !status.success() {
+        return Err(Error::Usage(format!("{what} failed ({status}): {}", err.trim())));
+    }
+    out.lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| Error::Usage(format!("{what} printed no report")))
 }
 
 fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
@@ -197,19 +222,7 @@ pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken
 fn finish_dest(dest: &mut Dest) -> Result<Value> {
     match dest {
         Dest::Qmig(child) => {
-            let mut out = String::new();
-            if let Some(o) = child.stdout.as_mut() {
-                let _ = o.read_to_string(&mut out);
-            }
-            let mut err = String::new();
-            if let Some(e) = child.stderr.as_mut() {
-                let _ = e.read_to_string(&mut err);
-            }
-            let status = child.wait().map_err(Error::Io)?;
-            if !status.success() {
-                return Err(Error::Usage(format!("qmig recv failed ({status}): {}", err.trim())));
-            }
-            let stats: Value = out.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+            let stats = wait_report(child, "qmig recv")?;
             Ok(json!({"kind": "qmig", "stats": stats}))
         }
         Dest::Qemu(q) => {

@@ -4,15 +4,14 @@
 //! resumes the guest and reports, at least a second later, its counter and
 //! whether the guest's own checksum over its working set still holds.
 
-use crate::demo::{connect_retry, spawn_progress, work_dir};
+use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
 use crate::error::{Error, Result};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing, VcpuControl};
 use minivmm::layout::Layout;
 use minivmm::{guest, GuestConfig, Vm};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
@@ -105,7 +104,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let src_sum_ok = if at_stop.busy { None } else { Some(vm.working_set_sum().map_err(vm_err)? == at_stop.checksum) };
     drop(vm);
 
-    let dest = finish_dest(&mut child)?;
+    let dest = wait_report(&mut child, "qmig kvm-dest")?;
     let dst_digest = dest["ram_digest"].as_str().unwrap_or("");
     let ram_equal = dst_digest == format!("{src_digest:016x}");
     let on_dest = dest["counter"].as_u64().unwrap_or(0);
@@ -132,49 +131,11 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
 
 fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
-    let mut child = Command::new(exe)
-        .args(["kvm-dest", "--from", &uri.to_string()])
+    let mut cmd = Command::new(exe);
+    cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
-        .args(["--run-on", &opts.run_on.as_millis().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(Error::Io)?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.as_mut() {
-        let _ = BufReader::new(out).read_line(&mut line);
-    }
-    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-    let Some(bound) = v["listening"].as_str() else {
-        let mut err = String::new();
-        if let Some(e) = child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut err);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(Error::Usage(format!("qmig kvm-dest did not start: {}", err.trim())));
-    };
-    let bound = bound.parse().map_err(|e: transports::UriError| Error::Transport(e.into()))?;
-    Ok((child, bound))
-}
-
-fn finish_dest(child: &mut Child) -> Result<Value> {
-    let mut out = String::new();
-    if let Some(o) = child.stdout.as_mut() {
-        let _ = o.read_to_string(&mut out);
-    }
-    let mut err = String::new();
-    if let Some(e) = child.stderr.as_mut() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let status = child.wait().map_err(Error::Io)?;
-    if !status.success() {
-        return Err(Error::Usage(format!("qmig kvm-dest failed ({status}): {}", err.trim())));
-    }
-    out.lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| Error::Usage("qmig kvm-dest printed no report".into()))
+        .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+    spawn_listening(cmd, "qmig kvm-dest")
 }
 
 /// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` listens on `uri`
