@@ -12,24 +12,21 @@
 //! Every test checks that the notified states form a legal source walk. Tests take
 //! a lock so they run one at a time: their timing matters and the machine is small.
 
+mod common;
+
+use common::{serial, CancelOnDrop};
 use engine::dirty::DirtyBitmap;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
 use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
 use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const MIB: usize = 1 << 20;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Mem(Vec<u8>);
 
@@ -58,19 +55,7 @@ fn destination(listener: Listener, len: usize) -> JoinHandle<Result<Vec<u8>, Str
 }
 
 fn sock(name: &str) -> MigrationUri {
-    MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-conv-{}-{name}.sock", std::process::id())))
-}
-
-/// Cancels the migration when dropped, so a failed assertion never leaves a
-/// migration thread running inside a scope (which would hang the test).
-struct CancelOnDrop(Option<CancelToken>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.cancel();
-        }
-    }
+    common::sock("conv", name)
 }
 
 /// A guest, its migration, a destination thread, and the connected channel.

@@ -12,6 +12,10 @@
 //!
 //! Tests take a lock so they run one at a time: some bound times, and the machine is small.
 
+mod common;
+
+use common::serial;
+
 use engine::incoming::{Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
@@ -28,12 +32,6 @@ use std::time::{Duration, Instant};
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const RAM: usize = 1 << 20;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    lock(&SERIAL)
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -53,7 +51,7 @@ struct DestVcpus;
 impl VcpuControl for DestVcpus {}
 
 fn sock(name: &str) -> MigrationUri {
-    MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-devices-{}-{name}.sock", std::process::id())))
+    common::sock("devices", name)
 }
 
 fn bytes(seed: u64, n: usize) -> Vec<u8> {

@@ -10,6 +10,9 @@
 //! Tests take a lock so they run one at a time: their timing bounds matter and the
 //! machine is small.
 
+mod common;
+
+use common::{serial, CancelOnDrop};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
 use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
@@ -17,18 +20,12 @@ use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
 use savevm_format::{Decoder, Event};
 use std::io::Read;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const MIB: usize = 1 << 20;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// How the in-process destination reads.
 enum Mode {
@@ -99,19 +96,7 @@ fn destination(listener: Listener, mode: Mode) -> JoinHandle<Seen> {
 }
 
 fn sock(name: &str) -> MigrationUri {
-    MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-fail-{}-{name}.sock", std::process::id())))
-}
-
-/// Cancels the migration when dropped unless disarmed, so a failed assertion never
-/// leaves the migration thread of a scope running (which would hang the test).
-struct CancelOnDrop(Option<CancelToken>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.cancel();
-        }
-    }
+    common::sock("fail", name)
 }
 
 struct Rig {

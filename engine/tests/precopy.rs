@@ -1,6 +1,8 @@
 //! Live pre-copy under a dirtying workload: the destination's RAM equals the
 //! source's RAM at the moment of stop, every time, after several passes.
 
+mod common;
+
 use engine::dirty::DirtyBitmap;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
@@ -41,7 +43,7 @@ fn destination(listener: Listener, len: usize) -> std::thread::JoinHandle<Result
 }
 
 fn sock(name: &str) -> MigrationUri {
-    MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-engine-{}-{name}.sock", std::process::id())))
+    common::sock("engine", name)
 }
 
 fn migrate(seed: u64, len: usize, dirty_rate: u64, params: MigrationParameters, caps: MigrationCapabilities) {

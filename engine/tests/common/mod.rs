@@ -1,0 +1,31 @@
+//! What the engine's integration tests share: one-at-a-time execution, socket
+//! paths, and a guard that cancels a migration when a test fails mid-way.
+
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+use transports::{CancelToken, MigrationUri};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Run timing-sensitive tests of one binary one at a time (the machine is small).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A unix socket path unique to this test process, `prefix` and `name`.
+pub fn sock(prefix: &str, name: &str) -> MigrationUri {
+    MigrationUri::Unix(std::env::temp_dir().join(format!("qmig-{prefix}-{}-{name}.sock", std::process::id())))
+}
+
+/// Cancels the migration when dropped (unless taken), so a failed assertion never
+/// leaves a migration thread running inside a scope (which would hang the test).
+pub struct CancelOnDrop(pub Option<CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.cancel();
+        }
+    }
+}
