@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{serial, CancelOnDrop};
+use common::RunResult;
+
+use common::serial;
 use engine::dirty::DirtyBitmap;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
@@ -103,25 +105,12 @@ fn rig(
     Rig { guest, region, dirty, out, notes, dst: Some(dst), ch: Some(ch), len }
 }
 
-type RunResult = (Result<engine::info::MigrationInfo, EngineError>, SyntheticVcpus);
-
 impl Rig {
     /// Run the migration on a scoped thread while `watch` observes it from this one.
     fn run_watched<T>(&mut self, watch: impl FnOnce(&Outgoing, &SyntheticVcpus) -> T) -> (RunResult, T) {
         let ch = self.ch.take().expect("channel");
-        let mut vcpus = self.guest.vcpus();
-        let probe = self.guest.vcpus();
-        let (out, region, dirty) = (&self.out, &self.region, &self.dirty);
-        std::thread::scope(|s| {
-            let runner = s.spawn(move || {
-                let r = out.run(ch, std::slice::from_ref(region), dirty, &mut vcpus);
-                (r, vcpus)
-            });
-            let mut guard = CancelOnDrop(Some(out.cancel.clone()));
-            let t = watch(out, &probe);
-            guard.0 = None;
-            (runner.join().expect("migration thread"), t)
-        })
+
+        common::run_watched(&self.out, ch, &self.region, &self.dirty, &self.guest, watch)
     }
 
     fn notifications(&self) -> Vec<Notification> {

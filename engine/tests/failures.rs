@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::{serial, CancelOnDrop};
+use common::RunResult;
+
+use common::serial;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
 use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
@@ -143,27 +145,12 @@ enum Dst {
     Exec(String),
 }
 
-type RunResult = (Result<engine::info::MigrationInfo, EngineError>, SyntheticVcpus);
-
 impl Rig {
     /// Run the migration on a scoped thread while `watch` drives it from this one.
     fn run_watched<T>(&mut self, watch: impl FnOnce(&Outgoing, &SyntheticVcpus) -> T) -> (RunResult, T) {
         let ch = self.ch.take().expect("channel");
-        let mut vcpus = self.guest.vcpus();
-        let probe = self.guest.vcpus();
-        let (out, region) = (&self.out, &self.region);
         let dirty = vec![self.guest.dirty()];
-        std::thread::scope(|s| {
-            let dirty = &dirty;
-            let runner = s.spawn(move || {
-                let r = out.run(ch, std::slice::from_ref(region), dirty, &mut vcpus);
-                (r, vcpus)
-            });
-            let mut guard = CancelOnDrop(Some(out.cancel.clone()));
-            let t = watch(out, &probe);
-            guard.0 = None;
-            (runner.join().expect("migration thread"), t)
-        })
+        common::run_watched(&self.out, ch, &self.region, &dirty, &self.guest, watch)
     }
 
     fn notifications(&self) -> Vec<Notification> {

@@ -29,3 +29,31 @@ impl Drop for CancelOnDrop {
         }
     }
 }
+
+/// A run's outcome and the vCPUs it drove.
+pub type RunResult =
+    (Result<engine::info::MigrationInfo, engine::source::EngineError>, engine::synthetic::SyntheticVcpus);
+
+/// Run `out` over `ch` for `guest`'s `region` on a scoped thread while `watch`
+/// observes or drives it from this one; a panic in `watch` cancels the run.
+pub fn run_watched<T>(
+    out: &engine::source::Outgoing,
+    ch: transports::Channel,
+    region: &engine::source::GuestRegion,
+    dirty: &[std::sync::Arc<engine::dirty::DirtyBitmap>],
+    guest: &engine::synthetic::SyntheticGuest,
+    watch: impl FnOnce(&engine::source::Outgoing, &engine::synthetic::SyntheticVcpus) -> T,
+) -> (RunResult, T) {
+    let mut vcpus = guest.vcpus();
+    let probe = guest.vcpus();
+    std::thread::scope(|s| {
+        let runner = s.spawn(move || {
+            let r = out.run(ch, std::slice::from_ref(region), dirty, &mut vcpus);
+            (r, vcpus)
+        });
+        let mut guard = CancelOnDrop(Some(out.cancel.clone()));
+        let t = watch(out, &probe);
+        guard.0 = None;
+        (runner.join().expect("migration thread"), t)
+    })
+}
