@@ -46,14 +46,57 @@ impl RamFile {
     }
 }
 
+/// Pages gathered before one `pwrite` per run of consecutive pages.
+const STAGE_PAGES: usize = 256;
+const PAGE: usize = 4096;
+
+/// First writes of pages still known to be zero, gathered in a buffer and written
+/// to the file with `pwrite` instead of through the mapping. On tmpfs a write
+/// fault on a hole allocates a page, clears it and maps it (about 1.5 s per GiB
+/// here, most of it `clear_page`); a whole-page `pwrite` allocates the page
+/// without clearing it and needs no fault (about 0.4 s per GiB in 1 MiB runs).
+struct Stage {
+    buf: Vec<u8>,
+    /// File offset of each staged page, in slot order.
+    offsets: Vec<u64>,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        Stage { buf: vec![0u8; STAGE_PAGES * PAGE], offsets: Vec::with_capacity(STAGE_PAGES) }
+    }
+
+    /// Writes every staged page (one `pwrite` per run of consecutive offsets) and empties the stage.
+    fn write_to(&mut self, file: &File) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut i = 0;
+        while i < self.offsets.len() {
+            let start = self.offsets[i];
+            let mut n = 1;
+            while i + n < self.offsets.len() && self.offsets[i + n] == start + (n * PAGE) as u64 {
+                n += 1;
+            }
+            file.write_all_at(&self.buf[i * PAGE..(i + n) * PAGE], start)?;
+            i += n;
+        }
+        self.offsets.clear();
+        Ok(())
+    }
+}
+
 /// A writable RAM image: a file of the block's length, created sparse and mapped shared.
 pub struct RamImage {
     /// The file.
     pub path: PathBuf,
+    file: File,
     map: MmapMut,
     /// One bit per page still known to be zero (a file we created sparse), so a ZERO
     /// record needs no access at all: reading a hole of a tmpfs file allocates a page.
     known_zero: Option<Vec<u64>>,
+    /// First writes of known-zero pages not yet in the file (see [`Stage`]).
+    stage: Option<Stage>,
+    /// The first failed staged write; reported by [`RamImage::flush`].
+    error: Option<std::io::Error>,
 }
 
 impl RamImage {
@@ -71,18 +114,45 @@ impl RamImage {
         // know of; it is mapped shared so writes land in the file.
         let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
         let known_zero = Some(vec![u64::MAX; (len / 4096).div_ceil(64) as usize]);
-        Ok(RamImage { path: path.to_path_buf(), map, known_zero })
+        Ok(RamImage { path: path.to_path_buf(), file: f, map, known_zero, stage: None, error: None })
     }
 
-    /// Page `offset` for writing: it is no longer known to be zero.
+    /// Page `offset` for writing: it is no longer known to be zero. A page that was
+    /// known to be zero gets a zeroed slot in the stage (the record may be a delta
+    /// against it); any other page is the mapping itself, once the stage is written
+    /// (so an older staged copy cannot land over it).
     fn page_for_write(&mut self, offset: u64) -> Option<&mut [u8]> {
         let o = usize::try_from(offset).ok()?;
-        let page = self.map.get_mut(o..o + 4096)?;
-        if let Some(k) = &mut self.known_zero {
-            let p = (offset / 4096) as usize;
-            k[p / 64] &= !(1u64 << (p % 64));
+        if o.checked_add(PAGE)? > self.map.len() {
+            return None;
         }
-        Some(page)
+        if self.is_known_zero(offset) {
+            if let Some(k) = &mut self.known_zero {
+                let p = (offset / 4096) as usize;
+                k[p / 64] &= !(1u64 << (p % 64));
+            }
+            if self.stage.as_ref().is_some_and(|s| s.offsets.len() == STAGE_PAGES) {
+                self.write_stage();
+            }
+            let stage = self.stage.get_or_insert_with(Stage::new);
+            let i = stage.offsets.len();
+            stage.offsets.push(offset);
+            let slot = &mut stage.buf[i * PAGE..(i + 1) * PAGE];
+            slot.fill(0);
+            return Some(slot);
+        }
+        self.write_stage();
+        self.map.get_mut(o..o + PAGE)
+    }
+
+    /// Writes the staged pages to the file; a failure is kept for [`RamImage::flush`].
+    fn write_stage(&mut self) {
+        if let Some(stage) = self.stage.as_mut().filter(|s| !s.offsets.is_empty()) {
+            if let Err(e) = stage.write_to(&self.file) {
+                self.error.get_or_insert(e);
+                stage.offsets.clear();
+            }
+        }
     }
 
     fn is_known_zero(&self, offset: u64) -> bool {
@@ -90,13 +160,18 @@ impl RamImage {
         self.known_zero.as_ref().is_some_and(|k| k.get(p / 64).is_some_and(|w| w & (1u64 << (p % 64)) != 0))
     }
 
-    /// The image's bytes.
+    /// The image's bytes (staged pages are written to the file first).
     pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.write_stage();
         &mut self.map
     }
 
-    /// Flush to the file.
-    pub fn flush(&self) -> Result<()> {
+    /// Write the staged pages and flush the mapping to the file; reports any failed write.
+    pub fn flush(&mut self) -> Result<()> {
+        self.write_stage();
+        if let Some(e) = self.error.take() {
+            return Err(Error::file(&self.path, e));
+        }
         self.map.flush().map_err(|e| Error::file(&self.path, e))
     }
 }
@@ -118,7 +193,7 @@ impl RamImage {
                 // SAFETY: a shared writable mapping of a file of the checked length; we are
                 // its only writer for the duration of the migration, as QEMU is for its RAM.
                 let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
-                Ok(RamImage { path: path.to_path_buf(), map, known_zero: None })
+                Ok(RamImage { path: path.to_path_buf(), file: f, map, known_zero: None, stage: None, error: None })
             }
         }
     }
@@ -178,9 +253,9 @@ impl ImageSink {
         matches!(self.images.get(index), Some(Some(_)))
     }
 
-    /// Flush every image to its file.
-    pub fn flush(&self) -> Result<()> {
-        self.images.iter().flatten().try_for_each(RamImage::flush)
+    /// Write every image's staged pages and flush it to its file; the first error wins.
+    pub fn flush(&mut self) -> Result<()> {
+        self.images.iter_mut().flatten().try_for_each(RamImage::flush)
     }
 
     fn image(&mut self, index: usize) -> Option<&mut RamImage> {
@@ -212,9 +287,71 @@ impl savevm_format::PageSink for ImageSink {
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
         if let Some(img) = self.image(block.index) {
             img.known_zero = None; // conservative: the range is zeroed below
+                                   // bytes_mut() writes the staged pages first, so none lands over the zeroes.
             if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
                 r.fill(0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use savevm_format::{PageSink, RamBlock};
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("qmig-ramfile-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    /// Staged first writes, rewrites through the mapping, fills, deltas on a staged or
+    /// untouched page and more pages than one stage holds all land in the file in order.
+    #[test]
+    fn staged_writes_land_in_order() {
+        let dir = temp("staged");
+        let path = dir.join("mem.ram");
+        let pages = (STAGE_PAGES * 2 + 10) as u64;
+        let block = RamBlock::new(0, "mem", pages * 4096);
+        let mut sink = ImageSink::destination(vec![("mem".into(), path.clone())]);
+        sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
+        let mut want = vec![0u8; (pages * 4096) as usize];
+        let mut put = |sink: &mut ImageSink, want: &mut Vec<u8>, p: u64, byte: u8| {
+            let slot = sink.page_mut(&block, p * 4096).expect("slot");
+            // A delta record sees the page's current content.
+            let cur = &want[(p * 4096) as usize..][..4096];
+            assert_eq!(slot, cur, "page {p} current content");
+            slot.fill(byte);
+            want[(p * 4096) as usize..][..4096].fill(byte);
+        };
+        // Every other page first (runs of one), then all of them (most twice).
+        for p in (0..pages).step_by(2) {
+            put(&mut sink, &mut want, p, (p % 251) as u8 + 1);
+        }
+        for p in 0..pages {
+            put(&mut sink, &mut want, p, (p % 13) as u8 + 100);
+        }
+        // A zero fill of a written page, a nonzero fill of an untouched one.
+        sink.fill_page(&block, 3 * 4096, 0);
+        want[3 * 4096..4 * 4096].fill(0);
+        sink.flush().expect("flush");
+        assert!(std::fs::read(&path).expect("read image") == want);
+
+        // A fresh image: fills and writes around a discard.
+        let path2 = dir.join("mem2.ram");
+        let mut sink = ImageSink::destination(vec![("mem".into(), path2.clone())]);
+        sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
+        let mut want = vec![0u8; (pages * 4096) as usize];
+        sink.fill_page(&block, 5 * 4096, 0xab);
+        want[5 * 4096..6 * 4096].fill(0xab);
+        put(&mut sink, &mut want, 6, 7);
+        sink.discard(&block, 6 * 4096, 4096);
+        want[6 * 4096..7 * 4096].fill(0);
+        put(&mut sink, &mut want, 7, 9);
+        sink.flush().expect("flush");
+        assert!(std::fs::read(&path2).expect("read image") == want);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
