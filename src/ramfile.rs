@@ -318,7 +318,7 @@ mod tests {
         let mut sink = ImageSink::destination(vec![("mem".into(), path.clone())]);
         sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
         let mut want = vec![0u8; (pages * 4096) as usize];
-        let mut put = |sink: &mut ImageSink, want: &mut Vec<u8>, p: u64, byte: u8| {
+        let put = |sink: &mut ImageSink, want: &mut Vec<u8>, p: u64, byte: u8| {
             let slot = sink.page_mut(&block, p * 4096).expect("slot");
             // A delta record sees the page's current content.
             let cur = &want[(p * 4096) as usize..][..4096];
