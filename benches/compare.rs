@@ -21,13 +21,15 @@
 //! - time: wall clock from just before the migration starts (QMP `migrate`
 //!   sent to the source QEMU, or `qmig send` spawned) until *both* sides are
 //!   done: a QEMU side when `query-migrate` (polled every 5 ms on both QEMUs)
-//!   first says `completed`, a qmig side when its process has exited (reaped with
-//!   `wait4`). QEMU's own source `total-time` is kept in the JSON as
-//!   `qemu-src-total-time-ms`; it stops when the source has written its last
-//!   byte, a few ms before the destination has loaded it;
+//!   first says `completed`, a qmig side when it printed its final statistics
+//!   line saying `completed` (it has then exited 0; the exit itself, unmapping
+//!   the RAM, is after the migration, as a QEMU's teardown is, and is kept in the
+//!   JSON as `exit-after-completed-ms`). QEMU's own source `total-time` is kept in
+//!   the JSON as `qemu-src-total-time-ms`; it stops when the source has written
+//!   its last byte, a few ms before the destination has loaded it;
 //! - GiB/s: guest RAM size / time;
 //! - CPU seconds of each side: utime + stime, from `wait4`'s rusage for a qmig
-//!   process (its whole life, startup included: about a millisecond), and the
+//!   process (its whole life, startup and exit included), and the
 //!   difference of `/proc/PID/stat` before the migration and once both sides
 //!   are done for a QEMU process (10 ms ticks);
 //! - minor page faults of each side (same sources), in the JSON;
@@ -39,10 +41,12 @@
 //! The median of each figure over the runs is reported (each separately).
 //! The "physical limits" are measured first, in this process: 1 MiB `write`s
 //! through a unix socket pair and a loopback TCP connection to a reader thread,
-//! single-thread `memcpy` between pre-faulted buffers, and `memcpy` into a fresh
+//! single-thread `memcpy` between pre-faulted buffers, `memcpy` into a fresh
 //! shared mapping of a new `/dev/shm` file (first-touch faults: what a receiver
-//! writing a fresh image pays). After the first run of each case the
-//! destination file is compared with the source file (`--verify`).
+//! writing a fresh image through a mapping pays, as QEMU does) and 1 MiB `pwrite`s
+//! into a new `/dev/shm` file (what `qmig recv` does for a fresh image). After the
+//! first run of each case the destination file is compared with the source file
+//! (`--verify`).
 //!
 //! The `qmig` binary is the one cargo builds for this bench
 //! (`CARGO_BIN_EXE_qmig`: `target/release/qmig` under `cargo bench`, built with
@@ -414,7 +418,10 @@ struct QmigProc {
     pid: i32,
     what: String,
     exit: mpsc::Receiver<Exit>,
-    lines: mpsc::Receiver<String>,
+    /// Stdout lines with the moment each was read.
+    lines: mpsc::Receiver<(Instant, String)>,
+    /// The last line read so far.
+    last: Option<(Instant, String)>,
     stderr: PathBuf,
     done: Option<Exit>,
 }
@@ -438,7 +445,7 @@ impl QmigProc {
         let (ltx, lines) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if ltx.send(l).is_err() {
+                if ltx.send((Instant::now(), l)).is_err() {
                     break;
                 }
             }
@@ -467,7 +474,7 @@ impl QmigProc {
             let _ =
                 etx.send(Exit { at, ok, status, cpu: tv(ru.ru_utime) + tv(ru.ru_stime), minflt: ru.ru_minflt as u64 });
         });
-        QmigProc { pid, what, exit, lines, stderr, done: None }
+        QmigProc { pid, what, exit, lines, last: None, stderr, done: None }
     }
 
     fn stderr(&self) -> String {
@@ -476,7 +483,7 @@ impl QmigProc {
 
     /// The URI of recv's `{"listening": URI}` line.
     fn listening(&mut self) -> Result<String, String> {
-        let line = self
+        let (_, line) = self
             .lines
             .recv_timeout(Duration::from_secs(20))
             .map_err(|e| format!("{}: no listening line ({e}); stderr: {}", self.what, self.stderr()))?;
@@ -508,10 +515,13 @@ impl QmigProc {
         Ok(e)
     }
 
-    /// The last stdout line (the statistics), once exited.
-    fn stats(&self) -> Value {
-        let last = self.lines.try_iter().last().unwrap_or_default();
-        serde_json::from_str(&last).unwrap_or(Value::Null)
+    /// The last stdout line (the statistics) and when it was read, once exited.
+    fn stats(&mut self) -> Option<(Instant, Value)> {
+        if let Some(l) = self.lines.try_iter().last() {
+            self.last = Some(l);
+        }
+        let (at, line) = self.last.as_ref()?;
+        Some((*at, serde_json::from_str(line).ok()?))
     }
 
     fn kill(&mut self) {
@@ -660,8 +670,13 @@ impl Side {
         }
         if let Some(q) = &mut self.qmig {
             if q.poll() {
-                let e = q.wait(Instant::now())?;
-                self.done = Some(e.at);
+                let exit = q.wait(Instant::now())?.at;
+                // Done when it reported `completed` (its stats line), as a QEMU side is done
+                // at `completed`: the exit after it (unmapping the RAM) is not migration time.
+                self.done = match q.stats() {
+                    Some((at, v)) if v["status"] == "completed" => Some(at),
+                    _ => Some(exit),
+                };
             }
         }
         Ok(self.done.is_some())
@@ -680,13 +695,19 @@ impl Side {
         (0.0, 0)
     }
 
-    fn finish(self) -> Value {
+    fn finish(mut self) -> Value {
         let mut v = Value::Null;
         if let Some(q) = self.qemu {
             let _ = q.quit(Duration::from_secs(10));
         }
-        if let Some(q) = &self.qmig {
-            v = q.stats();
+        if let Some(q) = &mut self.qmig {
+            if let Some((_, stats)) = q.stats() {
+                v = stats;
+            }
+            if let (Some(e), Some(done)) = (&q.done, self.done) {
+                v["exit-after-completed-ms"] =
+                    json!(round(e.at.saturating_duration_since(done).as_secs_f64() * 1e3, 1));
+            }
         }
         v
     }
@@ -930,6 +951,22 @@ fn fresh_file_limit(buf: &[u8], dir: &Path) -> f64 {
     buf.len() as f64 / GIB / took
 }
 
+/// 1 MiB `pwrite`s into a new file in `dir` (page allocation, no fault, no clearing).
+fn fresh_file_pwrite_limit(buf: &[u8], dir: &Path) -> f64 {
+    let path = dir.join("limit-pwrite.ram");
+    let _ = fs::remove_file(&path);
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).expect("create limit file");
+    f.set_len(buf.len() as u64).expect("size limit file");
+    let t = Instant::now();
+    for (i, c) in buf.chunks(MIB as usize).enumerate() {
+        f.write_all_at(c, i as u64 * MIB).expect("pwrite limit file");
+    }
+    let took = t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = fs::remove_file(&path);
+    buf.len() as f64 / GIB / took
+}
+
 struct Limit {
     key: &'static str,
     label: &'static str,
@@ -945,11 +982,12 @@ fn measure_limits(cfg: &Config, dir: &Path) -> Vec<Limit> {
     let mut dst = vec![1u8; size];
     let runs = cfg.runs.max(3);
     let mut out = Vec::new();
-    let cases: [(&str, &str); 4] = [
+    let cases: [(&str, &str); 5] = [
         ("unix", "unix socket, 1 MiB writes"),
         ("tcp", "loopback TCP, 1 MiB writes"),
         ("memcpy", "memcpy, one thread, pre-faulted"),
         ("fresh-file", "memcpy into a fresh /dev/shm file mapping"),
+        ("fresh-file-pwrite", "1 MiB pwrites into a fresh /dev/shm file"),
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); cases.len()];
     for _ in 0..runs {
@@ -959,7 +997,8 @@ fn measure_limits(cfg: &Config, dir: &Path) -> Vec<Limit> {
                 "unix" => unix_limit(&buf),
                 "tcp" => tcp_limit(&buf),
                 "memcpy" => memcpy_limit(&buf, &mut dst),
-                _ => fresh_file_limit(&buf, dir),
+                "fresh-file" => fresh_file_limit(&buf, dir),
+                _ => fresh_file_pwrite_limit(&buf, dir),
             };
             results[i].0.push(g);
             results[i].1.push(m.others_since(0.0));
@@ -1072,19 +1111,21 @@ fn live_rows(_cfg: &Config) -> Vec<Row> {
 
 fn print_table(rows: &[Row], cfg: &Config) {
     println!();
-    println!("| image | case | time s | GiB/s | src CPU s | dst CPU s | vs QEMU→QEMU | others |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| image | case | time s | (min–max) | GiB/s | src CPU s | dst CPU s | vs QEMU→QEMU | others |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         if let Some(e) = &r.error {
             if r.runs.is_empty() {
-                println!("| {} | {} | failed: {} | | | | | |", r.image, r.case(), e.replace('|', "/"));
+                println!("| {} | {} | failed: {} | | | | | | |", r.image, r.case(), e.replace('|', "/"));
                 continue;
             }
         }
         let busy = r.busy_runs();
         let flag = if busy > 0 { format!(" (busy {busy}/{})", r.runs.len()) } else { String::new() };
+        let times = r.runs.iter().map(|m| m.time);
+        let (min, max) = (times.clone().fold(f64::INFINITY, f64::min), times.fold(0.0, f64::max));
         println!(
-            "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {:.0} %{flag} |",
+            "| {} | {} | {:.3} | {min:.3}–{max:.3} | {:.2} | {:.2} | {:.2} | {} | {:.0} %{flag} |",
             r.image,
             r.case(),
             r.time(),
@@ -1094,6 +1135,11 @@ fn print_table(rows: &[Row], cfg: &Config) {
             r.ratio().map_or_else(|| "–".to_string(), |x| format!("{x:.2}x")),
             r.others() * 100.0,
         );
+    }
+    for r in rows.iter().filter(|r| !r.runs.is_empty()) {
+        if let Some(e) = &r.error {
+            println!("note: {} {}: run {} failed: {e}", r.image, r.case(), r.runs.len() + 1);
+        }
     }
     println!();
     println!(
@@ -1108,6 +1154,7 @@ fn print_table(rows: &[Row], cfg: &Config) {
 fn goals(rows: &[Row], limits: &[Limit]) -> Vec<Value> {
     let mut out = Vec::new();
     let unix_limit = limits.iter().find(|l| l.key == "unix").map(|l| l.gibs);
+    let pwrite_limit = limits.iter().find(|l| l.key == "fresh-file-pwrite").map(|l| l.gibs);
     for r in rows.iter().filter(|r| r.kind == Kind::QmigQmig && !r.runs.is_empty()) {
         let q = rows.iter().find(|x| {
             x.kind == Kind::QemuQemu && x.size == r.size && x.fill == r.fill && x.wire == r.wire && !x.runs.is_empty()
@@ -1123,6 +1170,10 @@ fn goals(rows: &[Row], limits: &[Limit]) -> Vec<Value> {
                 }
                 if let (Wire::Unix, Some(l)) = (r.wire, unix_limit) {
                     add("qmig→qmig / unix-socket limit (random)".into(), r.gibs() / l, 0.8);
+                }
+                if let (Wire::Unix, Some(l)) = (r.wire, pwrite_limit) {
+                    // Not a goal of the issue: what a receiver writing a fresh image can reach.
+                    add("qmig→qmig / fresh-file pwrite limit (random; for reference)".into(), r.gibs() / l, 0.8);
                 }
             }
             Fill::Zero => {
