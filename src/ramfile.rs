@@ -45,6 +45,24 @@ impl RamFile {
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }
+
+    /// Map every page of the file into the page tables ahead of the sender
+    /// (`MADV_POPULATE_READ`, 8 MiB at a time), until done or `stop` is set. Run from
+    /// a thread of its own, it takes the page-table work (a fault per 16 pages, a
+    /// third of a zero page's cost here) off the thread that reads the pages. Best
+    /// effort: a kernel without it (before 5.14) just leaves the faults to the reader.
+    pub fn prefault(&self, stop: &std::sync::atomic::AtomicBool) {
+        const CHUNK: usize = 8 << 20;
+        let Some(map) = &self.map else { return };
+        let mut off = 0;
+        while off < map.len() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let len = CHUNK.min(map.len() - off);
+            if map.advise_range(memmap2::Advice::PopulateRead, off, len).is_err() {
+                return;
+            }
+            off += len;
+        }
+    }
 }
 
 /// Pages gathered before one `pwrite` per run of consecutive pages.
