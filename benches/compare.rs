@@ -52,7 +52,7 @@
 //! (`CARGO_BIN_EXE_qmig`: `target/release/qmig` under `cargo bench`, built with
 //! the bench profile, i.e. release plus debug info), or `QMIG_COMPARE_QMIG`.
 //!
-//! Run: `cargo bench --bench compare` (1 and 4 GiB, 3 runs: about 8 minutes),
+//! Run: `cargo bench --bench compare` (1 and 4 GiB, 3 runs: about 9 minutes),
 //! then read the table on stdout or `target/compare.json`. Options, as
 //! arguments after `--` or environment variables:
 //!
