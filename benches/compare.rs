@@ -65,7 +65,8 @@
 //! - `--runs=3` / `QMIG_COMPARE_RUNS`;
 //! - `--limits=1` / `QMIG_COMPARE_LIMITS` (0 skips the physical limits);
 //! - `--verify=first|all|none` / `QMIG_COMPARE_VERIFY`;
-//! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir);
+//! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir,
+//!   `compare-quick.json` for a quick run);
 //! - `--shm=DIR` / `QMIG_COMPARE_SHM` (default `/dev/shm`).
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
@@ -299,11 +300,12 @@ impl Config {
         };
         let qmig = std::env::var_os("QMIG_COMPARE_QMIG")
             .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qmig")), PathBuf::from);
-        // target/release/qmig -> target/compare.json
+        // target/release/qmig -> target/compare.json (a smoke run must not replace a real one)
+        let name = if quick { "compare-quick.json" } else { "compare.json" };
         let default_json = Path::new(env!("CARGO_BIN_EXE_qmig"))
             .parent()
             .and_then(Path::parent)
-            .map_or_else(|| PathBuf::from("compare.json"), |t| t.join("compare.json"));
+            .map_or_else(|| PathBuf::from(name), |t| t.join(name));
         Config {
             quick,
             sizes,
