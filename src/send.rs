@@ -9,6 +9,7 @@ use engine::info::MigrationInfo;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing, VcpuControl};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use transports::{connect, CancelToken, MigrationUri};
 
@@ -76,7 +77,16 @@ pub fn send(
     out.cancel = cancel.clone();
     out.runstate = opts.runstate.clone();
     let ch = connect(uri, cancel)?;
-    out.run(ch, &regions, &dirty, &mut Stopped).map_err(|e| match e {
+    let stop = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let prefault = || files.iter().for_each(|f| f.prefault(&stop));
+        // Without the thread the engine's reads fault the pages in themselves.
+        let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
+        let r = out.run(ch, &regions, &dirty, &mut Stopped);
+        stop.store(true, Ordering::Relaxed);
+        r
+    });
+    result.map_err(|e| match e {
         EngineError::Cancelled => Error::Cancelled,
         EngineError::Transport(t) => Error::Transport(t),
         EngineError::Io(io) => Error::Io(io),
