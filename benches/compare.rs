@@ -71,7 +71,7 @@
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB
-//! images). The live KVM rows (`qmig demo --kvm`) are to be added in [`live_rows`].
+//! images). The live KVM rows run `qmig demo --kvm` at three dirty rates ([`live_rows`]; `--live=0` skips them).
 
 use qmig::pattern::{self, Pattern};
 use qmig::qemu::{qemu_binary, QemuConfig, QemuError, QemuProcess};
@@ -234,6 +234,8 @@ struct Config {
     shm: PathBuf,
     qmig: PathBuf,
     qemu: Option<PathBuf>,
+    /// Run the live KVM rows.
+    live: bool,
 }
 
 fn parse_size(s: &str) -> u64 {
@@ -314,6 +316,7 @@ impl Config {
             wires,
             runs,
             limits: arg("limits").map(|v| on(&v)).unwrap_or(true),
+            live: arg("live").map(|v| on(&v)).unwrap_or(true),
             limit_size: if quick { 256 << 20 } else { 1 << 30 },
             verify,
             json: arg("json").map_or(default_json, PathBuf::from),
@@ -1101,14 +1104,105 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * m).round() / m
 }
 
-/// Rows of the live KVM case: `qmig demo --kvm --stats-json PATH` (being built
-/// elsewhere) migrating a running KVM guest. To add them: run the demo here for
-/// each size, parse the stats JSON (`total-time`, `downtime`, `ram.*`) and the
-/// processes' CPU as [`run_case`] does, and return one [`Row`] per run set with
-/// `qemu_time` from a QEMU → QEMU run of a running guest of the same size. Until
-/// then there are none, and the report's `live` section is empty.
-fn live_rows(_cfg: &Config) -> Vec<Row> {
-    Vec::new()
+/// One live KVM run set: `qmig demo --kvm` at one dirty rate.
+struct Live {
+    /// Dirty rate asked of the guest, bytes/s.
+    rate: u64,
+    /// The stats JSON of each run (`query-migrate` names plus `guest`).
+    runs: Vec<Value>,
+    error: Option<String>,
+}
+
+impl Live {
+    fn field(&self, f: impl Fn(&Value) -> Option<f64>) -> Vec<f64> {
+        self.runs.iter().filter_map(f).collect()
+    }
+    fn to_json(&self) -> Value {
+        json!({ "dirty-rate": self.rate, "runs": self.runs, "error": self.error })
+    }
+}
+
+/// The live case: a running KVM guest (1 GiB in two slots, 256 MiB working set)
+/// migrated by `qmig demo --kvm` to a `qmig kvm-dest` process over a unix socket
+/// at three dirty rates, `cfg.runs` times each, with `downtime-limit` 300 ms and
+/// `max-bandwidth` unlimited; each run's stats JSON is kept whole. Without a
+/// usable /dev/kvm there are none, with a note.
+fn live_rows(cfg: &Config) -> Vec<Live> {
+    if !cfg.live {
+        return vec![];
+    }
+    if let Err(e) = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        println!("note: /dev/kvm unusable ({e}): no live KVM rows");
+        return vec![];
+    }
+    let (ram, ws) = if cfg.quick { ("256M", "64M") } else { ("1G", "256M") };
+    let mut out = vec![];
+    for rate in [0u64, 64, 256] {
+        let mut live = Live { rate: rate * MIB, runs: vec![], error: None };
+        for run in 0..cfg.runs {
+            let stats = cfg.shm.join(format!("qmig-compare-live-{}.json", std::process::id()));
+            let o = Command::new(&cfg.qmig)
+                .args(["demo", "--kvm", "--ram-size", ram, "--working-set", ws])
+                .args(["--dirty-rate", &rate.to_string(), "--downtime-limit", "300", "--max-bandwidth", "0"])
+                .args(["--seed", &(run + 1).to_string(), "--stats-json"])
+                .arg(&stats)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output();
+            let v = fs::read_to_string(&stats).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            let _ = fs::remove_file(&stats);
+            match (o, v) {
+                (Ok(o), Some(v)) if o.status.success() => {
+                    eprintln!(
+                        "live {rate} MiB/s run {run}: {} ms, downtime {} ms, {} passes, verified {}",
+                        v["total-time"], v["downtime"], v["ram"]["dirty-sync-count"], v["verified"]
+                    );
+                    live.runs.push(v);
+                }
+                (Ok(o), _) => {
+                    live.error = Some(String::from_utf8_lossy(&o.stderr).trim().lines().last().unwrap_or("").into())
+                }
+                (Err(e), _) => live.error = Some(format!("run {}: {e}", cfg.qmig.display())),
+            }
+        }
+        out.push(live);
+    }
+    out
+}
+
+fn print_live(live: &[Live]) {
+    println!();
+    println!("### live KVM guest (`qmig demo --kvm`, downtime-limit 300 ms, max-bandwidth unlimited)");
+    println!();
+    println!(
+        "| dirty rate asked | achieved | passes | total time s | downtime ms (median, max) | within 300 ms | verified | runs |"
+    );
+    println!("|---:|---:|---:|---:|---:|---|---|---:|");
+    for l in live {
+        if l.runs.is_empty() {
+            println!(
+                "| {} MiB/s | failed: {} | | | | | | 0 |",
+                l.rate / MIB,
+                l.error.as_deref().unwrap_or("").replace('|', "/")
+            );
+            continue;
+        }
+        let achieved = median(l.field(|v| v["guest"]["dirty-rate-achieved"].as_f64())) / MIB as f64;
+        let passes = median(l.field(|v| v["ram"]["dirty-sync-count"].as_f64()));
+        let total = median(l.field(|v| v["total-time"].as_f64())) / 1e3;
+        let down = l.field(|v| v["downtime"].as_f64());
+        let max = down.iter().cloned().fold(0.0, f64::max);
+        let within = down.iter().filter(|d| **d <= 300.0).count();
+        let verified = l.runs.iter().filter(|v| v["verified"] == true).count();
+        println!(
+            "| {} MiB/s | {achieved:.0} MiB/s | {passes:.0} | {total:.3} | {:.0}, {max:.0} | {within}/{} | {verified}/{} | {} |",
+            l.rate / MIB,
+            median(down),
+            l.runs.len(),
+            l.runs.len(),
+            l.runs.len()
+        );
+    }
 }
 
 fn print_table(rows: &[Row], cfg: &Config) {
@@ -1319,9 +1413,7 @@ fn main() {
     println!("load average at start: {load_start}; at end: {}", loadavg());
     print_table(&rows, &cfg);
     if !live.is_empty() {
-        println!();
-        println!("### live KVM guest");
-        print_table(&live, &cfg);
+        print_live(&live);
     }
     let goals = goals(&rows, &limits);
     if !goals.is_empty() {
@@ -1365,7 +1457,7 @@ fn main() {
             "runs": l.all.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(), "others": round(l.others, 3),
         })).collect::<Vec<_>>(),
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
-        "live": live.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "live": live.iter().map(Live::to_json).collect::<Vec<_>>(),
         "goals": goals,
     });
     if let Some(parent) = cfg.json.parent() {
