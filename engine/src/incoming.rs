@@ -33,6 +33,14 @@ pub enum IncomingError {
     /// Resuming the guest failed.
     #[error("vCPU control: {0}")]
     Vcpu(String),
+    /// The RAM sink gave no place for a page (it would have been lost).
+    #[error("RAM block '{block}' has no page at offset {offset} for the incoming page")]
+    PageNotPlaced {
+        /// The block.
+        block: String,
+        /// Byte offset in the block.
+        offset: u64,
+    },
 }
 
 /// What the incoming side did.
@@ -125,6 +133,10 @@ impl Incoming {
         while let Some(ev) = d.next_with(ram)? {
             match ev {
                 Event::SectionStart(h) => section = Some((h.idstr, h.instance_id, h.version)),
+                Event::Page { block, offset, data: Some(_) }
+                | Event::CompressedPage { block, offset, data: Some(_) } => {
+                    return Err(IncomingError::PageNotPlaced { block: block.name.clone(), offset });
+                }
                 Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => report.normal += 1,
                 Event::ZeroPage { .. } => report.duplicate += 1,
                 Event::Device { state, .. } => {

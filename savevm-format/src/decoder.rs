@@ -780,7 +780,16 @@ impl<R: Read> Decoder<R> {
                     return Ok(Ev::Zero(b, offset, fill));
                 }
                 let tps = self.tps as usize;
-                let slot = sink.page_mut(&self.blocks[b], offset).filter(|s| s.len() >= tps).map(|s| &mut s[..tps]);
+                let slot = match sink.page_mut(&self.blocks[b], offset) {
+                    Some(s) if s.len() < tps => {
+                        return Err(ErrorKind::Sink(format!(
+                            "the destination's page at offset {offset} of '{}' is {} bytes, the stream's pages {tps}",
+                            self.blocks[b].name,
+                            s.len()
+                        )));
+                    }
+                    s => s.map(|s| &mut s[..tps]),
+                };
                 match kind {
                     RecordKind::Page => {
                         let placed = slot.is_some();

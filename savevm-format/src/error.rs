@@ -259,7 +259,7 @@ pub enum ErrorKind {
     /// A configured limit was exceeded.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),
-    /// The page sink (the destination's RAM) refused the stream's block list.
+    /// The page sink (the destination's RAM) refused the stream's block list or its page size.
     #[error("{0}")]
     Sink(String),
     /// A multifd channel packet that is malformed.
