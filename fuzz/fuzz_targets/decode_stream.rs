@@ -112,6 +112,8 @@ fn tag(ev: &Event<'_>, tps: u64) -> (u8, u64) {
         Event::PackageEnd => (13, 0),
         Event::Eof => (14, 0),
         Event::VmDescription(j) => (15, j.is_object() as u64),
+        // Raw bodies are read (and tagged) in `run`, where the event is mutable.
+        Event::RawBody(_) => (16, 0),
         #[allow(unreachable_patterns)]
         _ => (255, 0),
     }
@@ -123,6 +125,9 @@ type Outcome = (Vec<(u8, u64)>, Option<(u64, String)>);
 /// Decode `data` to completion.
 fn run(data: &[u8], vmdesc: Option<&serde_json::Value>, sink: Option<&mut MapSink>) -> Outcome {
     let mut d = Decoder::new(data);
+    // Sections of these devices go to the loader in `run` (hand-written state).
+    d.register_raw("raw", 0);
+    d.register_raw("live", 0);
     if let Some(j) = vmdesc {
         // A bad vmdesc is a typed error; decoding then goes on without it.
         let _ = d.set_vmdesc(j).map_err(|e| e.to_string());
@@ -144,6 +149,16 @@ fn run(data: &[u8], vmdesc: Option<&serde_json::Value>, sink: Option<&mut MapSin
             None => d.next(),
         };
         match r {
+            Ok(Some(Event::RawBody(mut body))) => {
+                // A hand-written loader: reads a length byte, then that many bytes
+                // (whatever is there: a short or long read is the decoder's to catch).
+                let mut n = [0u8; 1];
+                let _ = std::io::Read::read_exact(&mut body, &mut n);
+                let mut buf = vec![0u8; n[0] as usize];
+                let _ = std::io::Read::read_exact(&mut body, &mut buf);
+                assert!(body.consumed() <= 256);
+                trace.push((16, body.consumed()));
+            }
             Ok(Some(ev)) => {
                 trace.push(tag(&ev, tps));
             }
