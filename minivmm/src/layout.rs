@@ -37,6 +37,9 @@ pub enum LayoutError {
     /// The size is unusable.
     #[error("guest RAM size {0} bytes: must be a multiple of 2 MiB between 4 MiB and {MAX_RAM} bytes")]
     Size(u64),
+    /// The slots do not cover the block in order (a hand-built layout).
+    #[error("bad slot layout: {0}")]
+    Slots(String),
     /// Two slots were asked for but the RAM fits below the hole.
     #[error("a two-slot layout needs more than {LOW_RAM_MAX} bytes of RAM (got {0})")]
     TooSmallForTwoSlots(u64),
@@ -73,6 +76,27 @@ impl Layout {
         }
     }
 
+    /// Check a layout built by hand: at least one slot, page-aligned, covering the
+    /// block in order without gaps, within the identity-mapped 4 GiB.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        check(self.ram_size)?;
+        let mut next = 0;
+        let mut last_end = 0;
+        for s in &self.slots {
+            let aligned = [s.gpa, s.offset, s.len].iter().all(|v| v.is_multiple_of(4096));
+            let end = s.gpa.checked_add(s.len);
+            if !aligned || s.len == 0 || s.offset != next || s.gpa < last_end || end.is_none_or(|e| e > 4 << 30) {
+                return Err(LayoutError::Slots(format!("{s:?}")));
+            }
+            next += s.len;
+            last_end = s.gpa + s.len;
+        }
+        if self.slots.is_empty() || next != self.ram_size {
+            return Err(LayoutError::Slots(format!("slots cover {next} of {} bytes", self.ram_size)));
+        }
+        Ok(())
+    }
+
     /// The block offset of guest-physical `gpa`, if it is RAM.
     pub fn offset_of(&self, gpa: u64) -> Option<u64> {
         self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len).map(|s| s.offset + (gpa - s.gpa))
@@ -98,5 +122,11 @@ mod tests {
         assert_eq!(l.offset_of(LOW_RAM_MAX), None);
         assert_eq!(Layout::pc_split(64 << 20), Err(LayoutError::TooSmallForTwoSlots(64 << 20)));
         assert!(Layout::one_slot(3 << 20).is_err());
+        assert_eq!(l.validate(), Ok(()));
+        let mut gap = l.clone();
+        gap.slots[1].offset += 4096;
+        assert!(gap.validate().is_err());
+        let empty = Layout { ram_size: 64 << 20, slots: vec![] };
+        assert!(empty.validate().is_err());
     }
 }

@@ -325,6 +325,7 @@ static SIGNAL: Once = Once::new();
 impl Vm {
     /// A VM with `layout`'s RAM (all zero) and a parked vCPU, not booted.
     pub fn new(layout: Layout) -> Result<Vm, VmError> {
+        layout.validate()?;
         SIGNAL.call_once(|| {
             let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
         });
@@ -462,7 +463,7 @@ impl Vm {
     /// Working-set segments `(gpa, pages)` for `bytes` of working set.
     fn working_set(&self, bytes: u64) -> Result<[(u64, u64); 2], VmError> {
         let pages = bytes.div_ceil(4096).max(1);
-        let s0 = self.layout.slots[0];
+        let s0 = *self.layout.slots.first().ok_or_else(|| VmError::Config("no memory slot".into()))?;
         let cap0 = (s0.len.saturating_sub(WORKING_SET_MIN)) / 4096;
         let (p0, p1, base1) = match self.layout.slots.get(1) {
             Some(s1) => {
