@@ -455,8 +455,9 @@ impl savevm_format::PageSink for ImageSink {
 
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
         if let Some(img) = self.image(block.index) {
-            img.known_zero = None; // conservative: the range is zeroed below
-                                   // bytes_mut() writes the staged pages first, so none lands over the zeroes.
+            // Conservative: the range is zeroed below. bytes_mut() writes the staged
+            // pages first, so none lands over the zeroes.
+            img.known_zero = None;
             if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
                 r.fill(0);
             }

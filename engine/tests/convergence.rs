@@ -16,7 +16,7 @@ mod common;
 
 use common::RunResult;
 
-use common::serial;
+use common::{serial, states, wait_for};
 use engine::dirty::DirtyBitmap;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
@@ -133,18 +133,6 @@ impl Rig {
         assert!(differ.is_empty(), "{} pages differ (first {:?}) after {} writes", differ.len(), differ.first(), {
             self.guest.writes()
         });
-    }
-}
-
-fn states(seen: &[Notification]) -> Vec<S> {
-    seen.iter().filter_map(|n| if let Notification::State { to, .. } = n { Some(*to) } else { None }).collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

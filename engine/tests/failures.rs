@@ -14,7 +14,7 @@ mod common;
 
 use common::RunResult;
 
-use common::serial;
+use common::{serial, states, wait_for};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
 use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
@@ -189,18 +189,6 @@ impl Rig {
             eprintln!("{what}: destination read {} bytes, then {:?}", got.bytes, got.error);
             assert!(!got.eof, "{what}: the destination saw a complete stream");
         }
-    }
-}
-
-fn states(seen: &[Notification]) -> Vec<S> {
-    seen.iter().filter_map(|n| if let Notification::State { to, .. } = n { Some(*to) } else { None }).collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -57,3 +57,19 @@ pub fn run_watched<T>(
         (runner.join().expect("migration thread"), t)
     })
 }
+
+/// The states in `seen`'s transitions, in order.
+pub fn states(seen: &[engine::state::Notification]) -> Vec<engine::state::MigrationStatus> {
+    seen.iter()
+        .filter_map(|n| if let engine::state::Notification::State { to, .. } = n { Some(*to) } else { None })
+        .collect()
+}
+
+/// Poll `cond` every 2 ms until it holds; fail the test after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
