@@ -114,6 +114,8 @@ struct Ctl {
     thread: Option<libc::pthread_t>,
     /// Returns from KVM_RUN.
     exits: u64,
+    /// The vCPU has entered the guest at least once.
+    ran: bool,
 }
 
 struct VcpuShared {
@@ -194,6 +196,7 @@ impl VcpuShared {
                 c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
             }
             c.parked = false;
+            c.ran = true;
             drop(c);
             let mut fd = lock(&self.fd);
             let exit = match fd.run() {
@@ -318,6 +321,8 @@ pub struct Vm {
     manual_protect: bool,
     tsc_khz: u32,
     config: Option<GuestConfig>,
+    /// The VMM has written guest RAM (boot or an incoming migration).
+    written: bool,
 }
 
 static SIGNAL: Once = Once::new();
@@ -424,6 +429,7 @@ impl Vm {
             manual_protect,
             tsc_khz,
             config: None,
+            written: false,
         })
     }
 
@@ -575,6 +581,7 @@ impl Vm {
         fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         drop(fd);
         self.config = Some(cfg);
+        self.written = true;
         Ok(())
     }
 
@@ -615,10 +622,15 @@ impl Vm {
     }
 
     /// A page sink writing the incoming `pc.ram` block straight into guest RAM.
+    /// On a VM whose RAM nothing has written yet, ZERO records touch no memory.
     pub fn sink(&mut self) -> RamSink<'_> {
+        let pristine = !self.written && !lock(&self.vcpu.ctl).ran;
+        self.written = true;
+        let pages = self.layout.ram_size / 4096;
+        let known_zero = pristine.then(|| vec![u64::MAX; pages.div_ceil(64) as usize]);
         // SAFETY: as in `ram`; the vCPU is parked while the destination loads.
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.ram.as_ptr(), self.layout.ram_size as usize) };
-        RamSink { bytes }
+        RamSink { bytes, known_zero }
     }
 
     /// The guest's control block now.
@@ -699,6 +711,9 @@ impl Drop for Vm {
 /// Writes incoming pages of `pc.ram` into guest RAM.
 pub struct RamSink<'a> {
     bytes: &'a mut [u8],
+    /// One bit per page still zero since the VM was created (a fresh anonymous
+    /// mapping): a ZERO record for it needs no access (reading would fault it in).
+    known_zero: Option<Vec<u64>>,
 }
 
 impl savevm_format::PageSink for RamSink<'_> {
@@ -714,7 +729,24 @@ impl savevm_format::PageSink for RamSink<'_> {
     }
 
     fn page_mut(&mut self, _block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
+        let p = (offset / 4096) as usize;
+        if let Some(w) = self.known_zero.as_mut().and_then(|k| k.get_mut(p / 64)) {
+            *w &= !(1u64 << (p % 64));
+        }
         self.bytes.get_mut(offset as usize..offset as usize + 4096)
+    }
+
+    fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
+        let p = (offset / 4096) as usize;
+        let zero = self.known_zero.as_ref().and_then(|k| k.get(p / 64)).is_some_and(|w| w & (1u64 << (p % 64)) != 0);
+        if fill == 0 && zero {
+            return;
+        }
+        if let Some(page) = self.page_mut(block, offset) {
+            if fill != 0 || !savevm_format::ram::is_zero_page(page) {
+                page.fill(fill);
+            }
+        }
     }
 }
 
