@@ -88,7 +88,7 @@ fn cancelled_migration(uri: MigrationUri) {
         }
         o.cancel.cancel();
     });
-    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus);
     canceller.join().expect("canceller");
     assert!(matches!(res, Err(EngineError::Cancelled)), "{uri}: {res:?}");
     assert_eq!(out.state.status(), S::Cancelled);

@@ -65,8 +65,9 @@ fn migrate(seed: u64, len: usize, dirty_rate: u64, params: MigrationParameters, 
     let ch = connect(&uri, &cancel).expect("connect");
     let mut vcpus = guest.vcpus();
     let t0 = Instant::now();
-    let info =
-        out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let info = out
+        .run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     let (got, ram_sections) = dst.join().expect("destination thread").expect("destination");
     assert_eq!(info.status, MigrationStatus::Completed);
     assert!(!vcpus.running(), "the guest stays stopped after completion");
@@ -132,7 +133,7 @@ fn cancel_resumes_the_guest() {
         t
     });
     let mut vcpus = guest.vcpus();
-    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus);
     let cancelled_at = canceller.join().expect("canceller");
     assert!(cancelled_at.elapsed() < Duration::from_secs(1), "run returned {:?} after cancel", cancelled_at.elapsed());
     assert!(matches!(res, Err(engine::source::EngineError::Cancelled)), "{res:?}");
