@@ -40,8 +40,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -583,13 +583,14 @@ fn pending_device_bytes_hold_off_the_switchover() {
     let out = outgoing(32 << 20);
     let hold = Arc::new(AtomicBool::new(true));
     let (o, h) = (out.clone(), hold.clone());
+    // Taken before the watcher starts its 1.5 s, so `released - start` is at least that.
+    let start = Instant::now();
     let watcher = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         let status = o.state.status();
         h.store(false, Ordering::SeqCst);
         (status, Instant::now())
     });
-    let start = Instant::now();
     let r = live_migration("hold", &out, hold);
     let done = Instant::now();
     let (status, released) = watcher.join().expect("watcher");

@@ -42,8 +42,8 @@ pub mod xbzrle;
 
 pub use command::{Command, RpMessage};
 pub use decoder::{
-    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, RawBody,
-    SectionHeader, SectionKind,
+    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, PageSlot,
+    RawBody, SectionHeader, SectionKind,
 };
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;
