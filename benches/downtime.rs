@@ -367,7 +367,7 @@ fn run_once(
     let ch = connect(&uri, &cancel).expect("connect");
     let mut timed = TimedVcpus {
         inner: vcpus,
-        info: out.info.clone(),
+        info: out.info().clone(),
         stop_called: None,
         stopped: None,
         at_stop: None,

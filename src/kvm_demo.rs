@@ -66,11 +66,10 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let (mut child, uri) = start_dest(opts, &uri)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
-    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
-    out.cancel = cancel.clone();
+    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, &out.cancel) {
+    let ch = match connect_retry(&uri, out.cancel()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();

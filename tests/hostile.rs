@@ -44,8 +44,9 @@ impl PageSink for Sparse {
         if self.0.len() > 20_000 && !self.0.contains_key(&(b.index, off)) {
             return None;
         }
-        (Some(&mut self.0.entry((b.index, off)).or_insert_with(|| Box::new([0; 4096]))[..]))
-            .map(savevm_format::PageSlot::from)
+        Some(savevm_format::PageSlot::from(
+            &mut self.0.entry((b.index, off)).or_insert_with(|| Box::new([0; 4096]))[..],
+        ))
     }
 }
 

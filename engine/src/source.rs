@@ -162,16 +162,11 @@ impl<'g> PageWriter<'g> for &mut Vec<u8> {
 /// diverge).
 #[derive(Clone)]
 pub struct Outgoing {
-    /// The state machine (subscribe for notifications); the one owner of the status.
-    pub state: StateMachine,
-    /// `query-migrate` figures, current at any time (status read from `state`).
-    pub info: InfoHandle,
-    /// Parameters, changeable while running (`max-bandwidth`, `downtime-limit`...).
-    pub params: SharedParameters,
-    /// Cancels the migration from any thread.
-    pub cancel: CancelToken,
-    /// Byte counters and the rate limit of the stream.
-    pub rate: RateLimit,
+    state: StateMachine,
+    info: InfoHandle,
+    params: SharedParameters,
+    cancel: CancelToken,
+    rate: RateLimit,
     fixed: Arc<Fixed>,
     /// Set by [`continue_switchover`](Self::continue_switchover).
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
@@ -339,6 +334,31 @@ impl Outgoing {
     pub fn with_cancel(mut self, token: CancelToken) -> Self {
         self.cancel = token;
         self
+    }
+
+    /// The state machine (subscribe for notifications); the one owner of the status.
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// `query-migrate` figures, current at any time (the status read from [`state`](Self::state)).
+    pub fn info(&self) -> &InfoHandle {
+        &self.info
+    }
+
+    /// Parameters, changeable while running (`max-bandwidth`, `downtime-limit`...).
+    pub fn params(&self) -> &SharedParameters {
+        &self.params
+    }
+
+    /// Cancels the migration from any thread.
+    pub fn cancel(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// Byte counters and the rate limit of the stream.
+    pub fn rate(&self) -> &RateLimit {
+        &self.rate
     }
 
     /// The capabilities.

@@ -103,6 +103,11 @@ struct Outcome {
     naps: u64,
 }
 
+/// A parameter change applied at a set time.
+type Change = (Duration, fn(&mut MigrationParameters));
+/// A live device: its pending bytes at a time, and the bytes each of its PARTs carries.
+type Device = (fn(Duration) -> u64, u64);
+
 /// The simulated run: guest, link, core, and a schedule of parameter changes.
 struct Sim {
     guest: Guest,
@@ -111,10 +116,10 @@ struct Sim {
     params: MigrationParameters,
     auto_converge: bool,
     /// (time, change) applied when the clock passes the time.
-    changes: Vec<(Duration, fn(&mut MigrationParameters))>,
+    changes: Vec<Change>,
     /// A live device's pending bytes over time (bytes at time t), and how many bytes
     /// each of its PARTs carries.
-    device: Option<(fn(Duration) -> u64, u64)>,
+    device: Option<Device>,
     now: Duration,
     bytes: u64,
     dst: Vec<u64>,

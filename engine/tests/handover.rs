@@ -194,7 +194,7 @@ fn a_blocker_fails_the_migration_at_start() {
     let listener = Listener::bind(&uri("blocked"), &cancel).expect("listen");
     let ch = connect(&uri("blocked"), &cancel).expect("connect");
     let out = Outgoing::new(SharedParameters::default(), MigrationCapabilities::default()).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let mut vm = VmParts {
         blockers: vec![MigrationBlocker { reason: "device 'vfio0' does not support migration".into() }],
         ..Default::default()
@@ -204,9 +204,9 @@ fn a_blocker_fails_the_migration_at_start() {
         .run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus, &mut vm)
         .expect_err("blocked");
     assert!(matches!(&e, EngineError::Blocked(r) if r.contains("vfio0")), "{e}");
-    assert_eq!(out.state.status(), MigrationStatus::Failed);
+    assert_eq!(out.state().status(), MigrationStatus::Failed);
     assert_eq!(
-        out.info.get().error_desc.as_deref(),
+        out.info().get().error_desc.as_deref(),
         Some("migration is blocked: device 'vfio0' does not support migration")
     );
     assert_eq!(check_sequence(Role::Source, &notes.try_iter().collect::<Vec<_>>()), Ok(()));

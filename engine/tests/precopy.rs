@@ -57,7 +57,7 @@ fn migrate(seed: u64, len: usize, dirty_rate: u64, params: MigrationParameters, 
     let region = guest.region("mem").expect("region");
     let dirty: Vec<Arc<DirtyBitmap>> = vec![guest.dirty()];
     let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let uri = sock(&format!("s{seed}"));
     let cancel = CancelToken::new().expect("token");
     let listener = Listener::bind(&uri, &cancel).expect("listen");
@@ -115,7 +115,7 @@ fn cancel_resumes_the_guest() {
     let mut guest = SyntheticGuest::new(len, |_, page| page.fill(7));
     guest.start(1, 256 << 20, 5);
     let region = guest.region("mem").expect("region");
-    let dirty = vec![guest.dirty()];
+    let dirty = [guest.dirty()];
     // A dirty rate far above the bandwidth: it never converges on its own.
     let params = MigrationParameters { max_bandwidth: 8 << 20, downtime_limit: 10, ..Default::default() };
     let out =
@@ -129,7 +129,7 @@ fn cancel_resumes_the_guest() {
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
         let t = Instant::now();
-        handle.cancel.cancel();
+        handle.cancel().cancel();
         t
     });
     let mut vcpus = guest.vcpus();
@@ -137,7 +137,7 @@ fn cancel_resumes_the_guest() {
     let cancelled_at = canceller.join().expect("canceller");
     assert!(cancelled_at.elapsed() < Duration::from_secs(1), "run returned {:?} after cancel", cancelled_at.elapsed());
     assert!(matches!(res, Err(engine::source::EngineError::Cancelled)), "{res:?}");
-    assert_eq!(out.state.status(), MigrationStatus::Cancelled);
+    assert_eq!(out.state().status(), MigrationStatus::Cancelled);
     assert!(vcpus.running(), "guest resumed on the source");
     let w0 = guest.writes();
     std::thread::sleep(Duration::from_millis(100));
