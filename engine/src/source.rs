@@ -168,6 +168,8 @@ pub struct Outgoing {
     cancel: CancelToken,
     rate: RateLimit,
     fixed: Arc<Fixed>,
+    /// Set by [`force_switchover`](Self::force_switchover).
+    force: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`continue_switchover`](Self::continue_switchover).
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
@@ -318,6 +320,7 @@ impl Outgoing {
             params,
             fixed: Arc::new(Fixed { caps, runstate: "running".into() }),
             cancel: CancelToken::new()?,
+            force: Default::default(),
             go_on: Default::default(),
         })
     }
@@ -382,6 +385,13 @@ impl Outgoing {
         *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
         Ok(())
+    }
+
+    /// Stop the guest and complete at the next decision, whatever is still to send
+    /// (the downtime is then what the rest takes): what virsh's `--timeout` with
+    /// `--timeout-action suspend` amounts to. Any thread, any time while running.
+    pub fn force_switchover(&self) {
+        self.force.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Wait in `pre-switchover` until continued or cancelled.
@@ -557,6 +567,9 @@ impl Outgoing {
             self.rate.set_max_bandwidth(params.max_bandwidth);
             let dev_pending: Vec<u64> = vm.live_devices.iter_mut().map(|d| d.pending()).collect();
             let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
+            if self.force.load(std::sync::atomic::Ordering::SeqCst) {
+                run.core.force_switchover();
+            }
             let tick = run.tick();
             match run.core.step(tick, dev_total, &params) {
                 Action::Sync => {
