@@ -18,6 +18,8 @@
 //!   never `&[u8]` over memory the guest writes) and
 //!   [`RamRegion`](memory::RamRegion): one region with the dirty sources that
 //!   report its writes.
+//! - `mmap` (feature `vm-memory`): a vm-memory `GuestMemoryMmap` as regions with
+//!   no `unsafe` in the embedder, and its `AtomicBitmap` as a dirty source.
 //! - [`precopy`]: the clock-free core of pre-copy: every decision (sync, send a
 //!   part until a deadline, nap, switch over) as a step taking the time, the bytes
 //!   sent and the devices' pending bytes; tested on simulated time.
@@ -71,6 +73,8 @@ pub mod dirty;
 pub mod incoming;
 pub mod info;
 pub mod memory;
+#[cfg(feature = "vm-memory")]
+pub mod mmap;
 pub mod params;
 pub mod precopy;
 pub mod source;
