@@ -36,35 +36,26 @@
 //!   then resume or stay paused.
 //! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
-//! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few
-//! lines, each with the dirty sources that see its writes (KVM's dirty log, a
-//! bitmap its device emulation marks, ...):
+//! A VMM on `vm-memory` (feature `vm-memory`) hands its `GuestMemoryMmap` over
+//! with no `unsafe`, each region with the dirty sources that see its writes
+//! (KVM's dirty log for the guest's, vm-memory's `AtomicBitmap` for the VMM's
+//! own, ...):
 //!
 //! ```
-//! use engine::dirty::DirtyBitmap;
-//! use engine::memory::{GuestRegion, RamRegion};
+//! use engine::mmap::MmapRam;
 //! use std::sync::Arc;
-//! use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+//! use vm_memory::bitmap::AtomicBitmap;
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
 //! // Two slots, split around a hole as x86 splits low and high memory.
-//! let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+//! let mem: Arc<GuestMemoryMmap<AtomicBitmap>> = Arc::new(GuestMemoryMmap::from_ranges(&[
 //!     (GuestAddress(0), 2 << 20),
 //!     (GuestAddress(4 << 20), 2 << 20),
-//! ])?;
-//! let regions: Vec<GuestRegion> = mem
-//!     .iter()
-//!     .enumerate()
-//!     .filter_map(|(i, r)| {
-//!         let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
-//!         // SAFETY: the regions stay mapped as long as `mem` lives, beyond the migration.
-//!         unsafe { GuestRegion::new(format!("ram{i}"), host, r.len() as usize) }
-//!     })
-//!     .collect();
-//! // The pages the VMM itself writes (virtio queues, say) are marked here.
-//! let marks: Vec<Arc<DirtyBitmap>> = regions.iter().map(|r| Arc::new(DirtyBitmap::new(r.pages()))).collect();
-//! let ram: Vec<RamRegion> = regions.iter().zip(&marks).map(|(r, m)| RamRegion::new(r).with_dirty(m.clone())).collect();
-//! assert_eq!(ram.len(), 2);
-//! assert_eq!(ram[1].memory().pages(), 512);
+//! ])?);
+//! let ram = MmapRam::new(mem, |i| format!("ram{i}"))?;
+//! let regions = ram.tracked(); // + .with_dirty(&mut kvm_log) for the guest's writes
+//! assert_eq!(regions[1].memory().pages(), 512);
+//! // outgoing.run(channel, &mut regions, &mut vcpus)
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
