@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use engine::incoming::{Incoming, IncomingError};
+use engine::incoming::{Incoming, IncomingError, ReturnPathOpener, ReturnPathReport};
 use engine::info::MigrationInfo;
 use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
@@ -25,16 +25,26 @@ pub fn recv(
     uri: &MigrationUri,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
-) -> Result<MigrationInfo> {
+) -> Result<Received> {
     let listener = Listener::bind(uri, cancel)?;
     on_listening(listener.local_uri());
     let ch = listener.accept()?;
     let start = Instant::now();
     let rate = RateLimit::new(0);
+    // The reverse direction, taken now (a duplicate of the socket) and handed out if
+    // the source opens its return path; exec:, file: and pipes have none.
+    let mut return_path = Some(ch.return_path());
+    let open_return_path: ReturnPathOpener<'_> = Box::new(move || match return_path.take() {
+        Some(Ok(rp)) => Ok(Box::new(rp) as Box<dyn std::io::Write + Send>),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the return path was already taken".into()),
+    });
     let mut reader = MigrationReader::new(ch, rate.clone());
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(|e| match e {
+    let outcome =
+        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    let report = outcome.map_err(|e| match e {
         IncomingError::Stream(f) => {
             // A cancel shows up as an I/O error inside the decoder: report it as such.
             if let savevm_format::ErrorKind::Io(io) = &f.kind {
@@ -52,7 +62,7 @@ pub fn recv(
     let total_time = start.elapsed();
     let transferred = rate.total_bytes();
     let secs = total_time.as_secs_f64();
-    Ok(MigrationInfo {
+    let info = MigrationInfo {
         status: MigrationStatus::Completed,
         total_time,
         transferred,
@@ -61,5 +71,26 @@ pub fn recv(
         normal: report.normal,
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
-    })
+    };
+    Ok(Received { info, return_path: report.return_path })
+}
+
+/// What `recv` reports: `query-migrate`-named statistics and the return path.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The statistics.
+    pub info: MigrationInfo,
+    /// What the return path did (all false/zero when the source asked for none).
+    pub return_path: ReturnPathReport,
+}
+
+impl Received {
+    /// The statistics JSON plus `"return-path"`: `null` when the source asked for
+    /// none, else `{"requested", "opened", "pongs", "shut", "unavailable"?, "error"?}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = self.info.to_json();
+        v["return-path"] =
+            if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null };
+        v
+    }
 }
