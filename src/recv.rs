@@ -10,8 +10,54 @@ use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
 use engine::vm::VmParts;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+
+/// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
+/// channels connect there (the main one first). A connection that starts with the
+/// multifd magic stops the load (its token is cancelled) so both ends fail with a
+/// clear reason; any other extra connection is closed. Stopped and joined on drop.
+struct ExtraConnections {
+    token: CancelToken,
+    multifd: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExtraConnections {
+    fn watch(listener: Listener, token: CancelToken) -> Self {
+        let multifd = Arc::new(AtomicBool::new(false));
+        let (flag, stop) = (multifd.clone(), token.clone());
+        let thread = std::thread::spawn(move || {
+            while let Ok(ch) = listener.accept_another() {
+                let mut magic = [0u8; 4];
+                let mut got = 0;
+                while got < 4 {
+                    match ch.read(&mut magic[got..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                if got == 4 && u32::from_be_bytes(magic) == savevm_format::multifd::MULTIFD_MAGIC {
+                    flag.store(true, Ordering::SeqCst);
+                    stop.cancel();
+                    return;
+                }
+            }
+        });
+        ExtraConnections { token, multifd, thread: Some(thread) }
+    }
+}
+
+impl Drop for ExtraConnections {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A destination with no vCPUs to start: the guest stays paused (files only).
 struct NoGuest;
@@ -26,9 +72,17 @@ pub fn recv(
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Received> {
-    let listener = Listener::bind(uri, cancel)?;
+    // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
+    let load_cancel = CancelToken::new().map_err(Error::Io)?;
+    cancel.link_to(&load_cancel);
+    let listener = Listener::bind(uri, &load_cancel)?;
     on_listening(listener.local_uri());
-    let ch = listener.accept()?;
+    let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+        let ch = listener.accept_another()?;
+        (ch, Some(ExtraConnections::watch(listener, load_cancel.clone())))
+    } else {
+        (listener.accept()?, None)
+    };
     let start = Instant::now();
     let rate = RateLimit::new(0);
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
@@ -44,7 +98,13 @@ pub fn recv(
     let incoming = Incoming::new(false);
     let outcome =
         incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let report = outcome.map_err(|e| match e {
+        _ if multifd => Error::Usage(
+            "a multifd channel connected: the source has capability multifd, which this destination does not \
+             implement"
+                .into(),
+        ),
         IncomingError::Stream(f) => {
             // A cancel shows up as an I/O error inside the decoder: report it as such.
             if let savevm_format::ErrorKind::Io(io) = &f.kind {

@@ -311,3 +311,14 @@ fn qemu_return_path_failure_after_the_whole_stream_fails_the_source() {
     let o = migrate_to(NAME, 0x7e7_0005, &["return-path"], sock, None, Some(fs_small.0.join("dst.ram")));
     both_fail(NAME, &o, "No space left on device");
 }
+
+#[test]
+fn qemu_multifd_to_recv_fails_on_both_ends() {
+    const NAME: &str = "qemu_rp_multifd";
+    if qemu_or_skip(NAME).is_none() {
+        return;
+    }
+    let sock = |d: &TestDir| format!("unix:{}", utf8(&d.join("mig.sock")));
+    let o = migrate(NAME, 0x7e7_0006, &["return-path", "multifd"], sock, None);
+    both_fail(NAME, &o, "multifd");
+}

@@ -631,6 +631,22 @@ impl Listener {
 
     /// Wait for the source (or open the fd, command or file) and return the channel.
     pub fn accept(self) -> Result<Channel, TransportError> {
+        self.accept_ref()
+    }
+
+    /// Accept one connection on a `tcp:` or `unix:` listener and keep listening, for
+    /// a source that opens several (QEMU's multifd channels). Other URIs have one
+    /// channel only: an error (use [`accept`](Self::accept)).
+    pub fn accept_another(&self) -> Result<Channel, TransportError> {
+        if matches!(self.kind, ListenKind::Other) {
+            let source =
+                io::Error::new(io::ErrorKind::Unsupported, "only tcp: and unix: take more than one connection");
+            return Err(TransportError::Accept { uri: self.uri.to_string(), source });
+        }
+        self.accept_ref()
+    }
+
+    fn accept_ref(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
         match &self.kind {
