@@ -8,7 +8,11 @@
 //!   does not implement postcopy, so both ends fail: recv exits 1 naming
 //!   postcopy-ram, QEMU's `query-migrate` says `failed`.
 //! - A destination load failure (recv's RAM file of another size) with
-//!   `return-path`: recv exits 1 with QEMU's "Size mismatch", QEMU ends `failed`.
+//!   `return-path`: recv exits 1 with QEMU's "Size mismatch", QEMU ends `failed`;
+//!   the same after the whole stream (RAM file on a 4 MiB tmpfs): SHUT(1).
+//! - `multifd`: recv sees a multifd channel connect and both ends fail.
+//! - Our source-side reader (`engine::return_path`) against a QEMU 7.2
+//!   destination: PONGs then SHUT 0; a destination that fails closes the path.
 //!
 //! Without QEMU the tests print `skipped: qemu-system-x86_64 not found` and pass,
 //! except when `CI=true`, where they fail.
@@ -321,4 +325,97 @@ fn qemu_multifd_to_recv_fails_on_both_ends() {
     let sock = |d: &TestDir| format!("unix:{}", utf8(&d.join("mig.sock")));
     let o = migrate(NAME, 0x7e7_0006, &["return-path", "multifd"], sock, None);
     both_fail(NAME, &o, "multifd");
+}
+
+/// Our source's return-path reader ([`engine::return_path::SourceReturnPath`])
+/// against a QEMU 7.2 destination: a stopped-guest stream with OPEN_RETURN_PATH and
+/// PINGs after the configuration (as QEMU's source sends them) and `extra` bytes
+/// after the PINGs. Returns how the return path ended, its events, and QEMU.
+fn to_qemu_destination(
+    name: &str,
+    seed: u64,
+    extra: &[u8],
+) -> (
+    Option<Result<(), engine::return_path::ReturnPathError>>,
+    Vec<engine::return_path::RpEvent>,
+    QemuProcess,
+    Vec<u8>,
+    TestDir,
+) {
+    use savevm_format::{write_stopped_guest, Command as Cmd, RamBlock, StoppedGuest};
+    let dir = TestDir::new(name);
+    let dst = dir.join("dst.ram");
+    let sock = dir.join("in.sock");
+    let ram = pattern::generate(GUEST, seed, RAM_LEN as usize);
+    File::create(&dst).and_then(|f| f.set_len(RAM_LEN)).expect("create destination RAM");
+    let mut qemu =
+        QemuProcess::start(&QemuConfig::new().ram("mem", &dst, RAM_LEN).incoming(true)).expect("start destination");
+    qemu.migrate_incoming(&format!("unix:{}", utf8(&sock))).expect("migrate-incoming");
+    let token = transports::CancelToken::new().expect("token");
+    let uri: transports::MigrationUri = format!("unix:{}", utf8(&sock)).parse().expect("uri");
+    let deadline = Instant::now() + LIMIT;
+    let ch = loop {
+        match transports::connect(&uri, &token) {
+            Ok(ch) => break ch,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("{name}: connect to QEMU: {e}"),
+        }
+    };
+    let (stream, _) = write_stopped_guest(Vec::new(), &[("mem", &ram)], &StoppedGuest::default()).expect("stream");
+    let at = 8 + 1 + 4 + "none".len();
+    let mut bytes = stream[..at].to_vec();
+    for c in [Cmd::OpenReturnPath, Cmd::Ping(1), Cmd::Ping(0x1234_5678)] {
+        bytes.extend(c.encode());
+    }
+    bytes.extend_from_slice(extra);
+    bytes.extend_from_slice(&stream[at..]);
+    let blocks = vec![RamBlock::new(0, "mem", RAM_LEN)];
+    let rp = engine::return_path::SourceReturnPath::spawn(ch.return_path().expect("return path"), blocks, 4096, token)
+        .expect("reader");
+    let mut off = 0;
+    while off < bytes.len() {
+        match ch.write_vectored(&[std::io::IoSlice::new(&bytes[off..])]) {
+            Ok(n) => off += n,
+            Err(_) => break, // the destination gave up; its return path says how
+        }
+    }
+    let end = rp.wait_end(LIMIT);
+    let events = rp.events().try_iter().collect();
+    drop(ch);
+    (end, events, qemu, ram, dir)
+}
+
+#[test]
+fn qemu_destination_pongs_and_shuts_to_our_return_path_reader() {
+    const NAME: &str = "qemu_rp_reader_ok";
+    if qemu_or_skip(NAME).is_none() {
+        return;
+    }
+    let (end, events, mut qemu, ram, dir) = to_qemu_destination(NAME, 0x7e7_0007, &[]);
+    assert_eq!(end, Some(Ok(())), "{NAME}: QEMU stderr: {}", qemu.stderr());
+    use engine::return_path::RpEvent;
+    assert_eq!(events, vec![RpEvent::Pong(1), RpEvent::Pong(0x1234_5678)]);
+    let info = qemu.wait_migration(LIMIT).expect("destination status");
+    assert_eq!(info["status"], "completed", "{info}");
+    qemu.quit(QUIT_LIMIT).expect("quit destination");
+    assert_same_ram(NAME, &fs::read(dir.join("dst.ram")).expect("read RAM"), &ram);
+}
+
+#[test]
+fn qemu_destination_failing_ends_our_return_path_reader() {
+    const NAME: &str = "qemu_rp_reader_fail";
+    if qemu_or_skip(NAME).is_none() {
+        return;
+    }
+    // MIG_CMD 0x63: QEMU 7.2 fails the load and exits (no SHUT): the path closes.
+    let bad = [0x08, 0x00, 0x63, 0x00, 0x00];
+    let (end, events, mut qemu, _, _dir) = to_qemu_destination(NAME, 0x7e7_0008, &bad);
+    let e = end.expect("the reader ended").expect_err("not a success");
+    eprintln!("{NAME}: return path ended: {e}; QEMU: {}", qemu.stderr().trim());
+    use engine::return_path::{ReturnPathError, RpEvent};
+    assert!(matches!(e, ReturnPathError::Closed { .. } | ReturnPathError::Decode { .. }), "{e:?}");
+    assert_eq!(events, vec![RpEvent::Pong(1), RpEvent::Pong(0x1234_5678)]);
+    assert!(qemu.stderr().contains("MIG_CMD 0x63 unknown"), "{}", qemu.stderr());
+    let st = qemu.wait_exit(QUIT_LIMIT).expect("wait for QEMU");
+    assert_eq!(st.and_then(|s| s.code()), Some(1));
 }

@@ -25,6 +25,8 @@
 //!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
+//! - [`return_path`]: the source's return-path reader (a thread turning the
+//!   destination's PONG, page requests and SHUT into events), standalone for now.
 //! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
 //! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few lines:
@@ -57,6 +59,7 @@ pub mod dirty;
 pub mod incoming;
 pub mod info;
 pub mod params;
+pub mod return_path;
 pub mod source;
 pub mod state;
 pub mod synthetic;
