@@ -327,21 +327,20 @@ fn qemu_multifd_to_recv_fails_on_both_ends() {
     both_fail(NAME, &o, "multifd");
 }
 
-/// Our source's return-path reader ([`engine::return_path::SourceReturnPath`])
-/// against a QEMU 7.2 destination: a stopped-guest stream with OPEN_RETURN_PATH and
-/// PINGs after the configuration (as QEMU's source sends them) and `extra` bytes
-/// after the PINGs. Returns how the return path ended, its events, and QEMU.
-fn to_qemu_destination(
-    name: &str,
-    seed: u64,
-    extra: &[u8],
-) -> (
+/// How the return path ended, its events, the destination QEMU, the guest RAM, the test dir.
+type ToQemu = (
     Option<Result<(), engine::return_path::ReturnPathError>>,
     Vec<engine::return_path::RpEvent>,
     QemuProcess,
     Vec<u8>,
     TestDir,
-) {
+);
+
+/// Our source's return-path reader ([`engine::return_path::SourceReturnPath`])
+/// against a QEMU 7.2 destination: a stopped-guest stream with OPEN_RETURN_PATH and
+/// PINGs after the configuration (as QEMU's source sends them) and `extra` bytes
+/// after the PINGs. Returns how the return path ended, its events, and QEMU.
+fn to_qemu_destination(name: &str, seed: u64, extra: &[u8]) -> ToQemu {
     use savevm_format::{write_stopped_guest, Command as Cmd, RamBlock, StoppedGuest};
     let dir = TestDir::new(name);
     let dst = dir.join("dst.ram");

@@ -133,7 +133,7 @@ fn check_request(
     if len == 0 {
         return Err(bad("empty request"));
     }
-    if start % ps != 0 || len % ps != 0 {
+    if !start.is_multiple_of(ps) || !len.is_multiple_of(ps) {
         return Err(bad("Misaligned page request"));
     }
     if start.checked_add(len).is_none_or(|end| end > b.length) {

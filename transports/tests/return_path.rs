@@ -69,7 +69,7 @@ fn cancel_wakes_a_blocked_return_path_read() {
     let t = thread::spawn(move || {
         let mut b = [0u8; 8];
         let t0 = Instant::now();
-        let r = (&rp).read(&mut b);
+        let r = rp.read(&mut b);
         (r, t0.elapsed())
     });
     thread::sleep(Duration::from_millis(100));
