@@ -17,8 +17,10 @@ use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit
 
 /// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
 /// channels connect there (the main one first). A connection that starts with the
-/// multifd magic stops the load (its token is cancelled) so both ends fail with a
-/// clear reason; any other extra connection is closed. Stopped and joined on drop.
+/// multifd magic ends the main stream (its socket's read side is shut down), so
+/// the load fails, SHUT(1) goes out on the return path and both ends fail with a
+/// clear reason; any other extra connection is closed. Stopped (its token
+/// cancelled) and joined on drop.
 struct ExtraConnections {
     token: CancelToken,
     multifd: Arc<AtomicBool>,
@@ -26,7 +28,7 @@ struct ExtraConnections {
 }
 
 impl ExtraConnections {
-    fn watch(listener: Listener, token: CancelToken) -> Self {
+    fn watch(listener: Listener, main: Option<transports::ReturnPath>, token: CancelToken) -> Self {
         let multifd = Arc::new(AtomicBool::new(false));
         let (flag, stop) = (multifd.clone(), token.clone());
         let thread = std::thread::spawn(move || {
@@ -41,7 +43,10 @@ impl ExtraConnections {
                 }
                 if got == 4 && u32::from_be_bytes(magic) == savevm_format::multifd::MULTIFD_MAGIC {
                     flag.store(true, Ordering::SeqCst);
-                    stop.cancel();
+                    let stopped = main.as_ref().is_some_and(|m| m.shutdown(std::net::Shutdown::Read).is_ok());
+                    if !stopped {
+                        stop.cancel();
+                    }
                     return;
                 }
             }
@@ -79,7 +84,8 @@ pub fn recv(
     on_listening(listener.local_uri());
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
         let ch = listener.accept_another()?;
-        (ch, Some(ExtraConnections::watch(listener, load_cancel.clone())))
+        let main = ch.return_path().ok();
+        (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
     } else {
         (listener.accept()?, None)
     };

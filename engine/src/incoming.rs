@@ -321,24 +321,37 @@ impl Incoming {
         }
         let mut report = IncomingReport::default();
         let (mut section, mut eof) = (None, false);
+        let mut refusal: Option<String> = None;
         loop {
             let ev = match d.next_with(ram) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
-                    return Err(unsupported_stream(&e).map_or(IncomingError::Stream(e), IncomingError::Unsupported))
+                    let e = unsupported_stream(&e).map_or(IncomingError::Stream(e), IncomingError::Unsupported);
+                    return Err(match refusal {
+                        Some(why) => IncomingError::Unsupported(why),
+                        None => e,
+                    });
                 }
             };
+            if let Some(why) = refusal.take() {
+                if let Event::Command(Command::OpenReturnPath) = ev {
+                    rp.open();
+                }
+                return Err(IncomingError::Unsupported(why));
+            }
             match ev {
                 Event::Configuration(cfg) => {
                     // QEMU 7.2 validates x-ignore-shared (newest also mapped-ram): on at the
-                    // source means on here, which we do not implement.
+                    // source means on here, which we do not implement. The refusal waits
+                    // for the next record: when it opens the return path, SHUT(1) can go out.
                     if let Some(c) = cfg.capabilities.first() {
-                        return Err(IncomingError::Unsupported(format!(
+                        refusal = Some(format!(
                             "Capability {c} is off, but received capability is on: \
                              this destination does not implement {c}"
-                        )));
+                        ));
                     }
+                    continue;
                 }
                 Event::Command(c) => {
                     if let Some(why) = unsupported_command(&c) {

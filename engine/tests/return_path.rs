@@ -173,20 +173,26 @@ fn ping_without_return_path_fails_like_qemu() {
 
 #[test]
 fn a_capability_in_the_configuration_is_refused() {
-    let (mut v, _) = write_stopped_guest(Vec::new(), &[("mem", &guest())], &StoppedGuest::default()).unwrap();
-    let at = 8 + 1 + 4 + "none".len();
-    let mut sub = vec![0x05, 26];
-    sub.extend_from_slice(b"configuration/capabilities");
-    sub.extend(1u32.to_be_bytes());
-    sub.extend(1u32.to_be_bytes());
-    sub.push(15);
-    sub.extend_from_slice(b"x-ignore-shared");
-    v.splice(at..at, sub);
-    let wire = Wire::default();
-    let (_, r, _) = run(&v, &wire);
-    match r {
-        Err(IncomingError::Unsupported(why)) => assert!(why.contains("x-ignore-shared"), "{why}"),
-        other => panic!("expected Unsupported, got {other:?}"),
+    for (cmds, shut) in [(vec![Command::OpenReturnPath, Command::Ping(1)], true), (vec![], false)] {
+        let mut v = stream(&cmds, 0);
+        let at = 8 + 1 + 4 + "none".len();
+        let mut sub = vec![0x05, 26];
+        sub.extend_from_slice(b"configuration/capabilities");
+        sub.extend(1u32.to_be_bytes());
+        sub.extend(1u32.to_be_bytes());
+        sub.push(15);
+        sub.extend_from_slice(b"x-ignore-shared");
+        v.splice(at..at, sub);
+        let wire = Wire::default();
+        let (_, r, _) = run(&v, &wire);
+        match r {
+            Err(IncomingError::Unsupported(why)) => assert!(why.contains("x-ignore-shared"), "{why}"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        // The refusal comes with the configuration, before the return path opens: it
+        // waits one record, so a source that opens one right after still gets SHUT(1).
+        let want = if shut { vec![RpMessage::Shut(1)] } else { vec![] };
+        assert_eq!(wire.messages(), want);
     }
 }
 

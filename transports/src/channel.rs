@@ -470,10 +470,17 @@ impl ReturnPath {
         }
     }
 
-    /// Tell the peer nothing more comes this way (shuts down the socket's write
-    /// direction: the main channel's too, as it is the same connection).
-    pub fn shutdown_write(&self) -> io::Result<()> {
-        nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(io::Error::from)
+    /// Shut down one or both directions of the connection (the main channel's too,
+    /// as it is the same socket): `Write` tells the peer nothing more comes; `Read`
+    /// makes every read here, the main channel's included, see end of stream.
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        use nix::sys::socket::Shutdown as S;
+        let how = match how {
+            std::net::Shutdown::Read => S::Read,
+            std::net::Shutdown::Write => S::Write,
+            std::net::Shutdown::Both => S::Both,
+        };
+        nix::sys::socket::shutdown(self.fd.as_raw_fd(), how).map_err(io::Error::from)
     }
 
     fn error(&self, e: io::Error) -> io::Error {
