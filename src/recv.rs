@@ -1,6 +1,7 @@
 //! `qmig recv`: listen (or read the file / run the command), load the stream into
 //! mapped RAM files through the engine's incoming side, and succeed only when it
-//! ended with EOF and every check passed.
+//! ended with EOF and every check passed. On a socket, a source's return path is
+//! served (PONGs, then SHUT(0) once the files are written, SHUT(1) on failure).
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
