@@ -453,6 +453,11 @@ impl savevm_format::PageSink for ImageSink {
         }
     }
 
+    fn loaded(&mut self) -> std::result::Result<(), String> {
+        // Before the source hears SHUT(0): every page is in its file.
+        self.flush().map_err(|e| e.to_string())
+    }
+
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
         if let Some(img) = self.image(block.index) {
             // Conservative: the range is zeroed below. bytes_mut() writes the staged

@@ -34,6 +34,8 @@
 //!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
+//! - [`return_path`]: the source's return-path reader (a thread turning the
+//!   destination's PONG, page requests and SHUT into events), standalone for now.
 //! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
 //! A VMM on `vm-memory` (feature `vm-memory`) hands its `GuestMemoryMmap` over
@@ -68,6 +70,7 @@ pub mod memory;
 pub mod mmap;
 pub mod params;
 pub mod precopy;
+pub mod return_path;
 pub mod source;
 pub mod state;
 pub mod synthetic;

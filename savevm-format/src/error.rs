@@ -173,6 +173,14 @@ pub enum ErrorKind {
         /// Declared length.
         len: u16,
     },
+    /// A return-path message type unknown to QEMU 7.2 (and newest), or INVALID (0).
+    #[error("received invalid return-path message {ty:#06x} length {len:#06x}")]
+    UnknownRpMessage {
+        /// Message type.
+        ty: u16,
+        /// Declared length.
+        len: u16,
+    },
     /// A command whose length does not fit its kind.
     #[error("{name} received with bad length - expecting {expected}, got {got}")]
     CommandLength {

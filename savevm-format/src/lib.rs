@@ -40,7 +40,7 @@ pub mod wire;
 mod writer;
 pub mod xbzrle;
 
-pub use command::{Command, RpMessage};
+pub use command::{Command, RpMessage, RpReader};
 pub use decoder::{
     find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, PageSlot,
     RawBody, SectionHeader, SectionKind,

@@ -52,6 +52,15 @@ pub enum TransportError {
         /// The last line it printed on stderr.
         stderr: String,
     },
+    /// The channel has no reverse direction for a return path (`exec:`, `file:`, an
+    /// `fd:` that is not a socket), or it could not be duplicated.
+    #[error("{uri}: no return path: {why}")]
+    NoReturnPath {
+        /// The channel's URI or peer.
+        uri: String,
+        /// Why.
+        why: String,
+    },
     /// A `file:` could not be opened.
     #[error("{}: {source}", path.display())]
     File {
