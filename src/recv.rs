@@ -4,11 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use engine::incoming::{Incoming, IncomingError};
+use engine::incoming::Incoming;
 use engine::info::MigrationInfo;
-use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
-use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
@@ -26,26 +25,15 @@ pub fn recv(
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<MigrationInfo> {
-    let listener = Listener::bind(uri, cancel)?;
+    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
-    let ch = listener.accept()?;
+    let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
     let rate = RateLimit::new(0);
     let mut reader = MigrationReader::new(ch, rate.clone());
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(|e| match e {
-        IncomingError::Stream(f) => {
-            // A cancel shows up as an I/O error inside the decoder: report it as such.
-            if let savevm_format::ErrorKind::Io(io) = &f.kind {
-                if transports::is_cancelled(io) {
-                    return Error::Cancelled;
-                }
-            }
-            Error::Format(f)
-        }
-        e => Error::Usage(e.to_string()),
-    })?;
+    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(Error::incoming)?;
     dest.flush()?;
     // For exec: the command's exit status counts too.
     reader.into_channel().finish()?;

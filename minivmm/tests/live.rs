@@ -4,7 +4,8 @@
 //! running on the source.
 
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::{EngineError, Outgoing};
+use engine::vm::VcpuControl;
 use engine::state::MigrationStatus;
 use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
