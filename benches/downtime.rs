@@ -49,9 +49,9 @@
 use engine::info::{InfoHandle, MigrationInfo};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{GuestRegion, Outgoing};
-use engine::vm::{VcpuControl, VmmError};
 use engine::state::MigrationStatus;
 use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
+use engine::vm::{VcpuControl, VmmError};
 use qmig::pattern::{fill_page, Pattern};
 use savevm_format::{Decoder, Event, PageSink, RamBlock, SectionKind};
 use std::thread::JoinHandle;

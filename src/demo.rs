@@ -224,7 +224,8 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
             Ok(json!({"kind": "qmig", "stats": stats}))
         }
         Dest::Qemu(q) => {
-            let err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU destination: {}", engine::error::report(&e)));
+            let err =
+                |e: crate::qemu::QemuError| Error::Usage(format!("QEMU destination: {}", engine::error::report(&e)));
             let info = q.wait_migration(Duration::from_secs(60)).map_err(err)?;
             let runstate = q.query_status().map_err(err)?;
             let status = info["status"].as_str().unwrap_or("").to_string();

@@ -154,8 +154,7 @@ pub fn dest(
     let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
     let reader = MigrationReader::new(ch, RateLimit::new(0));
-    let report = minivmm::migrate::migrate_in(&mut vm, reader, false)
-        .map_err(Error::incoming)?;
+    let report = minivmm::migrate::migrate_in(&mut vm, reader, false).map_err(Error::incoming)?;
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
     let loaded = vm.control().map_err(vm_err)?;

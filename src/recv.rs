@@ -33,7 +33,8 @@ pub fn recv(
     let mut reader = MigrationReader::new(ch, rate.clone());
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(Error::incoming)?;
+    let report =
+        incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(Error::incoming)?;
     dest.flush()?;
     // For exec: the command's exit status counts too.
     reader.into_channel().finish()?;

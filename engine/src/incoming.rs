@@ -175,8 +175,7 @@ impl Incoming {
                                 .iter_mut()
                                 .find(|x| x.idstr() == idstr && x.instance_id() == inst)
                                 .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
-                            dev.load(version, state)
-                                .map_err(|e| device_error(&idstr, inst, e))?;
+                            dev.load(version, state).map_err(|e| device_error(&idstr, inst, e))?;
                             report.devices += 1;
                         }
                     }

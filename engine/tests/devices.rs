@@ -16,15 +16,15 @@ mod common;
 
 use common::serial;
 
+use engine::error::{report, Origin};
 use engine::incoming::{Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::error::{report, Origin};
-use engine::vm::{VcpuControl, VmmError};
 use engine::state::MigrationStatus;
 use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
 use engine::vm::{LiveDevice, RawDevice, VmParts};
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{find_trailing_vmdesc, to_qemu_json, ErrorKind, PageSink, RamBlock, SectionKind};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

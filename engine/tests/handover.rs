@@ -7,10 +7,10 @@
 use engine::incoming::{Incoming, IncomingError};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::vm::{VcpuControl, VmmError};
 use engine::state::{check_sequence, MigrationStatus, Role};
 use engine::synthetic::SyntheticGuest;
 use engine::vm::{BlockDevice, DeviceHandler, MigrationBlocker, VmParts};
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::vmstate::{Kind, Needed, State, Value, Vmsd};
 use savevm_format::{PageSink, RamBlock};
 use std::sync::{Arc, Mutex};

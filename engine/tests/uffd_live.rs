@@ -6,8 +6,8 @@
 use engine::dirty::UffdWriteProtect;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{GuestRegion, Outgoing};
-use engine::vm::{VcpuControl, VmmError};
 use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

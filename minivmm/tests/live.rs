@@ -5,8 +5,8 @@
 
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::vm::VcpuControl;
 use engine::state::MigrationStatus;
+use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
 use std::time::Duration;
