@@ -52,6 +52,15 @@ pub enum TransportError {
         /// The last line it printed on stderr.
         stderr: String,
     },
+    /// The channel failed while being closed (its last bytes, or a cancel while
+    /// waiting for an `exec:` command); `peer` names the other end.
+    #[error("migration channel to {peer}")]
+    Channel {
+        /// The peer (address, URI or command).
+        peer: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A `file:` could not be opened.
     #[error("{}", path.display())]
     File {
@@ -69,6 +78,7 @@ impl TransportError {
             TransportError::Connect { source, .. }
             | TransportError::Listen { source, .. }
             | TransportError::Accept { source, .. }
+            | TransportError::Channel { source, .. }
             | TransportError::File { source, .. } => crate::cancel::is_cancelled(source),
             _ => false,
         }
