@@ -5,11 +5,10 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use engine::incoming::{Incoming, IncomingError, ReturnPathOpener, ReturnPathReport};
+use engine::incoming::{Incoming, ReturnPathOpener, ReturnPathReport};
 use engine::info::MigrationInfo;
-use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
-use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,14 +80,14 @@ pub fn recv(
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
-    let listener = Listener::bind(uri, &load_cancel)?;
+    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
-        let ch = listener.accept_another()?;
+        let ch = listener.accept_another().map_err(Error::transport)?;
         let main = ch.return_path().ok();
         (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
     } else {
-        (listener.accept()?, None)
+        (listener.accept().map_err(Error::transport)?, None)
     };
     let start = Instant::now();
     let rate = RateLimit::new(0);
@@ -112,16 +111,7 @@ pub fn recv(
              implement"
                 .into(),
         ),
-        IncomingError::Stream(f) => {
-            // A cancel shows up as an I/O error inside the decoder: report it as such.
-            if let savevm_format::ErrorKind::Io(io) = &f.kind {
-                if transports::is_cancelled(io) {
-                    return Error::Cancelled;
-                }
-            }
-            Error::Format(f)
-        }
-        e => Error::Usage(e.to_string()),
+        e => Error::incoming(e),
     })?;
     dest.flush()?;
     // For exec: the command's exit status counts too.

@@ -16,9 +16,9 @@
 //! the configuration, a multifd channel) fails the load with
 //! [`IncomingError::Unsupported`], and so with SHUT(1) when the path is open.
 
-use crate::source::VcpuControl;
-use crate::state::{MigrationStatus as S, Role, StateMachine};
-use crate::vm::{device_error, VmParts};
+use crate::error::Origin;
+use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
+use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
 use savevm_format::{Command, Decoder, Event, PageSink, RawBody, RpMessage, SectionKind};
 use std::io::{Read, Write};
 
@@ -26,7 +26,8 @@ use std::io::{Read, Write};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IncomingError {
-    /// The stream did not decode (or the channel failed).
+    /// The stream did not decode (or the channel failed, or the RAM sink refused
+    /// the stream's blocks: [`origin`](Self::origin) tells).
     #[error(transparent)]
     Stream(#[from] savevm_format::Error),
     /// The stream ended without its EOF record.
@@ -35,12 +36,13 @@ pub enum IncomingError {
     /// A device section the VMM has no handler for.
     #[error("no device for section '{0}' instance {1}")]
     UnknownDevice(String, u32),
-    /// A device refused its state, or a block device its invalidation.
-    #[error("{0}")]
-    Device(String),
-    /// Resuming the guest failed.
-    #[error("vCPU control: {0}")]
-    Vcpu(String),
+    /// The VMM refused: a device its state, a block device its invalidation, or
+    /// the vCPUs their resume (named in the error).
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The state machine refused a transition (e.g. this migration already ran).
+    #[error(transparent)]
+    State(#[from] IllegalTransition),
     /// The RAM sink gave no place for a page (it would have been lost).
     #[error("RAM block '{block}' has no page at offset {offset} for the incoming page")]
     PageNotPlaced {
@@ -205,6 +207,28 @@ fn unsupported_stream(e: &savevm_format::Error) -> Option<String> {
     }
 }
 
+impl IncomingError {
+    /// Who caused it: what the stream carries, or its channel failing, is the
+    /// peer's (unless cancelled); the VMM's refusals and its RAM sink's are the
+    /// VMM's; a refused state transition is the local side's.
+    pub fn origin(&self) -> Origin {
+        use savevm_format::ErrorKind as K;
+        match self {
+            IncomingError::Stream(e) => match &e.kind {
+                K::Io(io) if transports::is_cancelled(io) => Origin::Cancel,
+                K::Sink(_) => Origin::Vmm,
+                _ => Origin::Peer,
+            },
+            IncomingError::Incomplete | IncomingError::UnknownDevice(..) => Origin::Peer,
+            IncomingError::Vmm(_) | IncomingError::PageNotPlaced { .. } => Origin::Vmm,
+            IncomingError::State(_) => Origin::Local,
+            IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
+            // The source's end of the return path went away under our SHUT(0).
+            IncomingError::ReturnPath(_) => Origin::Peer,
+        }
+    }
+}
+
 /// What the incoming side did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IncomingReport {
@@ -227,14 +251,14 @@ pub struct IncomingReport {
 /// A loader's outcome: the stream's own failure under it (input ended, reader
 /// failed) wins, as a typed stream error at its offset; else the device's refusal,
 /// with its name and where in the stream it stopped.
-fn body_outcome(body: &RawBody<'_>, loaded: Result<(), String>) -> Result<(), IncomingError> {
+fn body_outcome(body: &RawBody<'_>, loaded: Result<(), VmmError>) -> Result<(), IncomingError> {
     if let Some(e) = body.stream_error() {
         return Err(IncomingError::Stream(e));
     }
-    loaded.map_err(|why| {
+    loaded.map_err(|e| {
         let h = body.header();
-        let why = format!("{why} ({} section at byte {}, body byte {})", h.kind.as_str(), h.offset, body.consumed());
-        IncomingError::Device(device_error(&h.idstr, h.instance_id, &why))
+        let at = format!("{} section at byte {}, body byte {}", h.kind.as_str(), h.offset, body.consumed());
+        IncomingError::Vmm(device_error(&h.idstr, h.instance_id, e).at(at))
     })
 }
 
@@ -279,7 +303,7 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
     ) -> Result<IncomingReport, IncomingError> {
-        self.state.transition(S::None, S::Active).map_err(|e| IncomingError::Device(e.to_string()))?;
+        self.state.transition(S::None, S::Active)?;
         let mut rp = DestReturnPath::new(open_return_path);
         match self.load(reader, ram, vm, vcpus, &mut rp) {
             Ok(mut r) => {
@@ -385,8 +409,7 @@ impl Incoming {
                                 .iter_mut()
                                 .find(|x| x.idstr() == idstr && x.instance_id() == inst)
                                 .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
-                            dev.load(version, state)
-                                .map_err(|why| IncomingError::Device(device_error(&idstr, inst, &why)))?;
+                            dev.load(version, state).map_err(|e| device_error(&idstr, inst, e))?;
                             report.devices += 1;
                         }
                     }
@@ -421,13 +444,13 @@ impl Incoming {
         if !eof {
             return Err(IncomingError::Incomplete);
         }
-        ram.loaded().map_err(|e| IncomingError::Device(format!("destination RAM: {e}")))?;
+        ram.loaded().map_err(|e| IncomingError::Vmm(VmmError::from(format!("destination RAM: {e}"))))?;
         // All state is in: the images the source wrote become ours before anything runs.
         for b in vm.blocks.iter_mut() {
-            b.invalidate_cache().map_err(IncomingError::Device)?;
+            b.invalidate_cache().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
         }
         if self.autostart && report.runstate.as_deref().is_none_or(|r| r == "running") {
-            vcpus.resume().map_err(IncomingError::Vcpu)?;
+            vcpus.resume().map_err(|e| e.on(VmmPart::Vcpu("resume")))?;
             report.resumed = true;
         }
         Ok(report)

@@ -25,9 +25,10 @@
 //!   sent and the devices' pending bytes; tested on simulated time.
 //! - [`source`]: its driver ([`Outgoing`](source::Outgoing)): the I/O through a
 //!   [`PageWriter`](source::PageWriter), cancel from any thread, `query-migrate`
-//!   figures in [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl)
-//!   is what the VMM supplies to stop, resume and throttle its vCPUs.
-//! - [`vm`]: devices, block devices and migration blockers; every default refuses.
+//!   figures in [`info`] readable while it runs.
+//! - [`vm`]: what the VMM supplies: [`VcpuControl`](vm::VcpuControl) to stop,
+//!   resume and throttle its vCPUs, devices, block devices and migration
+//!   blockers; every default refuses with a [`VmmError`](vm::VmmError).
 //!   Devices are vmstate ([`DeviceHandler`](vm::DeviceHandler)), hand-written
 //!   ([`RawDevice`](vm::RawDevice): the device's own bytes in a FULL section) or
 //!   live ([`LiveDevice`](vm::LiveDevice): START/PART/END sections alongside RAM,
@@ -36,6 +37,9 @@
 //!   then resume or stay paused.
 //! - [`return_path`]: the source's return-path reader (a thread turning the
 //!   destination's PONG, page requests and SHUT into events), standalone for now.
+//! - [`error`]: who caused a failure ([`Origin`](error::Origin): local, peer, VMM,
+//!   cancel; `EngineError::origin`, `IncomingError::origin`) and
+//!   [`report`](error::report), an error with its causes on one line.
 //! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
 //! A VMM on `vm-memory` (feature `vm-memory`) hands its `GuestMemoryMmap` over
@@ -63,6 +67,7 @@
 
 pub mod convergence;
 pub mod dirty;
+pub mod error;
 pub mod incoming;
 pub mod info;
 pub mod memory;

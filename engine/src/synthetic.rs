@@ -5,7 +5,8 @@
 //! (stop, resume, throttle), so auto-converge slows its writers for real.
 
 use crate::dirty::DirtyBitmap;
-use crate::source::{GuestRegion, VcpuControl, PAGE};
+use crate::source::{GuestRegion, PAGE};
+use crate::vm::{VcpuControl, VmmError};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -177,7 +178,7 @@ impl SyntheticVcpus {
 }
 
 impl VcpuControl for SyntheticVcpus {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         self.shared.run.store(false, Ordering::Release);
         let t0 = Instant::now();
         while self.shared.parked.load(Ordering::Acquire) < self.n {
@@ -189,12 +190,12 @@ impl VcpuControl for SyntheticVcpus {
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         self.shared.run.store(true, Ordering::Release);
         Ok(())
     }
 
-    fn set_throttle(&mut self, percentage: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, percentage: u8) -> Result<(), VmmError> {
         self.shared.throttle.store(percentage.min(99), Ordering::Relaxed);
         Ok(())
     }

@@ -5,8 +5,8 @@
 //! sends SHUT(1) so the source fails too.
 
 use engine::incoming::{Incoming, IncomingError, ReturnPathOpener};
-use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
+use engine::vm::VcpuControl;
 use engine::vm::VmParts;
 use savevm_format::{write_stopped_guest, Command, PageSink, RamBlock, RpMessage, RpReader, StoppedGuest};
 use std::io::Write;

@@ -7,8 +7,9 @@
 
 use engine::mmap::MmapRam;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{Outgoing, VcpuControl};
+use engine::source::Outgoing;
 use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, PageSlot, RamBlock};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,16 +25,16 @@ struct LastWrites {
 }
 
 impl VcpuControl for LastWrites {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         for &(addr, v) in &self.writes {
-            self.mem.write_slice(&[v; 100], GuestAddress(addr)).map_err(|e| e.to_string())?;
+            self.mem.write_slice(&[v; 100], GuestAddress(addr)).map_err(|e| VmmError::msg(e.to_string()))?;
         }
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         Ok(())
     }
-    fn set_throttle(&mut self, _: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, _: u8) -> Result<(), VmmError> {
         Ok(())
     }
 }

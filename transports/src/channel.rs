@@ -432,7 +432,7 @@ impl Channel {
             // Killed by a cancel: report the cancel, not the SIGKILL exit status.
             Some(e) => match e.wait() {
                 Err(_) if self.cancel.is_cancelled() => {
-                    Err(TransportError::Connect { uri: self.peer.clone(), source: crate::cancel::cancelled() })
+                    Err(TransportError::Channel { peer: self.peer.clone(), source: crate::cancel::cancelled() })
                 }
                 r => r,
             },
@@ -556,6 +556,9 @@ impl io::Write for ReturnPath {
 /// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd).
 pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
     let at = |source| TransportError::Connect { uri: uri.to_string(), source };
+    if cancel.is_cancelled() {
+        return Err(at(crate::cancel::cancelled()));
+    }
     match uri {
         MigrationUri::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port)).map_err(at)?;
@@ -685,6 +688,9 @@ impl Listener {
     fn accept_ref(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
+        if self.cancel.is_cancelled() {
+            return Err(at(crate::cancel::cancelled()));
+        }
         match &self.kind {
             ListenKind::Tcp(l) => loop {
                 match l.accept() {
