@@ -40,6 +40,10 @@ pub struct MigrationInfo {
     pub cpu_throttle_percentage: Option<u8>,
     /// `ram.page-size`.
     pub page_size: u64,
+    /// `ram.precopy-bytes`: stream bytes sent while the guest ran.
+    pub precopy_bytes: u64,
+    /// `ram.downtime-bytes`: stream bytes sent with the guest stopped.
+    pub downtime_bytes: u64,
     /// `error-desc` when failed.
     pub error_desc: Option<String>,
 }
@@ -63,6 +67,8 @@ impl Default for MigrationInfo {
             pages_per_second: 0,
             cpu_throttle_percentage: None,
             page_size: 4096,
+            precopy_bytes: 0,
+            downtime_bytes: 0,
             error_desc: None,
         }
     }
@@ -110,6 +116,16 @@ struct QueryRam {
     pages_per_second: u64,
     #[serde(default = "default_page_size")]
     page_size: u64,
+    #[serde(default)]
+    precopy_bytes: u64,
+    #[serde(default)]
+    downtime_bytes: u64,
+    /// Postcopy is not implemented: always 0 (QEMU 7.2 reports it).
+    #[serde(default)]
+    postcopy_bytes: u64,
+    /// Pages skipped: always 0, as in QEMU 7.2 (deprecated there, kept for its users).
+    #[serde(default)]
+    skipped: u64,
 }
 
 fn default_page_size() -> u64 {
@@ -151,6 +167,10 @@ impl From<MigrationInfo> for QueryMigrate {
                 mbps: (i.mbps * 1000.0).round() / 1000.0,
                 pages_per_second: i.pages_per_second,
                 page_size: i.page_size,
+                precopy_bytes: i.precopy_bytes,
+                downtime_bytes: i.downtime_bytes,
+                postcopy_bytes: 0,
+                skipped: 0,
             }),
         }
     }
@@ -179,6 +199,8 @@ impl From<QueryMigrate> for MigrationInfo {
             i.mbps = r.mbps;
             i.pages_per_second = r.pages_per_second;
             i.page_size = r.page_size;
+            i.precopy_bytes = r.precopy_bytes;
+            i.downtime_bytes = r.downtime_bytes;
         }
         i
     }
@@ -267,6 +289,7 @@ mod tests {
         assert_eq!(v["ram"]["dirty-sync-count"], 3);
         assert_eq!(v["ram"]["normal-bytes"], 262_144u64 * 4096);
         assert_eq!(v["ram"]["pages-per-second"], 250_000);
+        assert_eq!((v["ram"]["skipped"].as_u64(), v["ram"]["postcopy-bytes"].as_u64()), (Some(0), Some(0)));
         assert!(v.get("downtime").is_none() && v.get("error-desc").is_none());
         let back: MigrationInfo = serde_json::from_value(v.clone()).expect("deserialize");
         assert_eq!(back, MigrationInfo { mbps: 8589.935, ..i.clone() });

@@ -677,6 +677,8 @@ impl Outgoing {
         // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
         let switchover_span = tracing::info_span!("switchover").entered();
         let stop_time = Instant::now();
+        let precopy_bytes = run.w.get_mut().bytes_sent();
+        self.info.update(|i| i.precopy_bytes = precopy_bytes);
         vcpus.stop().map_err(|e| e.on(VmmPart::Vcpu("stop")))?;
         undo.stopped = true;
         if self.fixed.caps.pause_before_switchover {
@@ -739,6 +741,7 @@ impl Outgoing {
         self.info.update(|i| {
             i.downtime = Some(stop_time.elapsed());
             i.transferred = transferred;
+            i.downtime_bytes = transferred.saturating_sub(precopy_bytes);
         });
         tracing::info!(downtime_ms = stop_time.elapsed().as_millis() as u64, transferred, "stream complete");
         drop(switchover_span);
