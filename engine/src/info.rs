@@ -42,6 +42,30 @@ pub struct MigrationInfo {
     pub page_size: u64,
     /// `error-desc` when failed.
     pub error_desc: Option<String>,
+    /// The return path, when capability `return-path` opened one (not a QEMU field).
+    pub return_path: Option<ReturnPathInfo>,
+}
+
+/// What the source's return path carried (capability `return-path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReturnPathInfo {
+    /// PONGs received (QEMU 7.2 sends PING 1 at setup).
+    pub pongs: u64,
+    /// The destination's SHUT status once received (0: it loaded everything).
+    pub shut: Option<u32>,
+    /// How the return path failed, if it did.
+    pub error: Option<String>,
+}
+
+impl ReturnPathInfo {
+    /// `{"pongs", "shut", "error"?}`.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({ "pongs": self.pongs, "shut": self.shut });
+        if let Some(e) = &self.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
 }
 
 impl Default for MigrationInfo {
@@ -64,6 +88,7 @@ impl Default for MigrationInfo {
             cpu_throttle_percentage: None,
             page_size: 4096,
             error_desc: None,
+            return_path: None,
         }
     }
 }
@@ -89,6 +114,9 @@ impl MigrationInfo {
         }
         if let Some(e) = &self.error_desc {
             m.insert("error-desc".into(), json!(e));
+        }
+        if let Some(rp) = &self.return_path {
+            m.insert("return-path".into(), rp.to_json());
         }
         m.insert(
             "ram".into(),
