@@ -413,6 +413,31 @@ fn assert_confirmed_by_qemu(name: &str, stats: &Value) {
 }
 
 #[test]
+fn qmig_send_fails_when_the_qemu_destination_fails() {
+    let name = "send_rp_to_failing_qemu";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let dir = TestDir::new(name);
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    write_source_ram(&src, 0x7c9_0007);
+    // The destination's RAM is a quarter of ours: QEMU 7.2 fails the load ("Size mismatch").
+    fs::write(&dst, vec![0u8; RAM_LEN as usize / 4]).expect("write destination RAM file");
+    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, RAM_LEN / 4).incoming(true))
+        .expect("start destination QEMU");
+    let to = format!("unix:{}", utf8(&dir.join("mig.sock")));
+    qemu.migrate_incoming(&to).unwrap_or_else(|e| panic!("migrate-incoming {to}: {e}"));
+    let ram_arg = format!("mem={}", utf8(&src));
+    let run = run_qmig(&dir, &["send", "--ram", &ram_arg, "--to", &to], QMIG_LIMIT);
+    assert_eq!(run.status.code(), Some(1), "{name}: send must fail; stdout {} stderr {}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("completed"), "{name}: {}", run.stdout);
+    assert_eq!(run.stderr.lines().count(), 1, "{name}: one line: {}", run.stderr);
+    assert!(run.stderr.contains("destination"), "{name}: says the destination ended it: {}", run.stderr);
+    let _ = qemu.wait_exit(QUIT_LIMIT);
+    assert!(qemu.stderr().contains("Size mismatch"), "{name}: QEMU stderr: {}", qemu.stderr());
+}
+
+#[test]
 fn qmig_send_with_return_path_to_qemu_with_return_path() {
     let name = "send_rp_to_qemu_rp";
     let stats = send_to_qemu(name, 0x7c9_0006, |dir, qemu| {

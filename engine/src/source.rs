@@ -110,7 +110,7 @@ pub enum EngineError {
     /// path closed or broken before SHUT(0), or no SHUT in time after EOF.
     #[error(
         "{}{error}{}",
-        if *after_eof { "the destination did not confirm the migration: " } else { "return path: " },
+        if *after_eof { "the destination did not confirm the migration: " } else { "the destination ended the migration: " },
         if *resumed { "; the guest was resumed on the source" } else { "" }
     )]
     ReturnPath {
