@@ -109,8 +109,11 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
 
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let caps =
-        MigrationCapabilities { auto_converge: opts.auto_converge, return_path: opts.return_path, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path: opts.return_path,
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     let ch = connect_retry(&uri, out.cancel())?;
     let progress = opts.progress.then(|| spawn_progress(out.clone()));

@@ -67,8 +67,11 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
 
     let (mut child, uri) = start_dest(opts, &uri)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let caps =
-        MigrationCapabilities { auto_converge: opts.auto_converge, return_path: opts.return_path, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path: opts.return_path,
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));

@@ -326,7 +326,13 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 runstate: guest.runstate,
                 params: engine::params::MigrationParameters { max_bandwidth, downtime_limit, ..Default::default() },
                 auto_converge,
-                return_path: if return_path { Some(true) } else if no_return_path { Some(false) } else { None },
+                return_path: if return_path {
+                    Some(true)
+                } else if no_return_path {
+                    Some(false)
+                } else {
+                    None
+                },
             };
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             write_stats(stats_json.as_deref(), &qmig::send::stats_json(&info))?;

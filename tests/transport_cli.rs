@@ -304,8 +304,8 @@ fn return_path_asked_on_file_or_exec_is_refused() {
     let stream = dir.join("s.mig");
     let ram = format!("mem={}", s(&src));
     for to in [format!("file:{}", s(&stream)), format!("exec:cat > {}", shell_quote(&stream))] {
-        let out = Proc::spawn("send --return-path", qmig(&["send", "--ram", &ram, "--to", &to, "--return-path"]))
-            .finish();
+        let out =
+            Proc::spawn("send --return-path", qmig(&["send", "--ram", &ram, "--to", &to, "--return-path"])).finish();
         out.one_line_error(1, &["--return-path", "one direction"]);
     }
     assert!(!stream.exists(), "nothing was written");

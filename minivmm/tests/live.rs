@@ -37,8 +37,7 @@ fn migrate(
     let dst = std::thread::spawn(move || {
         let mut dst = Vm::new(layout).unwrap();
         let ch = listener.accept().unwrap();
-        let report =
-            minivmm::migrate::migrate_in(&mut dst, ch, false).unwrap();
+        let report = minivmm::migrate::migrate_in(&mut dst, ch, false).unwrap();
         assert_eq!(report.devices, 1, "the cpu section was loaded");
         assert!(!report.resumed);
         dst
