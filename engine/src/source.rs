@@ -605,11 +605,12 @@ impl Outgoing {
             (None, Some(Ok(rp))) => self.precopy(w, start, ram, vcpus, vm, &mut undo, Some(rp), &mut reader),
             (None, None) => self.precopy(w, start, ram, vcpus, vm, &mut undo, None, &mut reader),
         };
-        // A broken channel: the destination's own reason, if it sent one, says more.
+        // A broken channel: the return path says whether the destination ended it
+        // (its SHUT status, or that it closed the connection) better than EPIPE does.
         let result = match (result, &reader) {
             (Err(e), Some(r)) if e.is_channel() && !e.is_cancel() && !self.cancel.is_cancelled() => {
                 match r.reader.wait_end(REASON_WAIT) {
-                    Some(Err(error)) if !matches!(error, ReturnPathError::Closed { .. } | ReturnPathError::Stopped) => {
+                    Some(Err(error)) if error != ReturnPathError::Stopped => {
                         Err(EngineError::ReturnPath { error, after_eof: false, resumed: false })
                     }
                     _ => Err(e),

@@ -3,7 +3,8 @@
 //! destination's SHUT(0); SHUT(1) from a destination whose device refuses its state
 //! fails the source and resumes its guest; a destination gone after EOF or silent
 //! fails it within a bound; cancel while waiting for SHUT works within a second;
-//! `file:` is refused at start.
+//! `file:` is refused at start; OPEN_RETURN_PATH and PING 1 sit where QEMU 7.2
+//! puts them (byte-compared with a 7.2 stream).
 
 mod common;
 
@@ -357,4 +358,41 @@ fn file_is_refused_at_start() {
     assert!(e.to_string().starts_with("capability return-path: "), "{e}");
     assert_eq!(out.state().status(), MigrationStatus::Failed);
     assert!(calls.get().is_empty(), "the guest was never stopped");
+}
+
+#[test]
+fn open_return_path_and_ping_1_follow_the_configuration_as_in_qemu_7_2() {
+    let _s = serial();
+    let uri = sock("layout");
+    let token = CancelToken::new().expect("token");
+    let listener = Listener::bind(&uri, &token).expect("listen");
+    // A raw destination: the whole stream, then PONG(1) and SHUT(0).
+    let dst = std::thread::spawn(move || {
+        let _token = token;
+        let ch = listener.accept().expect("accept");
+        let mut rp = ch.return_path().expect("socket");
+        let mut stream = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match ch.read(&mut buf).expect("read") {
+                0 => break,
+                n => stream.extend_from_slice(&buf[..n]),
+            }
+        }
+        for m in [savevm_format::RpMessage::Pong(1), savevm_format::RpMessage::Shut(0)] {
+            m.write_to(&mut rp).expect("write return path");
+        }
+        stream
+    });
+    let out = outgoing(rp_caps());
+    let info = source(&out, &uri, &mut Calls::default()).expect("completed");
+    assert_eq!(info.return_path, Some(ReturnPathInfo { pongs: 1, shut: Some(0), error: None }));
+    let ours = dst.join().expect("destination thread");
+    // QEMU 7.2's own postcopy-advise stream: header, configuration "none",
+    // OPEN_RETURN_PATH, PING 1, then (ours) RAM's START where QEMU has its ADVISE.
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/postcopy-advise-none-8m-mixed32-s2.mig");
+    let qemu = std::fs::read(fixture).expect("fixture");
+    let n = 8 + 9 + 5 + 9;
+    assert_eq!(ours[..n], qemu[..n], "the stream's start differs from QEMU 7.2's");
+    assert_eq!(ours[n], 0x01, "RAM's START section follows PING 1");
 }
