@@ -41,6 +41,8 @@ pub struct DemoOptions {
     pub params: MigrationParameters,
     /// `auto-converge`.
     pub auto_converge: bool,
+    /// Capability `return-path`: the source completes only after the destination's SHUT(0).
+    pub return_path: bool,
     /// The destination.
     pub dest: Destination,
     /// Seed of the guest's content and writes.
@@ -107,7 +109,11 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
 
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path: opts.return_path,
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     let ch = connect_retry(&uri, out.cancel())?;
     let progress = opts.progress.then(|| spawn_progress(out.clone()));
@@ -126,7 +132,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     // The source is stopped: compare its RAM now with the destination's.
     let (verified, differing) = verify(&guest, &dst_ram)?;
     guest.shutdown();
-    let mut stats = info.to_json();
+    let mut stats = crate::send::stats_json(&info);
     stats["verified"] = json!(verified);
     stats["destination"] = dest_report;
     stats["guest"] = json!({"writes": guest.writes(), "dirty-rate": opts.dirty_rate});

@@ -14,7 +14,7 @@ use minivmm::{guest, GuestConfig, Vm};
 use serde_json::{json, Value};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+use transports::{CancelToken, Listener, MigrationUri};
 
 /// Options of the KVM demo.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct KvmDemoOptions {
     pub params: MigrationParameters,
     /// `auto-converge` (throttles the vCPU).
     pub auto_converge: bool,
+    /// Capability `return-path`: the source completes only after the destination's SHUT(0).
+    pub return_path: bool,
     /// Seed of the working set and the guest's page choice.
     pub seed: u64,
     /// How long the guest runs on the destination before it is read (≥ 1 s).
@@ -66,7 +68,11 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
 
     let (mut child, uri) = start_dest(opts, &uri)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path: opts.return_path,
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
@@ -107,7 +113,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let on_dest = dest["counter"].as_u64().unwrap_or(0);
     let checksum_ok = dest["checksum_ok"].as_bool() == Some(true);
     let verified = ram_equal && checksum_ok && on_dest > at_stop.counter && src_sum_ok != Some(false);
-    let mut stats = info.to_json();
+    let mut stats = crate::send::stats_json(&info);
     stats["verified"] = json!(verified);
     stats["guest"] = json!({
         "kind": "kvm",
@@ -153,8 +159,7 @@ pub fn dest(
     on_listening(listener.local_uri());
     let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
-    let reader = MigrationReader::new(ch, RateLimit::new(0));
-    let report = minivmm::migrate::migrate_in(&mut vm, reader, false).map_err(Error::incoming)?;
+    let report = minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?;
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
     let loaded = vm.control().map_err(vm_err)?;
@@ -179,5 +184,6 @@ pub fn dest(
         "load_ms": loaded_ms,
         "ran_ms": resumed.elapsed().as_millis() as u64,
         "runstate": report.runstate,
+        "return-path": report.return_path.requested.then(|| report.return_path.to_json()),
     }))
 }

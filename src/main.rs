@@ -57,6 +57,12 @@ enum Cmd {
         /// QEMU's `auto-converge`.
         #[arg(long = "auto-converge")]
         auto_converge: bool,
+        /// QEMU's `return-path` (the default on tcp:, unix: and fd: sockets): complete only after the destination's SHUT(0); refused on exec: and file:.
+        #[arg(long = "return-path", conflicts_with = "no_return_path")]
+        return_path: bool,
+        /// No return path: complete once EOF is written, whatever the destination makes of it.
+        #[arg(long = "no-return-path")]
+        no_return_path: bool,
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
@@ -99,6 +105,9 @@ enum Cmd {
         /// QEMU's `auto-converge`: throttle the writer threads when they dirty faster than we send.
         #[arg(long = "auto-converge")]
         auto_converge: bool,
+        /// No return path (on by default: the source completes only after the destination's SHUT(0)).
+        #[arg(long = "no-return-path")]
+        no_return_path: bool,
         /// Destination: `qmig` (a qmig recv process) or `qemu` (a real QEMU 7.2).
         #[arg(long, default_value = "qmig", value_parser = ["qmig", "qemu"])]
         dest: String,
@@ -225,6 +234,7 @@ struct KvmArgs<'a> {
     uri: Option<String>,
     params: engine::params::MigrationParameters,
     auto_converge: bool,
+    return_path: bool,
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
@@ -241,6 +251,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         uri: a.uri,
         params: a.params,
         auto_converge: a.auto_converge,
+        return_path: a.return_path,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: true,
@@ -299,16 +310,32 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, downtime_limit, auto_converge, stats_json } => {
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            downtime_limit,
+            auto_converge,
+            return_path,
+            no_return_path,
+            stats_json,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
                 runstate: guest.runstate,
                 params: engine::params::MigrationParameters { max_bandwidth, downtime_limit, ..Default::default() },
                 auto_converge,
+                return_path: if return_path {
+                    Some(true)
+                } else if no_return_path {
+                    Some(false)
+                } else {
+                    None
+                },
             };
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
-            write_stats(stats_json.as_deref(), &info.to_json())?;
+            write_stats(stats_json.as_deref(), &qmig::send::stats_json(&info))?;
         }
         Cmd::Demo {
             guest,
@@ -323,6 +350,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             downtime_limit,
             max_bandwidth,
             auto_converge,
+            no_return_path,
             dest,
             seed,
             stats_json,
@@ -337,6 +365,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     uri,
                     params,
                     auto_converge,
+                    return_path: !no_return_path,
                     seed,
                     run_on,
                     stats_json,
@@ -350,6 +379,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 uri,
                 params,
                 auto_converge,
+                return_path: !no_return_path,
                 dest: if dest == "qemu" { qmig::demo::Destination::Qemu } else { qmig::demo::Destination::Qmig },
                 seed,
                 progress: true,

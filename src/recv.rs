@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use engine::incoming::{Incoming, ReturnPathOpener, ReturnPathReport};
+use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
@@ -93,12 +93,7 @@ pub fn recv(
     let rate = RateLimit::new(0);
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
     // the source opens its return path; exec:, file: and pipes have none.
-    let mut return_path = Some(ch.return_path());
-    let open_return_path: ReturnPathOpener<'_> = Box::new(move || match return_path.take() {
-        Some(Ok(rp)) => Ok(Box::new(rp) as Box<dyn std::io::Write + Send>),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("the return path was already taken".into()),
-    });
+    let open_return_path = channel_return_path(&ch);
     let mut reader = MigrationReader::new(ch, rate.clone());
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);

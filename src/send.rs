@@ -22,6 +22,10 @@ pub struct SendOptions {
     pub params: MigrationParameters,
     /// `auto-converge`.
     pub auto_converge: bool,
+    /// Capability `return-path`: `None` (the default) turns it on when the channel
+    /// has a reverse direction (tcp:, unix:, an fd: socket); `Some(true)` requires it
+    /// (refused on exec: and file:); `Some(false)` turns it off.
+    pub return_path: Option<bool>,
 }
 
 impl Default for SendOptions {
@@ -30,8 +34,30 @@ impl Default for SendOptions {
             runstate: "prelaunch".into(),
             params: MigrationParameters { max_bandwidth: 0, ..Default::default() },
             auto_converge: false,
+            return_path: None,
         }
     }
+}
+
+/// Refuse a return path asked for on a URI with one direction only (exec:, file:).
+pub fn check_return_path(uri: &MigrationUri, asked: Option<bool>) -> Result<()> {
+    if asked == Some(true) && matches!(uri, MigrationUri::Exec(_) | MigrationUri::File { .. }) {
+        return Err(Error::Usage(format!(
+            "--return-path needs a socket (tcp:, unix: or an fd: socket): {uri} carries only one direction"
+        )));
+    }
+    Ok(())
+}
+
+/// The statistics JSON (`query-migrate` names) with `"return-path"`: `null` when
+/// none was used, else `{"pongs", "shut", "error"?}` (`shut` 0: the destination
+/// confirmed it loaded everything).
+pub fn stats_json(info: &MigrationInfo) -> serde_json::Value {
+    let mut v = info.to_json();
+    if info.return_path.is_none() {
+        v["return-path"] = serde_json::Value::Null;
+    }
+    v
 }
 
 /// A guest that is not running: stopping, resuming and throttling are no-ops.
@@ -72,10 +98,12 @@ pub fn send(
         .collect::<Result<Vec<_>>>()?;
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
+    check_return_path(uri, opts.return_path)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
-    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let ch = connect(uri, cancel).map_err(Error::transport)?;
+    let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
+    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, return_path, ..Default::default() };
+    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));

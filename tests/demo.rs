@@ -43,8 +43,13 @@ fn demo_to_qmig_verifies() {
     let s = demo(&dir, &["--guest", "synthetic"]);
     assert_eq!(s["destination"]["kind"], "qmig");
     assert_eq!(s["destination"]["stats"]["status"], "completed");
+    // The return path is on by default: recv's SHUT(0) completed the source.
+    assert_eq!(s["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "{s}");
+    assert_eq!(s["destination"]["stats"]["return-path"]["shut"], 0, "{s}");
     let s = demo(&dir, &["--guest", "synthetic", "--uri", "tcp:127.0.0.1:0", "--seed", "7", "--vcpus", "2"]);
     assert_eq!(s["destination"]["stats"]["ram"]["total"], 64 << 20);
+    let s = demo(&dir, &["--guest", "synthetic", "--no-return-path"]);
+    assert!(s["return-path"].is_null() && s["destination"]["stats"]["return-path"].is_null(), "{s}");
 }
 
 #[test]
@@ -57,4 +62,5 @@ fn demo_to_qemu_verifies() {
     assert_eq!(s["destination"]["kind"], "qemu");
     assert_eq!(s["destination"]["status"], "completed");
     assert_eq!(s["destination"]["runstate"], "paused", "a running source leaves a -S destination paused");
+    assert_eq!(s["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "QEMU's SHUT(0): {s}");
 }

@@ -1,7 +1,8 @@
 //! `qmig demo --kvm`: a real guest on KVM migrated live between two qmig
 //! processes (this VMM and `qmig kvm-dest`) with KVM's dirty log: the
 //! destination's RAM equals the source's at stop, the guest resumes there and
-//! its counter goes on from where it stopped with its own checksum intact.
+//! its counter goes on from where it stopped with its own checksum intact; the
+//! source completes only after kvm-dest's SHUT(0) on the return path.
 
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
@@ -32,6 +33,9 @@ fn kvm_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
     assert!(n > 0 && m > n, "the guest ran on the destination: {n} -> {m}");
     assert!(g["ran_on_destination_ms"].as_u64().unwrap_or(0) >= 1000, "{s}");
     assert!(s["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) > 1, "{s}");
+    // The return path is on between qmig peers: kvm-dest's SHUT(0) completed the source.
+    assert_eq!(s["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "{s}");
+    assert_eq!(s["destination"]["return-path"]["shut"], 0, "{s}");
     s
 }
 

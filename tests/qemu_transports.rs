@@ -12,6 +12,9 @@
 //!   while QEMU is not listening yet). QEMU must report `completed` and runstate
 //!   `prelaunch`, send must exit 0, and the destination RAM file (pre-filled with
 //!   other data, so zero pages must be written too) must equal the source's.
+//!   Over these sockets `send` opens the return path (on by default): QEMU answers
+//!   PING 1 and sends SHUT(0), which `send` waits for before `completed`; also
+//!   with QEMU's own `return-path` capability set on the destination.
 //!
 //! Without QEMU the tests print `skipped: qemu-system-x86_64 not found` and pass,
 //! except when `CI=true`, where they fail.
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 use common::{assert_same_ram, qemu_or_skip, run_qmig, shell_quote, Run, TestDir};
 use qmig::pattern::{self, Pattern, PAGE_SIZE};
 use qmig::qemu::{expect_completed, QemuConfig, QemuError, QemuProcess};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const RAM_LEN: u64 = 64 << 20;
 const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;
@@ -346,10 +349,8 @@ fn not_listening_yet(r: &Run) -> bool {
 
 /// `qmig send` to a QEMU destination started with `-incoming defer`; `incoming` runs
 /// `migrate-incoming` (choosing the URI) and returns the URI for `send --to`.
-fn send_to_qemu(name: &str, seed: u64, incoming: impl FnOnce(&TestDir, &mut QemuProcess) -> String) {
-    if qemu_or_skip(name).is_none() {
-        return;
-    }
+fn send_to_qemu(name: &str, seed: u64, incoming: impl FnOnce(&TestDir, &mut QemuProcess) -> String) -> Option<Value> {
+    qemu_or_skip(name)?;
     let t0 = Instant::now();
     let dir = TestDir::new(name);
     let src = dir.join("src.ram");
@@ -402,11 +403,61 @@ fn send_to_qemu(name: &str, seed: u64, incoming: impl FnOnce(&TestDir, &mut Qemu
         "{name}: ok in {:?} (send attempts {attempts}, migration {mig_time:?}; send {stats}; QEMU dest {info})",
         t0.elapsed()
     );
+    Some(stats)
+}
+
+/// A socket send turns the return path on; QEMU 7.2 answers PING 1 and sends SHUT(0)
+/// once loaded, which is when our source reports `completed`.
+fn assert_confirmed_by_qemu(name: &str, stats: &Value) {
+    assert_eq!(stats["return-path"], json!({"pongs": 1, "shut": 0}), "{name}: send {stats}");
+}
+
+#[test]
+fn qmig_send_fails_when_the_qemu_destination_fails() {
+    let name = "send_rp_to_failing_qemu";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let dir = TestDir::new(name);
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    write_source_ram(&src, 0x7c9_0007);
+    // The destination's RAM is a quarter of ours: QEMU 7.2 fails the load ("Size mismatch").
+    fs::write(&dst, vec![0u8; RAM_LEN as usize / 4]).expect("write destination RAM file");
+    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, RAM_LEN / 4).incoming(true))
+        .expect("start destination QEMU");
+    let to = format!("unix:{}", utf8(&dir.join("mig.sock")));
+    qemu.migrate_incoming(&to).unwrap_or_else(|e| panic!("migrate-incoming {to}: {e}"));
+    let ram_arg = format!("mem={}", utf8(&src));
+    let run = run_qmig(&dir, &["send", "--ram", &ram_arg, "--to", &to], QMIG_LIMIT);
+    assert_eq!(run.status.code(), Some(1), "{name}: send must fail; stdout {} stderr {}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("completed"), "{name}: {}", run.stdout);
+    assert_eq!(run.stderr.lines().count(), 1, "{name}: one line: {}", run.stderr);
+    assert!(run.stderr.contains("destination"), "{name}: says the destination ended it: {}", run.stderr);
+    let _ = qemu.wait_exit(QUIT_LIMIT);
+    assert!(qemu.stderr().contains("Size mismatch"), "{name}: QEMU stderr: {}", qemu.stderr());
+}
+
+#[test]
+fn qmig_send_with_return_path_to_qemu_with_return_path() {
+    let name = "send_rp_to_qemu_rp";
+    let stats = send_to_qemu(name, 0x7c9_0006, |dir, qemu| {
+        // QEMU's own capability on the destination too (libvirt sets it on both ends).
+        qemu.qmp()
+            .and_then(|q| q.set_capabilities(&[("return-path", true)]))
+            .unwrap_or_else(|e| panic!("migrate-set-capabilities return-path: {e}\nQEMU stderr: {}", qemu.stderr()));
+        let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
+        qemu.migrate_incoming(&uri)
+            .unwrap_or_else(|e| panic!("migrate-incoming {uri}: {e}\nQEMU stderr: {}", qemu.stderr()));
+        uri
+    });
+    if let Some(stats) = stats {
+        assert_confirmed_by_qemu(name, &stats);
+    }
 }
 
 #[test]
 fn qmig_send_migrates_to_qemu_over_tcp() {
-    send_to_qemu("send_to_qemu_tcp", 0x7c9_0004, |_, qemu| {
+    let stats = send_to_qemu("send_to_qemu_tcp", 0x7c9_0004, |_, qemu| {
         // The port is free only until someone else binds it: try a few.
         let mut last = None;
         for _ in 0..5 {
@@ -419,14 +470,20 @@ fn qmig_send_migrates_to_qemu_over_tcp() {
         }
         panic!("migrate-incoming on a free tcp port failed 5 times; last: {last:?}\nQEMU stderr: {}", qemu.stderr())
     });
+    if let Some(stats) = stats {
+        assert_confirmed_by_qemu("send_to_qemu_tcp", &stats);
+    }
 }
 
 #[test]
 fn qmig_send_migrates_to_qemu_over_unix() {
-    send_to_qemu("send_to_qemu_unix", 0x7c9_0005, |dir, qemu| {
+    let stats = send_to_qemu("send_to_qemu_unix", 0x7c9_0005, |dir, qemu| {
         let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
         qemu.migrate_incoming(&uri)
             .unwrap_or_else(|e| panic!("migrate-incoming {uri}: {e}\nQEMU stderr: {}", qemu.stderr()));
         uri
     });
+    if let Some(stats) = stats {
+        assert_confirmed_by_qemu("send_to_qemu_unix", &stats);
+    }
 }

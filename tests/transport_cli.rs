@@ -249,22 +249,66 @@ fn check_migration(what: &str, sent: &Out, received: &Out, dst: &Path, ram: &[u8
         assert_eq!(ss["ram"][k], rs["ram"][k], "{what}: ram.{k} differs between send {ss} and recv {rs}");
     }
     assert_same_ram(what, &fs::read(dst).expect("read destination RAM"), ram);
+    // The return path (on by default on sockets): send completed after recv's SHUT(0).
+    if ss["return-path"].is_null() {
+        assert!(rs["return-path"].is_null(), "{what}: recv answered a return path send did not open: {rs}");
+    } else {
+        assert_eq!(ss["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "{what}: send {ss}");
+        assert_eq!(rs["return-path"]["shut"], 0, "{what}: recv {rs}");
+        assert_eq!(rs["return-path"]["pongs"], 1, "{what}: recv {rs}");
+    }
     ss["ram"]["transferred"].as_u64().expect("transferred")
+}
+
+/// Whether send used a return path.
+fn used_return_path(sent: &Out) -> bool {
+    !sent.stats()["return-path"].is_null()
 }
 
 /// recv listening on `listen`, send to the URI it printed.
 fn listening_round_trip(dir: &TestDir, listen: &str, check_uri: impl Fn(&str)) {
+    listening_round_trip_with(dir, listen, &[], check_uri);
+}
+
+/// [`listening_round_trip`] with `extra` send arguments; returns send's output.
+fn listening_round_trip_with(dir: &TestDir, listen: &str, extra: &[&str], check_uri: impl Fn(&str)) -> Out {
     let (src, ram) = make_ram(dir, "src.bin", 1, RAM_SIZE);
     let dst = dir.join("dst.bin");
     let mut recv = Proc::spawn("recv", qmig(&["recv", "--ram", &format!("mem={}", s(&dst)), "--from", listen]));
     let uri = recv.listening();
     check_uri(&uri);
-    let send =
-        Proc::spawn(&format!("send to {uri}"), qmig(&["send", "--ram", &format!("mem={}", s(&src)), "--to", &uri]));
+    let mut args = vec!["send", "--ram"];
+    let ram_arg = format!("mem={}", s(&src));
+    args.extend([ram_arg.as_str(), "--to", &uri]);
+    args.extend(extra);
+    let send = Proc::spawn(&format!("send to {uri}"), qmig(&args));
     let sent = send.finish();
     let received = recv.finish();
     assert_eq!(received.stdout.len(), 2, "recv prints the listening line and the stats: {:?}", received.stdout);
     check_migration(listen, &sent, &received, &dst, &ram);
+    assert_eq!(used_return_path(&sent), !extra.contains(&"--no-return-path"), "{listen}: return path on sockets");
+    sent
+}
+
+#[test]
+fn unix_without_return_path() {
+    let dir = TestDir::new("tcli-unix-norp");
+    let listen = format!("unix:{}", s(&dir.join("m.sock")));
+    listening_round_trip_with(&dir, &listen, &["--no-return-path"], |_| {});
+}
+
+#[test]
+fn return_path_asked_on_file_or_exec_is_refused() {
+    let dir = TestDir::new("tcli-rp-file");
+    let (src, _) = make_ram(&dir, "src.bin", 4, 1 << 20);
+    let stream = dir.join("s.mig");
+    let ram = format!("mem={}", s(&src));
+    for to in [format!("file:{}", s(&stream)), format!("exec:cat > {}", shell_quote(&stream))] {
+        let out =
+            Proc::spawn("send --return-path", qmig(&["send", "--ram", &ram, "--to", &to, "--return-path"])).finish();
+        out.one_line_error(1, &["--return-path", "one direction"]);
+    }
+    assert!(!stream.exists(), "nothing was written");
 }
 
 #[test]
@@ -315,6 +359,7 @@ fn fd_round_trip(dir: &TestDir, what: &str, send_end: OwnedFd, recv_end: OwnedFd
     let received = recv.finish();
     assert_eq!(received.stdout.len(), 1, "{what}: fd: prints no listening line: {:?}", received.stdout);
     check_migration(what, &sent, &received, &dst, &ram);
+    assert_eq!(used_return_path(&sent), what.contains("socket"), "{what}: a return path only on a socket");
 }
 
 #[test]

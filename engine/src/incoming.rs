@@ -69,6 +69,19 @@ pub enum IncomingError {
 /// into such a channel are.
 pub type ReturnPathOpener<'a> = Box<dyn FnMut() -> Result<Box<dyn Write + Send>, String> + 'a>;
 
+/// The opener of `ch`'s return path: its reverse direction is taken now (a
+/// duplicate of the socket) and handed out when the source asks for it; on
+/// `exec:`, `file:` and pipes it says why there is none (messages are dropped, as
+/// QEMU 7.2 drops them).
+pub fn channel_return_path(ch: &transports::Channel) -> ReturnPathOpener<'static> {
+    let mut path = Some(ch.return_path());
+    Box::new(move || match path.take() {
+        Some(Ok(rp)) => Ok(Box::new(rp) as Box<dyn Write + Send>),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the return path was already taken".into()),
+    })
+}
+
 /// What the return path did in an incoming migration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReturnPathReport {

@@ -46,6 +46,29 @@ pub struct MigrationInfo {
     pub downtime_bytes: u64,
     /// `error-desc` when failed.
     pub error_desc: Option<String>,
+    /// The return path, when capability `return-path` opened one (not a QEMU field).
+    pub return_path: Option<ReturnPathInfo>,
+}
+
+/// What the source's return path carried (capability `return-path`); in
+/// `query-migrate` as `return-path` (our addition, not a QEMU 7.2 field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ReturnPathInfo {
+    /// PONGs received (QEMU 7.2 sends PING 1 at setup).
+    pub pongs: u64,
+    /// The destination's SHUT status once received (0: it loaded everything).
+    pub shut: Option<u32>,
+    /// How the return path failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ReturnPathInfo {
+    /// `{"pongs", "shut", "error"?}` (its serde form).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
 }
 
 impl Default for MigrationInfo {
@@ -70,6 +93,7 @@ impl Default for MigrationInfo {
             precopy_bytes: 0,
             downtime_bytes: 0,
             error_desc: None,
+            return_path: None,
         }
     }
 }
@@ -92,6 +116,8 @@ struct QueryMigrate {
     cpu_throttle_percentage: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     error_desc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    return_path: Option<ReturnPathInfo>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     ram: Option<QueryRam>,
 }
@@ -143,6 +169,7 @@ impl From<MigrationInfo> for QueryMigrate {
                 expected_downtime: None,
                 cpu_throttle_percentage: None,
                 error_desc: None,
+                return_path: None,
                 ram: None,
             };
         }
@@ -155,6 +182,7 @@ impl From<MigrationInfo> for QueryMigrate {
             expected_downtime: i.expected_downtime.filter(|_| i.status != MigrationStatus::Completed),
             cpu_throttle_percentage: i.cpu_throttle_percentage,
             error_desc: i.error_desc,
+            return_path: i.return_path,
             ram: Some(QueryRam {
                 transferred: i.transferred,
                 remaining: i.remaining,
@@ -186,6 +214,7 @@ impl From<QueryMigrate> for MigrationInfo {
             expected_downtime: q.expected_downtime,
             cpu_throttle_percentage: q.cpu_throttle_percentage,
             error_desc: q.error_desc,
+            return_path: q.return_path,
             ..Default::default()
         };
         if let Some(r) = q.ram {

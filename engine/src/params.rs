@@ -82,6 +82,9 @@ pub struct MigrationCapabilities {
     pub pause_before_switchover: bool,
     /// `events`: emit state events (the engine always notifies its subscribers).
     pub events: bool,
+    /// `return-path`: open the destination's return path (MIG_CMD_OPEN_RETURN_PATH,
+    /// PING 1) and report `completed` only after its SHUT(0); needs a socket channel.
+    pub return_path: bool,
 }
 
 /// Parameters shared between the migration thread and whoever tunes it.

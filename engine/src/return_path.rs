@@ -1,10 +1,10 @@
 //! The source's side of the return path, as a standalone component: a thread
 //! reading the destination's messages (QEMU's `source_return_path_thread`) into a
 //! crossbeam channel of [`RpEvent`]s, with the end (SHUT, the path closing, a
-//! protocol error) kept for whoever waits for it. Not wired into the pre-copy
-//! loop yet; what the loop will do with it (QEMU 7.2): report `completed` only
-//! after SHUT(0), fail (and resume the guest) on SHUT(error), a closed path or an
-//! error; serve page requests first in postcopy.
+//! protocol error) kept for whoever waits for it. The pre-copy driver
+//! ([`Outgoing`](crate::source::Outgoing), capability `return-path`) checks it on
+//! every loop turn and, as QEMU 7.2 does, reports `completed` only after SHUT(0),
+//! failing (and resuming the guest) on SHUT(error), a closed path or an error.
 //!
 //! Page requests are checked as QEMU's source checks them: REQ_PAGES names the
 //! block of the last REQ_PAGES_ID, the block must exist, start and length must be
@@ -93,6 +93,12 @@ pub enum ReturnPathError {
     /// [`SourceReturnPath::stop`] ended it.
     #[error("return path reader stopped")]
     Stopped,
+    /// The destination sent no SHUT within the time the source waits after EOF.
+    #[error("no SHUT from the destination within {waited:?} after the end of the stream")]
+    NoShut {
+        /// How long the source waited.
+        waited: Duration,
+    },
 }
 
 #[derive(Default)]

@@ -11,30 +11,49 @@
 //! resumes the guest and ends `cancelled` / `failed`; live devices get their
 //! cleanup call whatever the outcome.
 //!
+//! With capability `return-path` (QEMU 7.2's behaviour) the channel's reverse
+//! direction is read by a [`SourceReturnPath`] thread from the start;
+//! OPEN_RETURN_PATH and PING 1 follow the configuration record; a SHUT(error), a
+//! bad message or the path closing fails the migration at the next loop turn with
+//! the destination's reason; after EOF and the vmdesc the source stays `active`
+//! until the destination's SHUT(0), then reports `completed`. SHUT(error), a lost
+//! connection or no SHUT within [`Outgoing::with_shut_timeout`] fail it and resume
+//! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
+//! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
+//!
 //! Every decision is the clock-free [`PrecopyCore`](crate::precopy::PrecopyCore)'s;
 //! this module is its driver: it reads the clock, does the I/O through a
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
 //! the state machine and `query-migrate` figures current.
 
 use crate::error::Origin;
-use crate::info::{InfoHandle, MigrationInfo};
+use crate::info::{InfoHandle, MigrationInfo, ReturnPathInfo};
 use crate::memory::{is_zero, RamRegion};
 use crate::params::{MigrationCapabilities, SharedParameters};
 use crate::precopy::{Action, PrecopyCore, Tick};
+use crate::return_path::{ReturnPathError, RpEvent, SourceReturnPath};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
-use savevm_format::{section_ids, write_guest_prologue, RamBlock, StoppedGuest, StreamWriter};
+use savevm_format::{section_ids, write_guest_prologue_with, Command, RamBlock, StoppedGuest, StreamWriter};
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transports::{CancelToken, Channel, MigrationWriter, RateLimit};
+use transports::{CancelToken, Channel, MigrationWriter, RateLimit, ReturnPath};
 use vm_memory::VolatileSlice;
 
 pub use crate::memory::{GuestRegion, PAGE};
 
 /// Section id of the first VMM device (QEMU uses 0, 2 and 4 for timer, ram, globalstate).
 const FIRST_DEVICE_ID: u32 = 5;
+
+/// How long a source with capability `return-path` waits after EOF for the
+/// destination's SHUT before it fails (QEMU 7.2 waits forever); see
+/// [`Outgoing::with_shut_timeout`].
+pub const DEFAULT_SHUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a failed channel waits for the destination's reason on the return path.
+const REASON_WAIT: Duration = Duration::from_millis(500);
 
 /// Why an outgoing migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +99,25 @@ pub enum EngineError {
         /// The cause.
         source: crate::dirty::DirtyError,
     },
+    /// Capability `return-path` on a channel with no reverse direction (`exec:`,
+    /// `file:`, a pipe, a [`PageWriter`] of its own): refused at start.
+    #[error("capability return-path: {0}")]
+    NoReturnPath(String),
+    /// The destination's return path ended the migration: SHUT with an error, the
+    /// path closed or broken before SHUT(0), or no SHUT in time after EOF.
+    #[error(
+        "{}{error}{}",
+        if *after_eof { "the destination did not confirm the migration: " } else { "the destination ended the migration: " },
+        if *resumed { "; the guest was resumed on the source" } else { "" }
+    )]
+    ReturnPath {
+        /// How the return path ended.
+        error: ReturnPathError,
+        /// Whether the whole stream (EOF, vmdesc) had been sent.
+        after_eof: bool,
+        /// Whether the guest, stopped for the switchover, was resumed here.
+        resumed: bool,
+    },
 }
 
 impl From<savevm_format::EncodeError> for EngineError {
@@ -105,6 +143,8 @@ impl EngineError {
             EngineError::Transport(_) => Origin::Peer,
             EngineError::Vmm(_) | EngineError::Blocked(_) => Origin::Vmm,
             EngineError::DirtyStart { .. } | EngineError::DirtySync { .. } => Origin::Vmm,
+            // The destination said no, went away or never confirmed.
+            EngineError::ReturnPath { .. } => Origin::Peer,
             _ => Origin::Local,
         }
     }
@@ -116,6 +156,11 @@ impl EngineError {
             EngineError::Transport(t) => t.is_cancelled(),
             _ => false,
         }
+    }
+
+    /// The channel failed (the destination may have said why on the return path).
+    fn is_channel(&self) -> bool {
+        matches!(self, EngineError::Io(_) | EngineError::Transport(_))
     }
 }
 
@@ -193,6 +238,7 @@ pub struct Outgoing {
 struct Fixed {
     caps: MigrationCapabilities,
     runstate: String,
+    shut_timeout: Duration,
 }
 
 /// Refuse two devices with the same idstr and instance among `ids`.
@@ -234,6 +280,80 @@ struct Undo {
     live_setup: usize,
     /// Regions whose dirty sources were started (a prefix of the list).
     dirty_started: usize,
+}
+
+/// The return path of a run with capability `return-path`: the reader thread and
+/// what it carried so far.
+struct RpState {
+    reader: SourceReturnPath,
+    pongs: u64,
+}
+
+/// The return path opened on the channel (its reads woken by a token of its own),
+/// or why there is none.
+type RpOpen = Result<(ReturnPath, CancelToken), EngineError>;
+
+impl RpState {
+    /// Count what arrived; fail with the destination's reason if the path ended badly.
+    fn check(&mut self, info: &InfoHandle) -> Result<(), EngineError> {
+        self.drain(info);
+        match self.reader.end() {
+            Some(Err(error)) => Err(EngineError::ReturnPath { error, after_eof: false, resumed: false }),
+            _ => Ok(()),
+        }
+    }
+
+    fn drain(&mut self, info: &InfoHandle) {
+        let before = self.pongs;
+        for ev in self.reader.events().try_iter() {
+            // Page requests only come in postcopy, which this source does not start.
+            if let RpEvent::Pong(_) = ev {
+                self.pongs += 1;
+            }
+        }
+        if self.pongs != before {
+            let pongs = self.pongs;
+            info.update(|i| i.return_path.get_or_insert_with(Default::default).pongs = pongs);
+        }
+    }
+
+    /// After EOF: wait for the destination's SHUT (QEMU 7.2's
+    /// `await_return_path_close_on_source`), at most `timeout`, waking for cancel.
+    fn await_shut(&mut self, info: &InfoHandle, cancel: &CancelToken, timeout: Duration) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        loop {
+            self.drain(info);
+            if cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                let error = ReturnPathError::NoShut { waited: timeout };
+                return Err(EngineError::ReturnPath { error, after_eof: true, resumed: false });
+            }
+            match self.reader.wait_end(left.min(Duration::from_millis(20))) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(error)) => return Err(EngineError::ReturnPath { error, after_eof: true, resumed: false }),
+                None => {}
+            }
+        }
+    }
+
+    /// Stop the reader; the figures for `query-migrate`.
+    fn finish(mut self, info: &InfoHandle) -> ReturnPathInfo {
+        self.drain(info);
+        let end = self.reader.stop();
+        let shut = match &end {
+            Ok(()) => Some(0),
+            Err(ReturnPathError::Shut(s)) => Some(*s),
+            Err(_) => None,
+        };
+        let error = match end {
+            Ok(()) | Err(ReturnPathError::Stopped) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        ReturnPathInfo { pongs: self.pongs, shut, error }
+    }
 }
 
 /// The driver's view of one run: the clock, the stream, the core.
@@ -323,6 +443,16 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
     }
 }
 
+/// The return path of `ch` for capability `return-path`, its reads woken by a token
+/// of their own (the channel's cancel reaches it; stopping the reader does not
+/// cancel the channel).
+fn open_return_path(ch: &Channel) -> RpOpen {
+    let path = ch.return_path().map_err(|e| EngineError::NoReturnPath(e.to_string()))?;
+    let token = CancelToken::new()?;
+    ch.cancel_token().link_to(&token);
+    Ok((path.with_cancel(token.clone()), token))
+}
+
 impl Outgoing {
     /// A migration in state `none` with these parameters and capabilities.
     pub fn new(params: SharedParameters, caps: MigrationCapabilities) -> std::io::Result<Self> {
@@ -332,7 +462,7 @@ impl Outgoing {
             state,
             rate: RateLimit::new(params.get().max_bandwidth),
             params,
-            fixed: Arc::new(Fixed { caps, runstate: "running".into() }),
+            fixed: Arc::new(Fixed { caps, runstate: "running".into(), shut_timeout: DEFAULT_SHUT_TIMEOUT }),
             cancel: CancelToken::new()?,
             force: Default::default(),
             go_on: Default::default(),
@@ -343,6 +473,13 @@ impl Outgoing {
     /// default; `paused` for a stopped one), set before the migration is shared.
     pub fn with_runstate(mut self, runstate: impl Into<String>) -> Self {
         Arc::make_mut(&mut self.fixed).runstate = runstate.into();
+        self
+    }
+
+    /// With capability `return-path`: how long to wait after EOF for the destination's
+    /// SHUT before failing ([`DEFAULT_SHUT_TIMEOUT`]), set before the migration is shared.
+    pub fn with_shut_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.fixed).shut_timeout = timeout;
         self
     }
 
@@ -446,13 +583,29 @@ impl Outgoing {
     ) -> Result<MigrationInfo, EngineError> {
         // Our cancel must wake the channel's blocked reads, writes and rate-limit sleeps.
         self.cancel.link_to(ch.cancel_token());
-        self.run_on(MigrationWriter::new(ch, self.rate.clone()), ram, vcpus, vm)
+        let rp = self.fixed.caps.return_path.then(|| open_return_path(&ch));
+        self.run_inner(MigrationWriter::new(ch, self.rate.clone()), rp, ram, vcpus, vm)
     }
 
     /// [`run_vm`](Self::run_vm) into any [`PageWriter`] (an in-memory stream, say).
+    /// Such a stream has no return path: capability `return-path` fails at start.
     pub fn run_on<'g, W: PageWriter<'g>>(
         &self,
         w: W,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+    ) -> Result<MigrationInfo, EngineError> {
+        let rp = self.fixed.caps.return_path.then(|| {
+            Err(EngineError::NoReturnPath("a stream written to a PageWriter has no reverse direction".into()))
+        });
+        self.run_inner(w, rp, ram, vcpus, vm)
+    }
+
+    fn run_inner<'g, W: PageWriter<'g>>(
+        &self,
+        w: W,
+        rp: Option<RpOpen>,
         ram: &mut [RamRegion<'g>],
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
@@ -462,10 +615,31 @@ impl Outgoing {
         let _span = tracing::info_span!("migration", role = "source", regions = ram.len(), pages).entered();
         self.state.transition(S::None, S::Setup)?;
         let mut undo = Undo::default();
-        let result = match vm.blockers.first() {
-            Some(b) => Err(EngineError::Blocked(b.reason.clone())),
-            None => self.precopy(w, start, ram, vcpus, vm, &mut undo),
+        let mut reader: Option<RpState> = None;
+        let result = match (vm.blockers.first(), rp) {
+            (Some(b), _) => Err(EngineError::Blocked(b.reason.clone())),
+            // As QEMU: a return path that cannot be opened fails the migration in setup.
+            (None, Some(Err(e))) => Err(e),
+            (None, Some(Ok(rp))) => self.precopy(w, start, ram, vcpus, vm, &mut undo, Some(rp), &mut reader),
+            (None, None) => self.precopy(w, start, ram, vcpus, vm, &mut undo, None, &mut reader),
         };
+        // A broken channel: the return path says whether the destination ended it
+        // (its SHUT status, or that it closed the connection) better than EPIPE does.
+        let result = match (result, &reader) {
+            (Err(e), Some(r)) if e.is_channel() && !e.is_cancel() && !self.cancel.is_cancelled() => {
+                match r.reader.wait_end(REASON_WAIT) {
+                    Some(Err(error)) if error != ReturnPathError::Stopped => {
+                        Err(EngineError::ReturnPath { error, after_eof: false, resumed: false })
+                    }
+                    _ => Err(e),
+                }
+            }
+            (r, _) => r,
+        };
+        if let Some(r) = reader.take() {
+            let rp_info = r.finish(&self.info);
+            self.info.update(|i| i.return_path = Some(rp_info));
+        }
         for region in ram.iter_mut().take(undo.dirty_started) {
             for src in region.dirty.iter_mut() {
                 let _ = src.stop();
@@ -505,7 +679,10 @@ impl Outgoing {
                 } else {
                     Ok(())
                 };
-                let e = if cancelled { EngineError::Cancelled } else { e };
+                let mut e = if cancelled { EngineError::Cancelled } else { e };
+                if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
+                    *said = undo.stopped && resumed.is_ok();
+                }
                 self.info.update(|i| {
                     i.total_time = start.elapsed();
                     if !cancelled {
@@ -524,7 +701,10 @@ impl Outgoing {
         }
     }
 
-    /// Setup, the passes the core asks for, and the switchover.
+    /// Setup, the passes the core asks for, and the switchover; with a return path
+    /// `rp`, its reader is spawned into `reader`, checked every loop turn and waited
+    /// for (SHUT) after EOF.
+    #[allow(clippy::too_many_arguments)]
     fn precopy<'g, W: PageWriter<'g>>(
         &self,
         w: W,
@@ -533,6 +713,8 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
         undo: &mut Undo,
+        rp: Option<(ReturnPath, CancelToken)>,
+        reader: &mut Option<RpState>,
     ) -> Result<(), EngineError> {
         if ram.is_empty() {
             return Err(EngineError::Setup("a migration needs at least one RAM region".into()));
@@ -554,7 +736,16 @@ impl Outgoing {
         self.rate.set_max_bandwidth(params.max_bandwidth);
         let mut w = StreamWriter::new(w);
         let guest = StoppedGuest { runstate: self.fixed.runstate.clone(), ..Default::default() };
-        write_guest_prologue(&mut w, &blocks, &guest)?;
+        // QEMU 7.2's migration_thread: the reader runs before anything is sent, then
+        // OPEN_RETURN_PATH and PING 1 follow the configuration, before RAM's START.
+        let mut commands = Vec::new();
+        if let Some((path, token)) = rp {
+            let r = SourceReturnPath::spawn(path, blocks.clone(), PAGE as u64, token)?;
+            *reader = Some(RpState { reader: r, pongs: 0 });
+            self.info.update(|i| i.return_path = Some(ReturnPathInfo::default()));
+            commands = vec![Command::OpenReturnPath, Command::Ping(1)];
+        }
+        write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?;
         // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
             let (id, idstr, inst) = (live_base + k as u32, d.idstr(), d.instance_id());
@@ -590,6 +781,9 @@ impl Outgoing {
         loop {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
+            }
+            if let Some(r) = reader.as_mut() {
+                r.check(&self.info)?;
             }
             let params = self.params.get();
             self.rate.set_max_bandwidth(params.max_bandwidth);
@@ -687,6 +881,9 @@ impl Outgoing {
             self.state.transition(S::PreSwitchover, S::Device)?;
         }
         self.rate.set_max_bandwidth(0);
+        if let Some(r) = reader.as_mut() {
+            r.check(&self.info)?;
+        }
         run.harvest(ram)?;
         let pass = run.core.final_synced();
         self.state.announce(Notification::Pass { pass });
@@ -738,6 +935,11 @@ impl Outgoing {
         inner.flush_now()?;
         let transferred = transferred.max(inner.bytes_sent());
         inner.close()?;
+        // QEMU 7.2's migration_completion: with a return path, the destination's
+        // SHUT(0) is what completes the migration (the guest stays stopped meanwhile).
+        if let Some(r) = reader.as_mut() {
+            r.await_shut(&self.info, &self.cancel, self.fixed.shut_timeout)?;
+        }
         self.info.update(|i| {
             i.downtime = Some(stop_time.elapsed());
             i.transferred = transferred;

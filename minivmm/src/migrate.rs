@@ -18,13 +18,12 @@
 //! ```
 
 use crate::vm::Vm;
-use engine::incoming::{Incoming, IncomingError, IncomingReport};
+use engine::incoming::{channel_return_path, Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::memory::RamRegion;
 use engine::source::{EngineError, Outgoing};
 use engine::vm::{VmParts, VmmError};
-use std::io::Read;
-use transports::Channel;
+use transports::{Channel, MigrationReader, RateLimit};
 
 /// Migrate `vm` (running or not) out over `ch` with `out`'s parameters: RAM with
 /// KVM's dirty log, then the `cpu` section at switchover. On success the guest
@@ -38,11 +37,15 @@ pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo
     out.run_vm(ch, &mut ram, &mut vcpus, &mut parts)
 }
 
-/// Load an incoming migration from `reader` into `vm` (RAM straight into guest
-/// memory, then the vCPU state) and, with `autostart`, resume the guest.
-pub fn migrate_in<R: Read>(vm: &mut Vm, reader: R, autostart: bool) -> Result<IncomingReport, IncomingError> {
+/// Load an incoming migration from `ch` into `vm` (RAM straight into guest
+/// memory, then the vCPU state) and, with `autostart`, resume the guest. A source
+/// with `return-path` gets its PONGs and, once everything loaded, SHUT(0) (SHUT(1)
+/// on failure) on the channel's reverse direction.
+pub fn migrate_in(vm: &mut Vm, ch: Channel, autostart: bool) -> Result<IncomingReport, IncomingError> {
     let mut vcpus = vm.vcpus();
     let mut cpu = vm.cpu_device();
     let mut parts = VmParts { devices: vec![&mut cpu], ..Default::default() };
-    Incoming::new(autostart).run(reader, &mut vm.sink(), &mut parts, &mut vcpus)
+    let open = channel_return_path(&ch);
+    let reader = MigrationReader::new(ch, RateLimit::new(0));
+    Incoming::new(autostart).run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
 }

@@ -10,7 +10,7 @@ use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
 use std::time::Duration;
-use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+use transports::{CancelToken, Listener, MigrationUri};
 
 fn sock(name: &str) -> MigrationUri {
     let p = std::env::temp_dir().join(format!("minivmm-{}-{name}.sock", std::process::id()));
@@ -38,8 +38,7 @@ fn migrate(
     let dst = std::thread::spawn(move || {
         let mut dst = Vm::new(layout).unwrap();
         let ch = listener.accept().unwrap();
-        let report =
-            minivmm::migrate::migrate_in(&mut dst, MigrationReader::new(ch, RateLimit::new(0)), false).unwrap();
+        let report = minivmm::migrate::migrate_in(&mut dst, ch, false).unwrap();
         assert_eq!(report.devices, 1, "the cpu section was loaded");
         assert!(!report.resumed);
         dst
@@ -96,7 +95,7 @@ fn cancel_mid_migration_leaves_the_guest_running_on_the_source() {
     let dst = std::thread::spawn(move || {
         let mut dst = Vm::new(layout).unwrap();
         let ch = listener.accept().unwrap();
-        let r = minivmm::migrate::migrate_in(&mut dst, MigrationReader::new(ch, RateLimit::new(0)), true);
+        let r = minivmm::migrate::migrate_in(&mut dst, ch, true);
         // Whatever RAM arrived, the vCPU must not have run: its counter stays put.
         let c1 = dst.control().unwrap().counter;
         std::thread::sleep(Duration::from_millis(100));

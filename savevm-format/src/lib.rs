@@ -48,6 +48,6 @@ pub use decoder::{
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;
 pub use writer::{
-    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_stopped_guest, BodyWriter, RamStats,
-    StoppedGuest, StreamWriter,
+    section_ids, to_qemu_json, write_guest_epilogue, write_guest_prologue, write_guest_prologue_with,
+    write_stopped_guest, BodyWriter, RamStats, StoppedGuest, StreamWriter,
 };

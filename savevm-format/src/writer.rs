@@ -450,6 +450,17 @@ pub fn write_guest_prologue<W: Write>(
     blocks: &[RamBlock],
     opts: &StoppedGuest,
 ) -> Result<(), EncodeError> {
+    write_guest_prologue_with(s, blocks, opts, &[])
+}
+
+/// [`write_guest_prologue`] with `commands` between the configuration record and
+/// RAM's START, where QEMU 7.2 puts OPEN_RETURN_PATH and PING 1.
+pub fn write_guest_prologue_with<W: Write>(
+    s: &mut StreamWriter<W>,
+    blocks: &[RamBlock],
+    opts: &StoppedGuest,
+    commands: &[Command],
+) -> Result<(), EncodeError> {
     let tps = s.page_size() as u64;
     for b in blocks {
         if b.length == 0 || b.length % tps != 0 {
@@ -461,6 +472,9 @@ pub fn write_guest_prologue<W: Write>(
     }
     s.header()?;
     s.configuration(&Configuration { machine: opts.machine.clone(), ..Default::default() })?;
+    for c in commands {
+        s.command(c)?;
+    }
     s.section_start(section_ids::RAM, RAM_IDSTR, 0, RAM_VERSION)?;
     s.ram_block_list(blocks)?;
     s.ram_eos()?;

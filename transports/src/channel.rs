@@ -464,6 +464,14 @@ impl ReturnPath {
         &self.peer
     }
 
+    /// The same return path with its blocking reads and writes woken by `cancel`
+    /// instead of the channel's token, so a reader can be stopped without cancelling
+    /// the channel (link the channel's token to `cancel` to keep its cancel reaching it).
+    pub fn with_cancel(mut self, cancel: CancelToken) -> ReturnPath {
+        self.cancel = cancel;
+        self
+    }
+
     /// Another handle on the same return path (for a reader and a writer thread).
     pub fn try_clone(&self) -> io::Result<ReturnPath> {
         Ok(ReturnPath { fd: self.fd.try_clone()?, cancel: self.cancel.clone(), peer: self.peer.clone() })
