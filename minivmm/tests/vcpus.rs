@@ -1,0 +1,123 @@
+//! A 2- and a 4-vCPU KVM guest migrated live over a unix socket: every vCPU's
+//! counter continues on the destination with its checksum intact, and each
+//! vCPU's full state (registers, CPUID, MSRs, FPU, XSAVE, XCRs, local APIC,
+//! debug registers, events) loaded on the destination equals the source's at stop.
+
+use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
+use engine::source::Outgoing;
+use engine::state::MigrationStatus;
+use engine::vm::VcpuControl;
+use minivmm::cpu::CpuState;
+use minivmm::layout::Layout;
+use minivmm::{GuestConfig, Vm};
+use std::time::Duration;
+use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+
+fn sock(name: &str) -> MigrationUri {
+    let p = std::env::temp_dir().join(format!("minivmm-{}-{name}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    MigrationUri::Unix(p)
+}
+
+fn states(vm: &Vm) -> Vec<CpuState> {
+    vm.cpu_devices().iter().map(|d| d.state().unwrap()).collect()
+}
+
+/// The state that must arrive unchanged (the TSC runs on while stopped: compared apart).
+fn assert_same(i: usize, src: &CpuState, dst: &CpuState) {
+    assert_eq!(src.regs, dst.regs, "vCPU {i}: registers");
+    assert_eq!(src.sregs, dst.sregs, "vCPU {i}: special registers");
+    assert_eq!(src.cpuid, dst.cpuid, "vCPU {i}: CPUID");
+    assert_eq!(src.msrs, dst.msrs, "vCPU {i}: MSRs");
+    assert_eq!(src.mtrr_def_type, dst.mtrr_def_type, "vCPU {i}: MTRRdefType");
+    assert_eq!(src.mp_state, dst.mp_state, "vCPU {i}: mp_state");
+    assert_eq!(src.fpu, dst.fpu, "vCPU {i}: FPU");
+    assert!(src.xsave == dst.xsave, "vCPU {i}: XSAVE area");
+    assert_eq!(src.xcrs, dst.xcrs, "vCPU {i}: XCRs");
+    assert!(src.lapic == dst.lapic, "vCPU {i}: local APIC");
+    assert_eq!(src.debugregs, dst.debugregs, "vCPU {i}: debug registers");
+    assert_eq!(src.events, dst.events, "vCPU {i}: events");
+    assert!(dst.tsc >= src.tsc, "vCPU {i}: TSC {} -> {}", src.tsc, dst.tsc);
+}
+
+fn migrate_vcpus(n: usize, seed: u64) {
+    let layout = Layout::pc_split(320 << 20).unwrap();
+    let mut src = Vm::with_vcpus(layout.clone(), n).unwrap();
+    assert_eq!(src.vcpu_count(), n);
+    src.boot(GuestConfig { working_set: 64 << 20, dirty_rate: 32 << 20, seed }).unwrap();
+    src.vcpus().resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let uri = sock(&format!("vcpus{n}"));
+    let listener = Listener::bind(&uri, &CancelToken::new().unwrap()).unwrap();
+    let dst = std::thread::spawn(move || {
+        let mut dst = Vm::with_vcpus(layout, n).unwrap();
+        let ch = listener.accept().unwrap();
+        let report =
+            minivmm::migrate::migrate_in(&mut dst, MigrationReader::new(ch, RateLimit::new(0)), false).unwrap();
+        assert_eq!(report.devices, n, "one cpu section per vCPU");
+        dst
+    });
+    let params = MigrationParameters { max_bandwidth: 256 << 20, ..Default::default() };
+    let out = Outgoing::new(SharedParameters::new(params).unwrap(), MigrationCapabilities::default()).unwrap();
+    let ch = transports::connect(&uri, out.cancel()).unwrap();
+    let info = minivmm::migrate::migrate_out(&src, &out, ch).unwrap();
+    assert_eq!(info.status, MigrationStatus::Completed);
+    let dst = dst.join().unwrap();
+    assert!(src.vcpus().is_parked());
+    assert!(src.ram_equals(&dst), "destination RAM equals source RAM at stop");
+
+    // Full state: what the destination loaded is what the source had at stop.
+    let (before, after) = (states(&src), states(&dst));
+    assert_eq!(after.len(), n);
+    for (i, (s, d)) in before.iter().zip(&after).enumerate() {
+        assert_same(i, s, d);
+        assert!(s.msrs.len() > 10, "vCPU {i}: KVM's saveable MSRs travel ({})", s.msrs.len());
+        assert_eq!(s.regs.rbx, minivmm::guest::ctrl_addr(i), "vCPU {i} runs on its own control block");
+        let apic_id = u32::from_le_bytes([s.lapic[0x20], s.lapic[0x21], s.lapic[0x22], s.lapic[0x23]]) >> 24;
+        assert_eq!(apic_id, i as u32, "vCPU {i}: its own local APIC");
+        let leaf1 = s.cpuid.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ebx >> 24, i as u32, "vCPU {i}: CPUID names its APIC id");
+    }
+
+    let at_stop: Vec<_> = (0..n).map(|i| src.control_of(i).unwrap()).collect();
+    assert!(at_stop.iter().all(|c| c.counter > 0 && c.writes > 0), "every vCPU ran: {at_stop:?}");
+    dst.vcpus().resume().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let on_dst = dst.stop_and_check_all().unwrap();
+    assert_eq!(on_dst.len(), n);
+    for (i, ((c, ok), s)) in on_dst.iter().zip(&at_stop).enumerate() {
+        assert!(ok, "vCPU {i}: checksum intact on the destination");
+        assert!(c.counter > s.counter, "vCPU {i}: counter {} -> {}", s.counter, c.counter);
+        assert!(c.writes > s.writes, "vCPU {i}: writes {} -> {}", s.writes, c.writes);
+    }
+    assert!(dst.vcpus().error().is_none(), "{:?}", dst.vcpus().error());
+}
+
+#[test]
+fn two_vcpus_migrate_with_every_counter_and_their_full_state() {
+    if !minivmm::kvm_or_skip("two_vcpus_migrate_with_every_counter_and_their_full_state") {
+        return;
+    }
+    migrate_vcpus(2, 5);
+}
+
+#[test]
+fn four_vcpus_migrate_with_every_counter_and_their_full_state() {
+    if !minivmm::kvm_or_skip("four_vcpus_migrate_with_every_counter_and_their_full_state") {
+        return;
+    }
+    migrate_vcpus(4, 6);
+}
+
+#[test]
+fn vcpu_count_is_checked() {
+    if !minivmm::kvm_or_skip("vcpu_count_is_checked") {
+        return;
+    }
+    let layout = Layout::one_slot(64 << 20).unwrap();
+    assert!(Vm::with_vcpus(layout.clone(), 0).is_err());
+    assert!(Vm::with_vcpus(layout.clone(), minivmm::guest::MAX_VCPUS + 1).is_err());
+    // A working set too small to give every vCPU a page is refused at boot.
+    let mut vm = Vm::with_vcpus(layout, 4).unwrap();
+    assert!(vm.boot(GuestConfig { working_set: 4096, dirty_rate: 0, seed: 1 }).is_err());
+}
