@@ -121,3 +121,34 @@ fn vcpu_count_is_checked() {
     let mut vm = Vm::with_vcpus(layout, 4).unwrap();
     assert!(vm.boot(GuestConfig { working_set: 4096, dirty_rate: 0, seed: 1 }).is_err());
 }
+
+#[test]
+fn throttle_and_stop_act_on_every_vcpu() {
+    if !minivmm::kvm_or_skip("throttle_and_stop_act_on_every_vcpu") {
+        return;
+    }
+    let mut vm = Vm::with_vcpus(Layout::one_slot(64 << 20).unwrap(), 2).unwrap();
+    vm.boot(GuestConfig { working_set: 8 << 20, dirty_rate: 0, seed: 2 }).unwrap();
+    let mut v = vm.vcpus();
+    let counters = |vm: &Vm| -> Vec<u64> { vm.controls().unwrap().iter().map(|c| c.counter).collect() };
+    let run = |vm: &Vm, v: &mut minivmm::Vcpus| {
+        let a = counters(vm);
+        v.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        v.stop().unwrap();
+        let b = counters(vm);
+        a.iter().zip(&b).map(|(a, b)| b - a).collect::<Vec<_>>()
+    };
+    let free = run(&vm, &mut v);
+    v.set_throttle(90).unwrap();
+    let throttled = run(&vm, &mut v);
+    for (i, (f, t)) in free.iter().zip(&throttled).enumerate() {
+        assert!(*f > 0, "vCPU {i} ran");
+        assert!(*t * 2 < *f, "vCPU {i} throttled to 10 %: {t} iterations against {f} unthrottled");
+    }
+    // Stopped means every vCPU stopped.
+    let c = counters(&vm);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(counters(&vm), c);
+    assert!(v.is_parked());
+}
