@@ -333,8 +333,9 @@ impl CpuDevice {
             }
             msrs.extend(chunk.as_slice().iter().map(|e| (e.index, e.data)));
         }
-        let (tsc, mtrr_def_type) = (msrs[0].1, msrs[1].1);
-        msrs.drain(..2);
+        let [(_, tsc), (_, mtrr_def_type)] = msrs.drain(..2.min(msrs.len())).collect::<Vec<_>>()[..] else {
+            return Err("cpu: KVM_GET_MSRS did not return TSC and MTRRdefType".into());
+        };
         let mp_state = fd.get_mp_state().map_err(cpu_err("KVM_GET_MP_STATE"))?.mp_state;
         let fpu = fd.get_fpu().map_err(cpu_err("KVM_GET_FPU"))?;
         let xsave = cpu::xsave_bytes(&fd.get_xsave().map_err(cpu_err("KVM_GET_XSAVE"))?);
@@ -893,7 +894,8 @@ impl Vm {
     pub fn stop_and_check(&self) -> Result<(Control, bool), VmError> {
         let all = self.stop_and_check_all()?;
         let ok = all.iter().all(|(_, ok)| *ok);
-        Ok((all[0].0, ok))
+        let first = all.first().ok_or_else(|| VmError::Vcpu("no vCPU".into()))?;
+        Ok((first.0, ok))
     }
 
     /// Stop the vCPUs where none is mid-write; every vCPU's control block and
