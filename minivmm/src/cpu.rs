@@ -1,7 +1,7 @@
 //! A vCPU's state as a vmstate device section `cpu` (one instance per vCPU,
 //! numbered by vCPU index as QEMU does): what a real guest kernel needs to resume
 //! on another host, as Cloud Hypervisor carries it. General and special
-//! registers, TSC and `MTRRdefType` as fields; CPUID entries and the MSRs KVM
+//! registers, TSC, its frequency and `MTRRdefType` as fields; CPUID entries and the MSRs KVM
 //! reports as saveable as variable arrays; mp_state, FPU; XSAVE, XCRs, local APIC,
 //! debug registers and pending events as the bytes of their KVM ABI structs
 //! (x86-64, little-endian).
@@ -40,6 +40,8 @@ pub struct CpuState {
     pub sregs: kvm_sregs,
     /// Time-stamp counter.
     pub tsc: u64,
+    /// TSC frequency in kHz (the destination's vCPU is set to it when it differs).
+    pub tsc_khz: u32,
     /// `IA32_MTRR_DEF_TYPE` (memory is uncacheable unless MTRRs are on).
     pub mtrr_def_type: u64,
     /// The vCPU's CPUID entries (`KVM_GET_CPUID2`).
@@ -68,6 +70,7 @@ impl Default for CpuState {
             regs: Default::default(),
             sregs: Default::default(),
             tsc: 0,
+            tsc_khz: 0,
             mtrr_def_type: 0,
             cpuid: vec![],
             msrs: vec![],
@@ -180,6 +183,7 @@ pub fn vmsd() -> Vmsd {
         .array("interrupt_bitmap", Kind::Uint(8), Count::Fixed(4))
         .field("tsc", Kind::Uint(8))
         .field("mtrr_def_type", Kind::Uint(8))
+        .field("tsc_khz", Kind::Uint(4))
         .field("nr_cpuid", Kind::Uint(4))
         .array("cpuid", Kind::Struct(Arc::new(cpuid_vmsd())), var("nr_cpuid"))
         .field("nr_msrs", Kind::Uint(4))
@@ -257,6 +261,7 @@ impl CpuState {
         st.set("interrupt_bitmap", Value::Array(s.interrupt_bitmap.iter().map(|&v| u(v)).collect()));
         st.set("tsc", u(self.tsc));
         st.set("mtrr_def_type", u(self.mtrr_def_type));
+        st.set("tsc_khz", u(self.tsc_khz as u64));
         st.set("nr_cpuid", u(self.cpuid.len() as u64));
         let cpuid = self.cpuid.iter().map(|e| {
             ints_state(&[
@@ -427,6 +432,7 @@ impl CpuState {
             sregs,
             tsc: int("tsc")?,
             mtrr_def_type: int("mtrr_def_type")?,
+            tsc_khz: u32::try_from(int("tsc_khz")?).map_err(|_| "cpu: field 'tsc_khz' out of range".to_string())?,
             cpuid,
             msrs,
             mp_state: int("mp_state")? as u32,
@@ -482,6 +488,7 @@ mod tests {
         c.sregs.cr3 = 0x9000;
         c.sregs.gdt.limit = 31;
         c.tsc = 1 << 40;
+        c.tsc_khz = 2_995_200;
         c.mtrr_def_type = MTRR_ENABLE_WB;
         c.cpuid = vec![
             kvm_cpuid_entry2 { function: 1, eax: 0x806c1, ebx: 3 << 24, ..Default::default() },
@@ -507,7 +514,7 @@ mod tests {
         let d = CpuState::from_state(&back).unwrap();
         assert_eq!(d.regs, c.regs);
         assert_eq!(d.sregs, c.sregs);
-        assert_eq!((d.tsc, d.mtrr_def_type), (c.tsc, c.mtrr_def_type));
+        assert_eq!((d.tsc, d.tsc_khz, d.mtrr_def_type), (c.tsc, c.tsc_khz, c.mtrr_def_type));
         assert_eq!((d.cpuid, d.msrs, d.mp_state), (c.cpuid, c.msrs, c.mp_state));
         assert_eq!((d.fpu, d.xsave, d.xcrs, d.lapic), (c.fpu, c.xsave, c.xcrs, c.lapic));
         assert_eq!((d.debugregs, d.events), (c.debugregs, c.events));

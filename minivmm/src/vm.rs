@@ -336,6 +336,7 @@ impl CpuDevice {
         let [(_, tsc), (_, mtrr_def_type)] = msrs.drain(..2.min(msrs.len())).collect::<Vec<_>>()[..] else {
             return Err("cpu: KVM_GET_MSRS did not return TSC and MTRRdefType".into());
         };
+        let tsc_khz = fd.get_tsc_khz().map_err(cpu_err("KVM_GET_TSC_KHZ"))?;
         let mp_state = fd.get_mp_state().map_err(cpu_err("KVM_GET_MP_STATE"))?.mp_state;
         let fpu = fd.get_fpu().map_err(cpu_err("KVM_GET_FPU"))?;
         let xsave = cpu::xsave_bytes(&fd.get_xsave().map_err(cpu_err("KVM_GET_XSAVE"))?);
@@ -347,6 +348,7 @@ impl CpuDevice {
             regs,
             sregs,
             tsc,
+            tsc_khz,
             mtrr_def_type,
             cpuid,
             msrs,
@@ -361,11 +363,15 @@ impl CpuDevice {
     }
 
     /// Set the vCPU's full state (the vCPU must be stopped and, for CPUID, never
-    /// have run). Order, as Cloud Hypervisor and QEMU: CPUID, mp_state, registers,
+    /// have run). Order, as Cloud Hypervisor and QEMU: TSC frequency (when it
+    /// differs), CPUID, mp_state, registers,
     /// special registers (APIC base, EFER), FPU, XSAVE, XCRs, local APIC, MSRs
     /// (TSC and MTRRdefType among them), debug registers, events last.
     pub fn set_state(&self, c: &CpuState) -> Result<(), VmmError> {
         let fd = self.vcpu.parked_fd()?;
+        if c.tsc_khz != 0 && fd.get_tsc_khz().map_err(cpu_err("KVM_GET_TSC_KHZ"))? != c.tsc_khz {
+            fd.set_tsc_khz(c.tsc_khz).map_err(cpu_err("KVM_SET_TSC_KHZ"))?;
+        }
         let cpuid = kvm_bindings::CpuId::from_entries(&c.cpuid)
             .map_err(|x| VmmError::msg(format!("cpu: {} CPUID entries: {x:?}", c.cpuid.len())))?;
         fd.set_cpuid2(&cpuid).map_err(cpu_err("KVM_SET_CPUID2"))?;

@@ -30,6 +30,7 @@ fn assert_same(i: usize, src: &CpuState, dst: &CpuState) {
     assert_eq!(src.cpuid, dst.cpuid, "vCPU {i}: CPUID");
     assert_eq!(src.msrs, dst.msrs, "vCPU {i}: MSRs");
     assert_eq!(src.mtrr_def_type, dst.mtrr_def_type, "vCPU {i}: MTRRdefType");
+    assert_eq!(src.tsc_khz, dst.tsc_khz, "vCPU {i}: TSC frequency");
     assert_eq!(src.mp_state, dst.mp_state, "vCPU {i}: mp_state");
     assert_eq!(src.fpu, dst.fpu, "vCPU {i}: FPU");
     assert!(src.xsave == dst.xsave, "vCPU {i}: XSAVE area");
