@@ -1,7 +1,8 @@
 //! A 2- and a 4-vCPU KVM guest migrated live over a unix socket: every vCPU's
 //! counter continues on the destination with its checksum intact, and each
 //! vCPU's full state (registers, CPUID, MSRs, FPU, XSAVE, XCRs, local APIC,
-//! debug registers, events) loaded on the destination equals the source's at stop.
+//! debug registers, events) loaded on the destination equals the source's at stop,
+//! with per-vCPU marks (an MSR, XMM0, DR0, a CPUID leaf) that only a loaded state carries.
 
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
@@ -41,11 +42,49 @@ fn assert_same(i: usize, src: &CpuState, dst: &CpuState) {
     assert!(dst.tsc >= src.tsc, "vCPU {i}: TSC {} -> {}", src.tsc, dst.tsc);
 }
 
+const MSR_LSTAR: u32 = 0xc000_0082;
+/// Where XMM0 lies in the XSAVE area (the legacy FXSAVE region).
+const XMM0: std::ops::Range<usize> = 160..176;
+
+/// Marks that only a loaded state can carry: an MSR, XMM0 (the guest program uses
+/// no SSE), a debug register and a CPUID leaf the program never reads, per vCPU.
+fn mark(i: usize, c: &mut CpuState) {
+    let lstar = 0xffff_ffff_8100_0000 + 0x1000 * i as u64;
+    let m = c.msrs.iter_mut().find(|(index, _)| *index == MSR_LSTAR).expect("LSTAR is saveable");
+    m.1 = lstar;
+    let xmm = [0xa0 + i as u8; 16];
+    c.xsave[XMM0].copy_from_slice(&xmm);
+    // XSTATE_BV (the XSAVE header's first word): the SSE component is live, not in its init state.
+    c.xsave[512] |= 1 << 1;
+    c.fpu.xmm[0] = xmm;
+    c.debugregs.db[0] = 0x4000 + i as u64;
+    if let Some(leaf6) = c.cpuid.iter_mut().find(|e| e.function == 6) {
+        leaf6.ebx = 0x5a00 + i as u32;
+    }
+}
+
+fn assert_marked(i: usize, c: &CpuState) {
+    assert!(c.msrs.contains(&(MSR_LSTAR, 0xffff_ffff_8100_0000 + 0x1000 * i as u64)), "vCPU {i}: LSTAR");
+    assert_eq!(c.xsave[XMM0], [0xa0 + i as u8; 16], "vCPU {i}: XMM0 in the XSAVE area");
+    assert_eq!(c.fpu.xmm[0], [0xa0 + i as u8; 16], "vCPU {i}: XMM0");
+    assert_eq!(c.debugregs.db[0], 0x4000 + i as u64, "vCPU {i}: DR0");
+    if let Some(leaf6) = c.cpuid.iter().find(|e| e.function == 6) {
+        assert_eq!(leaf6.ebx, 0x5a00 + i as u32, "vCPU {i}: CPUID leaf 6");
+    }
+}
+
 fn migrate_vcpus(n: usize, seed: u64) {
     let layout = Layout::pc_split(320 << 20).unwrap();
     let mut src = Vm::with_vcpus(layout.clone(), n).unwrap();
     assert_eq!(src.vcpu_count(), n);
     src.boot(GuestConfig { working_set: 64 << 20, dirty_rate: 32 << 20, seed }).unwrap();
+    // Before the first run (CPUID can change only then): each vCPU gets its marks.
+    for (i, d) in src.cpu_devices().iter().enumerate() {
+        let mut c = d.state().unwrap();
+        mark(i, &mut c);
+        d.set_state(&c).unwrap();
+        assert_marked(i, &d.state().unwrap());
+    }
     src.vcpus().resume().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let uri = sock(&format!("vcpus{n}"));
@@ -72,6 +111,7 @@ fn migrate_vcpus(n: usize, seed: u64) {
     assert_eq!(after.len(), n);
     for (i, (s, d)) in before.iter().zip(&after).enumerate() {
         assert_same(i, s, d);
+        assert_marked(i, d);
         assert!(s.msrs.len() > 10, "vCPU {i}: KVM's saveable MSRs travel ({})", s.msrs.len());
         assert_eq!(s.regs.rbx, minivmm::guest::ctrl_addr(i), "vCPU {i} runs on its own control block");
         let apic_id = u32::from_le_bytes([s.lapic[0x20], s.lapic[0x21], s.lapic[0x22], s.lapic[0x23]]) >> 24;
