@@ -193,3 +193,32 @@ fn throttle_and_stop_act_on_every_vcpu() {
     assert_eq!(counters(&vm), c);
     assert!(v.is_parked());
 }
+
+#[test]
+fn a_destination_with_fewer_vcpus_refuses_the_stream() {
+    if !minivmm::kvm_or_skip("a_destination_with_fewer_vcpus_refuses_the_stream") {
+        return;
+    }
+    let layout = Layout::one_slot(64 << 20).unwrap();
+    let mut src = Vm::with_vcpus(layout.clone(), 2).unwrap();
+    src.boot(GuestConfig { working_set: 8 << 20, dirty_rate: 8 << 20, seed: 4 }).unwrap();
+    src.vcpus().resume().unwrap();
+    let uri = sock("fewer");
+    let listener = Listener::bind(&uri, &CancelToken::new().unwrap()).unwrap();
+    let dst = std::thread::spawn(move || {
+        let mut dst = Vm::with_vcpus(layout, 1).unwrap();
+        let ch = listener.accept().unwrap();
+        let r = minivmm::migrate::migrate_in(&mut dst, MigrationReader::new(ch, RateLimit::new(0)), true);
+        (r.map(|_| ()).map_err(|e| engine::error::report(&e)), dst.vcpus().is_parked())
+    });
+    let out =
+        Outgoing::new(SharedParameters::new(MigrationParameters::default()).unwrap(), MigrationCapabilities::default())
+            .unwrap();
+    let ch = transports::connect(&uri, out.cancel()).unwrap();
+    let _ = minivmm::migrate::migrate_out(&src, &out, ch);
+    let (r, parked) = dst.join().unwrap();
+    let e = r.expect_err("a second cpu instance has nowhere to go");
+    eprintln!("destination: {e}");
+    assert!(e.contains("cpu' instance 1"), "{e}");
+    assert!(parked, "the destination never ran the guest");
+}
