@@ -1,8 +1,9 @@
 //! `qmig demo` with a real KVM guest (the default where `/dev/kvm` works): a
-//! [`minivmm`] VM runs the guest program in this process and migrates live, with
-//! KVM's dirty log, to a `qmig kvm-dest` process that loads RAM and vCPU state,
-//! resumes the guest and reports, at least a second later, its counter and
-//! whether the guest's own checksum over its working set still holds.
+//! [`minivmm`] VM runs the guest program on each of its vCPUs in this process and
+//! migrates live, with KVM's dirty log, to a `qmig kvm-dest` process that loads
+//! RAM and every vCPU's state, resumes the guest and reports, at least a second
+//! later, each vCPU's counter and whether its own checksum over its slice of the
+//! working set still holds.
 
 use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
 use crate::error::{Error, Result};
@@ -23,6 +24,8 @@ pub struct KvmDemoOptions {
     pub ram_size: u64,
     /// KVM memory slots (1, or 2 split around the scaled-down PCI hole).
     pub slots: u32,
+    /// vCPUs, each running the guest program on its own slice of the working set.
+    pub vcpus: usize,
     /// Bytes of the guest's working set.
     pub working_set: u64,
     /// Bytes/s of page writes by the guest.
@@ -60,7 +63,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         return Err(Error::Usage("the demo migrates over tcp: or unix: URIs".into()));
     }
 
-    let mut vm = Vm::new(layout).map_err(vm_err)?;
+    let mut vm = Vm::with_vcpus(layout, opts.vcpus).map_err(vm_err)?;
     vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
         .map_err(vm_err)?;
     vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
@@ -99,20 +102,52 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         }
     };
 
-    // The source vCPU stopped for good at switchover: this is the guest at stop.
-    let at_stop = vm.control().map_err(vm_err)?;
+    // The source vCPUs stopped for good at switchover: this is the guest at stop.
+    let at_stop = vm.controls().map_err(vm_err)?;
     let ran = booted.elapsed().saturating_sub(info.downtime.unwrap_or_default()).as_secs_f64();
-    let achieved = if ran > 0.0 { (at_stop.writes as f64 * 4096.0 / ran) as u64 } else { 0 };
+    let writes: u64 = at_stop.iter().map(|c| c.writes).sum();
+    let achieved = if ran > 0.0 { (writes as f64 * 4096.0 / ran) as u64 } else { 0 };
     let src_digest = guest::digest_volatile(&vm.ram());
-    let src_sum_ok = if at_stop.busy { None } else { Some(vm.working_set_sum().map_err(vm_err)? == at_stop.checksum) };
+    // A vCPU stopped mid-write has its checksum off by that write until it resumes.
+    let src_sum_ok = at_stop
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Ok(if c.busy { None } else { Some(vm.working_set_sum_of(i).map_err(vm_err)? == c.checksum) }))
+        .collect::<Result<Vec<_>>>()?;
     drop(vm);
 
     let dest = wait_report(&mut child, "qmig kvm-dest")?;
     let dst_digest = dest["ram_digest"].as_str().unwrap_or("");
     let ram_equal = dst_digest == format!("{src_digest:016x}");
-    let on_dest = dest["counter"].as_u64().unwrap_or(0);
-    let checksum_ok = dest["checksum_ok"].as_bool() == Some(true);
-    let verified = ram_equal && checksum_ok && on_dest > at_stop.counter && src_sum_ok != Some(false);
+    let dest_vcpus = dest["vcpus"].as_array().cloned().unwrap_or_default();
+    if dest_vcpus.len() != at_stop.len() {
+        return Err(Error::Usage(format!(
+            "qmig kvm-dest reported {} vCPUs, the guest has {}",
+            dest_vcpus.len(),
+            at_stop.len()
+        )));
+    }
+    let vcpus: Vec<Value> = at_stop
+        .iter()
+        .zip(&dest_vcpus)
+        .zip(&src_sum_ok)
+        .enumerate()
+        .map(|(i, ((s, d), src_ok))| {
+            let on_dest = d["counter"].as_u64().unwrap_or(0);
+            let ok = d["checksum_ok"].as_bool() == Some(true) && *src_ok != Some(false);
+            json!({
+                "vcpu": i,
+                "counter_at_stop": s.counter,
+                "writes_at_stop": s.writes,
+                "counter_on_destination": on_dest,
+                "checksum_ok": ok,
+                "ran_on": on_dest > s.counter,
+            })
+        })
+        .collect();
+    let all_ok = vcpus.iter().all(|v| v["checksum_ok"] == true);
+    let all_ran = vcpus.iter().all(|v| v["ran_on"] == true);
+    let verified = ram_equal && all_ok && all_ran;
     let mut stats = crate::send::stats_json(&info);
     stats["verified"] = json!(verified);
     stats["guest"] = json!({
@@ -121,10 +156,12 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         "working-set": opts.working_set,
         "dirty-rate": opts.dirty_rate,
         "dirty-rate-achieved": achieved,
-        "counter_at_stop": at_stop.counter,
-        "writes_at_stop": at_stop.writes,
-        "counter_on_destination": on_dest,
-        "checksum_ok": checksum_ok,
+        // vCPU 0's counter; every vCPU's checksum.
+        "counter_at_stop": vcpus[0]["counter_at_stop"],
+        "writes_at_stop": writes,
+        "counter_on_destination": vcpus[0]["counter_on_destination"],
+        "checksum_ok": all_ok,
+        "vcpus": vcpus,
         "ram_equal_at_stop": ram_equal,
         "ran_on_destination_ms": dest["ran_ms"],
     });
@@ -137,24 +174,27 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     let mut cmd = Command::new(exe);
     cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
+        .args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--run-on", &opts.run_on.as_millis().to_string()]);
     spawn_listening(cmd, "qmig kvm-dest")
 }
 
-/// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` listens on `uri`
-/// (`on_listening` gets the bound URI), loads the incoming guest, takes a digest of
-/// its RAM, resumes it, lets it run `run_on`, stops it at a point where no write is
-/// in progress and reports its counter and whether its checksum holds.
+/// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` and `vcpus` vCPUs listens
+/// on `uri` (`on_listening` gets the bound URI), loads the incoming guest, takes a
+/// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
+/// no write is in progress and reports each vCPU's counter and whether its
+/// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
 pub fn dest(
     ram_size: u64,
     slots: u32,
+    vcpus: usize,
     uri: &MigrationUri,
     run_on: Duration,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut vm = Vm::new(layout).map_err(vm_err)?;
+    let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
     let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
     let ch = listener.accept().map_err(Error::transport)?;
@@ -162,10 +202,10 @@ pub fn dest(
     let report = minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?;
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
-    let loaded = vm.control().map_err(vm_err)?;
-    let mut vcpus = vm.vcpus();
+    let loaded = vm.controls().map_err(vm_err)?;
+    let mut control = vm.vcpus();
     if report.runstate.as_deref().is_none_or(|r| r == "running") {
-        vcpus.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
+        control.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
     }
     let resumed = Instant::now();
     while resumed.elapsed() < run_on {
@@ -174,13 +214,23 @@ pub fn dest(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (now, ok) = vm.stop_and_check().map_err(vm_err)?;
+    let now = vm.stop_and_check_all().map_err(vm_err)?;
+    let per_vcpu: Vec<Value> = now
+        .iter()
+        .zip(&loaded)
+        .enumerate()
+        .map(|(i, ((c, ok), l))| {
+            json!({ "vcpu": i, "counter_loaded": l.counter, "counter": c.counter, "writes": c.writes, "checksum_ok": ok })
+        })
+        .collect();
+    let first = now.first().map(|(c, _)| *c).unwrap_or_default();
     Ok(json!({
         "ram_digest": format!("{digest:016x}"),
-        "counter_loaded": loaded.counter,
-        "counter": now.counter,
-        "writes": now.writes,
-        "checksum_ok": ok,
+        "counter_loaded": loaded.first().map(|c| c.counter),
+        "counter": first.counter,
+        "writes": now.iter().map(|(c, _)| c.writes).sum::<u64>(),
+        "checksum_ok": now.iter().all(|(_, ok)| *ok),
+        "vcpus": per_vcpu,
         "load_ms": loaded_ms,
         "ran_ms": resumed.elapsed().as_millis() as u64,
         "runstate": report.runstate,

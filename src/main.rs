@@ -90,7 +90,7 @@ enum Cmd {
         /// MiB/s the guest dirties (KVM: page writes at random in its working set; synthetic: 80 % in a hot set).
         #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
         dirty_rate: u64,
-        /// Writer threads (the guest's vCPUs).
+        /// The guest's vCPUs (KVM: each runs the guest program on its own slice of the working set; synthetic: writer threads).
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
         /// Transport: unix:PATH or tcp:HOST:PORT (default: a unix socket in a temporary directory).
@@ -130,6 +130,9 @@ enum Cmd {
         /// Memory slots (1 or 2).
         #[arg(long, default_value_t = 2)]
         slots: u32,
+        /// vCPUs (as the source's).
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
@@ -229,6 +232,7 @@ fn kvm_unavailable() -> Option<String> {
 struct KvmArgs<'a> {
     ram_size: u64,
     slots: u32,
+    vcpus: usize,
     working_set: u64,
     dirty_rate: u64,
     uri: Option<String>,
@@ -246,6 +250,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
     let opts = qmig::kvm_demo::KvmDemoOptions {
         ram_size: a.ram_size,
         slots: a.slots,
+        vcpus: a.vcpus,
         working_set: a.working_set,
         dirty_rate: a.dirty_rate,
         uri: a.uri,
@@ -272,21 +277,20 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_dest(
     from: &MigrationUri,
-    ram_size: u64,
-    slots: u32,
+    (ram_size, slots, vcpus): (u64, u32, usize),
     run_on: u64,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
-    let report =
-        qmig::kvm_demo::dest(ram_size, slots, from, std::time::Duration::from_millis(run_on), cancel, |bound| {
-            print_line(&serde_json::json!({ "listening": bound.to_string() }))
-        })?;
+    let run_on = std::time::Duration::from_millis(run_on);
+    let report = qmig::kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+        print_line(&serde_json::json!({ "listening": bound.to_string() }))
+    })?;
     print_line(&report);
     Ok(())
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: u64, _: u32, _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -360,6 +364,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 return kvm_demo(KvmArgs {
                     ram_size,
                     slots,
+                    vcpus,
                     working_set,
                     dirty_rate: dirty_rate << 20,
                     uri,
@@ -393,7 +398,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, run_on } => kvm_dest(&uri(&from)?, ram_size, slots, run_on, cancel)?,
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        }
         Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;

@@ -36,6 +36,15 @@ fn kvm_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
     // The return path is on between qmig peers: kvm-dest's SHUT(0) completed the source.
     assert_eq!(s["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "{s}");
     assert_eq!(s["destination"]["return-path"]["shut"], 0, "{s}");
+    let vcpus = g["vcpus"].as_array().expect("guest.vcpus is a list");
+    assert!(!vcpus.is_empty(), "{s}");
+    for (i, v) in vcpus.iter().enumerate() {
+        assert_eq!(v["vcpu"], i, "{s}");
+        assert_eq!(v["checksum_ok"], true, "vCPU {i}: {s}");
+        let (n, m) = (v["counter_at_stop"].as_u64().unwrap_or(0), v["counter_on_destination"].as_u64().unwrap_or(0));
+        assert!(n > 0 && m > n, "vCPU {i} ran on the destination: {n} -> {m}");
+    }
+    assert_eq!(vcpus[0]["counter_at_stop"], g["counter_at_stop"], "the top-level counter is vCPU 0's");
     s
 }
 
@@ -51,6 +60,22 @@ fn kvm_guest_migrates_live_between_processes() {
         assert_eq!(s["guest"]["slots"], 2);
         assert!(s["guest"]["writes_at_stop"].as_u64().unwrap_or(0) > 0, "{s}");
         assert_eq!(s["ram"]["total"], 512u64 << 20);
+    }
+}
+
+#[test]
+fn kvm_guest_with_several_vcpus_migrates_every_counter() {
+    if !minivmm::kvm_or_skip("kvm_guest_with_several_vcpus_migrates_every_counter") {
+        return;
+    }
+    let dir = TestDir::new("kvm-demo-vcpus");
+    for n in ["2", "4"] {
+        let s = kvm_demo(
+            &dir,
+            &["--vcpus", n, "--ram-size", "512M", "--working-set", "128M", "--dirty-rate", "32", "--seed", n],
+        );
+        assert_eq!(s["guest"]["vcpus"].as_array().map(|v| v.len().to_string()), Some(n.to_string()), "{s}");
+        assert_eq!(s["destination"]["vcpus"].as_array().map(|v| v.len().to_string()), Some(n.to_string()), "{s}");
     }
 }
 

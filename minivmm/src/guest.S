@@ -1,7 +1,10 @@
 # The qmig demo guest (see guest.rs). Assemble: as --64 -o g.o guest.S && objcopy -O binary g.o g.bin
+# Every vCPU runs it; the VMM starts vCPU i with rdi = i, which picks its control
+# block at CTRL + i * CTRL_STRIDE (its counter, checksum and working-set slice).
 .intel_syntax noprefix
 .code64
 .set CTRL, 0x1000
+.set CTRL_SHIFT, 7
 .set COUNTER, 0
 .set CHECKSUM, 8
 .set BASE0, 16
@@ -13,7 +16,9 @@
 .set BUSY, 64
 .set WRITES, 72
 start:
-    mov ebx, CTRL
+    mov rbx, rdi
+    shl rbx, CTRL_SHIFT
+    add rbx, CTRL
     mov r13, [rbx+COUNTER]
     rdtsc
     shl rdx, 32

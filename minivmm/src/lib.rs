@@ -1,10 +1,12 @@
 //! A minimal KVM VMM that embeds the qmig engine: the reference for embedders.
 //!
-//! One x86-64 vCPU runs a tiny guest program ([`guest`]) that keeps writing a
-//! counter into its working set at a set rate and maintains a checksum of it.
+//! Each x86-64 vCPU (one or more) runs a tiny guest program ([`guest`]) that
+//! keeps writing its counter into its slice of the working set at a set rate and
+//! maintains a checksum of it.
 //! Guest RAM is one `pc.ram` block (vm-memory) in one or two KVM slots
-//! ([`layout`]); KVM's dirty log ([`dirty`]) is the engine's dirty source; the vCPU
-//! registers travel as the vmstate device `cpu` ([`cpu`]). [`migrate`] shows the
+//! ([`layout`]); KVM's dirty log ([`dirty`]) is the engine's dirty source; each vCPU's
+//! state (registers, CPUID, MSRs, FPU/XSAVE, local APIC, events...) travels as
+//! its own instance of the vmstate device `cpu` ([`cpu`]). [`migrate`] shows the
 //! whole embedding: a live pre-copy out, and an incoming side that loads RAM and
 //! vCPU state and resumes the guest.
 

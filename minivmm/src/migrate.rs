@@ -22,18 +22,19 @@ use engine::incoming::{channel_return_path, Incoming, IncomingError, IncomingRep
 use engine::info::MigrationInfo;
 use engine::memory::RamRegion;
 use engine::source::{EngineError, Outgoing};
-use engine::vm::{VmParts, VmmError};
+use engine::vm::{DeviceHandler, VmParts, VmmError};
 use transports::{Channel, MigrationReader, RateLimit};
 
 /// Migrate `vm` (running or not) out over `ch` with `out`'s parameters: RAM with
-/// KVM's dirty log, then the `cpu` section at switchover. On success the guest
+/// KVM's dirty log, then one `cpu` section per vCPU at switchover. On success the guest
 /// stays stopped here; on failure or cancel it runs on.
 pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo, EngineError> {
     let region = vm.region().map_err(|e| EngineError::Vmm(VmmError::new(e)))?;
     let mut vcpus = vm.vcpus();
-    let mut cpu = vm.cpu_device();
+    let mut cpus = vm.cpu_devices();
     let mut ram = [RamRegion::new(&region).with_dirty(vm.dirty_log())];
-    let mut parts = VmParts { devices: vec![&mut cpu], ..Default::default() };
+    let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+    let mut parts = VmParts { devices, ..Default::default() };
     out.run_vm(ch, &mut ram, &mut vcpus, &mut parts)
 }
 
@@ -43,8 +44,9 @@ pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo
 /// on failure) on the channel's reverse direction.
 pub fn migrate_in(vm: &mut Vm, ch: Channel, autostart: bool) -> Result<IncomingReport, IncomingError> {
     let mut vcpus = vm.vcpus();
-    let mut cpu = vm.cpu_device();
-    let mut parts = VmParts { devices: vec![&mut cpu], ..Default::default() };
+    let mut cpus = vm.cpu_devices();
+    let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+    let mut parts = VmParts { devices, ..Default::default() };
     let open = channel_return_path(&ch);
     let reader = MigrationReader::new(ch, RateLimit::new(0));
     Incoming::new(autostart).run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)

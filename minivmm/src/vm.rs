@@ -1,14 +1,18 @@
-//! The VM: KVM VM and one vCPU, guest RAM as one `pc.ram` block mapped into the
-//! layout's slots, the vCPU thread with stop/resume/throttle, and everything the
-//! engine needs from it (region, dirty log, `cpu` device, page sink).
+//! The VM: KVM VM (in-kernel local APICs) and its vCPUs, guest RAM as one
+//! `pc.ram` block mapped into the layout's slots, one thread per vCPU with
+//! stop/resume/throttle, and everything the engine needs from it (region, dirty
+//! log, one `cpu` device per vCPU, page sink).
 
-use crate::cpu::{self, CpuState, MSR_IA32_TSC};
+use crate::cpu::{self, CpuState, MSR_IA32_TSC, MSR_MTRR_DEF_TYPE};
 use crate::dirty::KvmDirtyLog;
-use crate::guest::{self, ctrl, CODE_ADDR, CTRL_ADDR, GDT_ADDR, PML4_ADDR, WORKING_SET_MIN};
+use crate::guest::{self, ctrl, ctrl_addr, CODE_ADDR, GDT_ADDR, MAX_VCPUS, PML4_ADDR, WORKING_SET_MIN};
 use crate::layout::{Layout, LayoutError};
 use engine::source::GuestRegion;
 use engine::vm::{DeviceHandler, VcpuControl, VmmError};
-use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_mp_state, kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use savevm_format::vmstate::{State, Vmsd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
@@ -20,6 +24,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegio
 pub const RAM_BLOCK: &str = "pc.ram";
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u64 = 168;
 const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+/// `KVM_CAP_XSAVE2`: the size of the vCPU's XSAVE state when it exceeds 4 KiB.
+const KVM_CAP_XSAVE2: u32 = 208;
 /// Throttle time slice (QEMU's CPU_THROTTLE_TIMESLICE_NS).
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
@@ -118,6 +124,8 @@ struct Ctl {
 }
 
 struct VcpuShared {
+    /// The vCPU's index (its KVM vCPU id and APIC id).
+    index: usize,
     fd: Mutex<VcpuFd>,
     ctl: Mutex<Ctl>,
     cv: Condvar,
@@ -142,6 +150,13 @@ impl VcpuShared {
         }
     }
 
+    /// Ask the vCPU to park (without waiting).
+    fn request_stop(&self) {
+        let mut c = lock(&self.ctl);
+        c.run = false;
+        self.kick(&c);
+    }
+
     /// Park the vCPU; kicks until it is out of KVM_RUN.
     fn stop(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -149,7 +164,7 @@ impl VcpuShared {
         c.run = false;
         while !c.parked {
             if Instant::now() > deadline {
-                return Err("the vCPU did not stop within 2 s".into());
+                return Err(format!("vCPU {} did not stop within 2 s", self.index));
             }
             self.kick(&c);
             c = self.cv.wait_timeout(c, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
@@ -160,7 +175,7 @@ impl VcpuShared {
     fn resume(&self) -> Result<(), String> {
         let mut c = lock(&self.ctl);
         if let Some(e) = &c.error {
-            return Err(format!("the vCPU stopped: {e}"));
+            return Err(format!("vCPU {} stopped: {e}", self.index));
         }
         c.run = true;
         self.cv.notify_all();
@@ -170,7 +185,7 @@ impl VcpuShared {
     /// The vCPU fd, only while the vCPU is parked.
     fn parked_fd(&self) -> Result<MutexGuard<'_, VcpuFd>, String> {
         if !lock(&self.ctl).parked {
-            return Err("the vCPU is running".into());
+            return Err(format!("vCPU {} is running", self.index));
         }
         Ok(lock(&self.fd))
     }
@@ -222,38 +237,61 @@ impl VcpuShared {
     }
 }
 
-/// Stop, resume and throttle the VM's vCPU (cloneable; what the engine drives).
+/// Stop, resume and throttle all the VM's vCPUs together (cloneable; what the engine drives).
 #[derive(Clone)]
-pub struct Vcpus(Arc<VcpuShared>);
+pub struct Vcpus(Arc<[Arc<VcpuShared>]>);
 
 impl VcpuControl for Vcpus {
     fn stop(&mut self) -> Result<(), VmmError> {
-        Ok(self.0.stop()?)
+        self.stop_all()?;
+        Ok(())
     }
     fn resume(&mut self) -> Result<(), VmmError> {
-        Ok(self.0.resume()?)
+        self.resume_all()?;
+        Ok(())
     }
     fn set_throttle(&mut self, percentage: u8) -> Result<(), VmmError> {
-        let mut c = lock(&self.0.ctl);
-        c.throttle = percentage.min(99);
+        for v in self.0.iter() {
+            lock(&v.ctl).throttle = percentage.min(99);
+        }
         Ok(())
     }
 }
 
 impl Vcpus {
-    /// Whether the vCPU is out of KVM_RUN.
+    /// Every vCPU asked to stop first, then each waited for (they stop together).
+    fn stop_all(&self) -> Result<(), String> {
+        self.0.iter().for_each(|v| v.request_stop());
+        self.0.iter().try_for_each(|v| v.stop())
+    }
+
+    fn resume_all(&self) -> Result<(), String> {
+        self.0.iter().try_for_each(|v| v.resume())
+    }
+
+    /// How many vCPUs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never: a VM has at least one vCPU.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether every vCPU is out of KVM_RUN.
     pub fn is_parked(&self) -> bool {
-        lock(&self.0.ctl).parked
+        self.0.iter().all(|v| lock(&v.ctl).parked)
     }
 
-    /// Returns from KVM_RUN so far (kicks for stop and throttle).
+    /// Returns from KVM_RUN so far, all vCPUs together (kicks for stop and throttle).
     pub fn exits(&self) -> u64 {
-        lock(&self.0.ctl).exits
+        self.0.iter().map(|v| lock(&v.ctl).exits).sum()
     }
 
-    /// Why the vCPU stopped on its own, if it did.
+    /// Why a vCPU stopped on its own, if one did (the first such vCPU).
     pub fn error(&self) -> Option<String> {
-        lock(&self.0.ctl).error.clone()
+        self.0.iter().find_map(|v| lock(&v.ctl).error.clone().map(|e| format!("vCPU {}: {e}", v.index)))
     }
 }
 
@@ -262,51 +300,128 @@ fn cpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |x| VmmError::new(std::io::Error::from_raw_os_error(x.errno())).at(op)
 }
 
-/// The vCPU state as the engine's `cpu` device.
+/// One vCPU's state as the engine's `cpu` device (instance id = vCPU index).
 pub struct CpuDevice {
     vcpu: Arc<VcpuShared>,
     vmsd: Arc<Vmsd>,
+    /// The MSRs to carry (saveable per KVM and readable on this vCPU).
+    msr_list: Arc<[u32]>,
+}
+
+fn msr_entries(entries: impl IntoIterator<Item = (u32, u64)>) -> Result<Vec<Msrs>, VmmError> {
+    let all: Vec<kvm_msr_entry> =
+        entries.into_iter().map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    all.chunks(KVM_MAX_MSR_ENTRIES)
+        .map(|c| Msrs::from_entries(c).map_err(|x| VmmError::msg(format!("cpu: msrs: {x:?}"))))
+        .collect()
+}
+
+impl CpuDevice {
+    /// The vCPU's full state now (the vCPU must be stopped).
+    pub fn state(&self) -> Result<CpuState, VmmError> {
+        let fd = self.vcpu.parked_fd()?;
+        let regs = fd.get_regs().map_err(cpu_err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))?;
+        let cpuid = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(cpu_err("KVM_GET_CPUID2"))?.as_slice().to_vec();
+        let mut msrs = vec![];
+        for mut chunk in msr_entries(
+            [MSR_IA32_TSC, MSR_MTRR_DEF_TYPE].into_iter().chain(self.msr_list.iter().copied()).map(|i| (i, 0)),
+        )? {
+            let n = fd.get_msrs(&mut chunk).map_err(cpu_err("KVM_GET_MSRS"))?;
+            if let Some(e) = chunk.as_slice().get(n) {
+                return Err(format!("cpu: KVM_GET_MSRS refused MSR {:#x}", e.index).into());
+            }
+            msrs.extend(chunk.as_slice().iter().map(|e| (e.index, e.data)));
+        }
+        let [(_, tsc), (_, mtrr_def_type)] = msrs.drain(..2.min(msrs.len())).collect::<Vec<_>>()[..] else {
+            return Err("cpu: KVM_GET_MSRS did not return TSC and MTRRdefType".into());
+        };
+        let tsc_khz = fd.get_tsc_khz().map_err(cpu_err("KVM_GET_TSC_KHZ"))?;
+        let mp_state = fd.get_mp_state().map_err(cpu_err("KVM_GET_MP_STATE"))?.mp_state;
+        let fpu = fd.get_fpu().map_err(cpu_err("KVM_GET_FPU"))?;
+        let xsave = cpu::xsave_bytes(&fd.get_xsave().map_err(cpu_err("KVM_GET_XSAVE"))?);
+        let xcrs = fd.get_xcrs().map_err(cpu_err("KVM_GET_XCRS"))?;
+        let lapic = cpu::lapic_bytes(&fd.get_lapic().map_err(cpu_err("KVM_GET_LAPIC"))?);
+        let debugregs = fd.get_debug_regs().map_err(cpu_err("KVM_GET_DEBUGREGS"))?;
+        let events = fd.get_vcpu_events().map_err(cpu_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(CpuState {
+            regs,
+            sregs,
+            tsc,
+            tsc_khz,
+            mtrr_def_type,
+            cpuid,
+            msrs,
+            mp_state,
+            fpu,
+            xsave,
+            xcrs,
+            lapic,
+            debugregs,
+            events,
+        })
+    }
+
+    /// Set the vCPU's full state (the vCPU must be stopped and, for CPUID, never
+    /// have run). Order, as Cloud Hypervisor and QEMU: TSC frequency (when it
+    /// differs), CPUID, mp_state, registers,
+    /// special registers (APIC base, EFER), FPU, XSAVE, XCRs, local APIC, MSRs
+    /// (TSC and MTRRdefType among them), debug registers, events last.
+    pub fn set_state(&self, c: &CpuState) -> Result<(), VmmError> {
+        let fd = self.vcpu.parked_fd()?;
+        if c.tsc_khz != 0 && fd.get_tsc_khz().map_err(cpu_err("KVM_GET_TSC_KHZ"))? != c.tsc_khz {
+            fd.set_tsc_khz(c.tsc_khz).map_err(cpu_err("KVM_SET_TSC_KHZ"))?;
+        }
+        let cpuid = kvm_bindings::CpuId::from_entries(&c.cpuid)
+            .map_err(|x| VmmError::msg(format!("cpu: {} CPUID entries: {x:?}", c.cpuid.len())))?;
+        fd.set_cpuid2(&cpuid).map_err(cpu_err("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(kvm_mp_state { mp_state: c.mp_state }).map_err(cpu_err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&c.regs).map_err(cpu_err("KVM_SET_REGS"))?;
+        fd.set_sregs(&c.sregs).map_err(cpu_err("KVM_SET_SREGS"))?;
+        fd.set_fpu(&c.fpu).map_err(cpu_err("KVM_SET_FPU"))?;
+        let xsave = cpu::xsave_from_bytes(&c.xsave).ok_or("cpu: the XSAVE area is not 4096 bytes")?;
+        // SAFETY: KVM_SET_XSAVE reads sizeof(struct kvm_xsave) = 4096 bytes, all of
+        // `xsave`; `Vm::with_vcpus` refuses vCPUs whose XSAVE state is larger
+        // (KVM_CAP_XSAVE2), so nothing past the struct is needed.
+        unsafe { fd.set_xsave(&xsave) }.map_err(cpu_err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&c.xcrs).map_err(cpu_err("KVM_SET_XCRS"))?;
+        let lapic = cpu::lapic_from_bytes(&c.lapic).ok_or("cpu: the local APIC page is not 1024 bytes")?;
+        fd.set_lapic(&lapic).map_err(cpu_err("KVM_SET_LAPIC"))?;
+        let all = c.msrs.iter().copied().chain([(MSR_IA32_TSC, c.tsc), (MSR_MTRR_DEF_TYPE, c.mtrr_def_type)]);
+        for chunk in msr_entries(all)? {
+            let n = fd.set_msrs(&chunk).map_err(cpu_err("KVM_SET_MSRS"))?;
+            if let Some(e) = chunk.as_slice().get(n) {
+                return Err(format!("cpu: KVM_SET_MSRS refused MSR {:#x} = {:#x}", e.index, e.data).into());
+            }
+        }
+        fd.set_debug_regs(&c.debugregs).map_err(cpu_err("KVM_SET_DEBUGREGS"))?;
+        fd.set_vcpu_events(&c.events).map_err(cpu_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
 }
 
 impl DeviceHandler for CpuDevice {
     fn idstr(&self) -> String {
         cpu::IDSTR.into()
     }
+    fn instance_id(&self) -> u32 {
+        self.vcpu.index as u32
+    }
     fn vmsd(&self) -> Arc<Vmsd> {
         self.vmsd.clone()
     }
     fn save(&mut self) -> Result<State, VmmError> {
-        let fd = self.vcpu.parked_fd()?;
-        let regs = fd.get_regs().map_err(cpu_err("KVM_GET_REGS"))?;
-        let sregs = fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))?;
-        let entry = |index| kvm_msr_entry { index, ..Default::default() };
-        let mut msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC), entry(cpu::MSR_MTRR_DEF_TYPE)])
-            .map_err(|x| VmmError::msg(format!("cpu: msrs: {x:?}")))?;
-        if fd.get_msrs(&mut msrs).map_err(cpu_err("KVM_GET_MSRS"))? != 2 {
-            return Err("cpu: KVM_GET_MSRS returned fewer MSRs than asked".into());
-        }
-        let m = msrs.as_slice();
-        Ok(CpuState { regs, sregs, tsc: m[0].data, mtrr_def_type: m[1].data }.to_state())
+        Ok(self.state()?.to_state())
     }
     fn load(&mut self, version: u32, state: State) -> Result<(), VmmError> {
-        if version != 1 {
-            return Err(format!("cpu: version {version} unknown").into());
+        if version != cpu::VERSION {
+            return Err(format!("cpu: version {version} unknown (this VMM carries version {})", cpu::VERSION).into());
         }
-        let c = CpuState::from_state(&state)?;
-        let fd = self.vcpu.parked_fd()?;
-        fd.set_sregs(&c.sregs).map_err(cpu_err("KVM_SET_SREGS"))?;
-        fd.set_regs(&c.regs).map_err(cpu_err("KVM_SET_REGS"))?;
-        let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
-        let msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC, c.tsc), entry(cpu::MSR_MTRR_DEF_TYPE, c.mtrr_def_type)])
-            .map_err(|x| VmmError::msg(format!("cpu: msrs: {x:?}")))?;
-        if fd.set_msrs(&msrs).map_err(cpu_err("KVM_SET_MSRS"))? != 2 {
-            return Err("cpu: KVM_SET_MSRS set fewer MSRs than given".into());
-        }
-        Ok(())
+        self.set_state(&CpuState::from_state(&state)?)
     }
 }
 
-/// A KVM VM with one vCPU running the guest program.
+/// A KVM VM whose vCPUs each run the guest program.
 pub struct Vm {
     vm: Arc<VmFd>,
     layout: Layout,
@@ -314,8 +429,10 @@ pub struct Vm {
     ram: Arc<MmapRegion>,
     mem: GuestMemoryMmap,
     regions: Vec<kvm_userspace_memory_region>,
-    vcpu: Arc<VcpuShared>,
-    thread: Option<JoinHandle<()>>,
+    vcpus: Arc<[Arc<VcpuShared>]>,
+    threads: Vec<JoinHandle<()>>,
+    /// The MSRs every `cpu` section carries.
+    msr_list: Arc<[u32]>,
     ticker: Option<JoinHandle<()>>,
     manual_protect: bool,
     tsc_khz: u32,
@@ -327,15 +444,33 @@ pub struct Vm {
 static SIGNAL: Once = Once::new();
 
 impl Vm {
-    /// A VM with `layout`'s RAM (all zero) and a parked vCPU, not booted.
+    /// A VM with `layout`'s RAM (all zero) and one parked vCPU, not booted.
     pub fn new(layout: Layout) -> Result<Vm, VmError> {
+        Self::with_vcpus(layout, 1)
+    }
+
+    /// A VM with `layout`'s RAM (all zero) and `vcpus` parked vCPUs (1 to
+    /// [`MAX_VCPUS`]), each with its own thread, not booted.
+    pub fn with_vcpus(layout: Layout, vcpus: usize) -> Result<Vm, VmError> {
         layout.validate()?;
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(VmError::Config(format!("{vcpus} vCPUs: this VMM runs 1 to {MAX_VCPUS}")));
+        }
         SIGNAL.call_once(|| {
             let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
         });
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // In-kernel local APICs (and PIC/IOAPIC): the state a guest kernel relies on.
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let xsave2 = vm.check_extension_raw(KVM_CAP_XSAVE2 as _);
+        if xsave2 > cpu::XSAVE_LEN as i32 {
+            return Err(VmError::Config(format!(
+                "the vCPUs' XSAVE state is {xsave2} bytes (KVM_CAP_XSAVE2); this VMM carries {} bytes",
+                cpu::XSAVE_LEN
+            )));
+        }
         let manual_protect = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _) > 0
             && vm
                 .enable_cap(&kvm_enable_cap {
@@ -381,36 +516,63 @@ impl Vm {
         }
         let mem = GuestMemoryMmap::from_regions(views).map_err(|e| VmError::Memory(e.to_string()))?;
 
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-
-        let shared = Arc::new(VcpuShared { fd: Mutex::new(vcpu), ctl: Mutex::new(Ctl::default()), cv: Condvar::new() });
-        let s2 = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || s2.run_loop())
-            .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
-        // Wait until the thread is parked, so kicks reach it.
-        {
-            let mut c = lock(&shared.ctl);
-            while !c.parked || c.thread.is_none() {
-                c = shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut shared = vec![];
+        let mut threads = vec![];
+        let mut tsc_khz = 0;
+        for index in 0..vcpus {
+            let vcpu = vm.create_vcpu(index as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            // Each vCPU's CPUID names its own APIC id (leaf 1 EBX[31:24], leaves 0xb and 0x1f EDX).
+            let mut cpuid = supported.clone();
+            for e in cpuid.as_mut_slice() {
+                match e.function {
+                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((index as u32) << 24),
+                    0xb | 0x1f => e.edx = index as u32,
+                    _ => {}
+                }
             }
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            let s = Arc::new(VcpuShared {
+                index,
+                fd: Mutex::new(vcpu),
+                ctl: Mutex::new(Ctl::default()),
+                cv: Condvar::new(),
+            });
+            let s2 = s.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || s2.run_loop())
+                .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
+            // Wait until the thread is parked, so kicks reach it.
+            {
+                let mut c = lock(&s.ctl);
+                while !c.parked || c.thread.is_none() {
+                    c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            shared.push(s);
+            threads.push(thread);
         }
+        let shared: Arc<[Arc<VcpuShared>]> = shared.into();
+        let msr_list = {
+            let fd = lock(&shared[0].fd);
+            saveable_msrs(&kvm, &fd)?
+        };
         let s3 = shared.clone();
         let ticker = std::thread::Builder::new()
             .name("vcpu-throttle".into())
             .spawn(move || loop {
                 std::thread::sleep(THROTTLE_SLICE);
-                let mut c = lock(&s3.ctl);
-                if c.quit {
-                    return;
-                }
-                if c.throttle > 0 && c.run && !c.parked {
-                    c.throttle_due = true;
-                    s3.kick(&c);
+                for v in s3.iter() {
+                    let mut c = lock(&v.ctl);
+                    if c.quit {
+                        return;
+                    }
+                    if c.throttle > 0 && c.run && !c.parked {
+                        c.throttle_due = true;
+                        v.kick(&c);
+                    }
                 }
             })
             .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
@@ -420,8 +582,9 @@ impl Vm {
             ram,
             mem,
             regions,
-            vcpu: shared,
-            thread: Some(thread),
+            vcpus: shared,
+            threads,
+            msr_list,
             ticker: Some(ticker),
             manual_protect,
             tsc_khz,
@@ -440,7 +603,12 @@ impl Vm {
         &self.mem
     }
 
-    /// TSC frequency of the vCPU in kHz.
+    /// How many vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// TSC frequency of the vCPUs in kHz.
     pub fn tsc_khz(&self) -> u32 {
         self.tsc_khz
     }
@@ -504,41 +672,67 @@ impl Vm {
         self.mem
             .write_slice(guest::PROGRAM, GuestAddress(CODE_ADDR))
             .map_err(|e| VmError::Memory(format!("program: {e}")))?;
-        // The working set: random words; the checksum is their sum.
+        // Each vCPU's slice of each segment: random words; its checksum is their sum.
+        let n = self.vcpus.len() as u64;
+        let slice =
+            |(base, pages): (u64, u64), i: u64| (base + pages * i / n * 4096, pages * (i + 1) / n - pages * i / n);
         let mut seed = cfg.seed ^ 0x6a09_e667_f3bc_c908;
-        let mut sum = 0u64;
         let mut page = [0u8; 4096];
-        for (base, pages) in ws {
-            for p in 0..pages {
-                for w in page.chunks_exact_mut(8) {
-                    w.copy_from_slice(&splitmix(&mut seed).to_le_bytes());
-                }
-                sum = sum.wrapping_add(guest::word_sum(&page));
-                self.mem
-                    .write_slice(&page, GuestAddress(base + p * 4096))
-                    .map_err(|e| VmError::Memory(format!("working set: {e}")))?;
-            }
-        }
+        // Spread the rate over the vCPUs: each writes 1/n of the pages per second.
         let interval = match cfg.dirty_rate / 4096 {
             0 => u64::MAX,
-            pps => (self.tsc_khz as u64 * 1000 / pps).max(1),
+            pps => (self.tsc_khz as u64 * 1000 * n / pps).max(1),
         };
-        for (off, v) in [
-            (ctrl::COUNTER, 0),
-            (ctrl::CHECKSUM, sum),
-            (ctrl::BASE0, ws[0].0),
-            (ctrl::PAGES0, ws[0].1),
-            (ctrl::BASE1, ws[1].0),
-            (ctrl::PAGES1, ws[1].1),
-            (ctrl::INTERVAL, interval),
-            (ctrl::LCG, cfg.seed | 1),
-            (ctrl::BUSY, 0),
-            (ctrl::WRITES, 0),
-        ] {
-            self.write_u64(CTRL_ADDR + off, v)?;
+        for i in 0..n {
+            let parts = [slice(ws[0], i), slice(ws[1], i)];
+            if parts[0].1 + parts[1].1 == 0 {
+                return Err(VmError::Config(format!(
+                    "a working set of {} bytes has no page for each of {n} vCPUs",
+                    cfg.working_set
+                )));
+            }
+            let mut sum = 0u64;
+            for (base, pages) in parts {
+                for p in 0..pages {
+                    for w in page.chunks_exact_mut(8) {
+                        w.copy_from_slice(&splitmix(&mut seed).to_le_bytes());
+                    }
+                    sum = sum.wrapping_add(guest::word_sum(&page));
+                    self.mem
+                        .write_slice(&page, GuestAddress(base + p * 4096))
+                        .map_err(|e| VmError::Memory(format!("working set: {e}")))?;
+                }
+            }
+            let lcg = cfg.seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            for (off, v) in [
+                (ctrl::COUNTER, 0),
+                (ctrl::CHECKSUM, sum),
+                (ctrl::BASE0, parts[0].0),
+                (ctrl::PAGES0, parts[0].1),
+                (ctrl::BASE1, parts[1].0),
+                (ctrl::PAGES1, parts[1].1),
+                (ctrl::INTERVAL, interval),
+                (ctrl::LCG, lcg),
+                (ctrl::BUSY, 0),
+                (ctrl::WRITES, 0),
+            ] {
+                self.write_u64(ctrl_addr(i as usize) + off, v)?;
+            }
         }
 
-        let fd = self.vcpu.parked_fd().map_err(VmError::Vcpu)?;
+        for v in self.vcpus.iter() {
+            self.boot_vcpu(v)?;
+        }
+        self.config = Some(cfg);
+        self.written = true;
+        Ok(())
+    }
+
+    /// Every vCPU starts runnable (no INIT/SIPI) in 64-bit mode at the program,
+    /// with its index in `rdi`.
+    fn boot_vcpu(&self, v: &VcpuShared) -> Result<(), VmError> {
+        let fd = v.parked_fd().map_err(VmError::Vcpu)?;
+        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let seg = |selector: u16, type_: u8, l: u8, db: u8, s: u8| kvm_bindings::kvm_segment {
             base: 0,
@@ -566,7 +760,13 @@ impl Vm {
         sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
         sregs.efer |= 0x500; // LME | LMA
         fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        let regs = kvm_bindings::kvm_regs { rip: CODE_ADDR, rflags: 2, rsp: CODE_ADDR, ..Default::default() };
+        let regs = kvm_bindings::kvm_regs {
+            rip: CODE_ADDR,
+            rflags: 2,
+            rsp: CODE_ADDR,
+            rdi: v.index as u64,
+            ..Default::default()
+        };
         fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         // Without enabled MTRRs all guest memory is uncacheable: default type write-back.
         let msrs = Msrs::from_entries(&[kvm_msr_entry {
@@ -576,20 +776,21 @@ impl Vm {
         }])
         .map_err(|e| VmError::Vcpu(format!("msrs: {e:?}")))?;
         fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        drop(fd);
-        self.config = Some(cfg);
-        self.written = true;
         Ok(())
     }
 
-    /// The vCPU controls (what [`engine::source::Outgoing`] and `Incoming` drive).
+    /// The vCPU controls, all vCPUs at once (what [`engine::source::Outgoing`] and `Incoming` drive).
     pub fn vcpus(&self) -> Vcpus {
-        Vcpus(self.vcpu.clone())
+        Vcpus(self.vcpus.clone())
     }
 
-    /// The `cpu` device carrying the vCPU state.
-    pub fn cpu_device(&self) -> CpuDevice {
-        CpuDevice { vcpu: self.vcpu.clone(), vmsd: Arc::new(cpu::vmsd()) }
+    /// One `cpu` device per vCPU, in vCPU order (instance id = vCPU index).
+    pub fn cpu_devices(&self) -> Vec<CpuDevice> {
+        let vmsd = Arc::new(cpu::vmsd());
+        self.vcpus
+            .iter()
+            .map(|v| CpuDevice { vcpu: v.clone(), vmsd: vmsd.clone(), msr_list: self.msr_list.clone() })
+            .collect()
     }
 
     /// KVM's dirty log of every slot, as an engine dirty source for the RAM block.
@@ -634,7 +835,7 @@ impl Vm {
     /// A page sink writing the incoming `pc.ram` block straight into guest RAM.
     /// On a VM whose RAM nothing has written yet, ZERO records touch no memory.
     pub fn sink(&mut self) -> RamSink<'_> {
-        let pristine = !self.written && !lock(&self.vcpu.ctl).ran;
+        let pristine = !self.written && !self.vcpus.iter().any(|v| lock(&v.ctl).ran);
         self.written = true;
         let pages = self.layout.ram_size / 4096;
         let known_zero = pristine.then(|| vec![u64::MAX; pages.div_ceil(64) as usize]);
@@ -643,26 +844,44 @@ impl Vm {
         RamSink { ram: vm_memory::VolatileMemory::as_volatile_slice(&*self.ram), known_zero }
     }
 
-    /// The guest's control block now.
+    /// vCPU 0's control block now.
     pub fn control(&self) -> Result<Control, VmError> {
+        self.control_of(0)
+    }
+
+    /// vCPU `index`'s control block now.
+    pub fn control_of(&self, index: usize) -> Result<Control, VmError> {
+        let at = ctrl_addr(index);
         Ok(Control {
-            counter: self.read_u64(CTRL_ADDR + ctrl::COUNTER)?,
-            checksum: self.read_u64(CTRL_ADDR + ctrl::CHECKSUM)?,
-            writes: self.read_u64(CTRL_ADDR + ctrl::WRITES)?,
-            busy: self.read_u64(CTRL_ADDR + ctrl::BUSY)? != 0,
+            counter: self.read_u64(at + ctrl::COUNTER)?,
+            checksum: self.read_u64(at + ctrl::CHECKSUM)?,
+            writes: self.read_u64(at + ctrl::WRITES)?,
+            busy: self.read_u64(at + ctrl::BUSY)? != 0,
         })
     }
 
-    /// Sum of the working set's words, read from guest memory as the control block
-    /// describes it (compare with [`Control::checksum`] while the vCPU is stopped).
+    /// Every vCPU's control block now, in vCPU order.
+    pub fn controls(&self) -> Result<Vec<Control>, VmError> {
+        (0..self.vcpus.len()).map(|i| self.control_of(i)).collect()
+    }
+
+    /// Sum of vCPU 0's working-set slice (see [`working_set_sum_of`](Self::working_set_sum_of)).
     pub fn working_set_sum(&self) -> Result<u64, VmError> {
+        self.working_set_sum_of(0)
+    }
+
+    /// Sum of the words of vCPU `index`'s working-set slice, read from guest memory
+    /// as its control block describes it (compare with [`Control::checksum`] while
+    /// the vCPUs are stopped).
+    pub fn working_set_sum_of(&self, index: usize) -> Result<u64, VmError> {
         let mut sum = 0u64;
         let mut page = [0u8; 4096];
+        let at = ctrl_addr(index);
         for (b, p) in [(ctrl::BASE0, ctrl::PAGES0), (ctrl::BASE1, ctrl::PAGES1)] {
-            let base = self.read_u64(CTRL_ADDR + b)?;
-            let pages = self.read_u64(CTRL_ADDR + p)?;
+            let base = self.read_u64(at + b)?;
+            let pages = self.read_u64(at + p)?;
             if pages > self.layout.ram_size / 4096 {
-                return Err(VmError::Memory(format!("control block: {pages} pages is more than the RAM")));
+                return Err(VmError::Memory(format!("control block {index}: {pages} pages is more than the RAM")));
             }
             for i in 0..pages {
                 self.mem
@@ -674,42 +893,79 @@ impl Vm {
         Ok(sum)
     }
 
-    /// Stop the vCPU at a point where no write is in progress (running it on for a
-    /// moment while one is), read the control block and check the checksum; the
-    /// vCPU is left stopped.
+    /// Stop the vCPUs at a point where no write is in progress on any of them
+    /// (running them on for a moment while one is), read vCPU 0's control block and
+    /// check every vCPU's checksum: `(vCPU 0, all checksums hold)`. The vCPUs are
+    /// left stopped.
     pub fn stop_and_check(&self) -> Result<(Control, bool), VmError> {
+        let all = self.stop_and_check_all()?;
+        let ok = all.iter().all(|(_, ok)| *ok);
+        let first = all.first().ok_or_else(|| VmError::Vcpu("no vCPU".into()))?;
+        Ok((first.0, ok))
+    }
+
+    /// Stop the vCPUs where none is mid-write; every vCPU's control block and
+    /// whether its checksum holds, in vCPU order. The vCPUs are left stopped.
+    pub fn stop_and_check_all(&self) -> Result<Vec<(Control, bool)>, VmError> {
         let v = self.vcpus();
         for _ in 0..1000 {
-            v.0.stop().map_err(VmError::Vcpu)?;
-            let c = self.control()?;
-            if !c.busy {
-                return Ok((c, self.working_set_sum()? == c.checksum));
+            v.stop_all().map_err(VmError::Vcpu)?;
+            let c = self.controls()?;
+            if c.iter().all(|c| !c.busy) {
+                return c
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| Ok((c, self.working_set_sum_of(i)? == c.checksum)))
+                    .collect();
             }
-            v.0.resume().map_err(VmError::Vcpu)?;
+            v.resume_all().map_err(VmError::Vcpu)?;
             std::thread::sleep(Duration::from_micros(200));
         }
         Err(VmError::Vcpu("always stopped mid-write".into()))
     }
 }
 
+/// The MSRs KVM reports as saveable (`KVM_GET_MSR_INDEX_LIST`) that this vCPU lets
+/// us read, as Cloud Hypervisor keeps them (it drops those `KVM_GET_MSRS` refuses);
+/// TSC and MTRRdefType are carried as their own fields.
+fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Arc<[u32]>, VmError> {
+    let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut rest: Vec<u32> =
+        list.as_slice().iter().copied().filter(|&i| i != MSR_IA32_TSC && i != MSR_MTRR_DEF_TYPE).collect();
+    let mut keep = vec![];
+    while !rest.is_empty() {
+        let chunk: Vec<kvm_msr_entry> =
+            rest.iter().take(KVM_MAX_MSR_ENTRIES).map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&chunk).map_err(|e| VmError::Vcpu(format!("msrs: {e:?}")))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?.min(chunk.len());
+        keep.extend_from_slice(&rest[..n]);
+        // KVM_GET_MSRS stops at the first MSR it refuses: skip that one.
+        let next = if n < chunk.len() { n + 1 } else { n };
+        rest.drain(..next);
+    }
+    Ok(keep.into())
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
-        {
-            let mut c = lock(&self.vcpu.ctl);
+        for v in self.vcpus.iter() {
+            let mut c = lock(&v.ctl);
             c.quit = true;
-            self.vcpu.cv.notify_all();
+            v.cv.notify_all();
         }
-        // Kick until the vCPU thread has left (it clears `thread` on its way out).
-        loop {
-            let c = lock(&self.vcpu.ctl);
-            if c.thread.is_none() {
-                break;
+        // Kick until each vCPU thread has left (it clears `thread` on its way out).
+        for v in self.vcpus.iter() {
+            loop {
+                let c = lock(&v.ctl);
+                if c.thread.is_none() {
+                    break;
+                }
+                v.kick(&c);
+                drop(c);
+                std::thread::sleep(Duration::from_millis(1));
             }
-            self.vcpu.kick(&c);
-            drop(c);
-            std::thread::sleep(Duration::from_millis(1));
         }
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         if let Some(t) = self.ticker.take() {
