@@ -460,10 +460,48 @@ impl savevm_format::PageSink for ImageSink {
 
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {
         if let Some(img) = self.image(block.index) {
-            // Conservative: the range is zeroed below. bytes_mut() writes the staged
-            // pages first, so none lands over the zeroes.
-            img.known_zero = None;
-            if let Some(r) = img.bytes_mut().get_mut(start as usize..(start + len) as usize) {
+            img.discard(start, len);
+        }
+    }
+}
+
+impl RamImage {
+    /// Zero `len` bytes at `start` by punching a hole in the file (no page is
+    /// allocated); where the filesystem cannot punch, the range is cleared through
+    /// the mapping. Staged pages are written first, so none lands over the hole.
+    fn discard(&mut self, start: u64, len: u64) {
+        let Some(end) = start.checked_add(len).filter(|&e| e <= self.map.len() as u64) else { return };
+        self.land();
+        let punched = match (libc::off_t::try_from(start), libc::off_t::try_from(len)) {
+            (Ok(s), Ok(l)) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: fallocate on a descriptor we own, within the file's length; it
+                // only frees blocks (the mapping then reads zeros there).
+                unsafe {
+                    libc::fallocate(
+                        self.file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        s,
+                        l,
+                    ) == 0
+                }
+            }
+            _ => false,
+        };
+        if punched {
+            // The range now reads as zero: its pages are known zero again.
+            if let Some(k) = &mut self.known_zero {
+                let (first, last) = (start.div_ceil(4096), end / 4096);
+                for p in first..last {
+                    let p = p as usize;
+                    k[p / 64] |= 1u64 << (p % 64);
+                }
+            }
+            return;
+        }
+        self.known_zero = None;
+        if let (Ok(s), Ok(e)) = (usize::try_from(start), usize::try_from(end)) {
+            if let Some(r) = self.map.get_mut(s..e) {
                 r.fill(0);
             }
         }
@@ -553,6 +591,30 @@ mod tests {
         put(&mut sink, &mut want, 7, 9);
         sink.flush().expect("flush");
         assert!(std::fs::read(&path2).expect("read image") == want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 13 bug 3: a discard punches a hole: a 64 MiB discard of a sparse image
+    /// allocates nothing, and a written page inside it reads back as zero.
+    #[test]
+    fn discard_punches_holes_without_allocating() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp("discard");
+        let path = dir.join("mem.ram");
+        let len = 64u64 << 20;
+        let block = RamBlock::new(0, "mem", len);
+        let mut sink = ImageSink::destination(vec![("mem".into(), path.clone())]);
+        sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
+        sink.fill_page(&block, 4096, 0xab);
+        sink.flush().expect("flush");
+        sink.discard(&block, 0, len);
+        sink.fill_page(&block, 8192, 0);
+        sink.flush().expect("flush");
+        let m = std::fs::metadata(&path).expect("stat");
+        assert_eq!(m.len(), len);
+        assert!(m.blocks() * 512 < (1 << 20), "{} bytes allocated after a discard", m.blocks() * 512);
+        let got = std::fs::read(&path).expect("read");
+        assert!(got.iter().all(|&b| b == 0), "the discarded page is not zero");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

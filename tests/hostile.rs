@@ -275,3 +275,61 @@ fn huge_declared_lengths_do_not_allocate() {
     let peak = PEAK.load(Ordering::Relaxed) - base;
     assert!(peak < 1 << 20, "allocated {peak} bytes for 3 bytes of input");
 }
+
+/// Issue 13 bug 3: POSTCOPY_RAM_DISCARD outside postcopy (no ADVISE, or after LISTEN)
+/// and one with more ranges than QEMU sends are refused before the sink sees a range.
+#[test]
+fn discard_outside_postcopy_or_unbounded_is_refused() {
+    #[derive(Default)]
+    struct Discards(u64);
+    impl PageSink for Discards {
+        fn page_mut(&mut self, _b: &RamBlock, _off: u64) -> Option<savevm_format::PageSlot<'_>> {
+            None
+        }
+        fn discard(&mut self, _b: &RamBlock, _start: u64, len: u64) {
+            self.0 += len;
+        }
+    }
+    let discard = |n: usize| savevm_format::Command::PostcopyRamDiscard {
+        block: "mem".into(),
+        ranges: (0..n as u64).map(|i| (i * 0x2000, 0x1000)).collect(),
+    };
+    let advise = savevm_format::Command::PostcopyAdvise(Some((4096, 4096)));
+    let cases: Vec<(Vec<savevm_format::Command>, bool)> = vec![
+        (vec![discard(1)], false),
+        (vec![advise.clone(), savevm_format::Command::PostcopyListen, discard(1)], false),
+        (vec![advise.clone(), discard(13)], false),
+        (vec![advise.clone(), discard(12)], true),
+    ];
+    for (cmds, ok) in cases {
+        let mut v = ram_stream(0x100000, &[("mem", 0x100000)]);
+        v.extend_from_slice(&0x10u64.to_be_bytes()); // EOS
+        v.extend_from_slice(&[0x7e, 0, 0, 0, 2]); // footer
+        let mut w = StreamWriter::new(Vec::new());
+        for c in &cmds {
+            w.command(c).unwrap();
+        }
+        v.extend_from_slice(&w.finish().unwrap());
+        let mut sink = Discards::default();
+        let mut d = Decoder::new(&v[..]);
+        let r = loop {
+            match d.next_with(&mut sink) {
+                Ok(Some(Event::Command(savevm_format::Command::PostcopyRamDiscard { .. }))) => break Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("stream ended"),
+                Err(e) => break Err(e),
+            }
+        };
+        match (r, ok) {
+            (Ok(()), true) => assert_eq!(sink.0, 12 * 0x1000),
+            (Err(e), false) => {
+                assert!(
+                    matches!(e.kind, ErrorKind::DiscardOutsidePostcopy | ErrorKind::Limit(_)),
+                    "{cmds:?}: {e}"
+                );
+                assert_eq!(sink.0, 0, "{cmds:?}: a range reached the sink");
+            }
+            (r, _) => panic!("{cmds:?}: {r:?}"),
+        }
+    }
+}

@@ -21,6 +21,9 @@ use std::io::{self, Read};
 use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
+/// At most this many ranges in one POSTCOPY_RAM_DISCARD (QEMU's source sends no more).
+pub const MAX_DISCARDS_PER_COMMAND: usize = 12;
+
 /// Bounds that keep hostile input from making the decoder allocate or loop without limit.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -362,6 +365,8 @@ pub struct Decoder<R> {
     block_index: HashMap<String, usize>,
     last_block: Option<usize>,
     postcopy_advised: bool,
+    /// POSTCOPY_LISTEN seen: discards are over (QEMU's "wrong postcopy state").
+    postcopy_listening: bool,
     package_end: Option<u64>,
     item_start: u64,
     page_buf: Vec<u8>,
@@ -471,6 +476,7 @@ impl<R: Read> Decoder<R> {
             block_index: HashMap::new(),
             last_block: None,
             postcopy_advised: false,
+            postcopy_listening: false,
             package_end: None,
             item_start: 0,
             page_buf: vec![0; 4096],
@@ -801,7 +807,16 @@ impl<R: Read> Decoder<R> {
                         self.package_end = Some(self.input.offset() + *n as u64);
                     }
                     Command::PostcopyAdvise(Some(_)) => self.postcopy_advised = true,
+                    Command::PostcopyListen => self.postcopy_listening = true,
                     Command::PostcopyRamDiscard { block, ranges } => {
+                        // QEMU accepts discards only between ADVISE and LISTEN, and its
+                        // source sends at most MAX_DISCARDS_PER_COMMAND ranges in one.
+                        if !self.postcopy_advised || self.postcopy_listening {
+                            return Err(ErrorKind::DiscardOutsidePostcopy);
+                        }
+                        if ranges.len() > MAX_DISCARDS_PER_COMMAND {
+                            return Err(ErrorKind::Limit("more than 12 ranges in one POSTCOPY_RAM_DISCARD"));
+                        }
                         let b =
                             *self.block_index.get(block).ok_or_else(|| ErrorKind::UnknownRamBlock(block.clone()))?;
                         let blk = &self.blocks[b];
