@@ -854,6 +854,11 @@ impl<R: Read> Decoder<R> {
             RecordKind::MultifdFlush => Ok(Ev::MultifdFlush),
             RecordKind::Hook => Err(ErrorKind::RamUnsupported("RDMA hook record")),
             RecordKind::MemSize => {
+                // QEMU sends the block list once, in the setup section: a second one
+                // would silently drop (or re-point) pages already received.
+                if !self.blocks.is_empty() {
+                    return Err(ErrorKind::RamSecondBlockList);
+                }
                 let ev = self.block_list(offset)?;
                 sink.ram_blocks(&self.blocks).map_err(ErrorKind::Sink)?;
                 Ok(ev)

@@ -264,6 +264,9 @@ pub enum ErrorKind {
     /// The vmdesc JSON is not valid or not in QEMU's schema.
     #[error("bad vmdesc: {0}")]
     BadVmdesc(String),
+    /// A second MEM_SIZE record (QEMU sends the RAM block list once).
+    #[error("a second RAM block list (MEM_SIZE record): the block list is sent once")]
+    RamSecondBlockList,
     /// POSTCOPY_RAM_DISCARD without a postcopy ADVISE before it, or after LISTEN.
     #[error("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (only between POSTCOPY_ADVISE and POSTCOPY_LISTEN)")]
     DiscardOutsidePostcopy,
