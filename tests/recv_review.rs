@@ -79,3 +79,45 @@ fn second_block_list_is_refused() {
     assert_eq!(e.lines().count(), 1, "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `v` with its trailing vmdesc record replaced by one holding `json`.
+fn with_vmdesc(mut v: Vec<u8>, json: &[u8]) -> Vec<u8> {
+    let (_, at) = savevm_format::find_trailing_vmdesc(&v).expect("a vmdesc");
+    v.truncate(at);
+    v.push(0x06);
+    v.extend_from_slice(&u32::try_from(json.len()).expect("small").to_be_bytes());
+    v.extend_from_slice(json);
+    v
+}
+
+/// Largest resident set of any child waited for so far, in bytes.
+fn children_max_rss() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage for the call's duration.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    u64::try_from(ru.ru_maxrss).unwrap_or(0) * 1024
+}
+
+/// Bug 5: the destination skips the trailing vmdesc as QEMU does: a malformed one
+/// does not fail a complete stream, and an 8 MB one that parses into hundreds of
+/// MB of JSON values costs no more than reading past it.
+#[test]
+fn trailing_vmdesc_is_skipped_not_parsed() {
+    let d = dir("vmdesc");
+    let good = stream(0x10000, |s| s.ram_page(0, 0x1000, &[0xab; 4096]).expect("page"));
+    let mut big = b"[".to_vec();
+    big.extend(std::iter::repeat_n(b"0,".as_slice(), 4 << 20).flatten());
+    big.extend_from_slice(b"0]");
+    for (what, json) in [("malformed", b"{\"devices\": [".to_vec()), ("8 MB", big)] {
+        std::fs::write(d.join("s.mig"), with_vmdesc(good.clone(), &json)).expect("write");
+        let _ = std::fs::remove_file(d.join("mem.ram"));
+        let o = recv(&d.join("s.mig"), &[("mem", &d.join("mem.ram"))], &[]);
+        assert!(o.status.success(), "{what} vmdesc: {}", stderr(&o));
+        let got = std::fs::read(d.join("mem.ram")).expect("read");
+        assert!(got[0x1000..0x2000].iter().all(|&b| b == 0xab), "{what}");
+    }
+    let rss = children_max_rss();
+    assert!(rss < 64 << 20, "recv's peak RSS was {rss} bytes");
+    let _ = std::fs::remove_dir_all(&d);
+}

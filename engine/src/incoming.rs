@@ -361,6 +361,8 @@ impl Incoming {
         rp: &mut DestReturnPath<'_>,
     ) -> Result<IncomingReport, IncomingError> {
         let mut d = Decoder::new(reader);
+        // As QEMU: the trailing vmdesc is not interpreted on the destination.
+        d.skip_vmdesc();
         for dev in &vm.devices {
             d.register((*dev.vmsd()).clone());
         }

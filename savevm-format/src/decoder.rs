@@ -367,6 +367,8 @@ pub struct Decoder<R> {
     postcopy_advised: bool,
     /// POSTCOPY_LISTEN seen: discards are over (QEMU's "wrong postcopy state").
     postcopy_listening: bool,
+    /// The vmdesc after EOF is read past, not parsed (a destination's view).
+    skip_vmdesc: bool,
     package_end: Option<u64>,
     item_start: u64,
     page_buf: Vec<u8>,
@@ -477,6 +479,7 @@ impl<R: Read> Decoder<R> {
             last_block: None,
             postcopy_advised: false,
             postcopy_listening: false,
+            skip_vmdesc: false,
             package_end: None,
             item_start: 0,
             page_buf: vec![0; 4096],
@@ -510,6 +513,13 @@ impl<R: Read> Decoder<R> {
     /// [`Event::RawBody`] instead of being decoded (or refused).
     pub fn register_raw(&mut self, idstr: &str, instance_id: u32) {
         self.raw.insert((idstr.to_string(), instance_id));
+    }
+
+    /// Read past the vmdesc after EOF (within `max_vmdesc_bytes`, in a fixed buffer)
+    /// instead of parsing it: QEMU's destination never interprets it, so neither a
+    /// malformed nor a huge one may fail or bloat a load. No vmdesc event follows.
+    pub fn skip_vmdesc(&mut self) {
+        self.skip_vmdesc = true;
     }
 
     /// Supply the stream's vmdesc in advance (e.g. read from the end of a file), so
@@ -1087,7 +1097,13 @@ impl<R: Read> Decoder<R> {
         if len > self.limits.max_vmdesc_bytes {
             return Err(ErrorKind::Limit("vmdesc larger than max_vmdesc_bytes"));
         }
-        let text = self.input.read_vec(len as u64, "the vmdesc")?;
+        if self.skip_vmdesc {
+            self.input.skip(u64::from(len), "the vmdesc")?;
+            self.current_name = None;
+            self.phase = Phase::Done;
+            return Ok(None);
+        }
+        let text = self.input.read_vec(u64::from(len), "the vmdesc")?;
         let json: Json = serde_json::from_slice(&text).map_err(|e| ErrorKind::BadVmdesc(e.to_string()))?;
         self.current_name = None;
         self.phase = Phase::Done;
