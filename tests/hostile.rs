@@ -333,3 +333,35 @@ fn discard_outside_postcopy_or_unbounded_is_refused() {
         }
     }
 }
+
+/// Issue 13 bug 6: a fixed-count array from the vmdesc whose 1-byte elements are
+/// structs with a 4000-byte field name: 64 KiB of body would decode into 256 MB of
+/// values. Decoded values are bounded by the bytes behind them, so it is refused.
+#[test]
+fn fixed_arrays_from_vmdesc_are_bounded_by_their_bytes() {
+    let mut w = StreamWriter::new(Vec::new());
+    w.header().unwrap();
+    w.configuration(&Configuration { machine: "none".into(), ..Default::default() }).unwrap();
+    w.section_full(7, "dev", 0, 1).unwrap();
+    let mut v = w.finish().unwrap();
+    v.extend_from_slice(&vec![0u8; 64 << 10]);
+    let long = "x".repeat(4000);
+    let desc = serde_json::json!({"page_size": 4096, "devices": [{"name": "dev", "instance_id": 0, "vmsd_name": "dev",
+        "version": 1, "fields": [{"name": "a", "type": "struct", "size": 1, "array_len": 4_000_000u64,
+            "struct": {"vmsd_name": "s", "version": 1, "fields": [{"name": long, "type": "uint8", "size": 1}]}}]}]});
+    let mut d = Decoder::new(&v[..]);
+    d.set_vmdesc(&desc).unwrap();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let e = loop {
+        match d.next() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("no error"),
+            Err(e) => break e,
+        }
+    };
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    assert!(matches!(e.kind, ErrorKind::BadField { .. }), "{e}");
+    assert!(e.to_string().contains("bytes of input"), "{e}");
+    assert!(peak < 16 << 20, "allocated {peak} bytes for 64 KiB of input");
+}

@@ -334,13 +334,50 @@ fn var_len(state: &State, f: &str, multiply: u32) -> Result<u64, String> {
 /// so a per-array limit alone does not bound time and memory.
 const MAX_EMPTY_ELEMS: u32 = 1 << 16;
 
-/// Decode the body of `vmsd` at stream version `version` (fields, then subsections).
-pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -> IResult<State> {
-    let mut empty_budget = MAX_EMPTY_ELEMS;
-    decode_in(vmsd, version, input, &mut empty_budget)
+/// Estimated memory of one named field in a [`State`] besides its name's bytes.
+const FIELD_COST: usize = std::mem::size_of::<(String, Value)>();
+
+/// Decoded values may take at most this many bytes of memory per byte of input
+/// that backs them (plus [`VALUE_SLACK`]): nested structs and long field names
+/// otherwise turn one input byte into kilobytes of values.
+const VALUE_BYTES_PER_INPUT_BYTE: u64 = 64;
+/// Memory for decoded values allowed beyond the proportional bound (small devices).
+const VALUE_SLACK: u64 = 4 << 20;
+
+/// What one top-level decode may still spend: elements that consume no input, and
+/// memory for values in proportion to the input consumed.
+struct Budget {
+    empty: u32,
+    /// Input offset where the decode started.
+    start: u64,
+    /// Estimated bytes of the values decoded so far.
+    cost: u64,
 }
 
-fn decode_in<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>, empty: &mut u32) -> IResult<State> {
+impl Budget {
+    /// Charge `bytes` of values, failing when they exceed the bound for the input
+    /// consumed up to `offset`.
+    fn charge(&mut self, bytes: usize, offset: u64, vmsd: &Vmsd, f: &Field) -> IResult<()> {
+        self.cost = self.cost.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+        let consumed = offset.saturating_sub(self.start);
+        let allowed = consumed.saturating_mul(VALUE_BYTES_PER_INPUT_BYTE).saturating_add(VALUE_SLACK);
+        if self.cost > allowed {
+            return Err(ErrorKind::BadField {
+                field: path(vmsd, f),
+                why: format!("decoded values would take over {} bytes for {consumed} bytes of input", self.cost),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Decode the body of `vmsd` at stream version `version` (fields, then subsections).
+pub(crate) fn decode<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>) -> IResult<State> {
+    let mut budget = Budget { empty: MAX_EMPTY_ELEMS, start: input.offset(), cost: 0 };
+    decode_in(vmsd, version, input, &mut budget)
+}
+
+fn decode_in<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>, empty: &mut Budget) -> IResult<State> {
     vmsd.check_version(version)?;
     let mut state = State::default();
     for f in &vmsd.fields {
@@ -350,13 +387,16 @@ fn decode_in<R: Read>(vmsd: &Vmsd, version: u32, input: &mut Input<R>, empty: &m
         let n = count_of(&state, f).map_err(|why| ErrorKind::BadField { field: path(vmsd, f), why })?;
         if let Count::One = f.count {
             if let Some(v) = decode_counted(vmsd, f, &state, input, empty)? {
+                empty.charge(FIELD_COST + f.name.len(), input.offset(), vmsd, f)?;
                 state.fields.push((f.name.clone(), v));
             }
         } else {
+            empty.charge(FIELD_COST + f.name.len(), input.offset(), vmsd, f)?;
             let mut elems = Vec::new();
             for i in 0..n {
                 let before = input.offset();
                 if let Some(v) = decode_counted(vmsd, f, &state, input, empty)? {
+                    empty.charge(std::mem::size_of::<Value>(), input.offset(), vmsd, f)?;
                     elems.push(v);
                 }
                 // Zero-size elements cost no input: refuse hostile counts of them.
@@ -379,12 +419,12 @@ fn decode_counted<R: Read>(
     f: &Field,
     state: &State,
     input: &mut Input<R>,
-    empty: &mut u32,
+    empty: &mut Budget,
 ) -> IResult<Option<Value>> {
     let before = input.offset();
     let v = decode_elem(vmsd, f, state, input, empty)?;
     if input.offset() == before {
-        *empty = empty.checked_sub(1).ok_or_else(|| ErrorKind::BadField {
+        empty.empty = empty.empty.checked_sub(1).ok_or_else(|| ErrorKind::BadField {
             field: path(vmsd, f),
             why: format!("more than {MAX_EMPTY_ELEMS} zero-size elements in one device"),
         })?;
@@ -405,7 +445,7 @@ fn decode_elem<R: Read>(
     f: &Field,
     state: &State,
     input: &mut Input<R>,
-    empty: &mut u32,
+    empty: &mut Budget,
 ) -> IResult<Option<Value>> {
     const W: &str = "a device field";
     Ok(Some(match &f.kind {
@@ -448,7 +488,12 @@ fn decode_elem<R: Read>(
     }))
 }
 
-fn decode_subsections<R: Read>(vmsd: &Vmsd, state: &mut State, input: &mut Input<R>, empty: &mut u32) -> IResult<()> {
+fn decode_subsections<R: Read>(
+    vmsd: &Vmsd,
+    state: &mut State,
+    input: &mut Input<R>,
+    empty: &mut Budget,
+) -> IResult<()> {
     loop {
         let head = input.peek(2)?;
         if head.len() < 2 || head[0] != QEMU_VM_SUBSECTION {
