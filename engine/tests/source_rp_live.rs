@@ -82,7 +82,7 @@ impl RawDevice for Dev {
     }
     fn load_state(&mut self, _: u32, input: &mut dyn Read) -> Result<(), VmmError> {
         let mut b = [0u8; 16];
-        input.read_exact(&mut b).map_err(|e| e.to_string())?;
+        input.read_exact(&mut b)?;
         if self.refuse {
             return Err("refused by the test".into());
         }
@@ -158,7 +158,7 @@ fn engine_destination(
         let mut vm = VmParts { raw_devices: vec![&mut dev], ..Default::default() };
         let reader = MigrationReader::new(ch, RateLimit::new(0));
         let r = Incoming::new(false).run_with_return_path(reader, &mut mem, &mut vm, &mut NoVcpus, open);
-        (r.map_err(|e| e.to_string()), mem.0)
+        (r.map_err(|e| engine::error::report(&e)), mem.0)
     })
 }
 
