@@ -73,8 +73,6 @@
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB
 //! images). The live KVM rows run `qmig demo --kvm` at three dirty rates ([`live_rows`]; `--live=0` skips them).
 
-use qmig::pattern::{self, Pattern};
-use qmig::qemu::{qemu_binary, QemuConfig, QemuError, QemuProcess};
 use serde_json::{json, Value};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -86,9 +84,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+use testkit::pattern::{self, Pattern};
+use testkit::qemu::{qemu_binary, QemuConfig, QemuError, QemuProcess};
 
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: u64 = 1 << 20;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// `max-bandwidth` given to a QEMU source: 1 TiB/s, i.e. no limit in practice.
 const QEMU_MAX_BANDWIDTH: u64 = 1 << 40;
 /// Interval of the `query-migrate` polls that detect completion.
@@ -248,7 +249,7 @@ fn parse_size(s: &str) -> u64 {
     };
     let n: u64 = num.parse().unwrap_or_else(|_| panic!("'{s}' is not a size like 1G, 64M or 4096"));
     let v = n * mul;
-    assert!(v > 0 && v.is_multiple_of(4096), "size '{s}' must be a positive multiple of 4096");
+    assert!(v > 0 && v.is_multiple_of(PAGE as u64), "size '{s}' must be a positive multiple of {PAGE}");
     v
 }
 
@@ -565,7 +566,7 @@ impl Image {
         let mut off = 0u64;
         while off < size {
             let n = chunk.min((size - off) as usize);
-            pattern::fill_from(fill.pattern(), SEED, off / 4096, &mut buf[..n]);
+            pattern::fill_from(fill.pattern(), SEED, off / PAGE as u64, &mut buf[..n]);
             f.write_all(&buf[..n]).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
             off += n as u64;
         }
@@ -608,8 +609,8 @@ fn first_difference(a: &Path, b: &Path, size: u64) -> Result<Option<u64>, String
         fa.read_exact_at(&mut ba[..n], off).map_err(|e| format!("read {}: {e}", a.display()))?;
         fb.read_exact_at(&mut bb[..n], off).map_err(|e| format!("read {}: {e}", b.display()))?;
         if ba[..n] != bb[..n] {
-            let p = ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).position(|(x, y)| x != y).unwrap_or(0);
-            return Ok(Some(off / 4096 + p as u64));
+            let p = ba[..n].chunks(PAGE).zip(bb[..n].chunks(PAGE)).position(|(x, y)| x != y).unwrap_or(0);
+            return Ok(Some(off / PAGE as u64 + p as u64));
         }
         off += n as u64;
     }

@@ -50,14 +50,14 @@ use engine::info::{InfoHandle, MigrationInfo};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{GuestRegion, Outgoing, VcpuControl};
 use engine::state::MigrationStatus;
-use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
-use qmig::pattern::{fill_page, Pattern};
 use savevm_format::{Decoder, Event, PageSink, RamBlock, SectionKind};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::pattern::{fill_page, Pattern};
+use testkit::synthetic::{SyntheticGuest, SyntheticVcpus};
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 const MIB: f64 = (1u64 << 20) as f64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,17 +3,17 @@
 //! 7.2 with `--dest qemu`), with a progress bar, a check that the destination's
 //! RAM equals the source's RAM at the moment of stop, and the final statistics.
 
-use crate::error::{Error, Result};
-use crate::pattern::{self, Pattern};
-use crate::qemu::{QemuConfig, QemuProcess};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::synthetic::SyntheticGuest;
+use qmig::{Error, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::pattern::{self, Pattern};
+use testkit::qemu::{QemuConfig, QemuProcess};
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, MigrationUri};
 
 /// Where the demo migrates to.
@@ -199,7 +199,7 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
         }
         u => u.clone(),
     };
-    let qemu_err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU: {e}"));
+    let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {e}"));
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
@@ -226,7 +226,7 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
             Ok(json!({"kind": "qmig", "stats": stats}))
         }
         Dest::Qemu(q) => {
-            let err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU destination: {e}"));
+            let err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU destination: {e}"));
             let info = q.wait_migration(Duration::from_secs(60)).map_err(err)?;
             let runstate = q.query_status().map_err(err)?;
             let status = info["status"].as_str().unwrap_or("").to_string();

@@ -5,11 +5,11 @@
 //! whether the guest's own checksum over its working set still holds.
 
 use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
-use crate::error::{Error, Result};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing, VcpuControl};
 use minivmm::layout::Layout;
 use minivmm::{guest, GuestConfig, Vm};
+use qmig::{Error, Result};
 use serde_json::{json, Value};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -5,12 +5,7 @@
 //! [`engine`]. [`analyze`] and [`save`] are the library side of the CLI commands.
 
 pub mod analyze;
-pub mod demo;
 mod error;
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
-pub mod kvm_demo;
-pub mod pattern;
-pub mod qemu;
 pub mod ramfile;
 pub mod recv;
 pub mod send;

@@ -1,5 +1,9 @@
 //! The `qmig` command line.
 
+mod demo;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+mod kvm_demo;
+
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
 use qmig::ramfile::parse_name_path;
@@ -233,7 +237,7 @@ struct KvmArgs<'a> {
 
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
-    let opts = qmig::kvm_demo::KvmDemoOptions {
+    let opts = kvm_demo::KvmDemoOptions {
         ram_size: a.ram_size,
         slots: a.slots,
         working_set: a.working_set,
@@ -245,7 +249,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: true,
     };
-    let (stats, verified) = qmig::kvm_demo::demo(&opts, a.cancel)?;
+    let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_stats(a.stats_json.as_deref(), &stats)?;
     if !verified {
         return Err(qmig::Error::Usage(format!("verification failed: {}", stats["guest"])));
@@ -266,10 +270,9 @@ fn kvm_dest(
     run_on: u64,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
-    let report =
-        qmig::kvm_demo::dest(ram_size, slots, from, std::time::Duration::from_millis(run_on), cancel, |bound| {
-            print_line(&serde_json::json!({ "listening": bound.to_string() }))
-        })?;
+    let report = kvm_demo::dest(ram_size, slots, from, std::time::Duration::from_millis(run_on), cancel, |bound| {
+        print_line(&serde_json::json!({ "listening": bound.to_string() }))
+    })?;
     print_line(&report);
     Ok(())
 }
@@ -343,18 +346,18 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     cancel,
                 });
             }
-            let opts = qmig::demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 ram_size,
                 dirty_rate: dirty_rate << 20,
                 vcpus,
                 uri,
                 params,
                 auto_converge,
-                dest: if dest == "qemu" { qmig::demo::Destination::Qemu } else { qmig::demo::Destination::Qmig },
+                dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
                 progress: true,
             };
-            let (stats, verified) = qmig::demo::demo(&opts, cancel)?;
+            let (stats, verified) = demo::demo(&opts, cancel)?;
             write_stats(stats_json.as_deref(), &stats)?;
             if !verified {
                 return Err(qmig::Error::Usage(format!(

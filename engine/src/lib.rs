@@ -25,7 +25,6 @@
 //!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
-//! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
 //! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few lines:
 //!
@@ -59,5 +58,4 @@ pub mod info;
 pub mod params;
 pub mod source;
 pub mod state;
-pub mod synthetic;
 pub mod vm;

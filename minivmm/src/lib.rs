@@ -17,4 +17,4 @@ pub mod layout;
 pub mod migrate;
 mod vm;
 
-pub use vm::{kvm_or_skip, kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, RAM_BLOCK};
+pub use vm::{kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, RAM_BLOCK};

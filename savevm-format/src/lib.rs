@@ -40,6 +40,10 @@ pub mod wire;
 mod writer;
 pub mod xbzrle;
 
+/// QEMU's `TARGET_PAGE_SIZE` on x86-64: the page size of RAM records unless a
+/// stream's configuration says otherwise (`target-page-bits`).
+pub const TARGET_PAGE_SIZE: usize = 4096;
+
 pub use command::{Command, RpMessage};
 pub use decoder::{
     find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, RawBody,
