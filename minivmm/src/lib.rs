@@ -8,6 +8,8 @@
 //! whole embedding: a live pre-copy out, and an incoming side that loads RAM and
 //! vCPU state and resumes the guest.
 
+#![warn(missing_docs)]
+
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 pub mod cpu;

@@ -6,8 +6,10 @@
 //! - [`qemu`]: a QMP client and `qemu-system-x86_64` launcher.
 //! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
-//! - [`rng`]: the SplitMix64 generator.
+//! - [`rng`] holds the SplitMix64 generator.
 //! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
+
+#![warn(missing_docs)]
 
 pub mod alloc_guard;
 pub mod pattern;
