@@ -9,7 +9,6 @@
 //! vCPU state and resumes the guest.
 
 #![warn(missing_docs)]
-
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 pub mod cpu;
