@@ -22,6 +22,7 @@ pub const MULTIFD_FLAG_ZSTD: u32 = 0x4;
 pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xe;
 
 /// Largest zstd window accepted (8 MiB); QEMU's level-1 streams use far less.
+#[cfg(feature = "zstd")]
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// The packet each multifd connection starts with.
@@ -100,6 +101,7 @@ impl PacketHeader {
 enum Inflater {
     None,
     Zlib(Box<flate2::Decompress>),
+    #[cfg(feature = "zstd")]
     Zstd(Box<zstd::stream::raw::Decoder<'static>>),
 }
 
@@ -246,6 +248,11 @@ impl<R: Read> ChannelReader<R> {
         if matches!(self.inflater, Inflater::None) {
             self.inflater = match comp {
                 Compression::Zlib => Inflater::Zlib(Box::new(flate2::Decompress::new(true))),
+                #[cfg(not(feature = "zstd"))]
+                Compression::Zstd => {
+                    return Err(bad("zstd payload, but this build has no zstd support (feature `zstd`)".into()));
+                }
+                #[cfg(feature = "zstd")]
                 Compression::Zstd => {
                     let mut d = zstd::stream::raw::Decoder::new().map_err(|e| bad(format!("zstd: {e}")))?;
                     // A packet holds at most 512 KiB; refuse frames that ask for a window
@@ -278,6 +285,7 @@ impl<R: Read> ChannelReader<R> {
                     return Err(bad(format!("zlib payload inflated to {got} bytes, expected {want}")));
                 }
             }
+            #[cfg(feature = "zstd")]
             Inflater::Zstd(z) => {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
                 let mut inb = InBuffer::around(&self.comp);
