@@ -73,7 +73,7 @@ enum Dest {
 /// Run the demo; returns the final statistics (`query-migrate` names plus
 /// `"verified"`), and whether the destination's RAM matched.
 pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Value, bool)> {
-    if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(4096) {
+    if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(pattern::PAGE_SIZE as u64) {
         return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
     }
     let dir = work_dir()?;
@@ -240,7 +240,7 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
 
 fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
     let mut f = std::fs::File::open(dst).map_err(|e| Error::file(dst, e))?;
-    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let (mut a, mut b) = (vec![0u8; pattern::PAGE_SIZE], vec![0u8; pattern::PAGE_SIZE]);
     let mut differing = 0u64;
     for p in 0..guest.pages() {
         guest.read_page(p, &mut a);

@@ -141,3 +141,17 @@ pub(crate) fn measure_limits(cfg: &Config, dir: &Path) -> Vec<Limit> {
     }
     out
 }
+
+/// The limits as a markdown table on stdout (nothing when none were measured).
+pub(crate) fn print_limits(cfg: &Config, limits: &[Limit]) {
+    if limits.is_empty() {
+        return;
+    }
+    println!();
+    println!("| physical limit ({}) | GiB/s (median) | all runs | others |", size_label(cfg.limit_size as u64));
+    println!("|---|---:|---|---:|");
+    for l in limits {
+        let all: Vec<String> = l.all.iter().map(|g| format!("{g:.2}")).collect();
+        println!("| {} | {:.2} | {} | {:.0} % |", l.label, l.gibs, all.join(" "), l.others * 100.0);
+    }
+}

@@ -143,86 +143,10 @@ fn main() {
     }
     let _cleanup = Cleanup(dir.clone());
 
-    let mut limits = Vec::new();
-    if cfg.limits {
-        limits = measure_limits(&cfg, &dir);
-        println!();
-        println!("| physical limit ({}) | GiB/s (median) | all runs | others |", size_label(cfg.limit_size as u64));
-        println!("|---|---:|---|---:|");
-        for l in &limits {
-            let all: Vec<String> = l.all.iter().map(|g| format!("{g:.2}")).collect();
-            println!("| {} | {:.2} | {} | {:.0} % |", l.label, l.gibs, all.join(" "), l.others * 100.0);
-        }
-    }
+    let limits = if cfg.limits { measure_limits(&cfg, &dir) } else { Vec::new() };
+    print_limits(&cfg, &limits);
 
-    let mut kinds = cfg.kinds.clone();
-    if cfg.qemu.is_none() {
-        println!("note: qemu-system-x86_64 not found: the QEMU cases are skipped");
-        kinds.retain(|k| !k.qemu_src() && !k.qemu_dst());
-    }
-    let mut rows: Vec<Row> = Vec::new();
-    for &size in &cfg.sizes {
-        for &fill in &cfg.fills {
-            let t = Instant::now();
-            let img = Image::create(&dir, size, fill);
-            eprintln!("image {} written in {:.1} s", img.label(), t.elapsed().as_secs_f64());
-            let first = rows.len();
-            for &kind in &kinds {
-                for &wire in &cfg.wires {
-                    rows.push(Row {
-                        image: img.label(),
-                        size,
-                        fill,
-                        kind,
-                        wire,
-                        runs: vec![],
-                        error: None,
-                        qemu_time: None,
-                    });
-                }
-            }
-            for run in 0..cfg.runs {
-                for r in rows[first..].iter_mut() {
-                    if r.error.is_some() {
-                        continue;
-                    }
-                    let verify = match cfg.verify {
-                        Verify::All => true,
-                        Verify::First => run == 0,
-                        Verify::None => false,
-                    };
-                    match run_case(&cfg, &dir, &img, r.kind, r.wire, verify) {
-                        Ok(m) => {
-                            eprintln!(
-                                "{} {} run {}: {:.3} s, {:.2} GiB/s, src {:.2} s, dst {:.2} s CPU, others {:.0} %",
-                                r.image,
-                                r.case(),
-                                run + 1,
-                                m.time,
-                                size as f64 / GIB / m.time,
-                                m.src_cpu,
-                                m.dst_cpu,
-                                m.others * 100.0
-                            );
-                            r.runs.push(m);
-                        }
-                        Err(e) => {
-                            eprintln!("{} {} run {}: FAILED: {e}", r.image, r.case(), run + 1);
-                            r.error = Some(e);
-                        }
-                    }
-                }
-            }
-            for i in first..rows.len() {
-                let q = rows[first..]
-                    .iter()
-                    .find(|x| x.kind == Kind::QemuQemu && x.wire == rows[i].wire && !x.runs.is_empty())
-                    .map(Row::time);
-                rows[i].qemu_time = q;
-            }
-            drop(img);
-        }
-    }
+    let rows = run_cases(&cfg, &dir);
     let live = live_rows(&cfg);
 
     println!();
@@ -232,50 +156,9 @@ fn main() {
         print_live(&live);
     }
     let goals = goals(&rows, &limits);
-    if !goals.is_empty() {
-        println!();
-        println!("| goal | image | wire | value | target | met |");
-        println!("|---|---|---|---:|---:|---|");
-        for g in &goals {
-            println!(
-                "| {} | {} | {} | {:.2} | {} | {} |",
-                g["goal"].as_str().unwrap_or(""),
-                g["image"].as_str().unwrap_or(""),
-                g["wire"].as_str().unwrap_or(""),
-                g["value"].as_f64().unwrap_or(f64::NAN),
-                g["target"],
-                if g["met"].as_bool() == Some(true) { "yes" } else { "no" }
-            );
-        }
-    }
+    print_goals(&goals);
 
-    let doc = json!({
-        "started-unix-time": started,
-        "machine": {
-            "cpus": cpus(),
-            "load-average-start": load_start,
-            "load-average-end": loadavg(),
-            "qemu": qemu_version(&cfg),
-            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        },
-        "config": {
-            "quick": cfg.quick,
-            "sizes": cfg.sizes,
-            "fills": cfg.fills.iter().map(|f| f.pattern().to_string()).collect::<Vec<_>>(),
-            "runs": cfg.runs,
-            "qmig": cfg.qmig.display().to_string(),
-            "qemu-source": "paused (-S, prelaunch), max-bandwidth 1 TiB/s, default capabilities",
-            "time": "migration start (QMP migrate / qmig send spawned) to both sides done",
-            "busy-threshold": BUSY,
-        },
-        "limits": limits.iter().map(|l| json!({
-            "key": l.key, "label": l.label, "size": cfg.limit_size, "gib-per-s": round(l.gibs, 3),
-            "runs": l.all.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(), "others": round(l.others, 3),
-        })).collect::<Vec<_>>(),
-        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
-        "live": live.iter().map(Live::to_json).collect::<Vec<_>>(),
-        "goals": goals,
-    });
+    let doc = document(&cfg, started, &load_start, &limits, &rows, &live, goals);
     if let Some(parent) = cfg.json.parent() {
         let _ = fs::create_dir_all(parent);
     }

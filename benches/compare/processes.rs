@@ -463,3 +463,77 @@ pub(crate) fn run_case_inner(
     }
     Ok(Measure { time, src_cpu, dst_cpu, src_minflt, dst_minflt, others, extra })
 }
+
+/// Every case on every image, `cfg.runs` times, cases interleaved within a run;
+/// each row with its QEMU → QEMU time on the same image and wire.
+pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
+    let mut kinds = cfg.kinds.clone();
+    if cfg.qemu.is_none() {
+        println!("note: qemu-system-x86_64 not found: the QEMU cases are skipped");
+        kinds.retain(|k| !k.qemu_src() && !k.qemu_dst());
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for &size in &cfg.sizes {
+        for &fill in &cfg.fills {
+            let t = Instant::now();
+            let img = Image::create(dir, size, fill);
+            eprintln!("image {} written in {:.1} s", img.label(), t.elapsed().as_secs_f64());
+            let first = rows.len();
+            for &kind in &kinds {
+                for &wire in &cfg.wires {
+                    rows.push(Row {
+                        image: img.label(),
+                        size,
+                        fill,
+                        kind,
+                        wire,
+                        runs: vec![],
+                        error: None,
+                        qemu_time: None,
+                    });
+                }
+            }
+            for run in 0..cfg.runs {
+                for r in rows[first..].iter_mut() {
+                    if r.error.is_some() {
+                        continue;
+                    }
+                    let verify = match cfg.verify {
+                        Verify::All => true,
+                        Verify::First => run == 0,
+                        Verify::None => false,
+                    };
+                    match run_case(cfg, dir, &img, r.kind, r.wire, verify) {
+                        Ok(m) => {
+                            eprintln!(
+                                "{} {} run {}: {:.3} s, {:.2} GiB/s, src {:.2} s, dst {:.2} s CPU, others {:.0} %",
+                                r.image,
+                                r.case(),
+                                run + 1,
+                                m.time,
+                                size as f64 / GIB / m.time,
+                                m.src_cpu,
+                                m.dst_cpu,
+                                m.others * 100.0
+                            );
+                            r.runs.push(m);
+                        }
+                        Err(e) => {
+                            eprintln!("{} {} run {}: FAILED: {e}", r.image, r.case(), run + 1);
+                            r.error = Some(e);
+                        }
+                    }
+                }
+            }
+            for i in first..rows.len() {
+                let q = rows[first..]
+                    .iter()
+                    .find(|x| x.kind == Kind::QemuQemu && x.wire == rows[i].wire && !x.runs.is_empty())
+                    .map(Row::time);
+                rows[i].qemu_time = q;
+            }
+            drop(img);
+        }
+    }
+    rows
+}

@@ -181,3 +181,62 @@ pub(crate) fn qemu_version(cfg: &Config) -> String {
         .and_then(|s| s.lines().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
 }
+
+/// The goals as a markdown table on stdout (nothing when there are none).
+pub(crate) fn print_goals(goals: &[Value]) {
+    if !goals.is_empty() {
+        println!();
+        println!("| goal | image | wire | value | target | met |");
+        println!("|---|---|---|---:|---:|---|");
+        for g in goals {
+            println!(
+                "| {} | {} | {} | {:.2} | {} | {} |",
+                g["goal"].as_str().unwrap_or(""),
+                g["image"].as_str().unwrap_or(""),
+                g["wire"].as_str().unwrap_or(""),
+                g["value"].as_f64().unwrap_or(f64::NAN),
+                g["target"],
+                if g["met"].as_bool() == Some(true) { "yes" } else { "no" }
+            );
+        }
+    }
+}
+
+/// The JSON document written to `cfg.json`.
+pub(crate) fn document(
+    cfg: &Config,
+    started: u64,
+    load_start: &str,
+    limits: &[Limit],
+    rows: &[Row],
+    live: &[Live],
+    goals: Vec<Value>,
+) -> Value {
+    json!({
+        "started-unix-time": started,
+        "machine": {
+            "cpus": cpus(),
+            "load-average-start": load_start,
+            "load-average-end": loadavg(),
+            "qemu": qemu_version(cfg),
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        },
+        "config": {
+            "quick": cfg.quick,
+            "sizes": cfg.sizes,
+            "fills": cfg.fills.iter().map(|f| f.pattern().to_string()).collect::<Vec<_>>(),
+            "runs": cfg.runs,
+            "qmig": cfg.qmig.display().to_string(),
+            "qemu-source": "paused (-S, prelaunch), max-bandwidth 1 TiB/s, default capabilities",
+            "time": "migration start (QMP migrate / qmig send spawned) to both sides done",
+            "busy-threshold": BUSY,
+        },
+        "limits": limits.iter().map(|l| json!({
+            "key": l.key, "label": l.label, "size": cfg.limit_size, "gib-per-s": round(l.gibs, 3),
+            "runs": l.all.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(), "others": round(l.others, 3),
+        })).collect::<Vec<_>>(),
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "live": live.iter().map(Live::to_json).collect::<Vec<_>>(),
+        "goals": goals,
+    })
+}
