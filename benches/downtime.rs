@@ -375,7 +375,7 @@ fn run_once(
     };
     timed.inner.resume().expect("resume");
     let info = out
-        .run(ch, std::slice::from_ref(region), &[guest.dirty()], &mut timed)
+        .run(ch, &mut [engine::memory::RamRegion::new(region).with_dirty(guest.dirty())], &mut timed)
         .unwrap_or_else(|e| panic!("{tag}: migration failed: {e}"));
     let rep = dest.join().expect("destination thread").unwrap_or_else(|e| panic!("{tag}: destination: {e}"));
     let load = Load::now().since(timed.load_at_stop);

@@ -3,6 +3,7 @@
 //! 7.2 with `--dest qemu`), with a progress bar, a check that the destination's
 //! RAM equals the source's RAM at the moment of stop, and the final statistics.
 
+use engine::memory::RamRegion;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
 use qmig::{Error, Result};
@@ -107,13 +108,11 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
-    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
-    out.cancel = cancel.clone();
+    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     let ch = connect_retry(&uri, &out.cancel)?;
     let progress = opts.progress.then(|| spawn_progress(out.clone()));
     let mut vcpus = guest.vcpus();
-    let dirty = vec![guest.dirty()];
-    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
     if let Some((stop, h)) = progress {
         let _ = stop.send(());
         let _ = h.join();

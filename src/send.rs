@@ -4,13 +4,12 @@
 
 use crate::error::{Error, Result};
 use crate::ramfile::RamFile;
-use engine::dirty::DirtyBitmap;
 use engine::info::MigrationInfo;
+use engine::memory::{GuestRegion, RamRegion};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, GuestRegion, Outgoing, VcpuControl};
+use engine::source::{EngineError, Outgoing, VcpuControl};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use transports::{connect, CancelToken, MigrationUri};
 
 /// Options of a send.
@@ -70,19 +69,18 @@ pub fn send(
                 .ok_or_else(|| Error::Usage(format!("{}: empty RAM file", f.path.display())))
         })
         .collect::<Result<Vec<_>>>()?;
-    let dirty: Vec<Arc<DirtyBitmap>> = regions.iter().map(|r| Arc::new(DirtyBitmap::new(r.pages()))).collect();
+    // A stopped guest writes nothing: its regions need no dirty source.
+    let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
-    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
-    out.cancel = cancel.clone();
-    out.runstate = opts.runstate.clone();
+    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let ch = connect(uri, cancel)?;
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
-        let r = out.run(ch, &regions, &dirty, &mut Stopped);
+        let r = out.run(ch, &mut ram, &mut Stopped);
         stop.store(true, Ordering::Relaxed);
         r
     });

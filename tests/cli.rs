@@ -125,7 +125,13 @@ fn analyze_decodes_a_hand_written_device_from_its_vmdesc_size() {
     let out =
         engine::source::Outgoing::new(SharedParameters::default(), MigrationCapabilities::default()).expect("outgoing");
     let ch = connect(&uri, &cancel).expect("connect");
-    out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut guest.vcpus(), &mut vm).expect("migrate");
+    out.run_vm(
+        ch,
+        &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())],
+        &mut guest.vcpus(),
+        &mut vm,
+    )
+    .expect("migrate");
     let stream = dst.join().expect("destination");
     let file = dir.path().join("raw.mig");
     std::fs::write(&file, &stream).expect("write");

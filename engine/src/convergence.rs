@@ -5,7 +5,7 @@
 //! downtime and the auto-converge throttle steps.
 
 use crate::params::MigrationParameters;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Minimum length of a bandwidth window (QEMU's `BUFFER_DELAY`).
 pub const BANDWIDTH_WINDOW: Duration = Duration::from_millis(100);
@@ -79,21 +79,21 @@ pub fn expected_downtime_ms(remaining_bytes: u64, bandwidth_bytes_per_ms: f64) -
 /// Bandwidth estimator over windows of at least [`BANDWIDTH_WINDOW`].
 #[derive(Debug, Clone)]
 pub struct BandwidthMeter {
-    start: Instant,
+    start: Duration,
     start_bytes: u64,
     last: Option<f64>,
 }
 
 impl BandwidthMeter {
-    /// A meter starting now at `total_bytes` sent.
-    pub fn new(now: Instant, total_bytes: u64) -> Self {
+    /// A meter starting at `now` (time since any fixed origin) with `total_bytes` sent.
+    pub fn new(now: Duration, total_bytes: u64) -> Self {
         BandwidthMeter { start: now, start_bytes: total_bytes, last: None }
     }
 
     /// Feed the byte counter; when the window is at least 100 ms old, close it and
     /// return the new bandwidth (bytes/ms).
-    pub fn update(&mut self, now: Instant, total_bytes: u64) -> Option<f64> {
-        let elapsed = now.saturating_duration_since(self.start);
+    pub fn update(&mut self, now: Duration, total_bytes: u64) -> Option<f64> {
+        let elapsed = now.saturating_sub(self.start);
         if elapsed < BANDWIDTH_WINDOW {
             return None;
         }
@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn meter_closes_windows_of_100ms() {
-        let t0 = Instant::now();
+        let t0 = Duration::from_secs(7);
         let mut m = BandwidthMeter::new(t0, 0);
         assert_eq!(m.update(t0 + Duration::from_millis(50), 5_000_000), None);
         assert_eq!(m.last(), None);

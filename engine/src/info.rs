@@ -1,6 +1,6 @@
 //! `query-migrate` statistics, readable at any time from another thread.
 
-use crate::state::MigrationStatus;
+use crate::state::{MigrationStatus, StateMachine};
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -110,10 +110,12 @@ impl MigrationInfo {
     }
 }
 
-/// Shared, always-current statistics of one migration.
+/// Shared, always-current statistics of one migration. The status is not kept
+/// here but read from the migration's state machine, its one owner.
 #[derive(Debug, Clone, Default)]
 pub struct InfoHandle {
     inner: Arc<Mutex<MigrationInfo>>,
+    state: Option<StateMachine>,
 }
 
 impl InfoHandle {
@@ -121,9 +123,18 @@ impl InfoHandle {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Figures whose `status` is `state`'s.
+    pub fn for_state(state: StateMachine) -> Self {
+        InfoHandle { inner: Default::default(), state: Some(state) }
+    }
+
     /// A copy of the current figures.
     pub fn get(&self) -> MigrationInfo {
-        self.lock().clone()
+        let mut i = self.lock().clone();
+        if let Some(s) = &self.state {
+            i.status = s.status();
+        }
+        i
     }
 
     /// Update the figures.

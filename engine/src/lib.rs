@@ -14,10 +14,17 @@
 //! - [`state`]: the migration states with QEMU's names, the legal transitions of
 //!   each side, and notifiers (callbacks or crossbeam channels).
 //!
-//! - [`source`]: the live pre-copy loop ([`Outgoing`](source::Outgoing)) over guest
-//!   RAM regions, with cancel from any thread and `query-migrate` figures in
-//!   [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl) is what
-//!   the VMM supplies to stop, resume and throttle its vCPUs.
+//! - [`memory`]: guest RAM as volatile views ([`GuestRegion`](memory::GuestRegion),
+//!   never `&[u8]` over memory the guest writes) and
+//!   [`RamRegion`](memory::RamRegion): one region with the dirty sources that
+//!   report its writes.
+//! - [`precopy`]: the clock-free core of pre-copy: every decision (sync, send a
+//!   part until a deadline, nap, switch over) as a step taking the time, the bytes
+//!   sent and the devices' pending bytes; tested on simulated time.
+//! - [`source`]: its driver ([`Outgoing`](source::Outgoing)): the I/O through a
+//!   [`PageWriter`](source::PageWriter), cancel from any thread, `query-migrate`
+//!   figures in [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl)
+//!   is what the VMM supplies to stop, resume and throttle its vCPUs.
 //! - [`vm`]: devices, block devices and migration blockers; every default refuses.
 //!   Devices are vmstate ([`DeviceHandler`](vm::DeviceHandler)), hand-written
 //!   ([`RawDevice`](vm::RawDevice): the device's own bytes in a FULL section) or
@@ -26,10 +33,14 @@
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
 //!
-//! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few lines:
+//! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few
+//! lines, each with the dirty sources that see its writes (KVM's dirty log, a
+//! bitmap its device emulation marks, ...):
 //!
 //! ```
-//! use engine::source::GuestRegion;
+//! use engine::dirty::DirtyBitmap;
+//! use engine::memory::{GuestRegion, RamRegion};
+//! use std::sync::Arc;
 //! use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 //!
 //! // Two slots, split around a hole as x86 splits low and high memory.
@@ -46,8 +57,11 @@
 //!         unsafe { GuestRegion::new(format!("ram{i}"), host, r.len() as usize) }
 //!     })
 //!     .collect();
-//! assert_eq!(regions.len(), 2);
-//! assert_eq!(regions[1].pages(), 512);
+//! // The pages the VMM itself writes (virtio queues, say) are marked here.
+//! let marks: Vec<Arc<DirtyBitmap>> = regions.iter().map(|r| Arc::new(DirtyBitmap::new(r.pages()))).collect();
+//! let ram: Vec<RamRegion> = regions.iter().zip(&marks).map(|(r, m)| RamRegion::new(r).with_dirty(m.clone())).collect();
+//! assert_eq!(ram.len(), 2);
+//! assert_eq!(ram[1].memory().pages(), 512);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -57,7 +71,9 @@ pub mod convergence;
 pub mod dirty;
 pub mod incoming;
 pub mod info;
+pub mod memory;
 pub mod params;
+pub mod precopy;
 pub mod source;
 pub mod state;
 pub mod vm;

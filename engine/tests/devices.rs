@@ -385,7 +385,7 @@ fn migrate(
         Incoming::new(false).run(MigrationReader::new(ch, RateLimit::new(0)), &mut mem, &mut vm, &mut DestVcpus)
     });
     let ch = connect(&sock(name), &cancel).expect("connect");
-    let src = out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], vcpus, src);
+    let src = out.run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], vcpus, src);
     let dst = dst.join().expect("destination thread");
     Run { src, dst }
 }
@@ -403,7 +403,9 @@ fn capture(name: &str, src: &mut VmParts<'_>) -> Vec<u8> {
         v
     });
     let ch = connect(&sock(name), &cancel).expect("connect");
-    outgoing(0).run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut guest.vcpus(), src).expect("source");
+    outgoing(0)
+        .run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut guest.vcpus(), src)
+        .expect("source");
     dst.join().expect("destination thread")
 }
 

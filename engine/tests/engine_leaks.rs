@@ -63,7 +63,7 @@ fn cancelled_migration(uri: MigrationUri) {
     let mut guest = SyntheticGuest::new(16 << 20, |p, page| page.fill(p as u8 | 1));
     guest.start(1, 4 << 20, 3);
     let region = guest.region("pc.ram").expect("region");
-    let dirty = vec![guest.dirty()];
+    let dirty = [guest.dirty()];
     let params = MigrationParameters { max_bandwidth: 4 << 20, ..Default::default() };
     let out = Outgoing::new(SharedParameters::new(params).expect("params"), MigrationCapabilities::default())
         .expect("outgoing");
@@ -88,7 +88,7 @@ fn cancelled_migration(uri: MigrationUri) {
         }
         o.cancel.cancel();
     });
-    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus);
     canceller.join().expect("canceller");
     assert!(matches!(res, Err(EngineError::Cancelled)), "{uri}: {res:?}");
     assert_eq!(out.state.status(), S::Cancelled);

@@ -160,7 +160,8 @@ fn handover(name: &str, fail_invalidate: bool) -> Handover {
     let mut vm = VmParts { devices: vec![&mut serial], blocks: vec![&mut disk], ..Default::default() };
     let ch = connect(&uri(name), &cancel).expect("connect");
     let mut vcpus = guest.vcpus();
-    out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus, &mut vm).expect("source");
+    out.run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus, &mut vm)
+        .expect("source");
     let (r, state) = dst.join().expect("destination thread");
     Handover { result: r, src: entries(&src_log), dst: entries(&dst_log), state, incoming }
 }
@@ -200,7 +201,9 @@ fn a_blocker_fails_the_migration_at_start() {
         ..Default::default()
     };
     let mut vcpus = guest.vcpus();
-    let e = out.run_vm(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus, &mut vm).expect_err("blocked");
+    let e = out
+        .run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus, &mut vm)
+        .expect_err("blocked");
     assert!(matches!(&e, EngineError::Blocked(r) if r.contains("vfio0")), "{e}");
     assert_eq!(out.state.status(), MigrationStatus::Failed);
     assert_eq!(

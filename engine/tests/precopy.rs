@@ -66,8 +66,9 @@ fn migrate(seed: u64, len: usize, dirty_rate: u64, params: MigrationParameters, 
     let ch = connect(&uri, &cancel).expect("connect");
     let mut vcpus = guest.vcpus();
     let t0 = Instant::now();
-    let info =
-        out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let info = out
+        .run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     let (got, ram_sections) = dst.join().expect("destination thread").expect("destination");
     assert_eq!(info.status, MigrationStatus::Completed);
     assert!(!vcpus.running(), "the guest stays stopped after completion");
@@ -115,7 +116,7 @@ fn cancel_resumes_the_guest() {
     let mut guest = SyntheticGuest::new(len, |_, page| page.fill(7));
     guest.start(1, 256 << 20, 5);
     let region = guest.region("mem").expect("region");
-    let dirty = vec![guest.dirty()];
+    let dirty = [guest.dirty()];
     // A dirty rate far above the bandwidth: it never converges on its own.
     let params = MigrationParameters { max_bandwidth: 8 << 20, downtime_limit: 10, ..Default::default() };
     let out =
@@ -133,7 +134,7 @@ fn cancel_resumes_the_guest() {
         t
     });
     let mut vcpus = guest.vcpus();
-    let res = out.run(ch, std::slice::from_ref(&region), &dirty, &mut vcpus);
+    let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus);
     let cancelled_at = canceller.join().expect("canceller");
     assert!(cancelled_at.elapsed() < Duration::from_secs(1), "run returned {:?} after cancel", cancelled_at.elapsed());
     assert!(matches!(res, Err(engine::source::EngineError::Cancelled)), "{res:?}");

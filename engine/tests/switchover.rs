@@ -58,7 +58,8 @@ fn waits_in_pre_switchover_until_continued() {
     });
     let region = guest.region("mem").expect("region");
     let mut vcpus = guest.vcpus();
-    let info = out.run(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus).expect("run");
+    let info =
+        out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus).expect("run");
     ctl.join().expect("controller");
     assert_eq!(info.status, S::Completed);
     assert!(dst.join().expect("dst"), "destination saw EOF");
@@ -82,7 +83,7 @@ fn cancel_in_pre_switchover_resumes_the_guest() {
     });
     let region = guest.region("mem").expect("region");
     let mut vcpus = guest.vcpus();
-    let r = out.run(ch, std::slice::from_ref(&region), &[guest.dirty()], &mut vcpus);
+    let r = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
     let at = ctl.join().expect("controller");
     assert!(at.elapsed() < Duration::from_secs(1));
     assert!(matches!(r, Err(EngineError::Cancelled)), "{r:?}");

@@ -3,7 +3,7 @@
 //! write-protect state at every sync, and the destination still ends equal to the
 //! source at stop.
 
-use engine::dirty::{DirtyBitmap, UffdWriteProtect};
+use engine::dirty::UffdWriteProtect;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{GuestRegion, Outgoing, VcpuControl};
 use engine::vm::VmParts;
@@ -114,15 +114,17 @@ fn uffd_tracked_guest_arrives_identical() {
     let out =
         Outgoing::new(SharedParameters::new(params).expect("params"), MigrationCapabilities::default()).expect("out");
     let ch = connect(&uri, &cancel).expect("connect");
-    let unused = vec![Arc::new(DirtyBitmap::new(guest.pages()))];
     let mut vcpus = Writer { run, parked };
-    let mut vm = VmParts { dirty_sources: vec![(0, &mut uffd)], ..Default::default() };
-    let info = out.run_vm(ch, std::slice::from_ref(&guest), &unused, &mut vcpus, &mut vm).expect("migration");
+    // userfaultfd write-protect is the only dirty source: no bitmap besides it.
+    let mut ram = [engine::memory::RamRegion::new(&guest).with_dirty(&mut uffd)];
+    let info = out.run_vm(ch, &mut ram, &mut vcpus, &mut VmParts::default()).expect("migration");
+    drop(ram);
     let got = dst.join().expect("destination");
     // Stopped: the source's memory now is its memory at stop.
     for p in 0..LEN / 4096 {
-        let page = guest.page(p as u64);
-        assert!(&got[p * 4096..(p + 1) * 4096] == page, "page {p} differs");
+        let mut page = [0u8; 4096];
+        guest.page(p as u64).copy_to(&mut page[..]);
+        assert!(got[p * 4096..(p + 1) * 4096] == page, "page {p} differs");
     }
     assert!(info.dirty_sync_count >= 3, "{info:?}");
     assert!(writes.load(Ordering::Relaxed) > 1000, "the guest wrote during the migration");

@@ -20,6 +20,7 @@
 use crate::vm::Vm;
 use engine::incoming::{Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
+use engine::memory::RamRegion;
 use engine::source::{EngineError, Outgoing};
 use engine::vm::VmParts;
 use std::io::Read;
@@ -30,12 +31,11 @@ use transports::Channel;
 /// stays stopped here; on failure or cancel it runs on.
 pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo, EngineError> {
     let region = vm.region().map_err(|e| EngineError::Device(e.to_string()))?;
-    let dirty = [vm.dirty_bitmap()];
     let mut vcpus = vm.vcpus();
     let mut cpu = vm.cpu_device();
-    let mut log = vm.dirty_log();
-    let mut parts = VmParts { devices: vec![&mut cpu], dirty_sources: vec![(0, &mut log)], ..Default::default() };
-    out.run_vm(ch, std::slice::from_ref(&region), &dirty, &mut vcpus, &mut parts)
+    let mut ram = [RamRegion::new(&region).with_dirty(vm.dirty_log())];
+    let mut parts = VmParts { devices: vec![&mut cpu], ..Default::default() };
+    out.run_vm(ch, &mut ram, &mut vcpus, &mut parts)
 }
 
 /// Load an incoming migration from `reader` into `vm` (RAM straight into guest

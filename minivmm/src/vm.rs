@@ -6,7 +6,6 @@ use crate::cpu::{self, CpuState, MSR_IA32_TSC};
 use crate::dirty::KvmDirtyLog;
 use crate::guest::{self, ctrl, CODE_ADDR, CTRL_ADDR, GDT_ADDR, PML4_ADDR, WORKING_SET_MIN};
 use crate::layout::{Layout, LayoutError};
-use engine::dirty::DirtyBitmap;
 use engine::source::{GuestRegion, VcpuControl};
 use engine::vm::DeviceHandler;
 use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
@@ -305,7 +304,6 @@ pub struct Vm {
     vcpu: Arc<VcpuShared>,
     thread: Option<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
-    dirty: Arc<DirtyBitmap>,
     manual_protect: bool,
     tsc_khz: u32,
     config: Option<GuestConfig>,
@@ -403,7 +401,6 @@ impl Vm {
                 }
             })
             .map_err(|e| VmError::Vcpu(format!("spawn: {e}")))?;
-        let pages = layout.ram_size / 4096;
         Ok(Vm {
             vm: Arc::new(vm),
             layout,
@@ -413,7 +410,6 @@ impl Vm {
             vcpu: shared,
             thread: Some(thread),
             ticker: Some(ticker),
-            dirty: Arc::new(DirtyBitmap::new(pages)),
             manual_protect,
             tsc_khz,
             config: None,
@@ -586,12 +582,6 @@ impl Vm {
     /// KVM's dirty log of every slot, as an engine dirty source for the RAM block.
     pub fn dirty_log(&self) -> KvmDirtyLog {
         KvmDirtyLog::new(self.vm.clone(), &self.layout, &self.regions, self.manual_protect)
-    }
-
-    /// The VMM's own dirty bitmap of the RAM block (nothing writes guest RAM behind
-    /// KVM's back here, so it stays empty; the engine needs one per region).
-    pub fn dirty_bitmap(&self) -> Arc<DirtyBitmap> {
-        self.dirty.clone()
     }
 
     /// The RAM block as an engine region (valid while the VM lives).

@@ -357,6 +357,35 @@ impl Channel {
         }
     }
 
+    /// [`write_vectored`](Self::write_vectored) over raw iovecs (memory that must not
+    /// be seen as `&[u8]`, such as guest RAM the guest may be writing).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that stays mapped and readable until the call returns.
+    pub(crate) unsafe fn write_iovecs(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let fd =
+            self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
+        let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+        loop {
+            self.cancel.check()?;
+            // SAFETY: the caller guarantees the iovecs describe readable memory; the
+            // kernel only reads it; `fd` is an open descriptor owned by this channel.
+            let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), count) };
+            if let Ok(n) = usize::try_from(n) {
+                return Ok(n);
+            }
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EAGAIN => {
+                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
+                        continue;
+                    }
+                }
+                nix::errno::Errno::EINTR => {}
+                e => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
     fn io_error(&self, e: io::Error) -> io::Error {
         if !self.cancel.is_cancelled() {
             // EPIPE from a command that exited: its exit status and stderr say why.

@@ -1,11 +1,14 @@
 //! The migration stream over a channel (QEMU's QEMUFile): a buffered, vectored,
-//! rate-limited writer that sends guest pages from borrowed slices without
-//! copying them, and a buffered reader.
+//! rate-limited writer that sends guest pages in place (volatile views of memory
+//! the guest may be writing, never copied and never turned into `&[u8]`), and a
+//! buffered reader.
 
 use crate::channel::Channel;
 use crate::error::TransportError;
 use crate::ratelimit::{RateLimit, Window};
-use std::io::{self, BufRead, IoSlice, Read, Write};
+use std::io::{self, BufRead, Read, Write};
+use std::marker::PhantomData;
+use vm_memory::VolatileSlice;
 
 /// Bytes of small writes gathered before a send.
 const BUF_SIZE: usize = 64 * 1024;
@@ -14,33 +17,40 @@ const MAX_IOV: usize = 256;
 /// Bytes queued (buffer + borrowed pages) that trigger a send.
 const MAX_PENDING: usize = 1 << 20;
 
-enum Seg<'g> {
+enum Seg {
     /// `buf[start..end]`.
     Buf(usize, usize),
-    /// A borrowed slice (a guest page).
-    Ext(&'g [u8]),
+    /// Borrowed memory (a guest page) valid for the writer's `'g`: its address and
+    /// length, kept raw because the guest may write it until the kernel copies it.
+    Ext(*const u8, usize),
 }
 
-impl Seg<'_> {
+impl Seg {
     fn len(&self) -> usize {
         match self {
             Seg::Buf(s, e) => e - s,
-            Seg::Ext(b) => b.len(),
+            Seg::Ext(_, n) => *n,
         }
     }
 }
 
 /// Buffered migration-stream writer. Small writes are copied into a buffer;
-/// [`write_borrowed`](Self::write_borrowed) queues a slice that lives for `'g`
-/// (guest memory) and is sent in place with `writev`.
+/// [`write_volatile`](Self::write_volatile) queues guest memory that lives for
+/// `'g` and is sent in place with `writev` (and
+/// [`write_borrowed`](Self::write_borrowed) the same for plain byte slices).
 pub struct MigrationWriter<'g> {
     ch: Channel,
     buf: Vec<u8>,
-    segs: Vec<Seg<'g>>,
+    segs: Vec<Seg>,
     pending: usize,
     rate: RateLimit,
     window: Window,
+    _borrow: PhantomData<&'g [u8]>,
 }
+
+// SAFETY: the raw pointers in `segs` point into memory borrowed for `'g` (slices or
+// volatile views, both shareable across threads) and are only handed to the kernel.
+unsafe impl Send for MigrationWriter<'_> {}
 
 impl<'g> MigrationWriter<'g> {
     /// A writer over `ch`, limited (and counted) by `rate`.
@@ -52,6 +62,7 @@ impl<'g> MigrationWriter<'g> {
             pending: 0,
             rate,
             window: Window::new(),
+            _borrow: PhantomData,
         }
     }
 
@@ -72,11 +83,23 @@ impl<'g> MigrationWriter<'g> {
 
     /// Queue `data` to be sent after everything written so far, without copying it.
     pub fn write_borrowed(&mut self, data: &'g [u8]) -> io::Result<()> {
-        if data.is_empty() {
+        self.queue(data.as_ptr(), data.len())
+    }
+
+    /// Queue guest memory to be sent after everything written so far, in place: the
+    /// kernel copies it when the queue is sent (at the latest at the next
+    /// [`flush_now`](Self::flush_now)), so writes the guest makes before then go out.
+    pub fn write_volatile(&mut self, data: VolatileSlice<'g>) -> io::Result<()> {
+        let ptr = data.ptr_guard().as_ptr();
+        self.queue(ptr, data.len())
+    }
+
+    fn queue(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        if len == 0 {
             return Ok(());
         }
-        self.segs.push(Seg::Ext(data));
-        self.pending += data.len();
+        self.segs.push(Seg::Ext(ptr, len));
+        self.pending += len;
         if self.segs.len() >= MAX_IOV || self.pending >= MAX_PENDING {
             self.send_pending()?;
         }
@@ -108,7 +131,7 @@ impl<'g> MigrationWriter<'g> {
                     None => usize::MAX,
                 };
             };
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(self.segs.len().min(MAX_IOV));
+            let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.segs.len().min(MAX_IOV));
             let mut skip = done;
             let mut room = allowance.min(self.pending - done);
             for seg in &self.segs {
@@ -120,16 +143,20 @@ impl<'g> MigrationWriter<'g> {
                     skip -= len;
                     continue;
                 }
-                let bytes = match seg {
-                    Seg::Buf(s, e) => &self.buf[*s..*e],
-                    Seg::Ext(b) => b,
+                let base = match seg {
+                    Seg::Buf(s, _) => self.buf[*s..].as_ptr(),
+                    Seg::Ext(p, _) => *p,
                 };
-                let part = &bytes[skip..(skip + room).min(len)];
+                let part = (skip + room).min(len) - skip;
+                // `skip < len`, so the offset stays inside the segment.
+                iov.push(libc::iovec { iov_base: base.wrapping_add(skip) as *mut libc::c_void, iov_len: part });
                 skip = 0;
-                room -= part.len();
-                iov.push(IoSlice::new(part));
+                room -= part;
             }
-            let n = self.ch.write_vectored(&iov)?;
+            // SAFETY: every iovec lies inside `self.buf` (not touched until the call
+            // returns) or inside memory borrowed for `'g` by `write_borrowed` /
+            // `write_volatile`, which outlives this writer.
+            let n = unsafe { self.ch.write_iovecs(&iov)? };
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "migration channel accepted no bytes"));
             }

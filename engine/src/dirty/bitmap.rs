@@ -72,6 +72,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clear every mark (no allocation).
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
     /// Number of marked pages.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()

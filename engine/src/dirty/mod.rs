@@ -28,6 +28,35 @@ pub trait DirtySource: Send {
     fn stop(&mut self) -> Result<(), DirtyError>;
 }
 
+/// A source borrowed for one migration (`&mut KvmDirtyLog`, say).
+impl<T: DirtySource + ?Sized> DirtySource for &mut T {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        (**self).start()
+    }
+    fn sync(&mut self, out: &mut [u64]) -> Result<(), DirtyError> {
+        (**self).sync(out)
+    }
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        (**self).stop()
+    }
+}
+
+/// A bitmap the VMM marks (shared with its writers) as a source: marks made before
+/// the migration started are covered by the bulk pass and dropped at `start`.
+impl DirtySource for std::sync::Arc<DirtyBitmap> {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        self.clear();
+        Ok(())
+    }
+    fn sync(&mut self, out: &mut [u64]) -> Result<(), DirtyError> {
+        self.drain_into(out);
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        Ok(())
+    }
+}
+
 /// Dirty tracking failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

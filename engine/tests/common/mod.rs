@@ -48,7 +48,7 @@ pub fn run_watched<T>(
     let probe = guest.vcpus();
     std::thread::scope(|s| {
         let runner = s.spawn(move || {
-            let r = out.run(ch, std::slice::from_ref(region), dirty, &mut vcpus);
+            let r = out.run(ch, &mut [engine::memory::RamRegion::new(region).with_dirty(dirty[0].clone())], &mut vcpus);
             (r, vcpus)
         });
         let mut guard = CancelOnDrop(Some(out.cancel.clone()));
