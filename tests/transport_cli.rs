@@ -23,7 +23,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use testkit::pattern::{self, Pattern};
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// RAM of the round trips: 24 MiB, one random page in three, the rest zero.
 const RAM_SIZE: usize = 24 << 20;
 /// Most a successful or failing run may take.

@@ -14,7 +14,7 @@ static GUARD: alloc_guard::AllocGuard = alloc_guard::AllocGuard::new(128 << 20, 
 use libfuzzer_sys::fuzz_target;
 use savevm_format::xbzrle::{decode, encode};
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 
 /// A page from `bytes`, repeated cyclically (all zero when `bytes` is empty).
 fn page_from(bytes: &[u8]) -> Vec<u8> {
