@@ -6,6 +6,9 @@
 //! - `sink`: `next_with` into a pre-allocated, pre-faulted 256 MiB destination
 //!   (a `PageSink` handing out slices of it): the realistic "receive into
 //!   guest memory" case, one copy per page;
+//! - `guest_sink`: the same into memory handed out as guest memory
+//!   (`PageSlot::Guest`, a volatile view: read into the decoder's buffer, then
+//!   one volatile copy), what a VMM's sink over live guest RAM does;
 //! - `no_sink`: `next()`, pages handed out in the events (read into the
 //!   decoder's page buffer and not copied further), showing the cost of the
 //!   copy into guest memory.
@@ -28,12 +31,19 @@ const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// Guest memory of one block: pages are read straight into it.
 struct SliceSink<'a> {
     mem: &'a mut [u8],
+    /// Hand pages out as guest memory (volatile views) instead of plain slices.
+    guest: bool,
 }
 
 impl PageSink for SliceSink<'_> {
-    fn page_mut(&mut self, _block: &RamBlock, offset: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, _block: &RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         let o = offset as usize;
-        self.mem.get_mut(o..o + PAGE)
+        let page = self.mem.get_mut(o..o + PAGE)?;
+        Some(if self.guest {
+            savevm_format::PageSlot::Guest(vm_memory::VolatileSlice::from(page))
+        } else {
+            savevm_format::PageSlot::Buffer(page)
+        })
     }
 }
 
@@ -47,8 +57,8 @@ fn stream_of(pattern: Pattern) -> Vec<u8> {
 }
 
 /// Decode the whole stream into `mem`; returns the number of page records.
-fn decode_into(stream: &[u8], mem: &mut [u8]) -> u64 {
-    let mut sink = SliceSink { mem };
+fn decode_into(stream: &[u8], mem: &mut [u8], guest: bool) -> u64 {
+    let mut sink = SliceSink { mem, guest };
     let mut d = Decoder::new(stream);
     let mut pages = 0;
     while let Some(ev) = d.next_with(&mut sink).expect("decode") {
@@ -85,10 +95,15 @@ fn bench_decode(c: &mut Criterion) {
     for (name, pattern) in [("random", Pattern::Random), ("mixed4", Pattern::Mixed { every: 4 })] {
         let stream = stream_of(pattern);
         // Check once that the sink case reproduces the guest.
-        mem.fill(0x5a);
-        assert_eq!(decode_into(&stream, &mut mem), (RAM / PAGE) as u64);
-        assert!(mem == generate(pattern, 1, RAM), "decoded guest differs");
-        g.bench_with_input(BenchmarkId::new("sink", name), &stream, |b, s| b.iter(|| decode_into(s, &mut mem)));
+        for guest in [false, true] {
+            mem.fill(0x5a);
+            assert_eq!(decode_into(&stream, &mut mem, guest), (RAM / PAGE) as u64);
+            assert!(mem == generate(pattern, 1, RAM), "decoded guest differs (guest slots: {guest})");
+        }
+        g.bench_with_input(BenchmarkId::new("sink", name), &stream, |b, s| b.iter(|| decode_into(s, &mut mem, false)));
+        g.bench_with_input(BenchmarkId::new("guest_sink", name), &stream, |b, s| {
+            b.iter(|| decode_into(s, &mut mem, true))
+        });
         g.bench_with_input(BenchmarkId::new("no_sink", name), &stream, |b, s| b.iter(|| decode_no_sink(s)));
     }
     g.finish();

@@ -215,8 +215,8 @@ impl VcpuControl for TimedVcpus {
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + PAGE)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + PAGE)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -367,7 +367,7 @@ fn run_once(
     let ch = connect(&uri, &cancel).expect("connect");
     let mut timed = TimedVcpus {
         inner: vcpus,
-        info: out.info.clone(),
+        info: out.info().clone(),
         stop_called: None,
         stopped: None,
         at_stop: None,

@@ -186,8 +186,8 @@ fn drain_to_sync<C: Read>(
                         h.packet_num, b.name
                     )));
                 }
-                if let Some(slot) = sink.page_mut(b, off) {
-                    slot.copy_from_slice(&data[i * tps as usize..(i + 1) * tps as usize]);
+                if let Some(mut slot) = sink.page_mut(b, off) {
+                    slot.copy_from(&data[i * tps as usize..(i + 1) * tps as usize]);
                 }
                 counts[b.index].multifd += 1;
             }

@@ -109,7 +109,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
-    let ch = connect_retry(&uri, &out.cancel)?;
+    let ch = connect_retry(&uri, out.cancel())?;
     let progress = opts.progress.then(|| spawn_progress(out.clone()));
     let mut vcpus = guest.vcpus();
     let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
@@ -257,7 +257,7 @@ pub(crate) fn spawn_progress(out: Outgoing) -> (crossbeam_channel::Sender<()>, s
         let bar = indicatif::ProgressBar::new_spinner();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         while rx.recv_timeout(Duration::from_millis(100)).is_err() {
-            let i = out.info.get();
+            let i = out.info().get();
             bar.set_message(format!(
                 "{} | pass {} | sent {:.0} MiB | remaining {:.1} MiB | {:.0} Mbit/s | dirty {} pages/s | expected downtime {} ms{}",
                 i.status,

@@ -66,11 +66,10 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let (mut child, uri) = start_dest(opts, &uri)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
-    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?;
-    out.cancel = cancel.clone();
+    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, &out.cancel) {
+    let ch = match connect_retry(&uri, out.cancel()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -100,7 +99,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let at_stop = vm.control().map_err(vm_err)?;
     let ran = booted.elapsed().saturating_sub(info.downtime.unwrap_or_default()).as_secs_f64();
     let achieved = if ran > 0.0 { (at_stop.writes as f64 * 4096.0 / ran) as u64 } else { 0 };
-    let src_digest = guest::digest(vm.ram());
+    let src_digest = guest::digest_volatile(&vm.ram());
     let src_sum_ok = if at_stop.busy { None } else { Some(vm.working_set_sum().map_err(vm_err)? == at_stop.checksum) };
     drop(vm);
 
@@ -160,7 +159,7 @@ pub fn dest(
     let report = minivmm::migrate::migrate_in(&mut vm, reader, false)
         .map_err(|e| Error::Usage(format!("incoming migration failed: {e}")))?;
     let loaded_ms = start.elapsed().as_millis() as u64;
-    let digest = guest::digest(vm.ram());
+    let digest = guest::digest_volatile(&vm.ram());
     let loaded = vm.control().map_err(vm_err)?;
     let mut vcpus = vm.vcpus();
     if report.runstate.as_deref().is_none_or(|r| r == "running") {

@@ -437,8 +437,8 @@ impl savevm_format::PageSink for ImageSink {
         self.setup(blocks).map_err(|e| e.to_string())
     }
 
-    fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
-        self.image(block.index)?.page_for_write(offset)
+    fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.image(block.index)?.page_for_write(offset)).map(savevm_format::PageSlot::from)
     }
 
     fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
@@ -489,7 +489,9 @@ mod tests {
         sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
         let mut want = vec![0u8; (pages * 4096) as usize];
         let put = |sink: &mut ImageSink, want: &mut Vec<u8>, p: u64, byte: u8| {
-            let slot = sink.page_mut(&block, p * 4096).expect("slot");
+            let Some(savevm_format::PageSlot::Buffer(slot)) = sink.page_mut(&block, p * 4096) else {
+                panic!("page {p}: no buffer slot")
+            };
             // A delta record sees the page's current content.
             let cur = &want[(p * 4096) as usize..][..4096];
             assert_eq!(slot, cur, "page {p} current content");
@@ -514,7 +516,9 @@ mod tests {
         sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
         let mut want = vec![0u8; (pages * 4096) as usize];
         let put = |sink: &mut ImageSink, want: &mut Vec<u8>, p: u64, byte: u8| {
-            let slot = sink.page_mut(&block, p * 4096).expect("slot");
+            let Some(savevm_format::PageSlot::Buffer(slot)) = sink.page_mut(&block, p * 4096) else {
+                panic!("page {p}: no buffer slot")
+            };
             assert_eq!(slot, &want[(p * 4096) as usize..][..4096], "page {p} current content");
             slot.fill(byte);
             want[(p * 4096) as usize..][..4096].fill(byte);

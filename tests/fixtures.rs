@@ -28,9 +28,9 @@ struct Ram {
 }
 
 impl PageSink for Ram {
-    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         let b = self.blocks.entry(block.name.clone()).or_insert_with(|| vec![0; block.length as usize]);
-        b.get_mut(offset as usize..offset as usize + TPS)
+        (b.get_mut(offset as usize..offset as usize + TPS)).map(savevm_format::PageSlot::from)
     }
     fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
         if let Some(b) = self.blocks.get_mut(&block.name) {
@@ -105,8 +105,8 @@ fn load(name: &str, channels: &[&str]) -> Summary {
                         if h.normal_pages > 0 {
                             let b = blocks.iter().find(|b| b.name == h.block).expect("block");
                             for (i, off) in h.offsets.iter().enumerate() {
-                                let slot = s.ram.page_mut(b, *off).expect("slot");
-                                slot.copy_from_slice(&data[i * TPS..(i + 1) * TPS]);
+                                let mut slot = s.ram.page_mut(b, *off).expect("slot");
+                                slot.copy_from(&data[i * TPS..(i + 1) * TPS]);
                             }
                         }
                         if h.is_sync() {

@@ -20,11 +20,13 @@ fn fixture(name: &str) -> Vec<u8> {
 struct Sparse(HashMap<(usize, u64), Box<[u8; 4096]>>);
 
 impl PageSink for Sparse {
-    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
         if self.0.len() > 20_000 && !self.0.contains_key(&(b.index, off)) {
             return None;
         }
-        Some(&mut self.0.entry((b.index, off)).or_insert_with(|| Box::new([0; 4096]))[..])
+        Some(savevm_format::PageSlot::from(
+            &mut self.0.entry((b.index, off)).or_insert_with(|| Box::new([0; 4096]))[..],
+        ))
     }
 }
 

@@ -198,6 +198,7 @@ pub struct PrecopyCore {
     window: (Duration, u64),
     synced_this_round: bool,
     nap_due: bool,
+    forced: bool,
 }
 
 impl PrecopyCore {
@@ -218,6 +219,7 @@ impl PrecopyCore {
             window: (t.now, 0),
             synced_this_round: false,
             nap_due: false,
+            forced: false,
         }
     }
 
@@ -237,6 +239,9 @@ impl PrecopyCore {
     /// What to do next, given the time, the bytes sent and the live devices'
     /// pending bytes (asked just before).
     pub fn step(&mut self, t: Tick, device_pending: u64, p: &MigrationParameters) -> Action {
+        if self.forced {
+            return Action::Switchover;
+        }
         if std::mem::take(&mut self.nap_due) {
             return Action::Nap { until: t.now + IDLE_NAP };
         }
@@ -295,6 +300,13 @@ impl PrecopyCore {
     /// RAM had nothing to send and the devices wrote less than a page naps next.
     pub fn iterated(&mut self, device_pending: u64, device_bytes: u64) {
         self.nap_due = device_pending > 0 && self.pages.pending_pages() == 0 && device_bytes < PAGE as u64;
+    }
+
+    /// Switch over at the next step whatever is pending, the bulk pass included
+    /// (virsh's `--timeout-action suspend`: the rest goes with the guest stopped,
+    /// however long that takes).
+    pub fn force_switchover(&mut self) {
+        self.forced = true;
     }
 
     /// The final sync at switchover (guest stopped) is done; returns its pass number.

@@ -162,17 +162,14 @@ impl<'g> PageWriter<'g> for &mut Vec<u8> {
 /// diverge).
 #[derive(Clone)]
 pub struct Outgoing {
-    /// The state machine (subscribe for notifications); the one owner of the status.
-    pub state: StateMachine,
-    /// `query-migrate` figures, current at any time (status read from `state`).
-    pub info: InfoHandle,
-    /// Parameters, changeable while running (`max-bandwidth`, `downtime-limit`...).
-    pub params: SharedParameters,
-    /// Cancels the migration from any thread.
-    pub cancel: CancelToken,
-    /// Byte counters and the rate limit of the stream.
-    pub rate: RateLimit,
+    state: StateMachine,
+    info: InfoHandle,
+    params: SharedParameters,
+    cancel: CancelToken,
+    rate: RateLimit,
     fixed: Arc<Fixed>,
+    /// Set by [`force_switchover`](Self::force_switchover).
+    force: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`continue_switchover`](Self::continue_switchover).
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
@@ -323,6 +320,7 @@ impl Outgoing {
             params,
             fixed: Arc::new(Fixed { caps, runstate: "running".into() }),
             cancel: CancelToken::new()?,
+            force: Default::default(),
             go_on: Default::default(),
         })
     }
@@ -339,6 +337,31 @@ impl Outgoing {
     pub fn with_cancel(mut self, token: CancelToken) -> Self {
         self.cancel = token;
         self
+    }
+
+    /// The state machine (subscribe for notifications); the one owner of the status.
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// `query-migrate` figures, current at any time (the status read from [`state`](Self::state)).
+    pub fn info(&self) -> &InfoHandle {
+        &self.info
+    }
+
+    /// Parameters, changeable while running (`max-bandwidth`, `downtime-limit`...).
+    pub fn params(&self) -> &SharedParameters {
+        &self.params
+    }
+
+    /// Cancels the migration from any thread.
+    pub fn cancel(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// Byte counters and the rate limit of the stream.
+    pub fn rate(&self) -> &RateLimit {
+        &self.rate
     }
 
     /// The capabilities.
@@ -362,6 +385,13 @@ impl Outgoing {
         *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
         Ok(())
+    }
+
+    /// Stop the guest and complete at the next decision, whatever is still to send
+    /// (the downtime is then what the rest takes): what virsh's `--timeout` with
+    /// `--timeout-action suspend` amounts to. Any thread, any time while running.
+    pub fn force_switchover(&self) {
+        self.force.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Wait in `pre-switchover` until continued or cancelled.
@@ -537,6 +567,9 @@ impl Outgoing {
             self.rate.set_max_bandwidth(params.max_bandwidth);
             let dev_pending: Vec<u64> = vm.live_devices.iter_mut().map(|d| d.pending()).collect();
             let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
+            if self.force.load(std::sync::atomic::Ordering::SeqCst) {
+                run.core.force_switchover();
+            }
             let tick = run.tick();
             match run.core.step(tick, dev_total, &params) {
                 Action::Sync => {

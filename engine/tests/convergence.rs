@@ -96,10 +96,10 @@ struct Outcome {
     naps: u64,
 }
 
-/// A parameter change applied when the clock passes its time.
-type ParamChange = (Duration, fn(&mut MigrationParameters));
-/// A live device: its pending bytes at time t, and the bytes each PART carries.
-type LiveDeviceLoad = (fn(Duration) -> u64, u64);
+/// A parameter change applied at a set time.
+type Change = (Duration, fn(&mut MigrationParameters));
+/// A live device: its pending bytes at a time, and the bytes each of its PARTs carries.
+type Device = (fn(Duration) -> u64, u64);
 
 /// The simulated run: guest, link, core, and a schedule of parameter changes.
 struct Sim {
@@ -109,10 +109,12 @@ struct Sim {
     params: MigrationParameters,
     auto_converge: bool,
     /// (time, change) applied when the clock passes the time.
-    changes: Vec<ParamChange>,
+    changes: Vec<Change>,
     /// A live device's pending bytes over time (bytes at time t), and how many bytes
     /// each of its PARTs carries.
-    device: Option<LiveDeviceLoad>,
+    device: Option<Device>,
+    /// When to force the switchover (virsh's `--timeout-action suspend`).
+    force_at: Option<Duration>,
     now: Duration,
     bytes: u64,
     dst: Vec<u64>,
@@ -129,6 +131,7 @@ impl Sim {
             auto_converge: false,
             changes: vec![],
             device: None,
+            force_at: None,
             now: Duration::ZERO,
             bytes: 0,
             dst: vec![u64::MAX; n],
@@ -187,6 +190,9 @@ impl Sim {
                 next_second += Duration::from_secs(1);
             }
             let dev_pending = self.device.map_or(0, |(f, _)| f(self.now));
+            if self.force_at.is_some_and(|t| self.now >= t) {
+                core.force_switchover();
+            }
             let pending_before = core.pages_mut().pending_pages() * PAGE as u64;
             match core.step(self.tick(), dev_pending, &self.params) {
                 Action::Sync => {
@@ -227,6 +233,10 @@ impl Sim {
                 Action::Switchover => {
                     o.switchover = Some(self.now);
                     o.bulk_before_switchover = self.sent_once.iter().all(|&s| s);
+                    if self.force_at.is_some() {
+                        // A forced switchover answers no rule: record it and finish.
+                        o.at_switchover = (pending_before, 0);
+                    }
                     o.at_switchover = (pending_before + dev_pending, core.stats().threshold);
                     self.guest.running = false;
                     let t0 = self.now;
@@ -397,5 +407,21 @@ proptest! {
             // downtime can carry.
             prop_assert!(rate * PAGE as f64 > link * 0.05, "an easy guest did not converge: {:?}", o);
         }
+    }
+}
+
+#[test]
+fn a_forced_switchover_completes_at_the_next_decision_even_mid_bulk() {
+    // The guest that never converges, forced at 3 s (after the bulk pass) and at
+    // 0.3 s (in the middle of it): both complete at once, nothing lost (the run
+    // checks every page at the switchover).
+    for at_ms in [3000u64, 300] {
+        let mut sim = Sim::new(hot_guest(9), 1e12, params(16 * MIB, 300));
+        sim.force_at = Some(Duration::from_millis(at_ms));
+        let (o, _) = sim.run(Duration::from_secs(20));
+        let at = o.switchover.unwrap_or_else(|| panic!("forced at {at_ms} ms: {o:?}"));
+        assert!(at >= Duration::from_millis(at_ms), "{at:?}");
+        assert!(at <= Duration::from_millis(at_ms) + PART_MAX + Duration::from_millis(5), "{at:?}");
+        assert_eq!(o.bulk_before_switchover, at_ms > 2000, "forced at {at_ms} ms");
     }
 }

@@ -27,8 +27,8 @@ const MIB: usize = 1 << 20;
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -89,13 +89,13 @@ fn rig(
     let region = guest.region("pc.ram").expect("region");
     let dirty = vec![guest.dirty()];
     let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let uri = sock(name);
     let listener = Listener::bind(&uri, &CancelToken::new().expect("token")).expect("listen");
     let dst = destination(listener, len);
     // As the CLI does: the channel shares the migration's token, so a cancel also
     // wakes I/O blocked on the socket.
-    let ch = connect(&uri, &out.cancel).expect("connect");
+    let ch = connect(&uri, out.cancel()).expect("connect");
     Rig { guest, region, dirty, out, notes, dst: Some(dst), ch: Some(ch), len }
 }
 
@@ -149,20 +149,20 @@ fn auto_converge_steps_the_throttle_and_completes() {
     let probe = rig.guest.vcpus();
     let steps: Arc<Mutex<Vec<(Instant, u8, u8)>>> = Arc::default();
     let log = steps.clone();
-    rig.out.state.on_notify(move |n| {
+    rig.out.state().on_notify(move |n| {
         if let Notification::Throttle { percentage } = n {
             log.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), *percentage, probe.throttle()));
         }
     });
     let t0 = Instant::now();
     let ((res, vcpus), (active_at, reported)) = rig.run_watched(|out, _| {
-        wait_for("active", Duration::from_secs(5), || out.state.status() == S::Active);
+        wait_for("active", Duration::from_secs(5), || out.state().status() == S::Active);
         let active_at = Instant::now();
         // cpu-throttle-percentage as query-migrate shows it while running.
         let mut reported = vec![];
-        while !out.state.status().is_terminal() {
-            assert!(active_at.elapsed() < Duration::from_secs(30), "no completion: {:?}", out.info.get());
-            if let Some(p) = out.info.get().cpu_throttle_percentage {
+        while !out.state().status().is_terminal() {
+            assert!(active_at.elapsed() < Duration::from_secs(30), "no completion: {:?}", out.info().get());
+            if let Some(p) = out.info().get().cpu_throttle_percentage {
                 if reported.last() != Some(&p) {
                     reported.push(p);
                 }

@@ -40,8 +40,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -573,7 +573,7 @@ fn a_live_device_dirtied_during_migration_arrives_identical() {
     assert_eq!(r.kinds.last(), Some(&SectionKind::End));
     assert_eq!(r.kinds.iter().filter(|k| **k == SectionKind::Part).count() as u64, parts);
     assert_eq!(report.live_sections, parts + 2);
-    assert_eq!(out.state.status(), MigrationStatus::Completed);
+    assert_eq!(out.state().status(), MigrationStatus::Completed);
 }
 
 #[test]
@@ -583,13 +583,14 @@ fn pending_device_bytes_hold_off_the_switchover() {
     let out = outgoing(32 << 20);
     let hold = Arc::new(AtomicBool::new(true));
     let (o, h) = (out.clone(), hold.clone());
+    // Taken before the watcher starts its 1.5 s, so `released - start` is at least that.
+    let start = Instant::now();
     let watcher = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        let status = o.state.status();
+        let status = o.state().status();
         h.store(false, Ordering::SeqCst);
         (status, Instant::now())
     });
-    let start = Instant::now();
     let r = live_migration("hold", &out, hold);
     let done = Instant::now();
     let (status, released) = watcher.join().expect("watcher");
@@ -610,14 +611,14 @@ fn cancel_with_a_live_device_cleans_it_up() {
     let o = out.clone();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
-        o.cancel.cancel();
+        o.cancel().cancel();
     });
     let r = live_migration("cancel", &out, Arc::new(AtomicBool::new(true)));
     canceller.join().expect("canceller");
     assert!(matches!(r.run.src, Err(EngineError::Cancelled)), "{:?}", r.run.src);
     assert!(r.run.dst.is_err(), "the destination must not complete");
     assert_eq!(r.stats.cleanups.load(Ordering::SeqCst), 1);
-    assert_eq!(out.state.status(), MigrationStatus::Cancelled);
+    assert_eq!(out.state().status(), MigrationStatus::Cancelled);
 }
 
 #[test]
@@ -642,7 +643,7 @@ fn refusals_name_the_device_and_live_devices_are_cleaned_up() {
     }
     assert!(run.dst.is_err());
     assert_eq!(stats.cleanups.load(Ordering::SeqCst), 1, "cleanup after a failed setup");
-    assert_eq!(out.state.status(), MigrationStatus::Failed);
+    assert_eq!(out.state().status(), MigrationStatus::Failed);
 
     // A hand-written device refusing to save, at switchover: the guest runs again.
     let mut rtc = Blob { refuse: true, ..Blob::new("rtc", 1, vec![1, 2, 3]) };

@@ -78,20 +78,20 @@ fn cancelled_migration(uri: MigrationUri) {
         }
         _ => None,
     };
-    let ch = connect(&uri, &out.cancel).expect("connect");
+    let ch = connect(&uri, out.cancel()).expect("connect");
     let mut vcpus = guest.vcpus();
     let o = out.clone();
     let canceller = std::thread::spawn(move || {
         let t0 = Instant::now();
-        while o.info.get().normal < 256 && t0.elapsed() < Duration::from_secs(5) {
+        while o.info().get().normal < 256 && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        o.cancel.cancel();
+        o.cancel().cancel();
     });
     let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(dirty[0].clone())], &mut vcpus);
     canceller.join().expect("canceller");
     assert!(matches!(res, Err(EngineError::Cancelled)), "{uri}: {res:?}");
-    assert_eq!(out.state.status(), S::Cancelled);
+    assert_eq!(out.state().status(), S::Cancelled);
     assert!(vcpus.running());
     if let Some(d) = dst {
         d.join().expect("destination");

@@ -126,13 +126,13 @@ fn rig(len: usize, data: bool, rate: u64, params: MigrationParameters, caps: Mig
     guest.start(1, rate, len as u64 ^ rate);
     let region = guest.region("pc.ram").expect("region");
     let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     // As the CLI does, the channel shares the migration's token: a cancel also
     // shuts the socket down (or kills the command) and wakes blocked I/O.
     let (ch, dst) = match dst {
-        Dst::Unix(name, mode) => unix(name, mode, &out.cancel),
+        Dst::Unix(name, mode) => unix(name, mode, out.cancel()),
         Dst::UnixOtherToken(name, mode, token) => unix(name, mode, &token),
-        Dst::Exec(cmd) => (connect(&MigrationUri::Exec(cmd), &out.cancel).expect("spawn"), None),
+        Dst::Exec(cmd) => (connect(&MigrationUri::Exec(cmd), out.cancel()).expect("spawn"), None),
     };
     Rig { guest, region, out, notes, ch: Some(ch), dst }
 }
@@ -177,8 +177,8 @@ impl Rig {
         eprintln!("{what}: run returned {took:?} after the cancel");
         assert!(matches!(res, Err(EngineError::Cancelled)), "{what}: {res:?}");
         assert!(took < Duration::from_secs(1), "{what}: run returned {took:?} after the cancel");
-        assert_eq!(self.out.state.status(), S::Cancelled, "{what}");
-        let info = self.out.info.get();
+        assert_eq!(self.out.state().status(), S::Cancelled, "{what}");
+        let info = self.out.info().get();
         assert_eq!(info.status, S::Cancelled, "{what}");
         assert_eq!(info.error_desc, None, "{what}: a cancel is not an error");
         self.assert_guest_running(&vcpus, what);
@@ -210,7 +210,7 @@ fn cancel_before_the_run_ends_cancelled_in_setup() {
     let _serial = serial();
     let mut rig = rig(4 * MIB, true, 4 << 20, unlimited(), Default::default(), Dst::Unix("pre", Mode::Normal));
     let at = Instant::now();
-    rig.out.cancel.cancel();
+    rig.out.cancel().cancel();
     let res = rig.run_watched(|_, _| ()).0;
     rig.assert_cancelled("cancel before run", res, at, SETUP_PATH);
 }
@@ -220,9 +220,9 @@ fn cancel_in_setup_ends_cancelled() {
     let _serial = serial();
     let mut rig = rig(4 * MIB, true, 4 << 20, unlimited(), Default::default(), Dst::Unix("setup", Mode::Normal));
     // Injected on the migration thread the moment it enters setup.
-    let (token, at) = (rig.out.cancel.clone(), Arc::new(Mutex::new(None)));
+    let (token, at) = (rig.out.cancel().clone(), Arc::new(Mutex::new(None)));
     let when = at.clone();
-    rig.out.state.on_notify(move |n| {
+    rig.out.state().on_notify(move |n| {
         if matches!(n, Notification::State { to: S::Setup, .. }) {
             *when.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             token.cancel();
@@ -239,16 +239,16 @@ fn cancel_mid_pass_in_active() {
     // 32 MiB of data at 4 MiB/s: the bulk pass lasts 8 s.
     let mut rig = rig(32 * MIB, true, 4 << 20, slow(4 << 20), Default::default(), Dst::Unix("pass", Mode::Normal));
     let (res, (at, mid)) = rig.run_watched(|out, probe| {
-        wait_for("pages sent", Duration::from_secs(5), || out.info.get().normal >= 512);
-        let mid = out.info.get();
+        wait_for("pages sent", Duration::from_secs(5), || out.info().get().normal >= 512);
+        let mid = out.info().get();
         assert_eq!(mid.status, S::Active);
         assert_eq!(mid.dirty_sync_count, 1, "still in the bulk pass");
         assert!(probe.running());
         let at = Instant::now();
-        out.cancel.cancel();
+        out.cancel().cancel();
         (at, mid)
     });
-    let end = rig.out.info.get();
+    let end = rig.out.info().get();
     eprintln!(
         "mid-pass: cancelled after {} pages, {} bytes; {} pages at the end",
         mid.normal, mid.transferred, end.normal
@@ -263,9 +263,9 @@ fn cancel_at_switchover_with_the_guest_stopped() {
     let mut rig = rig(8 * MIB, true, 8 << 20, unlimited(), Default::default(), Dst::Unix("switch", Mode::Normal));
     // At the final sync (guest stopped), before the END section goes out.
     let probe = rig.guest.vcpus();
-    let (token, at) = (rig.out.cancel.clone(), Arc::new(Mutex::new(None)));
+    let (token, at) = (rig.out.cancel().clone(), Arc::new(Mutex::new(None)));
     let when = at.clone();
-    rig.out.state.on_notify(move |n| {
+    rig.out.state().on_notify(move |n| {
         if matches!(n, Notification::Pass { .. }) && !probe.running() {
             *when.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             token.cancel();
@@ -281,9 +281,9 @@ fn cancel_in_device_state() {
     let _serial = serial();
     let caps = MigrationCapabilities { pause_before_switchover: true, ..Default::default() };
     let mut rig = rig(8 * MIB, true, 8 << 20, unlimited(), caps, Dst::Unix("device", Mode::Normal));
-    let (token, at) = (rig.out.cancel.clone(), Arc::new(Mutex::new(None)));
+    let (token, at) = (rig.out.cancel().clone(), Arc::new(Mutex::new(None)));
     let when = at.clone();
-    rig.out.state.on_notify(move |n| {
+    rig.out.state().on_notify(move |n| {
         if matches!(n, Notification::State { to: S::Device, .. }) {
             *when.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             token.cancel();
@@ -291,7 +291,7 @@ fn cancel_in_device_state() {
     });
     let res = rig
         .run_watched(|out, probe| {
-            wait_for("pre-switchover", Duration::from_secs(10), || out.state.status() == S::PreSwitchover);
+            wait_for("pre-switchover", Duration::from_secs(10), || out.state().status() == S::PreSwitchover);
             assert!(!probe.running(), "stopped in pre-switchover");
             out.continue_switchover().expect("continue");
         })
@@ -316,14 +316,14 @@ fn cancel_mid_end_section_to_a_slow_destination() {
     let (res, at) = rig.run_watched(|out, probe| {
         wait_for("switchover", Duration::from_secs(10), || !probe.running());
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(out.state.status(), S::Active, "still sending the END section");
+        assert_eq!(out.state().status(), S::Active, "still sending the END section");
         assert!(!probe.running());
-        let sent = out.rate.total_bytes();
-        let left = out.info.get().remaining;
+        let sent = out.rate().total_bytes();
+        let left = out.info().get().remaining;
         assert!(left > MIB as u64, "mid-END: {left} bytes of the END section still to send");
         eprintln!("mid-END: cancel after {sent} bytes, {left} left");
         let at = Instant::now();
-        out.cancel.cancel();
+        out.cancel().cancel();
         at
     });
     rig.assert_cancelled("cancel mid-END", res, at, ACTIVE_PATH);
@@ -336,23 +336,23 @@ fn cancel_while_the_destination_never_reads() {
     let mut rig =
         rig(32 * MIB, true, 4 << 20, slow(32 << 20), Default::default(), Dst::Unix("stall", Mode::Stall(wait)));
     let (res, at) = rig.run_watched(|out, probe| {
-        wait_for("active", Duration::from_secs(5), || out.state.status() == S::Active);
+        wait_for("active", Duration::from_secs(5), || out.state().status() == S::Active);
         // Blocked: no byte goes out for 300 ms.
         let t0 = Instant::now();
-        let mut last = (out.rate.total_bytes(), Instant::now());
+        let mut last = (out.rate().total_bytes(), Instant::now());
         while last.1.elapsed() < Duration::from_millis(300) {
             assert!(t0.elapsed() < Duration::from_secs(5), "the source never blocked");
             std::thread::sleep(Duration::from_millis(10));
-            let now = out.rate.total_bytes();
+            let now = out.rate().total_bytes();
             if now != last.0 {
                 last = (now, Instant::now());
             }
         }
         eprintln!("stalled: the source blocked after {} bytes", last.0);
-        assert_eq!(out.state.status(), S::Active);
+        assert_eq!(out.state().status(), S::Active);
         assert!(probe.running());
         let at = Instant::now();
-        out.cancel.cancel();
+        out.cancel().cancel();
         at
     });
     let _ = go.send(());
@@ -378,8 +378,8 @@ fn destination_process_killed_mid_pass_fails_promptly() {
     let cmd = format!("cat > /dev/null; : {marker}");
     let mut rig = rig(32 * MIB, true, 4 << 20, slow(4 << 20), Default::default(), Dst::Exec(cmd));
     let (res, (killed_at, pid)) = rig.run_watched(|out, probe| {
-        wait_for("pages sent", Duration::from_secs(5), || out.info.get().normal >= 512);
-        assert_eq!(out.info.get().dirty_sync_count, 1, "mid bulk pass");
+        wait_for("pages sent", Duration::from_secs(5), || out.info().get().normal >= 512);
+        assert_eq!(out.info().get().dirty_sync_count, 1, "mid bulk pass");
         let pid = find_process(&marker).expect("the destination process");
         // Its whole process group (the shell and cat), as a crash or OOM kill would.
         // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
@@ -397,8 +397,8 @@ fn destination_process_killed_mid_pass_fails_promptly() {
         Ok(i) => panic!("completed without a destination: {i:?}"),
     };
     assert!(took < Duration::from_millis(1500), "failed {took:?} after the kill");
-    assert_eq!(rig.out.state.status(), S::Failed);
-    let info = rig.out.info.get();
+    assert_eq!(rig.out.state().status(), S::Failed);
+    let info = rig.out.info().get();
     assert_eq!(info.status, S::Failed);
     assert_eq!(info.error_desc.as_deref(), Some(err.to_string().as_str()));
     rig.assert_guest_running(&vcpus, "killed destination");
@@ -422,19 +422,19 @@ fn cancel_with_a_channel_on_another_token() {
     let dst = Dst::UnixOtherToken("other", Mode::Stall(wait), other.clone());
     let mut rig = rig(32 * MIB, true, 4 << 20, slow(32 << 20), Default::default(), dst);
     let (res, at) = rig.run_watched(move |out, _| {
-        wait_for("active", Duration::from_secs(5), || out.state.status() == S::Active);
-        let mut last = (out.rate.total_bytes(), Instant::now());
+        wait_for("active", Duration::from_secs(5), || out.state().status() == S::Active);
+        let mut last = (out.rate().total_bytes(), Instant::now());
         while last.1.elapsed() < Duration::from_millis(300) {
             std::thread::sleep(Duration::from_millis(10));
-            let now = out.rate.total_bytes();
+            let now = out.rate().total_bytes();
             if now != last.0 {
                 last = (now, Instant::now());
             }
         }
         let at = Instant::now();
-        out.cancel.cancel();
+        out.cancel().cancel();
         // Unblock the writer if the engine did not, so that the test ends either way.
-        while !out.state.status().is_terminal() && at.elapsed() < Duration::from_secs(2) {
+        while !out.state().status().is_terminal() && at.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(5));
         }
         other.cancel();

@@ -113,8 +113,8 @@ impl VcpuControl for DestVcpus {
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -195,7 +195,7 @@ fn a_blocker_fails_the_migration_at_start() {
     let listener = Listener::bind(&uri("blocked"), &cancel).expect("listen");
     let ch = connect(&uri("blocked"), &cancel).expect("connect");
     let out = Outgoing::new(SharedParameters::default(), MigrationCapabilities::default()).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let mut vm = VmParts {
         blockers: vec![MigrationBlocker { reason: "device 'vfio0' does not support migration".into() }],
         ..Default::default()
@@ -205,9 +205,9 @@ fn a_blocker_fails_the_migration_at_start() {
         .run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus, &mut vm)
         .expect_err("blocked");
     assert!(matches!(&e, EngineError::Blocked(r) if r.contains("vfio0")), "{e}");
-    assert_eq!(out.state.status(), MigrationStatus::Failed);
+    assert_eq!(out.state().status(), MigrationStatus::Failed);
     assert_eq!(
-        out.info.get().error_desc.as_deref(),
+        out.info().get().error_desc.as_deref(),
         Some("migration is blocked: device 'vfio0' does not support migration")
     );
     assert_eq!(check_sequence(Role::Source, &notes.try_iter().collect::<Vec<_>>()), Ok(()));

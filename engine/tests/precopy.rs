@@ -17,8 +17,8 @@ use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, 
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 
@@ -58,7 +58,7 @@ fn migrate(seed: u64, len: usize, dirty_rate: u64, params: MigrationParameters, 
     let region = guest.region("mem").expect("region");
     let dirty: Vec<Arc<DirtyBitmap>> = vec![guest.dirty()];
     let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps).expect("outgoing");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let uri = sock(&format!("s{seed}"));
     let cancel = CancelToken::new().expect("token");
     let listener = Listener::bind(&uri, &cancel).expect("listen");
@@ -130,7 +130,7 @@ fn cancel_resumes_the_guest() {
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
         let t = Instant::now();
-        handle.cancel.cancel();
+        handle.cancel().cancel();
         t
     });
     let mut vcpus = guest.vcpus();
@@ -138,7 +138,7 @@ fn cancel_resumes_the_guest() {
     let cancelled_at = canceller.join().expect("canceller");
     assert!(cancelled_at.elapsed() < Duration::from_secs(1), "run returned {:?} after cancel", cancelled_at.elapsed());
     assert!(matches!(res, Err(engine::source::EngineError::Cancelled)), "{res:?}");
-    assert_eq!(out.state.status(), MigrationStatus::Cancelled);
+    assert_eq!(out.state().status(), MigrationStatus::Cancelled);
     assert!(vcpus.running(), "guest resumed on the source");
     let w0 = guest.writes();
     std::thread::sleep(Duration::from_millis(100));

@@ -17,12 +17,12 @@ struct Ram {
 }
 
 impl PageSink for Ram {
-    fn page_mut(&mut self, _: &RamBlock, offset: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, _: &RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         let o = offset as usize;
         if o >= self.limit {
             return None;
         }
-        self.mem.get_mut(o..o + self.slot)
+        (self.mem.get_mut(o..o + self.slot)).map(savevm_format::PageSlot::from)
     }
 }
 

@@ -43,17 +43,17 @@ fn setup(name: &str) -> (SyntheticGuest, Outgoing, std::thread::JoinHandle<bool>
 #[test]
 fn waits_in_pre_switchover_until_continued() {
     let (guest, out, dst, ch) = setup("cont");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     assert!(out.continue_switchover().is_err(), "nothing to continue yet");
     let o = out.clone();
     let ctl = std::thread::spawn(move || {
         let t0 = Instant::now();
-        while o.state.status() != S::PreSwitchover {
+        while o.state().status() != S::PreSwitchover {
             assert!(t0.elapsed() < Duration::from_secs(10), "never reached pre-switchover");
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(o.state.status(), S::PreSwitchover, "it waits");
+        assert_eq!(o.state().status(), S::PreSwitchover, "it waits");
         o.continue_switchover().expect("continue");
     });
     let region = guest.region("mem").expect("region");
@@ -72,13 +72,13 @@ fn waits_in_pre_switchover_until_continued() {
 #[test]
 fn cancel_in_pre_switchover_resumes_the_guest() {
     let (guest, out, dst, ch) = setup("cancel");
-    let notes = out.state.subscribe();
+    let notes = out.state().subscribe();
     let o = out.clone();
     let ctl = std::thread::spawn(move || {
-        while o.state.status() != S::PreSwitchover {
+        while o.state().status() != S::PreSwitchover {
             std::thread::sleep(Duration::from_millis(5));
         }
-        o.cancel.cancel();
+        o.cancel().cancel();
         Instant::now()
     });
     let region = guest.region("mem").expect("region");
@@ -90,5 +90,5 @@ fn cancel_in_pre_switchover_resumes_the_guest() {
     assert!(vcpus.running(), "guest resumed");
     assert!(!dst.join().expect("dst"), "no complete stream at the destination");
     assert_eq!(check_sequence(Role::Source, &notes.try_iter().collect::<Vec<_>>()), Ok(()));
-    assert_eq!(out.state.status(), S::Cancelled);
+    assert_eq!(out.state().status(), S::Cancelled);
 }

@@ -40,8 +40,8 @@ impl VcpuControl for Writer {
 struct Mem(Vec<u8>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<&mut [u8]> {
-        self.0.get_mut(off as usize..off as usize + 4096)
+    fn page_mut(&mut self, _: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
+        (self.0.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 

@@ -41,7 +41,7 @@ impl MapSink {
 }
 
 impl PageSink for MapSink {
-    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         let tps = self.tps as u64;
         // The decoder promises an aligned, range-checked offset.
         assert_eq!(offset % tps, 0, "unaligned page offset {offset:#x}");
@@ -59,7 +59,15 @@ impl PageSink for MapSink {
             self.pages.insert(key, vec![0u8; self.tps].into_boxed_slice());
             self.bytes += self.tps;
         }
-        self.pages.get_mut(&key).map(|p| &mut p[..])
+        // Every other page goes through the guest-memory (volatile) path.
+        let guest = (offset / tps) % 2 == 1;
+        self.pages.get_mut(&key).map(|p| {
+            if guest {
+                savevm_format::PageSlot::Guest(vm_memory::VolatileSlice::from(&mut p[..]))
+            } else {
+                savevm_format::PageSlot::Buffer(&mut p[..])
+            }
+        })
     }
 
     fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {

@@ -81,6 +81,71 @@ pub fn word_sum(bytes: &[u8]) -> u64 {
 /// A 64-bit digest of `bytes` (four multiply-rotate lanes over u64 words, then
 /// the tail): fast enough to compare whole guest RAM images across processes.
 pub fn digest(bytes: &[u8]) -> u64 {
+    let mut d = Digest::default();
+    d.update(bytes);
+    d.finish()
+}
+
+/// [`digest`] of guest memory read through a volatile view (copied out 1 MiB at a time).
+pub fn digest_volatile(mem: &vm_memory::VolatileSlice<'_>) -> u64 {
+    let mut d = Digest::default();
+    let mut buf = vec![0u8; 1 << 20];
+    for at in (0..mem.len()).step_by(buf.len()) {
+        let n = (mem.len() - at).min(buf.len());
+        if let Ok(part) = mem.subslice(at, n) {
+            part.copy_to(&mut buf[..n]);
+        }
+        d.update(&buf[..n]);
+    }
+    d.finish()
+}
+
+/// The state of a [`digest`] fed in pieces (each but the last a multiple of 32 bytes).
+#[derive(Debug, Clone)]
+struct Digest {
+    h: [u64; 4],
+    len: u64,
+    tail: Vec<u8>,
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest { h: [1, 2, 3, 4], len: 0, tail: Vec::new() }
+    }
+}
+
+const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
+
+impl Digest {
+    fn update(&mut self, bytes: &[u8]) {
+        debug_assert!(self.tail.is_empty(), "only the last piece may be short of 32 bytes");
+        self.len += bytes.len() as u64;
+        let mut chunks = bytes.chunks_exact(32);
+        for c in &mut chunks {
+            for (i, h) in self.h.iter_mut().enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&c[i * 8..i * 8 + 8]);
+                *h = (*h ^ u64::from_le_bytes(w)).wrapping_mul(K[i]).rotate_left(31);
+            }
+        }
+        self.tail.extend_from_slice(chunks.remainder());
+    }
+
+    fn finish(self) -> u64 {
+        let mut out = self.len;
+        for (i, x) in self.h.iter().enumerate() {
+            out = (out ^ x).wrapping_mul(K[i]).rotate_left(27);
+        }
+        for &b in &self.tail {
+            out = (out ^ b as u64).wrapping_mul(K[0]);
+        }
+        out ^ (out >> 29)
+    }
+}
+
+/// The old one-piece form, kept to check [`Digest`] against it.
+#[cfg(test)]
+fn digest_reference(bytes: &[u8]) -> u64 {
     const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
     let mut h = [1u64, 2, 3, 4];
     let mut chunks = bytes.chunks_exact(32);
@@ -127,6 +192,15 @@ mod tests {
         assert!(ok(std::process::Command::new("objcopy").args(["-O", "binary"]).arg(&obj).arg(&bin)));
         assert_eq!(std::fs::read(&bin).unwrap(), PROGRAM);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn digest_in_pieces_and_over_volatile_memory_is_the_same() {
+        let mut a: Vec<u8> = (0..(3 << 20) + 77).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let d = digest_reference(&a);
+        assert_eq!(digest(&a), d);
+        let v = vm_memory::VolatileSlice::from(&mut a[..]);
+        assert_eq!(digest_volatile(&v), d);
     }
 
     #[test]

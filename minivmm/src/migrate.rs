@@ -11,7 +11,7 @@
 //! vm.boot(GuestConfig { working_set: 256 << 20, dirty_rate: 64 << 20, seed: 1 })?;
 //! engine::source::VcpuControl::resume(&mut vm.vcpus())?;
 //! let out = Outgoing::new(SharedParameters::new(MigrationParameters::default())?, MigrationCapabilities::default())?;
-//! let ch = transports::connect(&"unix:/tmp/dest.sock".parse()?, &out.cancel)?;
+//! let ch = transports::connect(&"unix:/tmp/dest.sock".parse()?, out.cancel())?;
 //! let info = minivmm::migrate::migrate_out(&vm, &out, ch)?;
 //! println!("downtime {:?}", info.downtime);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

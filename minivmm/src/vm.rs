@@ -592,11 +592,30 @@ impl Vm {
             .ok_or_else(|| VmError::Memory("empty RAM".into()))
     }
 
-    /// The RAM block's bytes. Callers must not hold this while the vCPU runs and
-    /// expect it to stay still.
-    pub fn ram(&self) -> &[u8] {
-        // SAFETY: `ram` is a live mapping of `ram_size` bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ram.as_ptr(), self.layout.ram_size as usize) }
+    /// The RAM block as a volatile view (the vCPU may write it at any time).
+    pub fn ram(&self) -> vm_memory::VolatileSlice<'_> {
+        vm_memory::VolatileMemory::as_volatile_slice(&*self.ram)
+    }
+
+    /// True when this VM's RAM equals `other`'s byte for byte (compared in 1 MiB
+    /// copies; meaningful while both guests are stopped).
+    pub fn ram_equals(&self, other: &Vm) -> bool {
+        let (a, b) = (self.ram(), other.ram());
+        if a.len() != b.len() {
+            return false;
+        }
+        let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        (0..a.len()).step_by(1 << 20).all(|at| {
+            let n = (a.len() - at).min(1 << 20);
+            match (a.subslice(at, n), b.subslice(at, n)) {
+                (Ok(p), Ok(q)) => {
+                    p.copy_to(&mut x[..n]);
+                    q.copy_to(&mut y[..n]);
+                    x[..n] == y[..n]
+                }
+                _ => false,
+            }
+        })
     }
 
     /// A page sink writing the incoming `pc.ram` block straight into guest RAM.
@@ -606,9 +625,9 @@ impl Vm {
         self.written = true;
         let pages = self.layout.ram_size / 4096;
         let known_zero = pristine.then(|| vec![u64::MAX; pages.div_ceil(64) as usize]);
-        // SAFETY: as in `ram`; the vCPU is parked while the destination loads.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(self.ram.as_ptr(), self.layout.ram_size as usize) };
-        RamSink { bytes, known_zero }
+        // Guest memory is only ever reached through volatile views (the vCPU may run
+        // again while the sink lives, as it does in postcopy).
+        RamSink { ram: vm_memory::VolatileMemory::as_volatile_slice(&*self.ram), known_zero }
     }
 
     /// The guest's control block now.
@@ -688,7 +707,7 @@ impl Drop for Vm {
 
 /// Writes incoming pages of `pc.ram` into guest RAM.
 pub struct RamSink<'a> {
-    bytes: &'a mut [u8],
+    ram: vm_memory::VolatileSlice<'a, ()>,
     /// One bit per page still zero since the VM was created (a fresh anonymous
     /// mapping): a ZERO record for it needs no access (reading would fault it in).
     known_zero: Option<Vec<u64>>,
@@ -697,21 +716,21 @@ pub struct RamSink<'a> {
 impl savevm_format::PageSink for RamSink<'_> {
     fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<(), String> {
         match blocks {
-            [b] if b.name == RAM_BLOCK && b.length == self.bytes.len() as u64 => Ok(()),
+            [b] if b.name == RAM_BLOCK && b.length == self.ram.len() as u64 => Ok(()),
             _ => Err(format!(
                 "this VM has one RAM block '{RAM_BLOCK}' of {} bytes; the stream has {}",
-                self.bytes.len(),
+                self.ram.len(),
                 blocks.iter().map(|b| format!("'{}' ({} bytes)", b.name, b.length)).collect::<Vec<_>>().join(", ")
             )),
         }
     }
 
-    fn page_mut(&mut self, _block: &savevm_format::RamBlock, offset: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, _block: &savevm_format::RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         let p = (offset / 4096) as usize;
         if let Some(w) = self.known_zero.as_mut().and_then(|k| k.get_mut(p / 64)) {
             *w &= !(1u64 << (p % 64));
         }
-        self.bytes.get_mut(offset as usize..offset as usize + 4096)
+        self.ram.subslice(usize::try_from(offset).ok()?, 4096).ok().map(savevm_format::PageSlot::Guest)
     }
 
     fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
@@ -720,10 +739,8 @@ impl savevm_format::PageSink for RamSink<'_> {
         if fill == 0 && zero {
             return;
         }
-        if let Some(page) = self.page_mut(block, offset) {
-            if fill != 0 || !savevm_format::ram::is_zero_page(page) {
-                page.fill(fill);
-            }
+        if let Some(mut page) = self.page_mut(block, offset) {
+            page.fill(fill);
         }
     }
 }

@@ -44,7 +44,7 @@ fn migrate(
         dst
     });
     let out = outgoing(params);
-    let ch = transports::connect(&uri, &out.cancel).unwrap();
+    let ch = transports::connect(&uri, out.cancel()).unwrap();
     let info = minivmm::migrate::migrate_out(&src, &out, ch).unwrap();
     let dst = dst.join().unwrap();
     (src, dst, info)
@@ -69,7 +69,7 @@ fn guest_migrates_live_and_runs_on() {
         // The source stopped for good at switchover: its RAM is the guest at stop.
         let at_stop = src.control().unwrap();
         assert!(src.vcpus().is_parked());
-        assert!(src.ram() == dst.ram(), "destination RAM equals source RAM at stop ({layout:?})");
+        assert!(src.ram_equals(&dst), "destination RAM equals source RAM at stop ({layout:?})");
         // The guest may have stopped mid-write: its registers finish it on the destination.
         dst.vcpus().resume().unwrap();
         std::thread::sleep(Duration::from_millis(1000));
@@ -103,9 +103,9 @@ fn cancel_mid_migration_leaves_the_guest_running_on_the_source() {
     });
     // Slow enough that the cancel lands mid-pass.
     let out = outgoing(MigrationParameters { max_bandwidth: 64 << 20, ..Default::default() });
-    let ch = transports::connect(&uri, &out.cancel).unwrap();
-    let cancel = out.cancel.clone();
-    let info = out.info.clone();
+    let ch = transports::connect(&uri, out.cancel()).unwrap();
+    let cancel = out.cancel().clone();
+    let info = out.info().clone();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         let s = info.get().status;
@@ -116,7 +116,7 @@ fn cancel_mid_migration_leaves_the_guest_running_on_the_source() {
     let status_at_cancel = canceller.join().unwrap();
     assert!(matches!(r, Err(EngineError::Cancelled)), "{r:?}");
     assert_eq!(status_at_cancel, MigrationStatus::Active);
-    assert_eq!(out.info.get().status, MigrationStatus::Cancelled);
+    assert_eq!(out.info().get().status, MigrationStatus::Cancelled);
     let (dst_failed, dst_parked, dst_still) = dst.join().unwrap();
     assert!(dst_failed && dst_parked && dst_still, "the destination never started the guest");
     // The source guest runs on.

@@ -19,6 +19,7 @@ use serde_json::Value as Json;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::Arc;
+use vm_memory::VolatileSlice;
 
 /// Bounds that keep hostile input from making the decoder allocate or loop without limit.
 #[derive(Debug, Clone)]
@@ -184,12 +185,90 @@ pub enum Event<'a> {
     VmDescription(Json),
 }
 
-/// Where decoded pages go: guest memory supplied by the caller, so pages are
-/// read straight into it with no intermediate copy.
+/// Where one decoded page goes.
+#[derive(Debug)]
+pub enum PageSlot<'a> {
+    /// Private memory (a staging buffer, a `Vec`): the page is read straight into it.
+    Buffer(&'a mut [u8]),
+    /// Guest memory, which a guest may have mapped: written only with volatile
+    /// copies (never seen as `&mut [u8]`); the page is read into the decoder's
+    /// buffer, then copied in.
+    Guest(VolatileSlice<'a>),
+}
+
+impl<'a> From<&'a mut [u8]> for PageSlot<'a> {
+    fn from(b: &'a mut [u8]) -> Self {
+        PageSlot::Buffer(b)
+    }
+}
+
+impl<'a> From<VolatileSlice<'a>> for PageSlot<'a> {
+    fn from(v: VolatileSlice<'a>) -> Self {
+        PageSlot::Guest(v)
+    }
+}
+
+impl PageSlot<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            PageSlot::Buffer(b) => b.len(),
+            PageSlot::Guest(v) => v.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copy `src` (at most the slot's length) into the page.
+    pub fn copy_from(&mut self, src: &[u8]) {
+        match self {
+            PageSlot::Buffer(b) => {
+                let n = b.len().min(src.len());
+                b[..n].copy_from_slice(&src[..n]);
+            }
+            PageSlot::Guest(v) => v.copy_from(src),
+        }
+    }
+
+    /// Make the page all `fill`, leaving it untouched when it already is (QEMU's
+    /// check, so a still-zero page is not written).
+    pub fn fill(&mut self, fill: u8) {
+        match self {
+            PageSlot::Buffer(b) => {
+                if fill != 0 || !is_zero_page(b) {
+                    b.fill(fill);
+                }
+            }
+            PageSlot::Guest(v) => {
+                let mut cur = [0u8; 4096];
+                let mut at = 0;
+                let mut same = true;
+                while at < v.len() && same {
+                    let n = (v.len() - at).min(cur.len());
+                    if let Ok(part) = v.subslice(at, n) {
+                        part.copy_to(&mut cur[..n]);
+                    }
+                    same = cur[..n].iter().all(|&b| b == fill);
+                    at += n;
+                }
+                if !same {
+                    let page = vec![fill; v.len()];
+                    v.copy_from(&page);
+                }
+            }
+        }
+    }
+}
+
+/// Where decoded pages go: memory supplied by the caller, so pages are read
+/// straight into it (private buffers) or copied in once (guest memory).
 pub trait PageSink {
     /// The page-sized destination for `offset` of `block` (already range-checked),
     /// or `None` to have the page handed out in the event instead.
-    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<&mut [u8]>;
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<PageSlot<'_>>;
 
     /// The stream's RAM block list (MEM_SIZE), before any page: the destination checks
     /// it against its own RAM (QEMU's "Unknown ramblock" / "Size mismatch") and sets
@@ -202,10 +281,8 @@ pub trait PageSink {
     /// it is not already so (QEMU's check); a sink that knows a page is still zero can
     /// skip touching it at all.
     fn fill_page(&mut self, block: &RamBlock, offset: u64, fill: u8) {
-        if let Some(slot) = self.page_mut(block, offset) {
-            if fill != 0 || !is_zero_page(slot) {
-                slot.fill(fill);
-            }
+        if let Some(mut slot) = self.page_mut(block, offset) {
+            slot.fill(fill);
         }
     }
 
@@ -218,7 +295,7 @@ pub trait PageSink {
 pub struct NoSink;
 
 impl PageSink for NoSink {
-    fn page_mut(&mut self, _: &RamBlock, _: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, _: &RamBlock, _: u64) -> Option<PageSlot<'_>> {
         None
     }
 }
@@ -790,16 +867,19 @@ impl<R: Read> Decoder<R> {
                             s.len()
                         )));
                     }
-                    s => s.map(|s| &mut s[..tps]),
+                    s => s,
                 };
+                let placed = slot.is_some();
                 match kind {
                     RecordKind::Page => {
-                        let placed = slot.is_some();
-                        let dst = match slot {
-                            Some(s) => s,
-                            None => &mut self.page_buf[..],
-                        };
-                        self.input.read_exact(dst, "a page")?;
+                        match slot {
+                            Some(PageSlot::Buffer(s)) => self.input.read_exact(&mut s[..tps], "a page")?,
+                            Some(PageSlot::Guest(v)) => {
+                                self.input.read_exact(&mut self.page_buf[..tps], "a page")?;
+                                v.copy_from(&self.page_buf[..tps]);
+                            }
+                            None => self.input.read_exact(&mut self.page_buf[..tps], "a page")?,
+                        }
                         Ok(Ev::Page(b, offset, placed))
                     }
                     RecordKind::Xbzrle => {
@@ -816,7 +896,14 @@ impl<R: Read> Decoder<R> {
                         self.xbz_buf.resize(len, 0);
                         self.input.read_exact(&mut self.xbz_buf, X)?;
                         let ok = match slot {
-                            Some(s) => crate::xbzrle::decode(&self.xbz_buf, s),
+                            Some(PageSlot::Buffer(s)) => crate::xbzrle::decode(&self.xbz_buf, &mut s[..tps]),
+                            Some(PageSlot::Guest(v)) => {
+                                // The delta applies to the page as it is: copy it out and back.
+                                v.copy_to(&mut self.page_buf[..tps]);
+                                let ok = crate::xbzrle::decode(&self.xbz_buf, &mut self.page_buf[..tps]);
+                                v.copy_from(&self.page_buf[..tps]);
+                                ok
+                            }
                             None => crate::xbzrle::decode(&self.xbz_buf, &mut self.page_buf),
                         };
                         ok.ok_or(ErrorKind::XbzrleDecode)?;
@@ -834,12 +921,14 @@ impl<R: Read> Decoder<R> {
                             usize::try_from(len).map_err(|_| ErrorKind::CompressedPage(format!("length {len}")))?;
                         self.xbz_buf.resize(len, 0);
                         self.input.read_exact(&mut self.xbz_buf, C)?;
-                        let placed = slot.is_some();
-                        let dst = match slot {
-                            Some(s) => s,
-                            None => &mut self.page_buf[..],
-                        };
-                        inflate_page(&self.xbz_buf, dst)?;
+                        match slot {
+                            Some(PageSlot::Buffer(s)) => inflate_page(&self.xbz_buf, &mut s[..tps])?,
+                            Some(PageSlot::Guest(v)) => {
+                                inflate_page(&self.xbz_buf, &mut self.page_buf[..tps])?;
+                                v.copy_from(&self.page_buf[..tps]);
+                            }
+                            None => inflate_page(&self.xbz_buf, &mut self.page_buf[..])?,
+                        }
                         Ok(Ev::Compressed(b, offset, placed))
                     }
                     _ => Err(ErrorKind::RamFlags(flags)),

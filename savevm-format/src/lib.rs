@@ -60,8 +60,8 @@ pub const TARGET_PAGE_SIZE: usize = 4096;
 
 pub use command::{Command, RpMessage};
 pub use decoder::{
-    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, RawBody,
-    SectionHeader, SectionKind,
+    find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, PageSlot,
+    RawBody, SectionHeader, SectionKind,
 };
 pub use error::{EncodeError, Error, ErrorKind, Result};
 pub use ram::RamBlock;

@@ -5,7 +5,7 @@
 //! and streams the writer produces.
 
 use proptest::prelude::*;
-use savevm_format::{find_trailing_vmdesc, Decoder, PageSink, RamBlock, StoppedGuest, TARGET_PAGE_SIZE};
+use savevm_format::{find_trailing_vmdesc, Decoder, PageSink, PageSlot, RamBlock, StoppedGuest, TARGET_PAGE_SIZE};
 use std::collections::HashMap;
 use std::io::Read;
 
@@ -32,11 +32,11 @@ impl Read for Trickle<'_> {
 struct Pages(HashMap<(String, u64), Vec<u8>>);
 
 impl PageSink for Pages {
-    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<PageSlot<'_>> {
         if off >= b.length {
             return None;
         }
-        Some(self.0.entry((b.name.clone(), off)).or_insert_with(|| vec![0; TARGET_PAGE_SIZE]))
+        Some(PageSlot::from(&mut self.0.entry((b.name.clone(), off)).or_insert_with(|| vec![0; TARGET_PAGE_SIZE])[..]))
     }
 }
 

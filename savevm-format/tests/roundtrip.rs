@@ -390,9 +390,9 @@ proptest! {
 struct Mem(HashMap<String, Vec<u8>>);
 
 impl PageSink for Mem {
-    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<&mut [u8]> {
+    fn page_mut(&mut self, b: &RamBlock, off: u64) -> Option<savevm_format::PageSlot<'_>> {
         let v = self.0.entry(b.name.clone()).or_insert_with(|| vec![0xee; b.length as usize]);
-        v.get_mut(off as usize..off as usize + 4096)
+        (v.get_mut(off as usize..off as usize + 4096)).map(savevm_format::PageSlot::from)
     }
 }
 

@@ -51,7 +51,7 @@ pub fn run_watched<T>(
             let r = out.run(ch, &mut [engine::memory::RamRegion::new(region).with_dirty(dirty[0].clone())], &mut vcpus);
             (r, vcpus)
         });
-        let mut guard = CancelOnDrop(Some(out.cancel.clone()));
+        let mut guard = CancelOnDrop(Some(out.cancel().clone()));
         let t = watch(out, &probe);
         guard.0 = None;
         (runner.join().expect("migration thread"), t)
