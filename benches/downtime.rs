@@ -48,8 +48,9 @@
 
 use engine::info::{InfoHandle, MigrationInfo};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{GuestRegion, Outgoing, VcpuControl};
+use engine::source::{GuestRegion, Outgoing};
 use engine::state::MigrationStatus;
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, RamBlock, SectionKind};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -193,7 +194,7 @@ struct TimedVcpus {
 }
 
 impl VcpuControl for TimedVcpus {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         self.stop_called = Some(Instant::now());
         self.at_stop = Some(self.info.get());
         self.load_at_stop = Load::now();
@@ -202,11 +203,11 @@ impl VcpuControl for TimedVcpus {
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         self.inner.resume()
     }
 
-    fn set_throttle(&mut self, percentage: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, percentage: u8) -> Result<(), VmmError> {
         self.inner.set_throttle(percentage)
     }
 }

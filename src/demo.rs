@@ -5,7 +5,7 @@
 
 use engine::memory::RamRegion;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing};
+use engine::source::Outgoing;
 use qmig::{Error, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -119,8 +119,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     }
     let info = match res {
         Ok(i) => i,
-        Err(EngineError::Cancelled) => return Err(Error::Cancelled),
-        Err(e) => return Err(Error::Usage(format!("migration failed: {e}"))),
+        Err(e) => return Err(Error::outgoing(e)),
     };
     let dest_report = finish_dest(&mut dest)?;
 
@@ -198,7 +197,7 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
         }
         u => u.clone(),
     };
-    let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {e}"));
+    let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {}", engine::error::report(&e)));
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
@@ -213,7 +212,7 @@ pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Error::transport(e)),
         }
     }
 }
@@ -225,7 +224,8 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
             Ok(json!({"kind": "qmig", "stats": stats}))
         }
         Dest::Qemu(q) => {
-            let err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU destination: {e}"));
+            let err =
+                |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU destination: {}", engine::error::report(&e)));
             let info = q.wait_migration(Duration::from_secs(60)).map_err(err)?;
             let runstate = q.query_status().map_err(err)?;
             let status = info["status"].as_str().unwrap_or("").to_string();

@@ -1,18 +1,21 @@
 //! Errors of the qmig facade and CLI.
 
+use engine::error::Origin;
+use engine::incoming::IncomingError;
+use engine::source::EngineError;
 use std::path::PathBuf;
 
 /// What can go wrong in a qmig command.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The stream did not decode.
-    #[error("{0}")]
+    #[error(transparent)]
     Format(#[from] savevm_format::Error),
     /// The stream could not be written.
-    #[error("{0}")]
+    #[error(transparent)]
     Encode(#[from] savevm_format::EncodeError),
     /// A file could not be opened, created, mapped or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     File {
         /// The file.
         path: PathBuf,
@@ -20,17 +23,26 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A transport failed (connect, listen, exec command...).
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] transports::TransportError),
     /// The migration channel failed.
-    #[error("migration channel: {0}")]
-    Io(std::io::Error),
+    #[error("migration channel")]
+    Io(#[source] std::io::Error),
     /// Cancelled (Ctrl-C, SIGTERM or the API).
     #[error("migration cancelled")]
     Cancelled,
     /// Bad arguments or a request the stream cannot satisfy.
     #[error("{0}")]
     Usage(String),
+    /// A migration (`send`, `recv`, `demo`, `kvm-dest`) failed; printed as who
+    /// caused it (`local`, `peer`, `VMM`), then the engine's error and its causes.
+    #[error("{origin}")]
+    Migration {
+        /// Who caused it.
+        origin: Origin,
+        /// The engine's (or transport's) error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -38,12 +50,40 @@ impl Error {
     pub fn is_cancelled(&self) -> bool {
         match self {
             Error::Cancelled => true,
+            Error::Migration { origin, .. } => *origin == Origin::Cancel,
             Error::Io(e) => transports::is_cancelled(e),
             Error::Transport(t) => t.is_cancelled(),
             Error::Encode(savevm_format::EncodeError::Io(e)) => transports::is_cancelled(e),
             Error::Format(f) => matches!(&f.kind, savevm_format::ErrorKind::Io(e) if transports::is_cancelled(e)),
             _ => false,
         }
+    }
+
+    /// An outgoing migration's failure, with who caused it (a cancel is [`Error::Cancelled`]).
+    pub fn outgoing(e: EngineError) -> Self {
+        match e.origin() {
+            Origin::Cancel => Error::Cancelled,
+            origin => Error::Migration { origin, source: Box::new(e) },
+        }
+    }
+
+    /// An incoming migration's failure, with who caused it (a cancel is [`Error::Cancelled`]).
+    pub fn incoming(e: IncomingError) -> Self {
+        match e.origin() {
+            Origin::Cancel => Error::Cancelled,
+            origin => Error::Migration { origin, source: Box::new(e) },
+        }
+    }
+
+    /// A transport failure while setting up a migration (connect, listen, accept),
+    /// with who caused it.
+    pub fn transport(e: transports::TransportError) -> Self {
+        Self::outgoing(EngineError::Transport(e))
+    }
+
+    /// The error and its causes on one line (`a: b: c`), as the CLI prints it.
+    pub fn report(&self) -> String {
+        engine::error::report(self)
     }
 
     /// Wrap an I/O error with the file it concerns.

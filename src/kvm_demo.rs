@@ -6,7 +6,8 @@
 
 use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::Outgoing;
+use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{guest, GuestConfig, Vm};
 use qmig::{Error, Result};
@@ -41,7 +42,7 @@ pub struct KvmDemoOptions {
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
-    Error::Usage(format!("KVM guest: {e}"))
+    Error::Usage(format!("KVM guest: {}", engine::error::report(&e)))
 }
 
 /// Run the KVM demo; returns the statistics (`query-migrate` names, `"verified"`,
@@ -60,7 +61,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let mut vm = Vm::new(layout).map_err(vm_err)?;
     vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
         .map_err(vm_err)?;
-    vm.vcpus().resume().map_err(Error::Usage)?;
+    vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
     let booted = Instant::now();
 
     let (mut child, uri) = start_dest(opts, &uri)?;
@@ -88,10 +89,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(match e {
-                EngineError::Cancelled => Error::Cancelled,
-                e => Error::Usage(format!("migration failed: {e}")),
-            });
+            return Err(Error::outgoing(e));
         }
     };
 
@@ -151,19 +149,18 @@ pub fn dest(
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
     let mut vm = Vm::new(layout).map_err(vm_err)?;
-    let listener = Listener::bind(uri, cancel)?;
+    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
-    let ch = listener.accept()?;
+    let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
     let reader = MigrationReader::new(ch, RateLimit::new(0));
-    let report = minivmm::migrate::migrate_in(&mut vm, reader, false)
-        .map_err(|e| Error::Usage(format!("incoming migration failed: {e}")))?;
+    let report = minivmm::migrate::migrate_in(&mut vm, reader, false).map_err(Error::incoming)?;
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
     let loaded = vm.control().map_err(vm_err)?;
     let mut vcpus = vm.vcpus();
     if report.runstate.as_deref().is_none_or(|r| r == "running") {
-        vcpus.resume().map_err(Error::Usage)?;
+        vcpus.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
     }
     let resumed = Instant::now();
     while resumed.elapsed() < run_on {

@@ -446,7 +446,7 @@ fn main() -> ExitCode {
                 eprintln!("qmig: cancelled by {name}; the migration did not complete");
                 return ExitCode::from(if sig == 15 { 143 } else { 130 });
             }
-            eprintln!("qmig: error: {e}");
+            eprintln!("qmig: error: {}", e.report());
             ExitCode::from(1)
         }
     }

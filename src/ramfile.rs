@@ -434,7 +434,7 @@ impl ImageSink {
 
 impl savevm_format::PageSink for ImageSink {
     fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> std::result::Result<(), String> {
-        self.setup(blocks).map_err(|e| e.to_string())
+        self.setup(blocks).map_err(|e| e.report())
     }
 
     fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
@@ -451,6 +451,11 @@ impl savevm_format::PageSink for ImageSink {
                 page.fill(fill);
             }
         }
+    }
+
+    fn loaded(&mut self) -> std::result::Result<(), String> {
+        // Before the source hears SHUT(0): every page is in its file.
+        self.flush().map_err(|e| e.to_string())
     }
 
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {

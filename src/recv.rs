@@ -1,17 +1,68 @@
 //! `qmig recv`: listen (or read the file / run the command), load the stream into
 //! mapped RAM files through the engine's incoming side, and succeed only when it
-//! ended with EOF and every check passed.
+//! ended with EOF and every check passed. On a socket, a source's return path is
+//! served (PONGs, then SHUT(0) once the files are written, SHUT(1) on failure).
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
-use engine::incoming::{Incoming, IncomingError};
+use engine::incoming::{Incoming, ReturnPathOpener, ReturnPathReport};
 use engine::info::MigrationInfo;
-use engine::source::VcpuControl;
 use engine::state::MigrationStatus;
-use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+
+/// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
+/// channels connect there (the main one first). A connection that starts with the
+/// multifd magic ends the main stream (its socket's read side is shut down), so
+/// the load fails, SHUT(1) goes out on the return path and both ends fail with a
+/// clear reason; any other extra connection is closed. Stopped (its token
+/// cancelled) and joined on drop.
+struct ExtraConnections {
+    token: CancelToken,
+    multifd: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExtraConnections {
+    fn watch(listener: Listener, main: Option<transports::ReturnPath>, token: CancelToken) -> Self {
+        let multifd = Arc::new(AtomicBool::new(false));
+        let (flag, stop) = (multifd.clone(), token.clone());
+        let thread = std::thread::spawn(move || {
+            while let Ok(ch) = listener.accept_another() {
+                let mut magic = [0u8; 4];
+                let mut got = 0;
+                while got < 4 {
+                    match ch.read(&mut magic[got..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                if got == 4 && u32::from_be_bytes(magic) == savevm_format::multifd::MULTIFD_MAGIC {
+                    flag.store(true, Ordering::SeqCst);
+                    let stopped = main.as_ref().is_some_and(|m| m.shutdown(std::net::Shutdown::Read).is_ok());
+                    if !stopped {
+                        stop.cancel();
+                    }
+                    return;
+                }
+            }
+        });
+        ExtraConnections { token, multifd, thread: Some(thread) }
+    }
+}
+
+impl Drop for ExtraConnections {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A destination with no vCPUs to start: the guest stays paused (files only).
 struct NoGuest;
@@ -25,26 +76,42 @@ pub fn recv(
     uri: &MigrationUri,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
-) -> Result<MigrationInfo> {
-    let listener = Listener::bind(uri, cancel)?;
+) -> Result<Received> {
+    // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
+    let load_cancel = CancelToken::new().map_err(Error::Io)?;
+    cancel.link_to(&load_cancel);
+    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
-    let ch = listener.accept()?;
+    let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+        let ch = listener.accept_another().map_err(Error::transport)?;
+        let main = ch.return_path().ok();
+        (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
+    } else {
+        (listener.accept().map_err(Error::transport)?, None)
+    };
     let start = Instant::now();
     let rate = RateLimit::new(0);
+    // The reverse direction, taken now (a duplicate of the socket) and handed out if
+    // the source opens its return path; exec:, file: and pipes have none.
+    let mut return_path = Some(ch.return_path());
+    let open_return_path: ReturnPathOpener<'_> = Box::new(move || match return_path.take() {
+        Some(Ok(rp)) => Ok(Box::new(rp) as Box<dyn std::io::Write + Send>),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the return path was already taken".into()),
+    });
     let mut reader = MigrationReader::new(ch, rate.clone());
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let report = incoming.run(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest).map_err(|e| match e {
-        IncomingError::Stream(f) => {
-            // A cancel shows up as an I/O error inside the decoder: report it as such.
-            if let savevm_format::ErrorKind::Io(io) = &f.kind {
-                if transports::is_cancelled(io) {
-                    return Error::Cancelled;
-                }
-            }
-            Error::Format(f)
-        }
-        e => Error::Usage(e.to_string()),
+    let outcome =
+        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
+    let report = outcome.map_err(|e| match e {
+        _ if multifd => Error::Usage(
+            "a multifd channel connected: the source has capability multifd, which this destination does not \
+             implement"
+                .into(),
+        ),
+        e => Error::incoming(e),
     })?;
     dest.flush()?;
     // For exec: the command's exit status counts too.
@@ -52,7 +119,7 @@ pub fn recv(
     let total_time = start.elapsed();
     let transferred = rate.total_bytes();
     let secs = total_time.as_secs_f64();
-    Ok(MigrationInfo {
+    let info = MigrationInfo {
         status: MigrationStatus::Completed,
         total_time,
         transferred,
@@ -61,5 +128,26 @@ pub fn recv(
         normal: report.normal,
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
-    })
+    };
+    Ok(Received { info, return_path: report.return_path })
+}
+
+/// What `recv` reports: `query-migrate`-named statistics and the return path.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The statistics.
+    pub info: MigrationInfo,
+    /// What the return path did (all false/zero when the source asked for none).
+    pub return_path: ReturnPathReport,
+}
+
+impl Received {
+    /// The statistics JSON plus `"return-path"`: `null` when the source asked for
+    /// none, else `{"requested", "opened", "pongs", "shut", "unavailable"?, "error"?}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = self.info.to_json();
+        v["return-path"] =
+            if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null };
+        v
+    }
 }

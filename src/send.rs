@@ -7,7 +7,8 @@ use crate::ramfile::RamFile;
 use engine::info::MigrationInfo;
 use engine::memory::{GuestRegion, RamRegion};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::Outgoing;
+use engine::vm::{VcpuControl, VmmError};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use transports::{connect, CancelToken, MigrationUri};
@@ -37,13 +38,13 @@ impl Default for SendOptions {
 struct Stopped;
 
 impl VcpuControl for Stopped {
-    fn stop(&mut self) -> std::result::Result<(), String> {
+    fn stop(&mut self) -> std::result::Result<(), VmmError> {
         Ok(())
     }
-    fn resume(&mut self) -> std::result::Result<(), String> {
+    fn resume(&mut self) -> std::result::Result<(), VmmError> {
         Ok(())
     }
-    fn set_throttle(&mut self, _: u8) -> std::result::Result<(), String> {
+    fn set_throttle(&mut self, _: u8) -> std::result::Result<(), VmmError> {
         Ok(())
     }
 }
@@ -74,7 +75,7 @@ pub fn send(
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, ..Default::default() };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
-    let ch = connect(uri, cancel)?;
+    let ch = connect(uri, cancel).map_err(Error::transport)?;
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
@@ -84,10 +85,5 @@ pub fn send(
         stop.store(true, Ordering::Relaxed);
         r
     });
-    result.map_err(|e| match e {
-        EngineError::Cancelled => Error::Cancelled,
-        EngineError::Transport(t) => Error::Transport(t),
-        EngineError::Io(io) => Error::Io(io),
-        e => Error::Usage(e.to_string()),
-    })
+    result.map_err(Error::outgoing)
 }

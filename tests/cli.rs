@@ -96,8 +96,8 @@ impl engine::vm::RawDevice for Blob {
     fn version(&self) -> u32 {
         3
     }
-    fn save_state(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
-        out.write_all(&self.0).map_err(|e| e.to_string())
+    fn save_state(&mut self, out: &mut dyn std::io::Write) -> Result<(), engine::vm::VmmError> {
+        out.write_all(&self.0).map_err(engine::vm::VmmError::from)
     }
 }
 

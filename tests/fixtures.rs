@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use testkit::pattern::{self, Pattern};
 
-const TPS: usize = 4096;
+const TPS: usize = savevm_format::TARGET_PAGE_SIZE;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

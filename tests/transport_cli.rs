@@ -442,7 +442,7 @@ fn unreachable_peers_are_one_line_errors() {
     let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let uri = format!("tcp:127.0.0.1:{port}");
     run("send to a closed port", &["send", "--ram", &ram_arg, "--to", &uri])
-        .one_line_error(1, &["cannot connect", &uri, "refused"]);
+        .one_line_error(1, &["qmig: error: peer: cannot connect", &uri, "refused"]);
     let sock = dir.join("nobody.sock");
     let uri = format!("unix:{}", s(&sock));
     run("send to a missing socket", &["send", "--ram", &ram_arg, "--to", &uri])
@@ -459,7 +459,7 @@ fn failing_commands_are_one_line_errors() {
     // As destination: the command exits at once, so the writes hit a broken pipe;
     // the message must name the command and say it failed, not just EPIPE.
     let out = run("send --to exec:exit 1", &["send", "--ram", &format!("mem={}", s(&src)), "--to", "exec:exit 1"]);
-    out.one_line_error(1, &["'exit 1'", "failed"]);
+    out.one_line_error(1, &["qmig: error: peer: ", "'exit 1'", "failed"]);
     // As source: the exit status and the command's last stderr line.
     let dst = dir.join("dst.bin");
     let out = run(
@@ -482,7 +482,7 @@ fn missing_truncated_and_mismatched_input_are_one_line_errors() {
     let dst = dir.join("dst.bin");
     let dst_arg = format!("mem={}", s(&dst));
     run("recv missing file", &["recv", "--ram", &dst_arg, "--from", "file:/nonexistent/qmig-stream.mig"])
-        .one_line_error(1, &["/nonexistent/qmig-stream.mig", "No such file"]);
+        .one_line_error(1, &["qmig: error: local: /nonexistent/qmig-stream.mig: No such file"]);
 
     let (src, _) = make_ram(&dir, "src.bin", 9, 4 << 20);
     let stream = dir.join("s.mig");
@@ -492,7 +492,7 @@ fn missing_truncated_and_mismatched_input_are_one_line_errors() {
     fs::write(&cut, &full[..full.len() / 2]).expect("cut");
     let at = format!("at byte {}", full.len() / 2);
     run("recv truncated", &["recv", "--ram", &dst_arg, "--from", &format!("file:{}", s(&cut))])
-        .one_line_error(1, &[&at, "stream ends"]);
+        .one_line_error(1, &[&format!("qmig: error: peer: {at}"), "stream ends"]);
     // Cut just before the EOF record's end: every page arrived, but the stream is not complete.
     let eof_cut = dir.join("eof-cut.mig");
     let vmdesc_at = full.windows(8).rposition(|w| w == b"{\"page_s").unwrap_or(full.len());
@@ -507,7 +507,7 @@ fn missing_truncated_and_mismatched_input_are_one_line_errors() {
         "recv size mismatch",
         &["recv", "--ram", &format!("mem={}", s(&small)), "--from", &format!("file:{}", s(&stream))],
     )
-    .one_line_error(1, &["size mismatch", "'mem'", "0x400000", "0x2000"]);
+    .one_line_error(1, &["qmig: error: VMM: ", "size mismatch", "'mem'", "0x400000", "0x2000"]);
     assert_eq!(fs::read(&small).expect("small"), vec![7u8; 8192], "mismatched destination untouched");
     // A block the command line does not map.
     run(

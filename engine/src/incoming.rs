@@ -7,18 +7,27 @@
 //! vmstate devices get their decoded state; hand-written devices (FULL sections)
 //! and live devices (START/PART/END sections) read their bodies themselves from
 //! the stream, and the section footer must follow exactly where they stopped.
+//!
+//! The return path (QEMU 7.2's behaviour): MIG_CMD_OPEN_RETURN_PATH opens it
+//! through the caller's [`ReturnPathOpener`]; every PING is answered with
+//! PONG(same value); at the end SHUT(0) goes out once everything loaded (after the
+//! guest was resumed, as QEMU does), SHUT(1) when loading failed, so the source
+//! fails too. What this destination cannot honour (postcopy, COLO, a capability in
+//! the configuration, a multifd channel) fails the load with
+//! [`IncomingError::Unsupported`], and so with SHUT(1) when the path is open.
 
-use crate::source::VcpuControl;
-use crate::state::{MigrationStatus as S, Role, StateMachine};
-use crate::vm::{device_error, VmParts};
-use savevm_format::{Decoder, Event, PageSink, RawBody, SectionKind};
-use std::io::Read;
+use crate::error::Origin;
+use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
+use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
+use savevm_format::{Command, Decoder, Event, PageSink, RawBody, RpMessage, SectionKind};
+use std::io::{Read, Write};
 
 /// Why an incoming migration failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IncomingError {
-    /// The stream did not decode (or the channel failed).
+    /// The stream did not decode (or the channel failed, or the RAM sink refused
+    /// the stream's blocks: [`origin`](Self::origin) tells).
     #[error(transparent)]
     Stream(#[from] savevm_format::Error),
     /// The stream ended without its EOF record.
@@ -27,12 +36,13 @@ pub enum IncomingError {
     /// A device section the VMM has no handler for.
     #[error("no device for section '{0}' instance {1}")]
     UnknownDevice(String, u32),
-    /// A device refused its state, or a block device its invalidation.
-    #[error("{0}")]
-    Device(String),
-    /// Resuming the guest failed.
-    #[error("vCPU control: {0}")]
-    Vcpu(String),
+    /// The VMM refused: a device its state, a block device its invalidation, or
+    /// the vCPUs their resume (named in the error).
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The state machine refused a transition (e.g. this migration already ran).
+    #[error(transparent)]
+    State(#[from] IllegalTransition),
     /// The RAM sink gave no place for a page (it would have been lost).
     #[error("RAM block '{block}' has no page at offset {offset} for the incoming page")]
     PageNotPlaced {
@@ -41,6 +51,182 @@ pub enum IncomingError {
         /// Byte offset in the block.
         offset: u64,
     },
+    /// The source negotiated something this destination does not implement
+    /// (postcopy, COLO, a validated capability, multifd...).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A PING before any OPEN_RETURN_PATH (QEMU's wording).
+    #[error("CMD_PING ({0:#x}) received with no return path")]
+    PingWithoutReturnPath(u32),
+    /// The final SHUT(0) could not be written: the source cannot know we succeeded.
+    #[error("return path: cannot send SHUT(0) to the source: {0}")]
+    ReturnPath(String),
+}
+
+/// Opens the destination's end of the return path when the stream asks for it
+/// (MIG_CMD_OPEN_RETURN_PATH): a writer for return-path messages, or why the channel
+/// has none (`exec:`, `file:`), in which case messages are dropped as QEMU's writes
+/// into such a channel are.
+pub type ReturnPathOpener<'a> = Box<dyn FnMut() -> Result<Box<dyn Write + Send>, String> + 'a>;
+
+/// What the return path did in an incoming migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReturnPathReport {
+    /// The source sent OPEN_RETURN_PATH (capability `return-path` or `postcopy-ram`).
+    pub requested: bool,
+    /// It was opened: messages reached the channel.
+    pub opened: bool,
+    /// Why it could not be opened (messages were dropped).
+    pub unavailable: Option<String>,
+    /// PINGs answered with PONG.
+    pub pongs: u64,
+    /// The SHUT status written at the end (0 loaded, 1 failed).
+    pub shut: Option<u32>,
+    /// The first write on it that failed (later messages were dropped).
+    pub error: Option<String>,
+}
+
+impl ReturnPathReport {
+    /// `{"requested", "opened", "pongs", "shut", "unavailable"?, "error"?}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "requested": self.requested,
+            "opened": self.opened,
+            "pongs": self.pongs,
+            "shut": self.shut,
+        });
+        if let Some(u) = &self.unavailable {
+            v["unavailable"] = u.clone().into();
+        }
+        if let Some(e) = &self.error {
+            v["error"] = e.clone().into();
+        }
+        v
+    }
+}
+
+/// The destination's end of the return path during one load.
+struct DestReturnPath<'a> {
+    open: ReturnPathOpener<'a>,
+    writer: Option<Box<dyn Write + Send>>,
+    report: ReturnPathReport,
+}
+
+impl<'a> DestReturnPath<'a> {
+    fn new(open: ReturnPathOpener<'a>) -> Self {
+        DestReturnPath { open, writer: None, report: ReturnPathReport::default() }
+    }
+
+    /// MIG_CMD_OPEN_RETURN_PATH. A second one is harmless (QEMU: "called when RP already open").
+    fn open(&mut self) {
+        if self.report.requested {
+            return;
+        }
+        self.report.requested = true;
+        match (self.open)() {
+            Ok(w) => {
+                self.writer = Some(w);
+                self.report.opened = true;
+            }
+            Err(why) => self.report.unavailable = Some(why),
+        }
+    }
+
+    /// Write `m`; a failed write is recorded and closes the path (QEMU ignores it too:
+    /// the main stream fails soon after when the source is gone).
+    fn send(&mut self, m: RpMessage) -> Result<(), String> {
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = m.write_to(w) {
+            let why = format!("{}: {e}", m.name());
+            self.report.error.get_or_insert_with(|| why.clone());
+            self.writer = None;
+            return Err(why);
+        }
+        Ok(())
+    }
+
+    fn ping(&mut self, v: u32) -> Result<(), IncomingError> {
+        if !self.report.requested {
+            return Err(IncomingError::PingWithoutReturnPath(v));
+        }
+        if self.send(RpMessage::Pong(v)).is_ok() && self.writer.is_some() {
+            self.report.pongs += 1;
+        }
+        Ok(())
+    }
+
+    /// SHUT(status), then close the path. Whether it reached the channel.
+    fn shut(&mut self, status: u32) -> Result<(), String> {
+        if self.writer.is_none() {
+            return match &self.report.error {
+                Some(e) if self.report.opened => Err(e.clone()),
+                _ => Ok(()),
+            };
+        }
+        let r = self.send(RpMessage::Shut(status));
+        if r.is_ok() {
+            self.report.shut = Some(status);
+        }
+        self.writer = None;
+        r
+    }
+}
+
+/// What this destination refuses among the commands (QEMU's wording first where it has one).
+fn unsupported_command(c: &Command) -> Option<String> {
+    let why = match c {
+        Command::PostcopyAdvise(Some(_)) => {
+            "RAM postcopy is disabled but have 16 byte advise: the source has capability postcopy-ram, \
+             which this destination does not implement"
+        }
+        Command::PostcopyListen | Command::PostcopyRun | Command::PostcopyRamDiscard { .. } => {
+            "postcopy is not implemented by this destination"
+        }
+        Command::PostcopyResume | Command::RecvBitmap(_) => "postcopy recovery is not implemented by this destination",
+        Command::EnableColo => "COLO (x-colo) is not implemented by this destination",
+        Command::SwitchoverStart => "MIG_CMD 0xb unknown (len 0x0): QEMU 7.2 has no SWITCHOVER_START",
+        _ => return None,
+    };
+    Some(match c {
+        Command::PostcopyAdvise(_) => why.to_string(),
+        _ => format!("{}: {why}", c.name()),
+    })
+}
+
+/// A stream error that means the source uses something we do not implement.
+fn unsupported_stream(e: &savevm_format::Error) -> Option<String> {
+    match e.kind {
+        savevm_format::ErrorKind::BadMagic(m) if m == savevm_format::multifd::MULTIFD_MAGIC && e.offset == 0 => Some(
+            "the connection is a multifd channel (magic 0x11223344), not the main stream: the source has \
+             capability multifd, which this destination does not implement"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+impl IncomingError {
+    /// Who caused it: what the stream carries, or its channel failing, is the
+    /// peer's (unless cancelled); the VMM's refusals and its RAM sink's are the
+    /// VMM's; a refused state transition is the local side's.
+    pub fn origin(&self) -> Origin {
+        use savevm_format::ErrorKind as K;
+        match self {
+            IncomingError::Stream(e) => match &e.kind {
+                K::Io(io) if transports::is_cancelled(io) => Origin::Cancel,
+                K::Sink(_) => Origin::Vmm,
+                _ => Origin::Peer,
+            },
+            IncomingError::Incomplete | IncomingError::UnknownDevice(..) => Origin::Peer,
+            IncomingError::Vmm(_) | IncomingError::PageNotPlaced { .. } => Origin::Vmm,
+            IncomingError::State(_) => Origin::Local,
+            IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
+            // The source's end of the return path went away under our SHUT(0).
+            IncomingError::ReturnPath(_) => Origin::Peer,
+        }
+    }
 }
 
 /// What the incoming side did.
@@ -58,19 +244,21 @@ pub struct IncomingReport {
     pub devices: usize,
     /// START, PART and END sections loaded by live devices.
     pub live_sections: u64,
+    /// The return path, if the source asked for one.
+    pub return_path: ReturnPathReport,
 }
 
 /// A loader's outcome: the stream's own failure under it (input ended, reader
 /// failed) wins, as a typed stream error at its offset; else the device's refusal,
 /// with its name and where in the stream it stopped.
-fn body_outcome(body: &RawBody<'_>, loaded: Result<(), String>) -> Result<(), IncomingError> {
+fn body_outcome(body: &RawBody<'_>, loaded: Result<(), VmmError>) -> Result<(), IncomingError> {
     if let Some(e) = body.stream_error() {
         return Err(IncomingError::Stream(e));
     }
-    loaded.map_err(|why| {
+    loaded.map_err(|e| {
         let h = body.header();
-        let why = format!("{why} ({} section at byte {}, body byte {})", h.kind.as_str(), h.offset, body.consumed());
-        IncomingError::Device(device_error(&h.idstr, h.instance_id, &why))
+        let at = format!("{} section at byte {}, body byte {}", h.kind.as_str(), h.offset, body.consumed());
+        IncomingError::Vmm(device_error(&h.idstr, h.instance_id, e).at(at))
     })
 }
 
@@ -90,7 +278,8 @@ impl Incoming {
     }
 
     /// Load the stream from `reader` into `ram` and `vm`'s devices, then finish the
-    /// handover as described in the module documentation.
+    /// handover as described in the module documentation. A return path the source
+    /// asks for is unavailable (messages dropped); see [`Incoming::run_with_return_path`].
     pub fn run<R: Read, P: PageSink>(
         &self,
         reader: R,
@@ -98,13 +287,38 @@ impl Incoming {
         vm: &mut VmParts<'_>,
         vcpus: &mut dyn VcpuControl,
     ) -> Result<IncomingReport, IncomingError> {
-        self.state.transition(S::None, S::Active).map_err(|e| IncomingError::Device(e.to_string()))?;
-        match self.load(reader, ram, vm, vcpus) {
-            Ok(r) => {
+        let none: ReturnPathOpener<'_> = Box::new(|| Err("this destination was given no return path".into()));
+        self.run_with_return_path(reader, ram, vm, vcpus, none)
+    }
+
+    /// [`Incoming::run`], opening the return path with `open_return_path` when the
+    /// stream asks for it: PONGs, then SHUT(0) after loading and resuming, or SHUT(1)
+    /// on any failure. When SHUT(0) cannot be written the migration fails
+    /// ([`IncomingError::ReturnPath`]; a guest already resumed here is not stopped again).
+    pub fn run_with_return_path<R: Read, P: PageSink>(
+        &self,
+        reader: R,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+    ) -> Result<IncomingReport, IncomingError> {
+        self.state.transition(S::None, S::Active)?;
+        let mut rp = DestReturnPath::new(open_return_path);
+        match self.load(reader, ram, vm, vcpus, &mut rp) {
+            Ok(mut r) => {
+                if let Err(e) = rp.shut(0) {
+                    let _ = self.state.transition_from_current(S::Failed);
+                    return Err(IncomingError::ReturnPath(e));
+                }
                 let _ = self.state.transition(S::Active, S::Completed);
+                r.return_path = rp.report;
                 Ok(r)
             }
             Err(e) => {
+                // The source must not complete: it learns of the failure here (QEMU 7.2
+                // just exits, and the source sees the return path end).
+                let _ = rp.shut(1);
                 let _ = self.state.transition_from_current(S::Failed);
                 Err(e)
             }
@@ -117,6 +331,7 @@ impl Incoming {
         ram: &mut P,
         vm: &mut VmParts<'_>,
         vcpus: &mut dyn VcpuControl,
+        rp: &mut DestReturnPath<'_>,
     ) -> Result<IncomingReport, IncomingError> {
         let mut d = Decoder::new(reader);
         for dev in &vm.devices {
@@ -130,8 +345,48 @@ impl Incoming {
         }
         let mut report = IncomingReport::default();
         let (mut section, mut eof) = (None, false);
-        while let Some(ev) = d.next_with(ram)? {
+        let mut refusal: Option<String> = None;
+        loop {
+            let ev = match d.next_with(ram) {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    let e = unsupported_stream(&e).map_or(IncomingError::Stream(e), IncomingError::Unsupported);
+                    return Err(match refusal {
+                        Some(why) => IncomingError::Unsupported(why),
+                        None => e,
+                    });
+                }
+            };
+            if let Some(why) = refusal.take() {
+                if let Event::Command(Command::OpenReturnPath) = ev {
+                    rp.open();
+                }
+                return Err(IncomingError::Unsupported(why));
+            }
             match ev {
+                Event::Configuration(cfg) => {
+                    // QEMU 7.2 validates x-ignore-shared (newest also mapped-ram): on at the
+                    // source means on here, which we do not implement. The refusal waits
+                    // for the next record: when it opens the return path, SHUT(1) can go out.
+                    if let Some(c) = cfg.capabilities.first() {
+                        refusal = Some(format!(
+                            "Capability {c} is off, but received capability is on: \
+                             this destination does not implement {c}"
+                        ));
+                    }
+                    continue;
+                }
+                Event::Command(c) => {
+                    if let Some(why) = unsupported_command(&c) {
+                        return Err(IncomingError::Unsupported(why));
+                    }
+                    match c {
+                        Command::OpenReturnPath => rp.open(),
+                        Command::Ping(v) => rp.ping(v)?,
+                        _ => {}
+                    }
+                }
                 Event::SectionStart(h) => section = Some((h.idstr, h.instance_id, h.version)),
                 Event::Page { block, offset, data: Some(_) }
                 | Event::CompressedPage { block, offset, data: Some(_) } => {
@@ -154,8 +409,7 @@ impl Incoming {
                                 .iter_mut()
                                 .find(|x| x.idstr() == idstr && x.instance_id() == inst)
                                 .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
-                            dev.load(version, state)
-                                .map_err(|why| IncomingError::Device(device_error(&idstr, inst, &why)))?;
+                            dev.load(version, state).map_err(|e| device_error(&idstr, inst, e))?;
                             report.devices += 1;
                         }
                     }
@@ -190,12 +444,13 @@ impl Incoming {
         if !eof {
             return Err(IncomingError::Incomplete);
         }
+        ram.loaded().map_err(|e| IncomingError::Vmm(VmmError::from(format!("destination RAM: {e}"))))?;
         // All state is in: the images the source wrote become ours before anything runs.
         for b in vm.blocks.iter_mut() {
-            b.invalidate_cache().map_err(IncomingError::Device)?;
+            b.invalidate_cache().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
         }
         if self.autostart && report.runstate.as_deref().is_none_or(|r| r == "running") {
-            vcpus.resume().map_err(IncomingError::Vcpu)?;
+            vcpus.resume().map_err(|e| e.on(VmmPart::Vcpu("resume")))?;
             report.resumed = true;
         }
         Ok(report)

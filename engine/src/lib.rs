@@ -18,50 +18,49 @@
 //!   never `&[u8]` over memory the guest writes) and
 //!   [`RamRegion`](memory::RamRegion): one region with the dirty sources that
 //!   report its writes.
+//! - `mmap` (feature `vm-memory`): a vm-memory `GuestMemoryMmap` as regions with
+//!   no `unsafe` in the embedder, and its `AtomicBitmap` as a dirty source.
 //! - [`precopy`]: the clock-free core of pre-copy: every decision (sync, send a
 //!   part until a deadline, nap, switch over) as a step taking the time, the bytes
 //!   sent and the devices' pending bytes; tested on simulated time.
 //! - [`source`]: its driver ([`Outgoing`](source::Outgoing)): the I/O through a
 //!   [`PageWriter`](source::PageWriter), cancel from any thread, `query-migrate`
-//!   figures in [`info`] readable while it runs; [`VcpuControl`](source::VcpuControl)
-//!   is what the VMM supplies to stop, resume and throttle its vCPUs.
-//! - [`vm`]: devices, block devices and migration blockers; every default refuses.
+//!   figures in [`info`] readable while it runs.
+//! - [`vm`]: what the VMM supplies: [`VcpuControl`](vm::VcpuControl) to stop,
+//!   resume and throttle its vCPUs, devices, block devices and migration
+//!   blockers; every default refuses with a [`VmmError`](vm::VmmError).
 //!   Devices are vmstate ([`DeviceHandler`](vm::DeviceHandler)), hand-written
 //!   ([`RawDevice`](vm::RawDevice): the device's own bytes in a FULL section) or
 //!   live ([`LiveDevice`](vm::LiveDevice): START/PART/END sections alongside RAM,
 //!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
+//! - [`return_path`]: the source's return-path reader (a thread turning the
+//!   destination's PONG, page requests and SHUT into events), standalone for now.
+//! - [`error`]: who caused a failure ([`Origin`](error::Origin): local, peer, VMM,
+//!   cancel; `EngineError::origin`, `IncomingError::origin`) and
+//!   [`report`](error::report), an error with its causes on one line.
 //!
-//! A VMM on `vm-memory` builds its regions from its `GuestMemoryMmap` in a few
-//! lines, each with the dirty sources that see its writes (KVM's dirty log, a
-//! bitmap its device emulation marks, ...):
+//! A VMM on `vm-memory` (feature `vm-memory`) hands its `GuestMemoryMmap` over
+//! with no `unsafe`, each region with the dirty sources that see its writes
+//! (KVM's dirty log for the guest's, vm-memory's `AtomicBitmap` for the VMM's
+//! own, ...):
 //!
 //! ```
-//! use engine::dirty::DirtyBitmap;
-//! use engine::memory::{GuestRegion, RamRegion};
+//! use engine::mmap::MmapRam;
 //! use std::sync::Arc;
-//! use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+//! use vm_memory::bitmap::AtomicBitmap;
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
 //! // Two slots, split around a hole as x86 splits low and high memory.
-//! let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+//! let mem: Arc<GuestMemoryMmap<AtomicBitmap>> = Arc::new(GuestMemoryMmap::from_ranges(&[
 //!     (GuestAddress(0), 2 << 20),
 //!     (GuestAddress(4 << 20), 2 << 20),
-//! ])?;
-//! let regions: Vec<GuestRegion> = mem
-//!     .iter()
-//!     .enumerate()
-//!     .filter_map(|(i, r)| {
-//!         let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
-//!         // SAFETY: the regions stay mapped as long as `mem` lives, beyond the migration.
-//!         unsafe { GuestRegion::new(format!("ram{i}"), host, r.len() as usize) }
-//!     })
-//!     .collect();
-//! // The pages the VMM itself writes (virtio queues, say) are marked here.
-//! let marks: Vec<Arc<DirtyBitmap>> = regions.iter().map(|r| Arc::new(DirtyBitmap::new(r.pages()))).collect();
-//! let ram: Vec<RamRegion> = regions.iter().zip(&marks).map(|(r, m)| RamRegion::new(r).with_dirty(m.clone())).collect();
-//! assert_eq!(ram.len(), 2);
-//! assert_eq!(ram[1].memory().pages(), 512);
+//! ])?);
+//! let ram = MmapRam::new(mem, |i| format!("ram{i}"))?;
+//! let regions = ram.tracked(); // + .with_dirty(&mut kvm_log) for the guest's writes
+//! assert_eq!(regions[1].memory().pages(), 512);
+//! // outgoing.run(channel, &mut regions, &mut vcpus)
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -69,11 +68,15 @@
 
 pub mod convergence;
 pub mod dirty;
+pub mod error;
 pub mod incoming;
 pub mod info;
 pub mod memory;
+#[cfg(feature = "vm-memory")]
+pub mod mmap;
 pub mod params;
 pub mod precopy;
+pub mod return_path;
 pub mod source;
 pub mod state;
 pub mod vm;

@@ -16,12 +16,13 @@
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
 //! the state machine and `query-migrate` figures current.
 
+use crate::error::Origin;
 use crate::info::{InfoHandle, MigrationInfo};
 use crate::memory::{is_zero, RamRegion};
 use crate::params::{MigrationCapabilities, SharedParameters};
 use crate::precopy::{Action, PrecopyCore, Tick};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
-use crate::vm::{device_error, VmParts};
+use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
 use savevm_format::{section_ids, write_guest_prologue, RamBlock, StoppedGuest, StreamWriter};
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -35,23 +36,6 @@ pub use crate::memory::{GuestRegion, PAGE};
 /// Section id of the first VMM device (QEMU uses 0, 2 and 4 for timer, ram, globalstate).
 const FIRST_DEVICE_ID: u32 = 5;
 
-/// vCPU control the VMM provides. The defaults refuse: a VMM that cannot stop its
-/// guest must not migrate it live.
-pub trait VcpuControl: Send {
-    /// Stop every vCPU (switchover).
-    fn stop(&mut self) -> Result<(), String> {
-        Err("this VMM cannot stop its vCPUs".into())
-    }
-    /// Resume the vCPUs (after a cancel or failure).
-    fn resume(&mut self) -> Result<(), String> {
-        Err("this VMM cannot resume its vCPUs".into())
-    }
-    /// Throttle the vCPUs to run `100 - percentage` % of the time (auto-converge; 0 = off).
-    fn set_throttle(&mut self, _percentage: u8) -> Result<(), String> {
-        Err("this VMM cannot throttle its vCPUs".into())
-    }
-}
-
 /// Why an outgoing migration failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -60,7 +44,7 @@ pub enum EngineError {
     #[error("migration cancelled")]
     Cancelled,
     /// The channel failed.
-    #[error("migration channel: {0}")]
+    #[error("migration channel")]
     Io(#[from] std::io::Error),
     /// The transport failed (e.g. an `exec:` command).
     #[error(transparent)]
@@ -68,9 +52,9 @@ pub enum EngineError {
     /// The stream could not be encoded.
     #[error(transparent)]
     Encode(savevm_format::EncodeError),
-    /// The VMM's vCPU control failed.
-    #[error("vCPU control: {0}")]
-    Vcpu(String),
+    /// The VMM refused: vCPU control, a device or a block device (named in the error).
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
     /// A state change was refused.
     #[error(transparent)]
     State(#[from] IllegalTransition),
@@ -80,9 +64,22 @@ pub enum EngineError {
     /// A migration blocker is registered.
     #[error("migration is blocked: {0}")]
     Blocked(String),
-    /// A device or block device refused.
-    #[error("{0}")]
-    Device(String),
+    /// A dirty source (the VMM's, e.g. KVM's log, or userfaultfd) failed to start.
+    #[error("dirty tracking of region {region}: start")]
+    DirtyStart {
+        /// Index of the RAM region.
+        region: usize,
+        /// The cause.
+        source: crate::dirty::DirtyError,
+    },
+    /// A dirty source failed to sync (harvest) its pages.
+    #[error("dirty tracking of region {region}: sync")]
+    DirtySync {
+        /// Index of the RAM region.
+        region: usize,
+        /// The cause.
+        source: crate::dirty::DirtyError,
+    },
 }
 
 impl From<savevm_format::EncodeError> for EngineError {
@@ -95,6 +92,23 @@ impl From<savevm_format::EncodeError> for EngineError {
 }
 
 impl EngineError {
+    /// Who caused it: the channel or transport is the peer's (unless cancelled), the
+    /// VMM's refusals, dirty sources and blockers the VMM's, setup, encoding and
+    /// state the local side's.
+    pub fn origin(&self) -> Origin {
+        match self {
+            _ if self.is_cancel() => Origin::Cancel,
+            EngineError::Io(_) => Origin::Peer,
+            EngineError::Transport(transports::TransportError::Uri(_) | transports::TransportError::File { .. }) => {
+                Origin::Local
+            }
+            EngineError::Transport(_) => Origin::Peer,
+            EngineError::Vmm(_) | EngineError::Blocked(_) => Origin::Vmm,
+            EngineError::DirtyStart { .. } | EngineError::DirtySync { .. } => Origin::Vmm,
+            _ => Origin::Local,
+        }
+    }
+
     fn is_cancel(&self) -> bool {
         match self {
             EngineError::Cancelled => true,
@@ -198,14 +212,14 @@ fn save_body<W: Write>(
     w: &mut StreamWriter<W>,
     idstr: &str,
     instance: u32,
-    save: impl FnOnce(&mut dyn Write) -> Result<(), String>,
+    save: impl FnOnce(&mut dyn Write) -> Result<(), VmmError>,
 ) -> Result<u64, EngineError> {
     let mut body = w.body();
     let r = save(&mut body);
     if let Some(e) = body.take_error() {
         return Err(EngineError::Io(e));
     }
-    r.map_err(|why| EngineError::Device(device_error(idstr, instance, &why)))?;
+    r.map_err(|e| device_error(idstr, instance, e))?;
     Ok(body.written())
 }
 
@@ -264,7 +278,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         for (r, region) in ram.iter_mut().enumerate() {
             if let Some(map) = pages.map_mut(r) {
                 for src in region.dirty.iter_mut() {
-                    src.sync(map).map_err(|e| EngineError::Setup(format!("dirty tracking: {e}")))?;
+                    src.sync(map).map_err(|source| EngineError::DirtySync { region: r, source })?;
                 }
             }
         }
@@ -480,12 +494,16 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                let resumed = if undo.stopped { vcpus.resume().map_err(EngineError::Vcpu) } else { Ok(()) };
+                let resumed = if undo.stopped {
+                    vcpus.resume().map_err(|e| EngineError::Vmm(e.on(VmmPart::Vcpu("resume"))))
+                } else {
+                    Ok(())
+                };
                 let e = if cancelled { EngineError::Cancelled } else { e };
                 self.info.update(|i| {
                     i.total_time = start.elapsed();
                     if !cancelled {
-                        i.error_desc = Some(e.to_string());
+                        i.error_desc = Some(crate::error::report(&e));
                     }
                 });
                 if cancelled {
@@ -540,10 +558,10 @@ impl Outgoing {
         }
         w.get_mut().flush_now()?;
         // Bulk pass: every page is to be sent; marks from now on come from the guest.
-        for region in ram.iter_mut() {
+        for (r, region) in ram.iter_mut().enumerate() {
             undo.dirty_started += 1;
             for src in region.dirty.iter_mut() {
-                src.start().map_err(|e| EngineError::Setup(format!("dirty tracking: {e}")))?;
+                src.start().map_err(|source| EngineError::DirtyStart { region: r, source })?;
             }
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
@@ -578,7 +596,7 @@ impl Outgoing {
                     let o = run.core.synced(tick, &params, self.fixed.caps.auto_converge);
                     self.state.announce(Notification::Pass { pass: o.pass });
                     if let Some(t) = o.throttle {
-                        vcpus.set_throttle(t).map_err(EngineError::Vcpu)?;
+                        vcpus.set_throttle(t).map_err(|e| e.on(VmmPart::Vcpu("set throttle")))?;
                         self.state.announce(Notification::Throttle { percentage: t });
                     }
                     if let Some(rate) = o.dirty_pages_rate {
@@ -620,7 +638,7 @@ impl Outgoing {
         // Switchover: stop the guest, final sync, everything left without a limit.
         // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
         let stop_time = Instant::now();
-        vcpus.stop().map_err(EngineError::Vcpu)?;
+        vcpus.stop().map_err(|e| e.on(VmmPart::Vcpu("stop")))?;
         undo.stopped = true;
         if self.fixed.caps.pause_before_switchover {
             self.state.transition(S::Active, S::PreSwitchover)?;
@@ -644,7 +662,7 @@ impl Outgoing {
         let timer = savevm_format::builtin::timer();
         w.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0))?;
         for (k, d) in vm.devices.iter_mut().enumerate() {
-            let state = d.save().map_err(|why| EngineError::Device(device_error(&d.idstr(), d.instance_id(), &why)))?;
+            let state = d.save().map_err(|e| device_error(&d.idstr(), d.instance_id(), e))?;
             let vmsd = d.vmsd();
             w.device(FIRST_DEVICE_ID + k as u32, &d.idstr(), d.instance_id(), &vmsd, &state)?;
         }
@@ -658,7 +676,7 @@ impl Outgoing {
         }
         // As QEMU 7.2: block devices are inactivated after the device state, before EOF.
         for b in vm.blocks.iter_mut() {
-            b.inactivate().map_err(EngineError::Device)?;
+            b.inactivate().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "inactivate" }))?;
             undo.inactivated += 1;
         }
         let gs = savevm_format::builtin::globalstate();

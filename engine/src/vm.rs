@@ -19,13 +19,159 @@
 //! A hand-written body has no framing: the destination's loader must read exactly
 //! what the source's saver wrote, and the section footer is checked right after.
 //!
-//! Device errors are the reason only; the engine reports them as
-//! `device '<idstr>': <reason>` ([`device_error`]).
+//! Every method returns a [`VmmError`]: the implementor gives the reason only
+//! (`VmmError::msg("...")`, a `String`, an `io::Error` or any boxed error); the
+//! engine names what failed ([`VmmPart`]), so a report reads
+//! `device '<idstr>': <reason>`.
 
 use savevm_format::vmstate::{State, Vmsd};
 use savevm_format::SectionKind;
+use std::fmt;
 use std::io::{Read, Write};
 use std::sync::Arc;
+
+/// Any error a VMM implementation returns, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The part of the VMM that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmmPart {
+    /// A device (vmstate, hand-written or live), by section idstr and instance.
+    Device {
+        /// Section idstr.
+        idstr: String,
+        /// Instance id.
+        instance: u32,
+    },
+    /// A block device, by name, and the operation refused.
+    Block {
+        /// The device's [`name`](BlockDevice::name).
+        name: String,
+        /// The operation: `inactivate`, `activate` or `invalidate cache`.
+        op: &'static str,
+    },
+    /// A [`VcpuControl`] operation: `stop`, `resume` or `set throttle`.
+    Vcpu(&'static str),
+}
+
+impl fmt::Display for VmmPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmmPart::Device { idstr, instance: 0 } => write!(f, "device '{idstr}'"),
+            VmmPart::Device { idstr, instance } => write!(f, "device '{idstr}' instance {instance}"),
+            VmmPart::Block { name, op } => write!(f, "block device '{name}' ({op})"),
+            VmmPart::Vcpu(op) => write!(f, "vCPU control ({op})"),
+        }
+    }
+}
+
+/// A VMM trait implementation refused: what failed ([`part`](Self::part), set by
+/// the engine) with the implementation's own error as the
+/// [`source`](std::error::Error::source). Before the engine names the part it
+/// displays as its cause alone.
+#[derive(Debug)]
+pub struct VmmError {
+    part: Option<VmmPart>,
+    detail: Option<String>,
+    cause: BoxError,
+}
+
+impl VmmError {
+    /// A refusal with this reason.
+    pub fn msg(why: impl Into<String>) -> Self {
+        Self::new(why.into())
+    }
+
+    /// A refusal caused by `cause` (any error, or a message).
+    pub fn new(cause: impl Into<BoxError>) -> Self {
+        VmmError { part: None, detail: None, cause: cause.into() }
+    }
+
+    /// Name the part that failed (the engine does this for every trait call).
+    pub fn on(mut self, part: VmmPart) -> Self {
+        self.part = Some(part);
+        self
+    }
+
+    /// Add where it happened, printed after the part in parentheses (e.g. the stream offset).
+    pub fn at(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The part that failed, once the engine named it.
+    pub fn part(&self) -> Option<&VmmPart> {
+        self.part.as_ref()
+    }
+
+    /// The implementation's own error.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.cause
+    }
+}
+
+impl fmt::Display for VmmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.part, &self.detail) {
+            (Some(p), Some(d)) => write!(f, "{p} ({d})"),
+            (Some(p), None) => write!(f, "{p}"),
+            (None, Some(d)) => write!(f, "VMM ({d})"),
+            (None, None) => write!(f, "{}", self.cause),
+        }
+    }
+}
+
+impl std::error::Error for VmmError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match (&self.part, &self.detail) {
+            (None, None) => self.cause.source(),
+            _ => Some(&*self.cause),
+        }
+    }
+}
+
+impl From<String> for VmmError {
+    fn from(why: String) -> Self {
+        VmmError::msg(why)
+    }
+}
+
+impl From<&str> for VmmError {
+    fn from(why: &str) -> Self {
+        VmmError::msg(why)
+    }
+}
+
+impl From<std::io::Error> for VmmError {
+    fn from(e: std::io::Error) -> Self {
+        VmmError::new(e)
+    }
+}
+
+impl From<BoxError> for VmmError {
+    fn from(e: BoxError) -> Self {
+        VmmError { part: None, detail: None, cause: e }
+    }
+}
+
+/// vCPU control the VMM provides (both sides: the source stops, resumes and
+/// throttles; the destination resumes). The defaults refuse: a VMM that cannot
+/// stop its guest must not migrate it live.
+pub trait VcpuControl: Send {
+    /// Stop every vCPU (switchover).
+    fn stop(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::msg("this VMM cannot stop its vCPUs"))
+    }
+    /// Resume the vCPUs (after a cancel or failure; on the destination, after loading).
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::msg("this VMM cannot resume its vCPUs"))
+    }
+    /// Throttle the vCPUs to run `100 - percentage` % of the time (auto-converge; 0 = off).
+    fn set_throttle(&mut self, _percentage: u8) -> Result<(), VmmError> {
+        Err(VmmError::msg("this VMM cannot throttle its vCPUs"))
+    }
+}
 
 /// A device whose state is described by a vmstate description.
 pub trait DeviceHandler: Send {
@@ -38,12 +184,12 @@ pub trait DeviceHandler: Send {
     /// The description; the section carries its `version_id`.
     fn vmsd(&self) -> Arc<Vmsd>;
     /// Source, at switchover with the vCPUs stopped: the state to send.
-    fn save(&mut self) -> Result<State, String> {
-        Err("cannot save its state".into())
+    fn save(&mut self) -> Result<State, VmmError> {
+        Err(VmmError::msg("cannot save its state"))
     }
     /// Destination: the state received (decoded at `version`).
-    fn load(&mut self, _version: u32, _state: State) -> Result<(), String> {
-        Err("cannot load state".into())
+    fn load(&mut self, _version: u32, _state: State) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot load state"))
     }
 }
 
@@ -60,13 +206,13 @@ pub trait RawDevice: Send {
     /// Version written in the section header and passed to the destination's loader.
     fn version(&self) -> u32;
     /// Source, at switchover with the vCPUs stopped: write the state to `out`.
-    fn save_state(&mut self, _out: &mut dyn Write) -> Result<(), String> {
-        Err("cannot save its state".into())
+    fn save_state(&mut self, _out: &mut dyn Write) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot save its state"))
     }
     /// Destination: read exactly the bytes the source wrote (sent at `version`) from
     /// `input`; reading fewer or more fails the migration at that offset.
-    fn load_state(&mut self, _version: u32, _input: &mut dyn Read) -> Result<(), String> {
-        Err("cannot load state".into())
+    fn load_state(&mut self, _version: u32, _input: &mut dyn Read) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot load state"))
     }
 }
 
@@ -84,8 +230,8 @@ pub trait LiveDevice: Send {
     fn version(&self) -> u32;
     /// Source, at setup (guest running, after RAM's START): start tracking changes and
     /// write the START body (QEMU's `save_setup`).
-    fn save_setup(&mut self, _out: &mut dyn Write) -> Result<(), String> {
-        Err("cannot be migrated live".into())
+    fn save_setup(&mut self, _out: &mut dyn Write) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot be migrated live"))
     }
     /// Source, before every convergence decision: bytes still to send (QEMU's
     /// `save_live_pending`); they must fit in the downtime limit with RAM's for the
@@ -96,13 +242,13 @@ pub trait LiveDevice: Send {
     /// Source, once per iteration while [`pending`](Self::pending) is not 0 (guest
     /// running): write a PART body, a bounded share of what is pending (QEMU's
     /// `save_live_iterate`).
-    fn save_iterate(&mut self, _out: &mut dyn Write) -> Result<(), String> {
-        Err("cannot be migrated live".into())
+    fn save_iterate(&mut self, _out: &mut dyn Write) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot be migrated live"))
     }
     /// Source, at switchover (vCPUs stopped, after RAM's END): write everything left
     /// as the END body (QEMU's `save_live_complete_precopy`).
-    fn save_complete(&mut self, _out: &mut dyn Write) -> Result<(), String> {
-        Err("cannot be migrated live".into())
+    fn save_complete(&mut self, _out: &mut dyn Write) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot be migrated live"))
     }
     /// Source, once after [`save_setup`](Self::save_setup) was called, whatever the
     /// outcome (completed, failed, cancelled; also when `save_setup` failed): stop
@@ -110,19 +256,15 @@ pub trait LiveDevice: Send {
     fn save_cleanup(&mut self) {}
     /// Destination: the body of one START, PART or END section (`kind`), sent at
     /// `version`; read exactly the bytes the source wrote.
-    fn load_state(&mut self, _kind: SectionKind, _version: u32, _input: &mut dyn Read) -> Result<(), String> {
-        Err("cannot load live state".into())
+    fn load_state(&mut self, _kind: SectionKind, _version: u32, _input: &mut dyn Read) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot load live state"))
     }
 }
 
-/// A device's refusal with its name: `device 'idstr': why` (`device 'idstr' instance N: why`
-/// for instances other than 0).
-pub fn device_error(idstr: &str, instance_id: u32, why: &str) -> String {
-    if instance_id == 0 {
-        format!("device '{idstr}': {why}")
-    } else {
-        format!("device '{idstr}' instance {instance_id}: {why}")
-    }
+/// Name a device's refusal: reported as `device 'idstr': why` (`device 'idstr'
+/// instance N: why` for instances other than 0).
+pub fn device_error(idstr: &str, instance: u32, e: VmmError) -> VmmError {
+    e.on(VmmPart::Device { idstr: idstr.to_owned(), instance })
 }
 
 /// A block device (disk image) the two sides hand over.
@@ -130,17 +272,17 @@ pub trait BlockDevice: Send {
     /// A name for messages.
     fn name(&self) -> String;
     /// Source, at switchover: flush and stop using the image (the destination takes it).
-    fn inactivate(&mut self) -> Result<(), String> {
-        Err(format!("block device '{}' cannot be inactivated", self.name()))
+    fn inactivate(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot be inactivated"))
     }
     /// Source, after a failed or cancelled switchover: take the image back.
-    fn activate(&mut self) -> Result<(), String> {
-        Err(format!("block device '{}' cannot be reactivated", self.name()))
+    fn activate(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot be reactivated"))
     }
     /// Destination, after all state is loaded and before the guest runs: drop every
     /// cached block and reread the image the source wrote.
-    fn invalidate_cache(&mut self) -> Result<(), String> {
-        Err(format!("block device '{}' cannot invalidate its cache", self.name()))
+    fn invalidate_cache(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::msg("cannot invalidate its cache"))
     }
 }
 

@@ -16,12 +16,14 @@ mod common;
 
 use common::serial;
 
+use engine::error::{report, Origin};
 use engine::incoming::{Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus;
 use engine::vm::{LiveDevice, RawDevice, VmParts};
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{find_trailing_vmdesc, to_qemu_json, ErrorKind, PageSink, RamBlock, SectionKind};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,14 +104,14 @@ impl RawDevice for Blob {
     fn version(&self) -> u32 {
         4
     }
-    fn save_state(&mut self, out: &mut dyn Write) -> Result<(), String> {
+    fn save_state(&mut self, out: &mut dyn Write) -> Result<(), VmmError> {
         if self.refuse {
             return Err("DMA in flight".into());
         }
         out.write_all(&(self.data.len() as u32).to_be_bytes()).map_err(|e| e.to_string())?;
-        out.write_all(&self.data).map_err(|e| e.to_string())
+        out.write_all(&self.data).map_err(VmmError::from)
     }
-    fn load_state(&mut self, version: u32, input: &mut dyn Read) -> Result<(), String> {
+    fn load_state(&mut self, version: u32, input: &mut dyn Read) -> Result<(), VmmError> {
         if self.refuse {
             return Err("unsupported revision".into());
         }
@@ -117,7 +119,7 @@ impl RawDevice for Blob {
         input.read_exact(&mut len).map_err(|e| e.to_string())?;
         let n = u32::from_be_bytes(len) as i64 + self.skew;
         if !(0..=1 << 20).contains(&n) {
-            return Err(format!("length {n} out of range"));
+            return Err(format!("length {n} out of range").into());
         }
         let mut v = vec![0u8; n as usize];
         input.read_exact(&mut v).map_err(|e| e.to_string())?;
@@ -212,16 +214,16 @@ struct Vcpus {
 }
 
 impl VcpuControl for Vcpus {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         self.guest.stop()?;
         self.emu.stop();
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         self.emu.run.store(true, Ordering::SeqCst);
         self.guest.resume()
     }
-    fn set_throttle(&mut self, p: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, p: u8) -> Result<(), VmmError> {
         self.guest.set_throttle(p)
     }
 }
@@ -275,13 +277,13 @@ impl LiveDevice for LogSource {
     fn version(&self) -> u32 {
         2
     }
-    fn save_setup(&mut self, out: &mut dyn Write) -> Result<(), String> {
+    fn save_setup(&mut self, out: &mut dyn Write) -> Result<(), VmmError> {
         if self.refuse_setup {
             return Err("no dirty logging on this host".into());
         }
         lock(&self.emu.mem).dirty.fill(true);
         out.write_all(&(CHUNKS as u32).to_be_bytes()).map_err(|e| e.to_string())?;
-        out.write_all(&(CHUNK as u32).to_be_bytes()).map_err(|e| e.to_string())
+        out.write_all(&(CHUNK as u32).to_be_bytes()).map_err(VmmError::from)
     }
     fn pending(&mut self) -> u64 {
         if self.hold.load(Ordering::SeqCst) {
@@ -289,12 +291,12 @@ impl LiveDevice for LogSource {
         }
         lock(&self.emu.mem).dirty.iter().filter(|d| **d).count() as u64 * CHUNK as u64
     }
-    fn save_iterate(&mut self, out: &mut dyn Write) -> Result<(), String> {
+    fn save_iterate(&mut self, out: &mut dyn Write) -> Result<(), VmmError> {
         self.stats.parts.fetch_add(1, Ordering::SeqCst);
-        self.send_dirty(out, 32)
+        Ok(self.send_dirty(out, 32)?)
     }
-    fn save_complete(&mut self, out: &mut dyn Write) -> Result<(), String> {
-        self.send_dirty(out, usize::MAX)
+    fn save_complete(&mut self, out: &mut dyn Write) -> Result<(), VmmError> {
+        Ok(self.send_dirty(out, usize::MAX)?)
     }
     fn save_cleanup(&mut self) {
         self.stats.cleanups.fetch_add(1, Ordering::SeqCst);
@@ -321,16 +323,16 @@ impl LiveDevice for LogDest {
     fn version(&self) -> u32 {
         2
     }
-    fn load_state(&mut self, kind: SectionKind, version: u32, input: &mut dyn Read) -> Result<(), String> {
+    fn load_state(&mut self, kind: SectionKind, version: u32, input: &mut dyn Read) -> Result<(), VmmError> {
         if version != 2 {
-            return Err(format!("version {version}"));
+            return Err(format!("version {version}").into());
         }
         lock(&self.kinds).push(kind);
         let mut buf = lock(&self.buf);
         if kind == SectionKind::Start {
             let (n, size) = (be32(input)?, be32(input)?);
             if (n as usize, size as usize) != (CHUNKS, CHUNK) {
-                return Err(format!("geometry {n} x {size}"));
+                return Err(format!("geometry {n} x {size}").into());
             }
             *buf = vec![0; CHUNKS * CHUNK];
             return Ok(());
@@ -636,8 +638,9 @@ fn refusals_name_the_device_and_live_devices_are_cleaned_up() {
     let mut vm = VmParts { live_devices: vec![&mut dev], ..Default::default() };
     let run = migrate("refuse-live", &out, &guest, &mut vcpus, &mut vm, vec![], vec![Box::new(LogDest::default())]);
     match run.src {
-        Err(EngineError::Device(m)) => {
-            assert_eq!(m, "device '0000:00:03.0/dirty-log': no dirty logging on this host");
+        Err(e @ EngineError::Vmm(_)) => {
+            assert_eq!(e.origin(), Origin::Vmm);
+            assert_eq!(report(&e), "device '0000:00:03.0/dirty-log': no dirty logging on this host");
         }
         other => panic!("{other:?}"),
     }
@@ -652,7 +655,7 @@ fn refusals_name_the_device_and_live_devices_are_cleaned_up() {
     let run =
         migrate("refuse-save", &out, &guest, &mut vcpus, &mut vm, vec![Box::new(Blob::new("rtc", 1, vec![]))], vec![]);
     match run.src {
-        Err(EngineError::Device(m)) => assert_eq!(m, "device 'rtc' instance 1: DMA in flight"),
+        Err(e @ EngineError::Vmm(_)) => assert_eq!(report(&e), "device 'rtc' instance 1: DMA in flight"),
         other => panic!("{other:?}"),
     }
     assert!(vcpus.guest.running() && vcpus.emu.run.load(Ordering::SeqCst), "the guest runs again");
@@ -665,8 +668,11 @@ fn refusals_name_the_device_and_live_devices_are_cleaned_up() {
     let run = migrate("refuse-load", &out, &guest, &mut vcpus, &mut vm, vec![Box::new(dst)], vec![]);
     run.src.expect("the source completes");
     match run.dst {
-        Err(IncomingError::Device(m)) => {
-            assert!(m.starts_with("device 'rtc': unsupported revision (full section at byte "), "{m}");
+        Err(e @ IncomingError::Vmm(_)) => {
+            assert_eq!(e.origin(), Origin::Vmm);
+            let m = report(&e);
+            assert!(m.starts_with("device 'rtc' (full section at byte "), "{m}");
+            assert!(m.ends_with(": unsupported revision"), "{m}");
         }
         other => panic!("{other:?}"),
     }

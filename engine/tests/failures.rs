@@ -400,7 +400,9 @@ fn destination_process_killed_mid_pass_fails_promptly() {
     assert_eq!(rig.out.state().status(), S::Failed);
     let info = rig.out.info().get();
     assert_eq!(info.status, S::Failed);
-    assert_eq!(info.error_desc.as_deref(), Some(err.to_string().as_str()));
+    // error-desc is the error with its causes, each once; a dead peer is the peer's failure.
+    assert_eq!(info.error_desc.as_deref(), Some(engine::error::report(&err).as_str()));
+    assert_eq!(err.origin(), engine::error::Origin::Peer, "{err}");
     rig.assert_guest_running(&vcpus, "killed destination");
     let seen = rig.notifications();
     assert_eq!(check_sequence(Role::Source, &seen), Ok(()), "{seen:?}");

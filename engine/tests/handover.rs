@@ -6,9 +6,10 @@
 
 use engine::incoming::{Incoming, IncomingError};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::{EngineError, Outgoing};
 use engine::state::{MigrationStatus, Role};
 use engine::vm::{BlockDevice, DeviceHandler, MigrationBlocker, VmParts};
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::vmstate::{Kind, Needed, State, Value, Vmsd};
 use savevm_format::{PageSink, RamBlock};
 use std::sync::{Arc, Mutex};
@@ -62,11 +63,11 @@ impl DeviceHandler for Serial {
     fn vmsd(&self) -> Arc<Vmsd> {
         serial_vmsd()
     }
-    fn save(&mut self) -> Result<State, String> {
+    fn save(&mut self) -> Result<State, VmmError> {
         push(&self.log, "save serial".into());
         Ok(serial_state())
     }
-    fn load(&mut self, version: u32, state: State) -> Result<(), String> {
+    fn load(&mut self, version: u32, state: State) -> Result<(), VmmError> {
         push(&self.log, format!("load serial v{version}"));
         self.state = Some(state);
         Ok(())
@@ -82,15 +83,15 @@ impl BlockDevice for Disk {
     fn name(&self) -> String {
         "disk0".into()
     }
-    fn inactivate(&mut self) -> Result<(), String> {
+    fn inactivate(&mut self) -> Result<(), VmmError> {
         push(&self.log, "inactivate disk0".into());
         Ok(())
     }
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), VmmError> {
         push(&self.log, "activate disk0".into());
         Ok(())
     }
-    fn invalidate_cache(&mut self) -> Result<(), String> {
+    fn invalidate_cache(&mut self) -> Result<(), VmmError> {
         push(&self.log, "invalidate disk0".into());
         if self.fail_invalidate {
             Err("disk0: image locked by another process".into())
@@ -104,7 +105,7 @@ impl BlockDevice for Disk {
 struct DestVcpus(Log);
 
 impl VcpuControl for DestVcpus {
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         push(&self.0, "resume".into());
         Ok(())
     }
@@ -182,7 +183,11 @@ fn device_state_arrives_and_caches_are_invalidated_before_resume() {
 fn failed_invalidation_leaves_the_guest_stopped() {
     let Handover { result, dst, incoming, .. } = handover("inval", true);
     let e = result.expect_err("invalidation failure must fail the migration");
-    assert!(e.to_string().contains("image locked"), "{e}");
+    assert_eq!(e.origin(), engine::error::Origin::Vmm);
+    assert_eq!(
+        engine::error::report(&e),
+        "block device 'disk0' (invalidate cache): disk0: image locked by another process"
+    );
     assert_eq!(dst, ["load serial v3", "invalidate disk0"], "no resume after a failed invalidation");
     assert_eq!(incoming.state.status(), MigrationStatus::Failed);
 }
@@ -205,6 +210,7 @@ fn a_blocker_fails_the_migration_at_start() {
         .run_vm(ch, &mut [engine::memory::RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus, &mut vm)
         .expect_err("blocked");
     assert!(matches!(&e, EngineError::Blocked(r) if r.contains("vfio0")), "{e}");
+    assert_eq!(e.origin(), engine::error::Origin::Vmm);
     assert_eq!(out.state().status(), MigrationStatus::Failed);
     assert_eq!(
         out.info().get().error_desc.as_deref(),

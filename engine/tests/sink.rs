@@ -2,7 +2,7 @@
 //! incoming migration with a typed error instead of dropping the page.
 
 use engine::incoming::{Incoming, IncomingError};
-use engine::source::VcpuControl;
+use engine::vm::VcpuControl;
 use engine::vm::VmParts;
 use savevm_format::{write_stopped_guest, ErrorKind, PageSink, RamBlock, StoppedGuest};
 

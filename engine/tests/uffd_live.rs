@@ -5,8 +5,9 @@
 
 use engine::dirty::UffdWriteProtect;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{GuestRegion, Outgoing, VcpuControl};
+use engine::source::{GuestRegion, Outgoing};
 use engine::vm::VmParts;
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,14 +25,14 @@ struct Writer {
 }
 
 impl VcpuControl for Writer {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         self.run.store(false, Ordering::SeqCst);
         while !self.parked.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_micros(100));
         }
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         self.run.store(true, Ordering::SeqCst);
         Ok(())
     }

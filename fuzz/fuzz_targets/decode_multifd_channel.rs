@@ -14,7 +14,7 @@ static GUARD: alloc_guard::AllocGuard = alloc_guard::AllocGuard::new(128 << 20, 
 use libfuzzer_sys::fuzz_target;
 use savevm_format::multifd::{ChannelReader, MULTIFD_PACKET_SIZE};
 
-const TPS: u64 = 4096;
+const TPS: u64 = savevm_format::TARGET_PAGE_SIZE as u64;
 
 fuzz_target!(|data: &[u8]| {
     let mut r = ChannelReader::new(data, TPS);

@@ -9,7 +9,7 @@
 //! // Source: boot the guest, let it run, migrate it live over a unix socket.
 //! let mut vm = Vm::new(Layout::pc_split(1 << 30)?)?;
 //! vm.boot(GuestConfig { working_set: 256 << 20, dirty_rate: 64 << 20, seed: 1 })?;
-//! engine::source::VcpuControl::resume(&mut vm.vcpus())?;
+//! engine::vm::VcpuControl::resume(&mut vm.vcpus())?;
 //! let out = Outgoing::new(SharedParameters::new(MigrationParameters::default())?, MigrationCapabilities::default())?;
 //! let ch = transports::connect(&"unix:/tmp/dest.sock".parse()?, out.cancel())?;
 //! let info = minivmm::migrate::migrate_out(&vm, &out, ch)?;
@@ -22,7 +22,7 @@ use engine::incoming::{Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::memory::RamRegion;
 use engine::source::{EngineError, Outgoing};
-use engine::vm::VmParts;
+use engine::vm::{VmParts, VmmError};
 use std::io::Read;
 use transports::Channel;
 
@@ -30,7 +30,7 @@ use transports::Channel;
 /// KVM's dirty log, then the `cpu` section at switchover. On success the guest
 /// stays stopped here; on failure or cancel it runs on.
 pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo, EngineError> {
-    let region = vm.region().map_err(|e| EngineError::Device(e.to_string()))?;
+    let region = vm.region().map_err(|e| EngineError::Vmm(VmmError::new(e)))?;
     let mut vcpus = vm.vcpus();
     let mut cpu = vm.cpu_device();
     let mut ram = [RamRegion::new(&region).with_dirty(vm.dirty_log())];

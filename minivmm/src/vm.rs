@@ -6,8 +6,8 @@ use crate::cpu::{self, CpuState, MSR_IA32_TSC};
 use crate::dirty::KvmDirtyLog;
 use crate::guest::{self, ctrl, CODE_ADDR, CTRL_ADDR, GDT_ADDR, PML4_ADDR, WORKING_SET_MIN};
 use crate::layout::{Layout, LayoutError};
-use engine::source::{GuestRegion, VcpuControl};
-use engine::vm::DeviceHandler;
+use engine::source::GuestRegion;
+use engine::vm::{DeviceHandler, VcpuControl, VmmError};
 use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use savevm_format::vmstate::{State, Vmsd};
@@ -28,7 +28,7 @@ const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 #[non_exhaustive]
 pub enum VmError {
     /// `/dev/kvm` or an ioctl failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Kvm {
         /// What was being done.
         op: &'static str,
@@ -215,13 +215,13 @@ impl VcpuShared {
 pub struct Vcpus(Arc<VcpuShared>);
 
 impl VcpuControl for Vcpus {
-    fn stop(&mut self) -> Result<(), String> {
-        self.0.stop()
+    fn stop(&mut self) -> Result<(), VmmError> {
+        Ok(self.0.stop()?)
     }
-    fn resume(&mut self) -> Result<(), String> {
-        self.0.resume()
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Ok(self.0.resume()?)
     }
-    fn set_throttle(&mut self, percentage: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, percentage: u8) -> Result<(), VmmError> {
         let mut c = lock(&self.0.ctl);
         c.throttle = percentage.min(99);
         Ok(())
@@ -245,8 +245,9 @@ impl Vcpus {
     }
 }
 
-fn cpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
-    move |x| format!("cpu: {op}: {}", std::io::Error::from_raw_os_error(x.errno()))
+/// A failed vCPU ioctl: the OS error as the cause, the ioctl as where (the engine adds `device 'cpu'`).
+fn cpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |x| VmmError::new(std::io::Error::from_raw_os_error(x.errno())).at(op)
 }
 
 /// The vCPU state as the engine's `cpu` device.
@@ -262,22 +263,22 @@ impl DeviceHandler for CpuDevice {
     fn vmsd(&self) -> Arc<Vmsd> {
         self.vmsd.clone()
     }
-    fn save(&mut self) -> Result<State, String> {
+    fn save(&mut self) -> Result<State, VmmError> {
         let fd = self.vcpu.parked_fd()?;
         let regs = fd.get_regs().map_err(cpu_err("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))?;
         let entry = |index| kvm_msr_entry { index, ..Default::default() };
         let mut msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC), entry(cpu::MSR_MTRR_DEF_TYPE)])
-            .map_err(|x| format!("cpu: msrs: {x:?}"))?;
+            .map_err(|x| VmmError::msg(format!("cpu: msrs: {x:?}")))?;
         if fd.get_msrs(&mut msrs).map_err(cpu_err("KVM_GET_MSRS"))? != 2 {
             return Err("cpu: KVM_GET_MSRS returned fewer MSRs than asked".into());
         }
         let m = msrs.as_slice();
         Ok(CpuState { regs, sregs, tsc: m[0].data, mtrr_def_type: m[1].data }.to_state())
     }
-    fn load(&mut self, version: u32, state: State) -> Result<(), String> {
+    fn load(&mut self, version: u32, state: State) -> Result<(), VmmError> {
         if version != 1 {
-            return Err(format!("cpu: version {version} unknown"));
+            return Err(format!("cpu: version {version} unknown").into());
         }
         let c = CpuState::from_state(&state)?;
         let fd = self.vcpu.parked_fd()?;
@@ -285,7 +286,7 @@ impl DeviceHandler for CpuDevice {
         fd.set_regs(&c.regs).map_err(cpu_err("KVM_SET_REGS"))?;
         let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
         let msrs = Msrs::from_entries(&[entry(MSR_IA32_TSC, c.tsc), entry(cpu::MSR_MTRR_DEF_TYPE, c.mtrr_def_type)])
-            .map_err(|x| format!("cpu: msrs: {x:?}"))?;
+            .map_err(|x| VmmError::msg(format!("cpu: msrs: {x:?}")))?;
         if fd.set_msrs(&msrs).map_err(cpu_err("KVM_SET_MSRS"))? != 2 {
             return Err("cpu: KVM_SET_MSRS set fewer MSRs than given".into());
         }
@@ -665,14 +666,14 @@ impl Vm {
     /// moment while one is), read the control block and check the checksum; the
     /// vCPU is left stopped.
     pub fn stop_and_check(&self) -> Result<(Control, bool), VmError> {
-        let mut v = self.vcpus();
+        let v = self.vcpus();
         for _ in 0..1000 {
-            v.stop().map_err(VmError::Vcpu)?;
+            v.0.stop().map_err(VmError::Vcpu)?;
             let c = self.control()?;
             if !c.busy {
                 return Ok((c, self.working_set_sum()? == c.checksum));
             }
-            v.resume().map_err(VmError::Vcpu)?;
+            v.0.resume().map_err(VmError::Vcpu)?;
             std::thread::sleep(Duration::from_micros(200));
         }
         Err(VmError::Vcpu("always stopped mid-write".into()))

@@ -2,7 +2,7 @@
 //! checksum holds; stop/resume and the dirty log work on their own.
 
 use engine::dirty::DirtySource;
-use engine::source::VcpuControl;
+use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
 use std::time::Duration;

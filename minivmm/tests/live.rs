@@ -4,8 +4,9 @@
 //! running on the source.
 
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
-use engine::source::{EngineError, Outgoing, VcpuControl};
+use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus;
+use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{GuestConfig, Vm};
 use std::time::Duration;

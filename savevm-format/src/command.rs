@@ -342,8 +342,27 @@ impl RpMessage {
                 len("SWITCHOVER_ACK", 0, "0")?;
                 RpMessage::SwitchoverAck
             }
-            _ => return Err(ErrorKind::UnknownCommand { cmd: ty, len: wire_len(p) }),
+            _ => return Err(ErrorKind::UnknownRpMessage { ty, len: wire_len(p) }),
         })
+    }
+
+    /// QEMU's name of this message (`SHUT`, `PONG`, `REQ_PAGES_ID`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RpMessage::Shut(_) => "SHUT",
+            RpMessage::Pong(_) => "PONG",
+            RpMessage::ReqPagesId { .. } => "REQ_PAGES_ID",
+            RpMessage::ReqPages { .. } => "REQ_PAGES",
+            RpMessage::RecvBitmap(_) => "RECV_BITMAP",
+            RpMessage::ResumeAck(_) => "RESUME_ACK",
+            RpMessage::SwitchoverAck => "SWITCHOVER_ACK",
+        }
+    }
+
+    /// Write the whole message to `w` and flush it (QEMU flushes every return-path message).
+    pub fn write_to<W: std::io::Write + ?Sized>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.encode())?;
+        w.flush()
     }
 
     /// The whole message: be16 type, be16 length, payload.
@@ -379,20 +398,83 @@ impl RpMessage {
         out
     }
 
-    /// Read one message from `r`; `Ok(None)` at a clean end of input.
+    /// Read one message from `r`; `Ok(None)` at a clean end of input. Error offsets
+    /// count from where `r` stood; [`RpReader`] keeps them across messages.
     pub fn read<R: std::io::Read>(r: &mut R) -> crate::Result<Option<RpMessage>> {
-        let mut input = crate::input::Input::new(r);
+        RpReader::new(r).next()
+    }
+}
+
+/// End marker after a received bitmap (`RAMBLOCK_RECV_BITMAP_ENDING`).
+pub const RECV_BITMAP_ENDING: u64 = 0x0123_4567_89ab_cdef;
+
+/// Reads return-path messages one after the other from any `Read` (the source's
+/// side of the return path), with error offsets counted from the first byte read.
+/// Memory is bounded: a message payload is at most [`RP_MAX_LEN`] bytes.
+pub struct RpReader<R> {
+    input: crate::input::Input<R>,
+}
+
+impl<R: std::io::Read> RpReader<R> {
+    /// A reader at offset 0 of the return path.
+    pub fn new(r: R) -> Self {
+        RpReader { input: crate::input::Input::new(r) }
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.input.offset()
+    }
+
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.input.into_inner()
+    }
+
+    /// The next message; `Ok(None)` when the input ends cleanly between messages.
+    /// A truncated message, a payload longer than [`RP_MAX_LEN`], an unknown type or
+    /// a bad payload is an error at its offset.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> crate::Result<Option<RpMessage>> {
+        const W: &str = "a return-path message";
+        let input = &mut self.input;
         if input.at_end().map_err(|k| input.err(k))? {
             return Ok(None);
         }
-        let ty = input.be16("a return-path message").map_err(|k| input.err(k))?;
-        let len = input.be16("a return-path message").map_err(|k| input.err(k))? as usize;
-        if len > RP_MAX_LEN {
-            return Err(input.err(ErrorKind::Limit("return-path message longer than 512 bytes")));
+        let start = input.offset();
+        let at_start = |k| crate::Error::at(start, k);
+        let ty = input.be16(W).map_err(|k| input.err(k))?;
+        let len = input.be16(W).map_err(|k| input.err(k))?;
+        if len as usize > RP_MAX_LEN {
+            return Err(at_start(ErrorKind::Limit("return-path message longer than 512 bytes")));
         }
         let mut p = [0u8; RP_MAX_LEN];
-        input.read_exact(&mut p[..len], "a return-path message").map_err(|k| input.err(k))?;
-        RpMessage::decode(ty, &p[..len]).map(Some).map_err(|k| input.err(k))
+        let p = &mut p[..len as usize];
+        input.read_exact(p, W).map_err(|k| input.err(k))?;
+        RpMessage::decode(ty, p).map(Some).map_err(at_start)
+    }
+
+    /// After an [`RpMessage::RecvBitmap`]: the bitmap that follows it (be64 size,
+    /// `size` bytes, be64 [`RECV_BITMAP_ENDING`]). A size above `max_bytes` or not a
+    /// multiple of 8, a short input or a wrong end marker is an error at its offset.
+    pub fn read_recv_bitmap(&mut self, max_bytes: u64) -> crate::Result<Vec<u8>> {
+        const W: &str = "a received bitmap";
+        let input = &mut self.input;
+        let size = input.be64(W).map_err(|k| input.err(k))?;
+        if size > max_bytes {
+            return Err(input.err(ErrorKind::Limit("received bitmap larger than the block's")));
+        }
+        if size % 8 != 0 {
+            return Err(
+                input.err(ErrorKind::CommandPayload { name: "RECV_BITMAP", why: "size is not a multiple of 8" })
+            );
+        }
+        let bitmap = input.read_vec(size, W).map_err(|k| input.err(k))?;
+        let end = input.be64(W).map_err(|k| input.err(k))?;
+        if end != RECV_BITMAP_ENDING {
+            return Err(input.err(ErrorKind::CommandPayload { name: "RECV_BITMAP", why: "bad end marker" }));
+        }
+        Ok(bitmap)
     }
 }
 
@@ -407,4 +489,181 @@ fn short_name(block: &str) -> (&[u8], u8) {
 /// 12 discard ranges per command), so saturation never applies in practice.
 fn wire_len(p: &[u8]) -> u16 {
     u16::try_from(p.len()).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod rp_tests {
+    use super::*;
+
+    fn all() -> Vec<RpMessage> {
+        vec![
+            RpMessage::Shut(0),
+            RpMessage::Shut(1),
+            RpMessage::Pong(1),
+            RpMessage::Pong(0xdead_beef),
+            RpMessage::ReqPagesId { start: 0xf0_0000, len: 0x1000, block: "mem".into() },
+            RpMessage::ReqPages { start: 0xe0_0000, len: 0x1000 },
+            RpMessage::RecvBitmap("pc.ram".into()),
+            RpMessage::ResumeAck(1),
+            RpMessage::SwitchoverAck,
+        ]
+    }
+
+    #[test]
+    fn bytes_seen_from_qemu_7_2() {
+        // Section 5.3 of the stream reference: a real 7.2 postcopy return path.
+        let seen: &[(&[u8], RpMessage)] = &[
+            (&[0, 2, 0, 4, 0, 0, 0, 1], RpMessage::Pong(1)),
+            (
+                &[0, 3, 0, 0x10, 0, 0, 0, 0, 0, 0xf0, 0, 0, 0, 0, 0x10, 0, 3, b'm', b'e', b'm'],
+                RpMessage::ReqPagesId { start: 0xf0_0000, len: 0x1000, block: "mem".into() },
+            ),
+            (
+                &[0, 4, 0, 0x0c, 0, 0, 0, 0, 0, 0xe0, 0, 0, 0, 0, 0x10, 0],
+                RpMessage::ReqPages { start: 0xe0_0000, len: 0x1000 },
+            ),
+            (&[0, 1, 0, 4, 0, 0, 0, 0], RpMessage::Shut(0)),
+        ];
+        let mut stream = Vec::new();
+        for (bytes, msg) in seen {
+            assert_eq!(msg.encode(), *bytes, "{msg:?}");
+            stream.extend_from_slice(bytes);
+        }
+        let mut r = RpReader::new(&stream[..]);
+        for (_, msg) in seen {
+            assert_eq!(r.next().unwrap().as_ref(), Some(msg));
+        }
+        assert!(r.next().unwrap().is_none());
+        assert_eq!(r.offset(), stream.len() as u64);
+    }
+
+    #[test]
+    fn round_trip_through_write_to_and_reader() {
+        let mut buf = Vec::new();
+        for m in all() {
+            m.write_to(&mut buf).unwrap();
+        }
+        let mut r = RpReader::new(&buf[..]);
+        for m in all() {
+            let got = r.next().unwrap().unwrap();
+            assert_eq!(got.name(), m.name());
+            assert_eq!(got, m);
+        }
+        assert!(r.next().unwrap().is_none());
+    }
+
+    #[test]
+    fn every_cut_is_a_typed_error_at_the_cut() {
+        let mut buf = Vec::new();
+        for m in all() {
+            buf.extend(m.encode());
+        }
+        // Message boundaries: a cut there is a clean end.
+        let mut bounds = vec![0u64];
+        for m in all() {
+            bounds.push(bounds.last().unwrap() + m.encode().len() as u64);
+        }
+        for cut in 0..buf.len() {
+            let mut r = RpReader::new(&buf[..cut]);
+            let mut n = 0;
+            let err = loop {
+                match r.next() {
+                    Ok(Some(_)) => n += 1,
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            if bounds.contains(&(cut as u64)) {
+                assert!(err.is_none(), "cut {cut}: {err:?}");
+            } else {
+                let e = err.unwrap_or_else(|| panic!("cut {cut} inside message {n} decoded"));
+                assert!(e.is_truncation(), "cut {cut}: {e}");
+                assert_eq!(e.offset, cut as u64, "cut {cut}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_headers_and_payloads() {
+        let err = |bytes: &[u8]| RpReader::new(bytes).next().unwrap_err();
+        // INVALID and unknown types.
+        let e = err(&[0, 0, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::UnknownRpMessage { ty: 0, len: 0 }), "{e}");
+        let e = err(&[0, 99, 0, 1, 7]);
+        assert!(matches!(e.kind, ErrorKind::UnknownRpMessage { ty: 99, len: 1 }), "{e}");
+        assert_eq!(e.offset, 0);
+        // Too long: refused before reading (or allocating) the payload.
+        let e = err(&[0, 1, 0x02, 0x01]);
+        assert!(matches!(e.kind, ErrorKind::Limit(_)), "{e}");
+        let e = err(&[0, 1, 0xff, 0xff]);
+        assert!(matches!(e.kind, ErrorKind::Limit(_)), "{e}");
+        // Fixed lengths.
+        let e = err(&[0, 1, 0, 3, 0, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "SHUT", got: 3, .. }), "{e}");
+        let e = err(&[0, 2, 0, 5, 0, 0, 0, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "PONG", got: 5, .. }), "{e}");
+        let e = err(&[0, 4, 0, 13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "REQ_PAGES", got: 13, .. }), "{e}");
+        let e = err(&[0, 7, 0, 1, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "SWITCHOVER_ACK", .. }), "{e}");
+        // REQ_PAGES_ID whose name length disagrees with the payload, or no name length at all.
+        let mut p = vec![0, 3, 0, 16];
+        p.extend([0; 12]);
+        p.extend([9, b'm', b'e', b'm']);
+        let e = err(&p);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "REQ_PAGES_ID", got: 16, .. }), "{e}");
+        let e = err(&[0, 3, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "REQ_PAGES_ID", got: 12, .. }), "{e}");
+        let e = err(&[0, 5, 0, 0]);
+        assert!(matches!(e.kind, ErrorKind::CommandLength { name: "RECV_BITMAP", got: 0, .. }), "{e}");
+        // The error offset is the message's own start, later in the stream.
+        let mut two = RpMessage::Pong(1).encode();
+        two.extend([0, 1, 0, 0]);
+        let mut r = RpReader::new(&two[..]);
+        assert_eq!(r.next().unwrap(), Some(RpMessage::Pong(1)));
+        assert_eq!(r.next().unwrap_err().offset, 8);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A small xorshift: deterministic garbage, including plausible headers.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let mut b: Vec<u8> = (0..len).map(|i| (x >> ((i % 8) * 8)).to_le_bytes()[0] ^ i.to_le_bytes()[0]).collect();
+            if b.len() >= 4 {
+                b[0] = 0;
+                b[1] = (x % 9) as u8;
+                b[2] = 0;
+            }
+            let mut r = RpReader::new(&b[..]);
+            while let Ok(Some(_)) = r.next() {}
+            assert!(r.offset() <= b.len() as u64);
+        }
+    }
+
+    #[test]
+    fn recv_bitmap_body() {
+        let mut b = RpMessage::RecvBitmap("mem".into()).encode();
+        b.extend(16u64.to_be_bytes());
+        b.extend([0xffu8; 16]);
+        b.extend(RECV_BITMAP_ENDING.to_be_bytes());
+        let mut r = RpReader::new(&b[..]);
+        assert_eq!(r.next().unwrap(), Some(RpMessage::RecvBitmap("mem".into())));
+        assert_eq!(r.read_recv_bitmap(16).unwrap(), vec![0xff; 16]);
+        // Over the caller's bound: refused before allocating.
+        let mut r = RpReader::new(&b[..]);
+        r.next().unwrap();
+        assert!(matches!(r.read_recv_bitmap(8).unwrap_err().kind, ErrorKind::Limit(_)));
+        // Wrong marker.
+        let n = b.len();
+        b[n - 1] ^= 1;
+        let mut r = RpReader::new(&b[..]);
+        r.next().unwrap();
+        let e = r.read_recv_bitmap(16).unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::CommandPayload { .. }), "{e}");
+    }
 }

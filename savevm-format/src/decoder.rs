@@ -289,6 +289,13 @@ pub trait PageSink {
     /// A postcopy discard of `len` bytes at `start` of `block` (range-checked): the
     /// destination drops those pages, so they read as zero. Default: ignore.
     fn discard(&mut self, _block: &RamBlock, _start: u64, _len: u64) {}
+
+    /// The whole stream has been read (the decoder never calls this; a destination
+    /// does, before it starts the guest or tells the source it succeeded): land
+    /// anything still buffered. An error fails the migration. Default: nothing to do.
+    fn loaded(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A sink that takes nothing: every page is handed out in its event.

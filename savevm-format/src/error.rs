@@ -50,7 +50,7 @@ impl std::error::Error for Error {
 #[non_exhaustive]
 pub enum ErrorKind {
     /// The underlying reader failed (other than by ending).
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[source] std::io::Error),
     /// The input ended inside an item.
     #[error("stream ends inside {what}")]
@@ -173,6 +173,14 @@ pub enum ErrorKind {
         /// Declared length.
         len: u16,
     },
+    /// A return-path message type unknown to QEMU 7.2 (and newest), or INVALID (0).
+    #[error("received invalid return-path message {ty:#06x} length {len:#06x}")]
+    UnknownRpMessage {
+        /// Message type.
+        ty: u16,
+        /// Declared length.
+        len: u16,
+    },
     /// A command whose length does not fit its kind.
     #[error("{name} received with bad length - expecting {expected}, got {got}")]
     CommandLength {
@@ -275,7 +283,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum EncodeError {
     /// The writer failed.
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
     /// The state lacks a field the description needs.
     #[error("{vmsd}: missing field '{field}'")]

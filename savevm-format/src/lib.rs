@@ -58,7 +58,7 @@ pub mod xbzrle;
 /// stream's configuration says otherwise (`target-page-bits`).
 pub const TARGET_PAGE_SIZE: usize = 4096;
 
-pub use command::{Command, RpMessage};
+pub use command::{Command, RpMessage, RpReader};
 pub use decoder::{
     find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, Limits, NoSink, PageSink, PageSlot,
     RawBody, SectionHeader, SectionKind,

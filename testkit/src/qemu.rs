@@ -33,7 +33,7 @@ pub enum QemuError {
     #[error("{QEMU_BINARY_NAME} not found on PATH")]
     BinaryNotFound,
     /// The QEMU process could not be started.
-    #[error("failed to start {binary}: {source}")]
+    #[error("failed to start {}", binary.display())]
     Spawn {
         /// The binary that was executed.
         binary: PathBuf,
@@ -41,7 +41,7 @@ pub enum QemuError {
         source: io::Error,
     },
     /// A local I/O operation failed (temp dir, socket, file); `context` says which.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

@@ -6,7 +6,8 @@
 
 use crate::rng::splitmix64 as mix;
 use engine::dirty::DirtyBitmap;
-use engine::source::{GuestRegion, VcpuControl};
+use engine::source::GuestRegion;
+use engine::vm::{VcpuControl, VmmError};
 use savevm_format::TARGET_PAGE_SIZE as PAGE;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -170,7 +171,7 @@ impl SyntheticVcpus {
 }
 
 impl VcpuControl for SyntheticVcpus {
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmmError> {
         self.shared.run.store(false, Ordering::Release);
         let t0 = Instant::now();
         while self.shared.parked.load(Ordering::Acquire) < self.n {
@@ -182,12 +183,12 @@ impl VcpuControl for SyntheticVcpus {
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmmError> {
         self.shared.run.store(true, Ordering::Release);
         Ok(())
     }
 
-    fn set_throttle(&mut self, percentage: u8) -> Result<(), String> {
+    fn set_throttle(&mut self, percentage: u8) -> Result<(), VmmError> {
         self.shared.throttle.store(percentage.min(99), Ordering::Relaxed);
         Ok(())
     }

@@ -70,13 +70,18 @@ impl CancelToken {
     }
 
     /// Cancel `other` too whenever this token is cancelled (e.g. an engine's token and
-    /// the token its channel was connected with).
+    /// the token its channel was connected with). The link does not keep `other`
+    /// alive: a long-lived token linked to many short-lived ones holds none of them.
     pub fn link_to(&self, other: &CancelToken) {
         if Arc::ptr_eq(&self.inner, &other.inner) {
             return;
         }
-        let o = other.clone();
-        self.on_cancel(Box::new(move || o.cancel()));
+        let o = Arc::downgrade(&other.inner);
+        self.on_cancel(Box::new(move || {
+            if let Some(inner) = o.upgrade() {
+                CancelToken { inner }.cancel();
+            }
+        }));
     }
 
     /// Run `hook` on cancel (at once if already cancelled).

@@ -400,6 +400,22 @@ impl Channel {
         }
     }
 
+    /// The reverse direction of this channel, for QEMU's return path: on a socket
+    /// (tcp, unix, an `fd:` socket) a duplicate of its descriptor, usable from another
+    /// thread while this channel is read or written, and cancelled by the same token.
+    /// `exec:`, `file:` and non-socket `fd:` channels have none: a
+    /// [`TransportError::NoReturnPath`] (QEMU refuses a return path on them too).
+    pub fn return_path(&self) -> Result<ReturnPath, TransportError> {
+        let no = |why: String| TransportError::NoReturnPath { uri: self.peer.clone(), why };
+        if self._shutdown.is_none() {
+            let kind = if self.exec.is_some() { "an exec: command's pipes" } else { "not a socket" };
+            return Err(no(format!("{kind} carry only one direction")));
+        }
+        let fd = self.read.as_ref().or(self.write.as_ref()).ok_or_else(|| no("the channel is closed".into()))?;
+        let fd = fd.try_clone().map_err(|e| no(format!("cannot duplicate the socket: {e}")))?;
+        Ok(ReturnPath { fd, cancel: self.cancel.clone(), peer: self.peer.clone() })
+    }
+
     /// Close the write side (the peer sees end of stream), keeping the read side.
     pub fn close_write(&mut self) {
         if let (Some(_), Some(w)) = (&self.read, &self.write) {
@@ -416,7 +432,7 @@ impl Channel {
             // Killed by a cancel: report the cancel, not the SIGKILL exit status.
             Some(e) => match e.wait() {
                 Err(_) if self.cancel.is_cancelled() => {
-                    Err(TransportError::Connect { uri: self.peer.clone(), source: crate::cancel::cancelled() })
+                    Err(TransportError::Channel { peer: self.peer.clone(), source: crate::cancel::cancelled() })
                 }
                 r => r,
             },
@@ -425,9 +441,124 @@ impl Channel {
     }
 }
 
+/// The return path of a socket channel (see [`Channel::return_path`]): the same
+/// connection used in the other direction, on a descriptor of its own. Reads and
+/// writes block until progress, end of stream or cancel (a cancel shuts the socket
+/// down, which wakes both directions). `&ReturnPath` is `Read` and `Write`, so one
+/// thread can read while another writes.
+pub struct ReturnPath {
+    fd: OwnedFd,
+    cancel: CancelToken,
+    peer: String,
+}
+
+impl std::fmt::Debug for ReturnPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReturnPath({})", self.peer)
+    }
+}
+
+impl ReturnPath {
+    /// What the return path is connected to (for messages).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Another handle on the same return path (for a reader and a writer thread).
+    pub fn try_clone(&self) -> io::Result<ReturnPath> {
+        Ok(ReturnPath { fd: self.fd.try_clone()?, cancel: self.cancel.clone(), peer: self.peer.clone() })
+    }
+
+    /// Read into `buf`; blocks until data, end of stream (0) or cancel.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            self.cancel.check()?;
+            match nix::unistd::read(self.fd.as_fd(), buf) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.cancel.wait(self.fd.as_fd(), PollFlags::POLLIN, None)?;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.error(e.into())),
+            }
+        }
+    }
+
+    /// Write some of `buf`; blocks until progress or cancel.
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            self.cancel.check()?;
+            match nix::unistd::write(&self.fd, buf) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.cancel.wait(self.fd.as_fd(), PollFlags::POLLOUT, None)?;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.error(e.into())),
+            }
+        }
+    }
+
+    /// Shut down one or both directions of the connection (the main channel's too,
+    /// as it is the same socket): `Write` tells the peer nothing more comes; `Read`
+    /// makes every read here, the main channel's included, see end of stream.
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        use nix::sys::socket::Shutdown as S;
+        let how = match how {
+            std::net::Shutdown::Read => S::Read,
+            std::net::Shutdown::Write => S::Write,
+            std::net::Shutdown::Both => S::Both,
+        };
+        nix::sys::socket::shutdown(self.fd.as_raw_fd(), how).map_err(io::Error::from)
+    }
+
+    fn error(&self, e: io::Error) -> io::Error {
+        if self.cancel.is_cancelled() {
+            crate::cancel::cancelled()
+        } else {
+            e
+        }
+    }
+}
+
+impl Read for &ReturnPath {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        ReturnPath::read(self, buf)
+    }
+}
+
+impl Read for ReturnPath {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        ReturnPath::read(self, buf)
+    }
+}
+
+impl io::Write for &ReturnPath {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        ReturnPath::write(self, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl io::Write for ReturnPath {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        ReturnPath::write(self, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd).
 pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
     let at = |source| TransportError::Connect { uri: uri.to_string(), source };
+    if cancel.is_cancelled() {
+        return Err(at(crate::cancel::cancelled()));
+    }
     match uri {
         MigrationUri::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port)).map_err(at)?;
@@ -539,8 +670,27 @@ impl Listener {
 
     /// Wait for the source (or open the fd, command or file) and return the channel.
     pub fn accept(self) -> Result<Channel, TransportError> {
+        self.accept_ref()
+    }
+
+    /// Accept one connection on a `tcp:` or `unix:` listener and keep listening, for
+    /// a source that opens several (QEMU's multifd channels). Other URIs have one
+    /// channel only: an error (use [`accept`](Self::accept)).
+    pub fn accept_another(&self) -> Result<Channel, TransportError> {
+        if matches!(self.kind, ListenKind::Other) {
+            let source =
+                io::Error::new(io::ErrorKind::Unsupported, "only tcp: and unix: take more than one connection");
+            return Err(TransportError::Accept { uri: self.uri.to_string(), source });
+        }
+        self.accept_ref()
+    }
+
+    fn accept_ref(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
+        if self.cancel.is_cancelled() {
+            return Err(at(crate::cancel::cancelled()));
+        }
         match &self.kind {
             ListenKind::Tcp(l) => loop {
                 match l.accept() {

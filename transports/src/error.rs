@@ -11,7 +11,7 @@ pub enum TransportError {
     #[error(transparent)]
     Uri(#[from] crate::uri::UriError),
     /// Connecting (or opening the outgoing side) failed.
-    #[error("cannot connect to {uri}: {source}")]
+    #[error("cannot connect to {uri}")]
     Connect {
         /// The URI.
         uri: String,
@@ -19,7 +19,7 @@ pub enum TransportError {
         source: std::io::Error,
     },
     /// Listening failed.
-    #[error("cannot listen on {uri}: {source}")]
+    #[error("cannot listen on {uri}")]
     Listen {
         /// The URI.
         uri: String,
@@ -27,7 +27,7 @@ pub enum TransportError {
         source: std::io::Error,
     },
     /// Accepting (or opening the incoming side) failed.
-    #[error("cannot accept on {uri}: {source}")]
+    #[error("cannot accept on {uri}")]
     Accept {
         /// The URI.
         uri: String,
@@ -35,7 +35,7 @@ pub enum TransportError {
         source: std::io::Error,
     },
     /// An `exec:` command could not be started.
-    #[error("cannot run '{command}': {source}")]
+    #[error("cannot run '{command}'")]
     Spawn {
         /// The command.
         command: String,
@@ -52,8 +52,26 @@ pub enum TransportError {
         /// The last line it printed on stderr.
         stderr: String,
     },
+    /// The channel has no reverse direction for a return path (`exec:`, `file:`, an
+    /// `fd:` that is not a socket), or it could not be duplicated.
+    #[error("{uri}: no return path: {why}")]
+    NoReturnPath {
+        /// The channel's URI or peer.
+        uri: String,
+        /// Why.
+        why: String,
+    },
+    /// The channel failed while being closed (its last bytes, or a cancel while
+    /// waiting for an `exec:` command); `peer` names the other end.
+    #[error("migration channel to {peer}")]
+    Channel {
+        /// The peer (address, URI or command).
+        peer: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A `file:` could not be opened.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     File {
         /// The file.
         path: PathBuf,
@@ -69,6 +87,7 @@ impl TransportError {
             TransportError::Connect { source, .. }
             | TransportError::Listen { source, .. }
             | TransportError::Accept { source, .. }
+            | TransportError::Channel { source, .. }
             | TransportError::File { source, .. } => crate::cancel::is_cancelled(source),
             _ => false,
         }

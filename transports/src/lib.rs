@@ -34,7 +34,7 @@ mod stream;
 mod uri;
 
 pub use cancel::{is_cancelled, CancelToken, Cancelled};
-pub use channel::{connect, Channel, Direction, Listener};
+pub use channel::{connect, Channel, Direction, Listener, ReturnPath};
 pub use error::TransportError;
 pub use ratelimit::{RateLimit, WINDOW};
 pub use stream::{MigrationReader, MigrationWriter};

@@ -184,9 +184,10 @@ impl<'g> MigrationWriter<'g> {
         match self.finish() {
             Ok(ch) => ch.finish(),
             Err((ch, e)) => {
+                let peer = ch.peer().to_owned();
                 // The command's own failure explains a broken pipe better than EPIPE does.
                 ch.finish()?;
-                Err(TransportError::Connect { uri: "migration stream".into(), source: e })
+                Err(TransportError::Channel { peer, source: e })
             }
         }
     }

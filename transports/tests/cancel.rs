@@ -420,3 +420,76 @@ fn dropped_writer_closes_while_token_lives() {
     }
     assert!(!token.is_cancelled());
 }
+
+/// The error and its causes, `a: b: c` (as the CLI prints it).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut c = e.source();
+    while let Some(s) = c {
+        out = format!("{out}: {s}");
+        c = s.source();
+    }
+    out
+}
+
+/// Each blocking operation's error after a cancel says so: `is_cancelled` holds,
+/// "migration cancelled" is printed once along the error's source chain, and the
+/// error names what was cancelled (an accept, a read, a write, closing the
+/// channel; closing is not reported as a failed connect).
+#[test]
+fn every_blocking_op_reports_the_cancel() {
+    let once = |what: &str, text: &str| {
+        assert_eq!(text.matches("migration cancelled").count(), 1, "{what}: {text}");
+        assert!(!text.starts_with("cannot connect"), "{what}: {text}");
+    };
+    // connect and accept on a cancelled token, tcp and unix.
+    for uri in ["tcp:127.0.0.1:0".parse().unwrap(), MigrationUri::Unix(sock_path("cancelled-accept"))] {
+        let token = CancelToken::new().unwrap();
+        let l = Listener::bind(&uri, &token).unwrap();
+        token.cancel();
+        let e = connect(l.local_uri(), &token).expect_err("connect with a cancelled token");
+        assert!(e.is_cancelled(), "connect {uri}: {e:?}");
+        assert_eq!(chain(&e).matches("migration cancelled").count(), 1, "{}", chain(&e));
+        let e = within("accept on a cancelled token", PROMPT, move || l.accept().map(|_| ())).expect_err("accept");
+        assert!(e.is_cancelled(), "accept {uri}: {e:?}");
+        once("accept", &chain(&e));
+        assert!(chain(&e).starts_with("cannot accept on"), "{}", chain(&e));
+    }
+    // read, write and close of a socket channel.
+    let peer = silent_peer(true);
+    let token = CancelToken::new().unwrap();
+    let ch = connect(&peer.uri, &token).unwrap();
+    token.cancel();
+    let mut w = MigrationWriter::new(ch, RateLimit::new(0));
+    w.write_all(&pages()[..1 << 20]).expect_err("write after cancel");
+    let e = w.flush().expect_err("flush after cancel");
+    assert!(is_cancelled(&e), "{e:?}");
+    once("write", &chain(&e));
+    let e = w.close().expect_err("close after cancel");
+    assert!(e.is_cancelled(), "{e:?}");
+    once("close", &chain(&e));
+    peer.go.send(()).unwrap();
+
+    let token = CancelToken::new().unwrap();
+    let l = Listener::bind(&MigrationUri::Unix(sock_path("cancelled-read")), &token).unwrap();
+    let _src = UnixStream::connect(match l.local_uri() {
+        MigrationUri::Unix(p) => p,
+        _ => unreachable!(),
+    })
+    .unwrap();
+    let ch = l.accept().unwrap();
+    token.cancel();
+    let mut r = MigrationReader::new(ch, RateLimit::new(0));
+    let e = r.read(&mut [0u8; 16]).expect_err("read after cancel");
+    assert!(is_cancelled(&e), "{e:?}");
+    once("read", &chain(&e));
+
+    // close of an `exec:` command (killed by the cancel): the cancel, not its exit status.
+    let token = CancelToken::new().unwrap();
+    let ch = connect(&"exec:cat >/dev/null".parse().unwrap(), &token).unwrap();
+    token.cancel();
+    let w = MigrationWriter::new(ch, RateLimit::new(0));
+    let e = within("close of a cancelled exec", PROMPT * 2, move || w.close()).expect_err("exec close");
+    assert!(e.is_cancelled(), "{e:?}");
+    once("exec close", &chain(&e));
+}

@@ -62,7 +62,7 @@ impl DirtySource for std::sync::Arc<DirtyBitmap> {
 #[non_exhaustive]
 pub enum DirtyError {
     /// The kernel refused an operation.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Os {
         /// What was being done (e.g. `UFFDIO_REGISTER`).
         op: &'static str,
