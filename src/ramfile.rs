@@ -455,7 +455,7 @@ impl savevm_format::PageSink for ImageSink {
 
     fn loaded(&mut self) -> std::result::Result<(), String> {
         // Before the source hears SHUT(0): every page is in its file.
-        self.flush().map_err(|e| e.to_string())
+        self.flush().map_err(|e| e.report())
     }
 
     fn discard(&mut self, block: &savevm_format::RamBlock, start: u64, len: u64) {

@@ -303,9 +303,23 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
     ) -> Result<IncomingReport, IncomingError> {
+        let _span = tracing::info_span!("incoming", autostart = self.autostart).entered();
         self.state.transition(S::None, S::Active)?;
         let mut rp = DestReturnPath::new(open_return_path);
-        match self.load(reader, ram, vm, vcpus, &mut rp) {
+        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp));
+        match &loaded {
+            Ok(r) => tracing::info!(
+                normal = r.normal,
+                duplicate = r.duplicate,
+                devices = r.devices,
+                resumed = r.resumed,
+                "incoming migration loaded"
+            ),
+            Err(e) => {
+                tracing::warn!(origin = %e.origin(), error = %crate::error::report(e), "incoming migration failed")
+            }
+        }
+        match loaded {
             Ok(mut r) => {
                 if let Err(e) = rp.shut(0) {
                     let _ = self.state.transition_from_current(S::Failed);

@@ -1,7 +1,7 @@
 //! `query-migrate` statistics, readable at any time from another thread.
 
 use crate::state::{MigrationStatus, StateMachine};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,45 +68,138 @@ impl Default for MigrationInfo {
     }
 }
 
-impl MigrationInfo {
-    /// The `query-migrate` JSON object.
-    pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("status".into(), json!(self.status.as_str()));
-        if self.status == MigrationStatus::None {
-            return Value::Object(m);
+/// `query-migrate`'s JSON shape (QEMU 7.2's `MigrationInfo` with its `ram` member),
+/// through which [`MigrationInfo`] is serialized and deserialized.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct QueryMigrate {
+    status: MigrationStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    total_time: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    setup_time: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    downtime: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    expected_downtime: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    cpu_throttle_percentage: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    error_desc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    ram: Option<QueryRam>,
+}
+
+/// `query-migrate`'s `ram` member.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct QueryRam {
+    transferred: u64,
+    remaining: u64,
+    total: u64,
+    duplicate: u64,
+    normal: u64,
+    #[serde(default)]
+    normal_bytes: u64,
+    dirty_sync_count: u64,
+    #[serde(default)]
+    dirty_pages_rate: u64,
+    #[serde(default)]
+    mbps: f64,
+    #[serde(default)]
+    pages_per_second: u64,
+    #[serde(default = "default_page_size")]
+    page_size: u64,
+}
+
+fn default_page_size() -> u64 {
+    4096
+}
+
+impl From<MigrationInfo> for QueryMigrate {
+    fn from(i: MigrationInfo) -> Self {
+        if i.status == MigrationStatus::None {
+            return QueryMigrate {
+                status: i.status,
+                total_time: None,
+                setup_time: None,
+                downtime: None,
+                expected_downtime: None,
+                cpu_throttle_percentage: None,
+                error_desc: None,
+                ram: None,
+            };
         }
-        m.insert("total-time".into(), json!(self.total_time.as_millis() as u64));
-        m.insert("setup-time".into(), json!(self.setup_time.as_millis() as u64));
-        if let Some(d) = self.downtime {
-            m.insert("downtime".into(), json!(d.as_millis() as u64));
-        }
-        if let Some(e) = self.expected_downtime.filter(|_| self.status != MigrationStatus::Completed) {
-            m.insert("expected-downtime".into(), json!(e));
-        }
-        if let Some(t) = self.cpu_throttle_percentage {
-            m.insert("cpu-throttle-percentage".into(), json!(t));
-        }
-        if let Some(e) = &self.error_desc {
-            m.insert("error-desc".into(), json!(e));
-        }
-        m.insert(
-            "ram".into(),
-            json!({
-                "transferred": self.transferred,
-                "remaining": self.remaining,
-                "total": self.total,
-                "duplicate": self.duplicate,
-                "normal": self.normal,
-                "normal-bytes": self.normal * self.page_size,
-                "dirty-sync-count": self.dirty_sync_count,
-                "dirty-pages-rate": self.dirty_pages_rate,
-                "mbps": (self.mbps * 1000.0).round() / 1000.0,
-                "pages-per-second": self.pages_per_second,
-                "page-size": self.page_size,
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        QueryMigrate {
+            status: i.status,
+            total_time: Some(ms(i.total_time)),
+            setup_time: Some(ms(i.setup_time)),
+            downtime: i.downtime.map(ms),
+            expected_downtime: i.expected_downtime.filter(|_| i.status != MigrationStatus::Completed),
+            cpu_throttle_percentage: i.cpu_throttle_percentage,
+            error_desc: i.error_desc,
+            ram: Some(QueryRam {
+                transferred: i.transferred,
+                remaining: i.remaining,
+                total: i.total,
+                duplicate: i.duplicate,
+                normal: i.normal,
+                normal_bytes: i.normal.saturating_mul(i.page_size),
+                dirty_sync_count: i.dirty_sync_count,
+                dirty_pages_rate: i.dirty_pages_rate,
+                mbps: (i.mbps * 1000.0).round() / 1000.0,
+                pages_per_second: i.pages_per_second,
+                page_size: i.page_size,
             }),
-        );
-        Value::Object(m)
+        }
+    }
+}
+
+impl From<QueryMigrate> for MigrationInfo {
+    fn from(q: QueryMigrate) -> Self {
+        let mut i = MigrationInfo {
+            status: q.status,
+            total_time: Duration::from_millis(q.total_time.unwrap_or(0)),
+            setup_time: Duration::from_millis(q.setup_time.unwrap_or(0)),
+            downtime: q.downtime.map(Duration::from_millis),
+            expected_downtime: q.expected_downtime,
+            cpu_throttle_percentage: q.cpu_throttle_percentage,
+            error_desc: q.error_desc,
+            ..Default::default()
+        };
+        if let Some(r) = q.ram {
+            i.transferred = r.transferred;
+            i.remaining = r.remaining;
+            i.total = r.total;
+            i.duplicate = r.duplicate;
+            i.normal = r.normal;
+            i.dirty_sync_count = r.dirty_sync_count;
+            i.dirty_pages_rate = r.dirty_pages_rate;
+            i.mbps = r.mbps;
+            i.pages_per_second = r.pages_per_second;
+            i.page_size = r.page_size;
+        }
+        i
+    }
+}
+
+impl serde::Serialize for MigrationInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        QueryMigrate::from(self.clone()).serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MigrationInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        QueryMigrate::deserialize(d).map(MigrationInfo::from)
+    }
+}
+
+impl MigrationInfo {
+    /// The `query-migrate` JSON object (its serde form).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({ "status": self.status.as_str() }))
     }
 }
 
@@ -140,5 +233,57 @@ impl InfoHandle {
     /// Update the figures.
     pub fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
         f(&mut self.lock())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_uses_query_migrates_names_and_shape_and_round_trips() {
+        let i = MigrationInfo {
+            status: MigrationStatus::Active,
+            total_time: Duration::from_millis(1234),
+            setup_time: Duration::from_millis(5),
+            expected_downtime: Some(40),
+            cpu_throttle_percentage: Some(30),
+            transferred: 1 << 30,
+            remaining: 4096 * 7,
+            total: 2 << 30,
+            duplicate: 100,
+            normal: 262_144,
+            dirty_sync_count: 3,
+            dirty_pages_rate: 1000,
+            mbps: 8589.934592,
+            pages_per_second: 250_000,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&i).expect("serialize");
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["total-time"], 1234);
+        assert_eq!(v["expected-downtime"], 40);
+        assert_eq!(v["cpu-throttle-percentage"], 30);
+        assert_eq!(v["ram"]["dirty-sync-count"], 3);
+        assert_eq!(v["ram"]["normal-bytes"], 262_144u64 * 4096);
+        assert_eq!(v["ram"]["pages-per-second"], 250_000);
+        assert!(v.get("downtime").is_none() && v.get("error-desc").is_none());
+        let back: MigrationInfo = serde_json::from_value(v.clone()).expect("deserialize");
+        assert_eq!(back, MigrationInfo { mbps: 8589.935, ..i.clone() });
+        assert_eq!(i.to_json(), v);
+        // A QEMU 7.2 reply (trimmed) deserializes; a migration not started is just its status.
+        let qemu = r#"{"status": "completed", "setup-time": 3, "downtime": 12, "total-time": 900,
+            "ram": {"total": 33554432, "postcopy-requests": 0, "dirty-sync-count": 2, "multifd-bytes": 0,
+            "pages-per-second": 0, "downtime-bytes": 0, "page-size": 4096, "remaining": 0,
+            "postcopy-bytes": 0, "mbps": 304.3, "transferred": 33861402, "dirty-sync-missed-zero-copy": 0,
+            "precopy-bytes": 33861402, "duplicate": 8025, "dirty-pages-rate": 0, "skipped": 0,
+            "normal-bytes": 270336, "normal": 66}}"#;
+        let q: MigrationInfo = serde_json::from_str(qemu).expect("QEMU's reply");
+        assert_eq!(
+            (q.status, q.downtime, q.normal, q.duplicate),
+            (MigrationStatus::Completed, Some(Duration::from_millis(12)), 66, 8025)
+        );
+        let none = serde_json::to_value(MigrationInfo::default()).expect("serialize");
+        assert_eq!(none, serde_json::json!({"status": "none"}));
     }
 }

@@ -3,8 +3,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// `migrate-set-parameters` values the engine uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `migrate-set-parameters` values the engine uses (serde: QEMU's kebab-case
+/// names, missing members take QEMU's defaults).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct MigrationParameters {
     /// `max-bandwidth`: bytes/s, 0 = unlimited. QEMU default 128 MiB/s.
     pub max_bandwidth: u64,
@@ -69,8 +71,10 @@ impl MigrationParameters {
     }
 }
 
-/// Capabilities the engine knows (`migrate-set-capabilities`), all off by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Capabilities the engine knows (`migrate-set-capabilities`), all off by default
+/// (serde: QEMU's kebab-case names, missing ones off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct MigrationCapabilities {
     /// `auto-converge`: throttle the vCPUs when the guest dirties faster than we send.
     pub auto_converge: bool,
@@ -110,5 +114,29 @@ impl SharedParameters {
         next.validate()?;
         *g = next;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_uses_qemus_names_and_defaults() {
+        let p = MigrationParameters { max_bandwidth: 1 << 20, cpu_throttle_tailslow: true, ..Default::default() };
+        let v = serde_json::to_value(&p).expect("serialize");
+        assert_eq!(v["max-bandwidth"], 1 << 20);
+        assert_eq!(v["downtime-limit"], 300);
+        assert_eq!(v["cpu-throttle-tailslow"], true);
+        assert_eq!(v["throttle-trigger-threshold"], 50);
+        assert_eq!(serde_json::from_value::<MigrationParameters>(v).expect("round trip"), p);
+        // As migrate-set-parameters takes them: only some members, the rest QEMU's defaults.
+        let q: MigrationParameters = serde_json::from_str(r#"{"downtime-limit": 50}"#).expect("partial");
+        assert_eq!(q, MigrationParameters { downtime_limit: 50, ..Default::default() });
+        assert!(serde_json::from_str::<MigrationParameters>(r#"{"downtime_limit": 50}"#).is_err(), "QEMU's names only");
+        let c: MigrationCapabilities = serde_json::from_str(r#"{"auto-converge": true}"#).expect("caps");
+        assert!(c.auto_converge && !c.pause_before_switchover);
+        let v = serde_json::to_value(c).expect("serialize");
+        assert_eq!(v["pause-before-switchover"], false);
     }
 }

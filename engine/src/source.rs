@@ -458,6 +458,8 @@ impl Outgoing {
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
         let start = Instant::now();
+        let pages: u64 = ram.iter().map(|r| r.memory().pages()).sum();
+        let _span = tracing::info_span!("migration", role = "source", regions = ram.len(), pages).entered();
         self.state.transition(S::None, S::Setup)?;
         let mut undo = Undo::default();
         let result = match vm.blockers.first() {
@@ -480,6 +482,10 @@ impl Outgoing {
             for b in vm.blocks.iter_mut().take(undo.inactivated) {
                 let _ = b.activate();
             }
+        }
+        match &result {
+            Ok(()) => tracing::info!(total_ms = start.elapsed().as_millis() as u64, "migration completed"),
+            Err(e) => tracing::warn!(origin = %e.origin(), error = %crate::error::report(e), "migration ended"),
         }
         match result {
             Ok(()) => {
@@ -531,6 +537,7 @@ impl Outgoing {
         if ram.is_empty() {
             return Err(EngineError::Setup("a migration needs at least one RAM region".into()));
         }
+        let setup_span = tracing::info_span!("setup").entered();
         let full = vm.devices.iter().map(|d| (d.idstr(), d.instance_id()));
         check_unique(full.chain(vm.raw_devices.iter().map(|d| (d.idstr(), d.instance_id()))), "FULL-section")?;
         check_unique(vm.live_devices.iter().map(|d| (d.idstr(), d.instance_id())), "live")?;
@@ -576,7 +583,10 @@ impl Outgoing {
             i.expected_downtime = Some(params.downtime_limit);
         });
         self.state.transition(S::Setup, S::Active)?;
+        tracing::debug!(setup_ms = setup_time.as_millis() as u64, total_bytes = total, "setup done");
+        drop(setup_span);
 
+        let mut pass_span = Some(tracing::info_span!("pass", n = 1u64).entered());
         loop {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
@@ -594,8 +604,22 @@ impl Outgoing {
                     run.harvest(ram)?;
                     let tick = run.tick();
                     let o = run.core.synced(tick, &params, self.fixed.caps.auto_converge);
+                    let c = run.core.stats();
+                    drop(pass_span.take());
+                    pass_span = Some(tracing::info_span!("pass", n = o.pass).entered());
+                    tracing::debug!(
+                        pass = o.pass,
+                        new_dirty_pages = o.new_dirty,
+                        remaining = c.remaining,
+                        threshold = c.threshold,
+                        bytes_sent = tick.bytes_sent,
+                        dirty_pages_rate = o.dirty_pages_rate,
+                        expected_downtime_ms = c.expected_downtime,
+                        "dirty sync"
+                    );
                     self.state.announce(Notification::Pass { pass: o.pass });
                     if let Some(t) = o.throttle {
+                        tracing::info!(percentage = t, "auto-converge: throttling the vCPUs");
                         vcpus.set_throttle(t).map_err(|e| e.on(VmmPart::Vcpu("set throttle")))?;
                         self.state.announce(Notification::Throttle { percentage: t });
                     }
@@ -608,7 +632,20 @@ impl Outgoing {
                     let now = run.start.elapsed();
                     std::thread::sleep(until.saturating_sub(now));
                 }
-                Action::Switchover => break,
+                Action::Switchover => {
+                    let c = run.core.stats();
+                    let forced = self.force.load(std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!(
+                        remaining = c.remaining,
+                        device_pending = dev_total,
+                        threshold = c.threshold,
+                        bandwidth_bytes_per_ms = c.bandwidth,
+                        expected_downtime_ms = c.expected_downtime,
+                        reason = if forced { "forced" } else { "the rest fits in downtime-limit" },
+                        "switchover"
+                    );
+                    break;
+                }
                 Action::Iterate { ram: send_ram, until } => {
                     if send_ram {
                         run.send_pages(ram, Some(until))?;
@@ -635,8 +672,10 @@ impl Outgoing {
             }
         }
 
+        drop(pass_span);
         // Switchover: stop the guest, final sync, everything left without a limit.
         // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
+        let switchover_span = tracing::info_span!("switchover").entered();
         let stop_time = Instant::now();
         vcpus.stop().map_err(|e| e.on(VmmPart::Vcpu("stop")))?;
         undo.stopped = true;
@@ -651,6 +690,13 @@ impl Outgoing {
         self.state.announce(Notification::Pass { pass });
         run.publish();
         run.send_pages(ram, None)?;
+        tracing::debug!(pass, pages_at_stop = run.w.ram_stats().normal + run.w.ram_stats().duplicate, "RAM END sent");
+        let device_span = tracing::info_span!(
+            "devices",
+            live = vm.live_devices.len(),
+            full = vm.devices.len() + vm.raw_devices.len()
+        )
+        .entered();
         let w = &mut run.w;
         // Live devices' END sections follow RAM's (QEMU's save_live_complete_precopy).
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
@@ -679,6 +725,7 @@ impl Outgoing {
             b.inactivate().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "inactivate" }))?;
             undo.inactivated += 1;
         }
+        drop(device_span);
         let gs = savevm_format::builtin::globalstate();
         let gs_state = savevm_format::builtin::globalstate_state(&self.fixed.runstate);
         w.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &gs_state)?;
@@ -693,6 +740,8 @@ impl Outgoing {
             i.downtime = Some(stop_time.elapsed());
             i.transferred = transferred;
         });
+        tracing::info!(downtime_ms = stop_time.elapsed().as_millis() as u64, transferred, "stream complete");
+        drop(switchover_span);
         Ok(())
     }
 }

@@ -5,8 +5,9 @@ use crossbeam_channel::{Receiver, Sender};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// `MigrationStatus` values, named as `query-migrate` reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// `MigrationStatus` values, named as `query-migrate` reports them (also in serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MigrationStatus {
     /// `none`.
     None,
