@@ -15,7 +15,6 @@ use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameter
 use engine::return_path::ReturnPathError;
 use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus;
-use engine::synthetic::SyntheticGuest;
 use engine::vm::{RawDevice, VmParts};
 use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
@@ -23,6 +22,7 @@ use std::io::{Read, Write};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const LEN: usize = 1 << 20;
