@@ -21,12 +21,12 @@
 //! Run: `cargo bench --bench decode` (about a minute).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qmig::pattern::{generate, Pattern};
 use savevm_format::{write_stopped_guest, Decoder, Event, PageSink, RamBlock, StoppedGuest};
 use std::time::Duration;
+use testkit::pattern::{generate, Pattern};
 
 const RAM: usize = 256 << 20;
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 
 /// Guest memory of one block: pages are read straight into it.
 struct SliceSink<'a> {

@@ -50,15 +50,15 @@ use engine::info::{InfoHandle, MigrationInfo};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{GuestRegion, Outgoing};
 use engine::state::MigrationStatus;
-use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
 use engine::vm::{VcpuControl, VmmError};
-use qmig::pattern::{fill_page, Pattern};
 use savevm_format::{Decoder, Event, PageSink, RamBlock, SectionKind};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::pattern::{fill_page, Pattern};
+use testkit::synthetic::{SyntheticGuest, SyntheticVcpus};
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 const MIB: f64 = (1u64 << 20) as f64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

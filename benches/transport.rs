@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use transports::{connect, CancelToken, Channel, MigrationUri, MigrationWriter, RateLimit};
 
 const SIZE: usize = 1 << 30;
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 const CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
 use savevm_format::multifd::ChannelReader;
-use savevm_format::{find_trailing_vmdesc, Command, Decoder, Event, PageSink, RamBlock};
+use savevm_format::{find_trailing_vmdesc, Command, Decoder, Event, PageSink, RamBlock, TARGET_PAGE_SIZE};
 use serde_json::{json, Map, Value as Json};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -41,7 +41,7 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Json> {
         .iter()
         .map(|p| {
             File::open(p)
-                .map(|f| ChannelReader::new(BufReader::with_capacity(1 << 20, f), 4096))
+                .map(|f| ChannelReader::new(BufReader::with_capacity(1 << 20, f), TARGET_PAGE_SIZE as u64))
                 .map_err(|e| Error::file(p, e))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -79,7 +79,7 @@ pub fn analyze_reader<R: Read, C: Read>(
     let mut current: Option<(String, u32)> = None;
     let mut vmdesc_out = Json::Null;
     let mut eof = false;
-    let mut tps = 4096u64;
+    let mut tps = TARGET_PAGE_SIZE as u64;
     while let Some(ev) = d.next_with(&mut sink)? {
         match ev {
             Event::Header { version } => {

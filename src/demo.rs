@@ -3,18 +3,18 @@
 //! 7.2 with `--dest qemu`), with a progress bar, a check that the destination's
 //! RAM equals the source's RAM at the moment of stop, and the final statistics.
 
-use crate::error::{Error, Result};
-use crate::pattern::{self, Pattern};
-use crate::qemu::{QemuConfig, QemuProcess};
 use engine::memory::RamRegion;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
-use engine::synthetic::SyntheticGuest;
+use qmig::{Error, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::pattern::{self, Pattern};
+use testkit::qemu::{QemuConfig, QemuProcess};
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, MigrationUri};
 
 /// Where the demo migrates to.
@@ -76,7 +76,7 @@ enum Dest {
 /// Run the demo; returns the final statistics (`query-migrate` names plus
 /// `"verified"`), and whether the destination's RAM matched.
 pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Value, bool)> {
-    if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(4096) {
+    if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(pattern::PAGE_SIZE as u64) {
         return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
     }
     let dir = work_dir()?;
@@ -132,7 +132,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     // The source is stopped: compare its RAM now with the destination's.
     let (verified, differing) = verify(&guest, &dst_ram)?;
     guest.shutdown();
-    let mut stats = crate::send::stats_json(&info);
+    let mut stats = qmig::send::stats_json(&info);
     stats["verified"] = json!(verified);
     stats["destination"] = dest_report;
     stats["guest"] = json!({"writes": guest.writes(), "dirty-rate": opts.dirty_rate});
@@ -203,7 +203,7 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
         }
         u => u.clone(),
     };
-    let qemu_err = |e: crate::qemu::QemuError| Error::Usage(format!("QEMU: {}", engine::error::report(&e)));
+    let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {}", engine::error::report(&e)));
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
@@ -231,7 +231,7 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
         }
         Dest::Qemu(q) => {
             let err =
-                |e: crate::qemu::QemuError| Error::Usage(format!("QEMU destination: {}", engine::error::report(&e)));
+                |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU destination: {}", engine::error::report(&e)));
             let info = q.wait_migration(Duration::from_secs(60)).map_err(err)?;
             let runstate = q.query_status().map_err(err)?;
             let status = info["status"].as_str().unwrap_or("").to_string();
@@ -245,7 +245,7 @@ fn finish_dest(dest: &mut Dest) -> Result<Value> {
 
 fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
     let mut f = std::fs::File::open(dst).map_err(|e| Error::file(dst, e))?;
-    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let (mut a, mut b) = (vec![0u8; pattern::PAGE_SIZE], vec![0u8; pattern::PAGE_SIZE]);
     let mut differing = 0u64;
     for p in 0..guest.pages() {
         guest.read_page(p, &mut a);

@@ -6,12 +6,12 @@
 //! working set still holds.
 
 use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
-use crate::error::{Error, Result};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
 use minivmm::layout::Layout;
 use minivmm::{guest, GuestConfig, Vm};
+use qmig::{Error, Result};
 use serde_json::{json, Value};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -148,7 +148,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let all_ok = vcpus.iter().all(|v| v["checksum_ok"] == true);
     let all_ran = vcpus.iter().all(|v| v["ran_on"] == true);
     let verified = ram_equal && all_ok && all_ran;
-    let mut stats = crate::send::stats_json(&info);
+    let mut stats = qmig::send::stats_json(&info);
     stats["verified"] = json!(verified);
     stats["guest"] = json!({
         "kind": "kvm",

@@ -1,16 +1,13 @@
 //! qmig: a live-migration engine that speaks QEMU's migration stream.
 //!
-//! This root crate is the embedding facade and the home of the CLI. The wire
-//! format lives in [`savevm_format`], channels in [`transports`], policy in
-//! [`engine`]. [`analyze`] and [`save`] are the library side of the CLI commands.
+//! This library is the embedding facade: the wire format lives in
+//! [`savevm_format`], channels in [`transports`], policy in [`engine`];
+//! [`analyze`], [`ramfile`], [`send`] and [`recv`] are the library side of the
+//! CLI commands. The CLI itself (`src/main.rs`, with its `demo`) and the test
+//! support (the `testkit` crate) are not part of it.
 
 pub mod analyze;
-pub mod demo;
 mod error;
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
-pub mod kvm_demo;
-pub mod pattern;
-pub mod qemu;
 pub mod ramfile;
 pub mod recv;
 pub mod send;

@@ -1,5 +1,9 @@
 //! The `qmig` command line.
 
+mod demo;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+mod kvm_demo;
+
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
 use qmig::ramfile::parse_name_path;
@@ -247,7 +251,7 @@ struct KvmArgs<'a> {
 
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
-    let opts = qmig::kvm_demo::KvmDemoOptions {
+    let opts = kvm_demo::KvmDemoOptions {
         ram_size: a.ram_size,
         slots: a.slots,
         vcpus: a.vcpus,
@@ -261,7 +265,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: true,
     };
-    let (stats, verified) = qmig::kvm_demo::demo(&opts, a.cancel)?;
+    let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_stats(a.stats_json.as_deref(), &stats)?;
     if !verified {
         return Err(qmig::Error::Usage(format!("verification failed: {}", stats["guest"])));
@@ -282,7 +286,7 @@ fn kvm_dest(
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = qmig::kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -377,7 +381,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     cancel,
                 });
             }
-            let opts = qmig::demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 ram_size,
                 dirty_rate: dirty_rate << 20,
                 vcpus,
@@ -385,11 +389,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 params,
                 auto_converge,
                 return_path: !no_return_path,
-                dest: if dest == "qemu" { qmig::demo::Destination::Qemu } else { qmig::demo::Destination::Qmig },
+                dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
                 progress: true,
             };
-            let (stats, verified) = qmig::demo::demo(&opts, cancel)?;
+            let (stats, verified) = demo::demo(&opts, cancel)?;
             write_stats(stats_json.as_deref(), &stats)?;
             if !verified {
                 return Err(qmig::Error::Usage(format!(

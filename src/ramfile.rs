@@ -29,9 +29,9 @@ impl RamFile {
     pub fn open(name: &str, path: &Path) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::file(path, e))?;
         let len = f.metadata().map_err(|e| Error::file(path, e))?.len();
-        if len == 0 || len % 4096 != 0 {
+        if len == 0 || len % PAGE as u64 != 0 {
             return Err(Error::Usage(format!(
-                "{}: RAM file length {len} is not a positive multiple of 4096",
+                "{}: RAM file length {len} is not a positive multiple of {PAGE}",
                 path.display()
             )));
         }
@@ -67,7 +67,7 @@ impl RamFile {
 
 /// Pages gathered before one `pwrite` per run of consecutive pages.
 const STAGE_PAGES: usize = 256;
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// Full stages handed to the writer thread and not yet written, at most.
 const MAX_IN_FLIGHT: usize = 2;
 
@@ -278,7 +278,7 @@ impl RamImage {
         // SAFETY: we just created and truncated the file and hold the only handle we
         // know of; it is mapped shared so writes land in the file.
         let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
-        let known_zero = Some(vec![u64::MAX; (len / 4096).div_ceil(64) as usize]);
+        let known_zero = Some(vec![u64::MAX; (len / PAGE as u64).div_ceil(64) as usize]);
         Ok(RamImage::new(path, f, map, known_zero))
     }
 
@@ -293,7 +293,7 @@ impl RamImage {
         }
         if self.is_known_zero(offset) {
             if let Some(k) = &mut self.known_zero {
-                let p = (offset / 4096) as usize;
+                let p = (offset / PAGE as u64) as usize;
                 k[p / 64] &= !(1u64 << (p % 64));
             }
             if let Some(full) = self.stage.take_if(|s| s.is_full()) {
@@ -325,7 +325,7 @@ impl RamImage {
     }
 
     fn is_known_zero(&self, offset: u64) -> bool {
-        let p = (offset / 4096) as usize;
+        let p = (offset / PAGE as u64) as usize;
         self.known_zero.as_ref().is_some_and(|k| k.get(p / 64).is_some_and(|w| w & (1u64 << (p % 64)) != 0))
     }
 

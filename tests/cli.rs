@@ -58,7 +58,7 @@ fn analyze_prints_the_documented_json() {
 fn save_then_analyze_extracts_the_same_ram() {
     let dir = TestDir::new("cli-save");
     let ram = dir.path().join("ram.bin");
-    let mut bytes = qmig::pattern::generate(qmig::pattern::Pattern::Mixed { every: 3 }, 9, 4 << 20);
+    let mut bytes = testkit::pattern::generate(testkit::pattern::Pattern::Mixed { every: 3 }, 9, 4 << 20);
     bytes[5] = 1; // a page 0 with one byte set
     std::fs::write(&ram, &bytes).expect("write ram");
     let stream = dir.path().join("s.mig");
@@ -108,7 +108,7 @@ fn analyze_decodes_a_hand_written_device_from_its_vmdesc_size() {
     use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
     // The engine migrates an idle guest with the device; the stream is kept.
     let dir = TestDir::new("cli-raw");
-    let guest = engine::synthetic::SyntheticGuest::new(1 << 20, |p, page| page.fill(p as u8));
+    let guest = testkit::synthetic::SyntheticGuest::new(1 << 20, |p, page| page.fill(p as u8));
     let region = guest.region("mem").expect("region");
     let uri = MigrationUri::Unix(dir.path().join("s.sock"));
     let cancel = CancelToken::new().expect("token");
@@ -212,7 +212,8 @@ fn bad_arguments_and_files_are_one_line() {
 fn send_and_recv_write_stats_json() {
     let dir = TestDir::new("cli-stats");
     let ram = dir.path().join("ram.bin");
-    std::fs::write(&ram, qmig::pattern::generate(qmig::pattern::Pattern::Mixed { every: 2 }, 4, 2 << 20)).expect("ram");
+    std::fs::write(&ram, testkit::pattern::generate(testkit::pattern::Pattern::Mixed { every: 2 }, 4, 2 << 20))
+        .expect("ram");
     let stream = dir.path().join("s.mig");
     let stats = dir.path().join("send.json");
     let out = qmig(&[

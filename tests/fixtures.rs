@@ -3,15 +3,15 @@
 //! commands and record counts match the fixtures' README.
 
 use flate2::read::GzDecoder;
-use qmig::pattern::{self, Pattern};
 use savevm_format::multifd::ChannelReader;
 use savevm_format::vmstate::Value;
 use savevm_format::{Command, Decoder, Event, PageSink, RamBlock, RpMessage, SectionKind, StoppedGuest};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
+use testkit::pattern::{self, Pattern};
 
-const TPS: usize = 4096;
+const TPS: usize = savevm_format::TARGET_PAGE_SIZE;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

@@ -4,32 +4,12 @@
 
 use savevm_format::ram::record_header;
 use savevm_format::{Configuration, Decoder, ErrorKind, Event, PageSink, RamBlock, StreamWriter};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use testkit::{splitmix64 as rng, AllocGuard};
 
 /// Counts live heap bytes and the peak, so tests can prove nothing big was allocated.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        // SAFETY: forwarding the caller's layout to the system allocator.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: `p` was allocated by `alloc` above with this layout.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: AllocGuard = AllocGuard::counting();
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
@@ -131,15 +111,6 @@ fn truncated_at_every_offset_of_the_device_part() {
     }
 }
 
-/// SplitMix64, for reproducible positions without a dependency.
-fn rng(seed: &mut u64) -> u64 {
-    *seed = seed.wrapping_add(0x9E3779B97F4A7C15);
-    let mut z = *seed;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-    z ^ (z >> 31)
-}
-
 #[test]
 fn single_byte_flips_never_panic() {
     let mut seed = 42u64;
@@ -224,8 +195,7 @@ fn block_of_2_pow_60_is_rejected_without_allocating() {
     for (total, blocks) in [(huge, vec![("mem", huge)]), (0x1000, vec![("mem", huge)])] {
         let v = ram_stream(total, &blocks);
         let mut d = Decoder::new(&v[..]);
-        let base = LIVE.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
+        let base = GLOBAL.reset_peak();
         let err = loop {
             match d.next() {
                 Ok(Some(Event::RamBlocks(_))) => panic!("accepted a 2^60 block"),
@@ -234,7 +204,7 @@ fn block_of_2_pow_60_is_rejected_without_allocating() {
                 Err(e) => break e,
             }
         };
-        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let peak = GLOBAL.peak() - base;
         assert!(matches!(err.kind, ErrorKind::RamTooLarge { .. } | ErrorKind::RamTotalMismatch { .. }), "{err}");
         assert!(peak < 64 * 1024, "decoder allocated {peak} bytes for a hostile length");
     }
@@ -249,8 +219,7 @@ fn huge_declared_lengths_do_not_allocate() {
     w.eof().unwrap();
     let mut v = w.finish().unwrap();
     v.extend_from_slice(&[0x06, 0x7f, 0xff, 0xff, 0xff, b'{']);
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = GLOBAL.reset_peak();
     let e = run(&v, false).unwrap_err();
     assert!(matches!(e.kind, ErrorKind::Limit(_)), "{e}");
 
@@ -272,7 +241,7 @@ fn huge_declared_lengths_do_not_allocate() {
         }
     };
     assert!(e.is_truncation(), "{e}");
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = GLOBAL.peak() - base;
     assert!(peak < 1 << 20, "allocated {peak} bytes for 3 bytes of input");
 }
 
@@ -351,8 +320,7 @@ fn fixed_arrays_from_vmdesc_are_bounded_by_their_bytes() {
             "struct": {"vmsd_name": "s", "version": 1, "fields": [{"name": long, "type": "uint8", "size": 1}]}}]}]});
     let mut d = Decoder::new(&v[..]);
     d.set_vmdesc(&desc).unwrap();
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = GLOBAL.reset_peak();
     let e = loop {
         match d.next() {
             Ok(Some(_)) => {}
@@ -360,7 +328,7 @@ fn fixed_arrays_from_vmdesc_are_bounded_by_their_bytes() {
             Err(e) => break e,
         }
     };
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = GLOBAL.peak() - base;
     assert!(matches!(e.kind, ErrorKind::BadField { .. }), "{e}");
     assert!(e.to_string().contains("bytes of input"), "{e}");
     assert!(peak < 16 << 20, "allocated {peak} bytes for 64 KiB of input");

@@ -50,7 +50,7 @@ fn kvm_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn kvm_guest_migrates_live_between_processes() {
-    if !minivmm::kvm_or_skip("kvm_guest_migrates_live_between_processes") {
+    if !testkit::kvm_or_skip("kvm_guest_migrates_live_between_processes") {
         return;
     }
     let dir = TestDir::new("kvm-demo");
@@ -65,7 +65,7 @@ fn kvm_guest_migrates_live_between_processes() {
 
 #[test]
 fn kvm_guest_with_several_vcpus_migrates_every_counter() {
-    if !minivmm::kvm_or_skip("kvm_guest_with_several_vcpus_migrates_every_counter") {
+    if !testkit::kvm_or_skip("kvm_guest_with_several_vcpus_migrates_every_counter") {
         return;
     }
     let dir = TestDir::new("kvm-demo-vcpus");
@@ -81,7 +81,7 @@ fn kvm_guest_with_several_vcpus_migrates_every_counter() {
 
 #[test]
 fn kvm_guest_one_slot_over_tcp() {
-    if !minivmm::kvm_or_skip("kvm_guest_one_slot_over_tcp") {
+    if !testkit::kvm_or_skip("kvm_guest_one_slot_over_tcp") {
         return;
     }
     let dir = TestDir::new("kvm-demo-tcp");

@@ -15,9 +15,9 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_ram, qemu_or_skip, run_qmig_ok, shell_quote, TestDir};
-use qmig::pattern::{self, Pattern, PAGE_SIZE};
-use qmig::qemu::{expect_completed, QemuConfig, QemuProcess};
 use serde_json::Value;
+use testkit::pattern::{self, Pattern, PAGE_SIZE};
+use testkit::qemu::{expect_completed, QemuConfig, QemuProcess};
 
 const RAM_LEN: u64 = 64 << 20;
 const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;

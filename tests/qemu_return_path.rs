@@ -28,9 +28,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_ram, qemu_or_skip, TestDir};
-use qmig::pattern::{self, Pattern, PAGE_SIZE};
-use qmig::qemu::{QemuConfig, QemuProcess};
 use serde_json::Value;
+use testkit::pattern::{self, Pattern, PAGE_SIZE};
+use testkit::qemu::{QemuConfig, QemuProcess};
 
 const RAM_LEN: u64 = 32 << 20;
 const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;

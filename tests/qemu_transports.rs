@@ -31,9 +31,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_ram, qemu_or_skip, run_qmig, shell_quote, Run, TestDir};
-use qmig::pattern::{self, Pattern, PAGE_SIZE};
-use qmig::qemu::{expect_completed, QemuConfig, QemuError, QemuProcess};
 use serde_json::{json, Value};
+use testkit::pattern::{self, Pattern, PAGE_SIZE};
+use testkit::qemu::{expect_completed, QemuConfig, QemuError, QemuProcess};
 
 const RAM_LEN: u64 = 64 << 20;
 const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;

@@ -26,13 +26,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_ram, qemu_or_skip, run_qmig_ok, shell_quote, TestDir};
-use qmig::pattern::{self, Pattern, PAGE_SIZE};
-use qmig::qemu::{expect_completed, QemuConfig, QemuProcess};
 use qmig::savevm_format::vmstate::{self, State};
 use qmig::savevm_format::{
     find_trailing_vmdesc, Configuration, Decoder, DescriptionSource, Event, RamBlock, SectionKind, StreamWriter,
 };
 use serde_json::Value;
+use testkit::pattern::{self, Pattern, PAGE_SIZE};
+use testkit::qemu::{expect_completed, QemuConfig, QemuProcess};
 
 const MEM_LEN: u64 = 16 << 20;
 const MEM2_LEN: u64 = 8 << 20;

@@ -10,7 +10,6 @@ mod common;
 use common::{assert_same_ram, shell_quote, TestDir};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use qmig::pattern::{self, Pattern};
 use serde_json::Value;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,8 +21,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+use testkit::pattern::{self, Pattern};
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// RAM of the round trips: 24 MiB, one random page in three, the rest zero.
 const RAM_SIZE: usize = 24 << 20;
 /// Most a successful or failing run may take.

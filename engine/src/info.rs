@@ -89,7 +89,7 @@ impl Default for MigrationInfo {
             mbps: 0.0,
             pages_per_second: 0,
             cpu_throttle_percentage: None,
-            page_size: 4096,
+            page_size: savevm_format::TARGET_PAGE_SIZE as u64,
             precopy_bytes: 0,
             downtime_bytes: 0,
             error_desc: None,

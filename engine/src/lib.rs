@@ -40,7 +40,6 @@
 //! - [`error`]: who caused a failure ([`Origin`](error::Origin): local, peer, VMM,
 //!   cancel; `EngineError::origin`, `IncomingError::origin`) and
 //!   [`report`](error::report), an error with its causes on one line.
-//! - [`synthetic`]: a guest of writer threads for demos and tests.
 //!
 //! A VMM on `vm-memory` (feature `vm-memory`) hands its `GuestMemoryMmap` over
 //! with no `unsafe`, each region with the dirty sources that see its writes
@@ -65,6 +64,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod convergence;
 pub mod dirty;
 pub mod error;
@@ -78,5 +79,4 @@ pub mod precopy;
 pub mod return_path;
 pub mod source;
 pub mod state;
-pub mod synthetic;
 pub mod vm;

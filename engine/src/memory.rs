@@ -6,8 +6,8 @@ use crate::dirty::DirtySource;
 use std::ptr::NonNull;
 use vm_memory::VolatileSlice;
 
-/// Target page size (QEMU's `TARGET_PAGE_SIZE` on x86).
-pub const PAGE: usize = 4096;
+/// Target page size: [`savevm_format::TARGET_PAGE_SIZE`].
+pub const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 
 /// A RAM region of the guest, read by the engine while the guest runs.
 #[derive(Debug)]

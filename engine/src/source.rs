@@ -651,8 +651,11 @@ impl Outgoing {
         }
         // As QEMU's cpu_throttle_stop(): whatever the outcome, the vCPUs run at full speed again.
         let _ = vcpus.set_throttle(0);
-        self.info.update(|i| i.cpu_throttle_percentage = None);
+        // query-migrate's cpu-throttle-percentage: the last step stays in the final
+        // figures of a migration that throttled (so its report shows it); a failed or
+        // cancelled one, whose guest runs on unthrottled, drops it.
         if result.is_err() {
+            self.info.update(|i| i.cpu_throttle_percentage = None);
             for b in vm.blocks.iter_mut().take(undo.inactivated) {
                 let _ = b.activate();
             }

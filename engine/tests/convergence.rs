@@ -17,20 +17,13 @@ use engine::params::MigrationParameters;
 use engine::precopy::{Action, PrecopyCore, Tick, IDLE_NAP, PART_MAX, PERIOD};
 use proptest::prelude::*;
 use std::time::Duration;
+use testkit::splitmix64 as splitmix;
 
 /// Bytes a normal page costs on the wire (8-byte header + data).
 const PAGE_WIRE: u64 = PAGE as u64 + 8;
 /// Bytes of a section's framing around a PART (header, EOS, footer).
 const PART_WIRE: u64 = 20;
 const MIB: u64 = 1 << 20;
-
-fn splitmix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// A guest of `pages` pages writing `rate` pages/s (before throttling), `hot` % of
 /// them into the first `hot_pages` pages, the rest anywhere; each page carries a

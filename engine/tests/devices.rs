@@ -22,7 +22,6 @@ use engine::info::MigrationInfo;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus;
-use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
 use engine::vm::{LiveDevice, RawDevice, VmParts};
 use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{find_trailing_vmdesc, to_qemu_json, ErrorKind, PageSink, RamBlock, SectionKind};
@@ -31,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::synthetic::{SyntheticGuest, SyntheticVcpus};
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const RAM: usize = 1 << 20;

@@ -6,9 +6,9 @@
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus as S;
-use engine::synthetic::SyntheticGuest;
 use savevm_format::Decoder;
 use std::time::{Duration, Instant};
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 fn count(dir: &str) -> usize {

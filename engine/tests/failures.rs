@@ -17,14 +17,15 @@ use common::RunResult;
 use common::{serial, states, wait_for};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, GuestRegion, Outgoing};
-use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
-use engine::synthetic::{SyntheticGuest, SyntheticVcpus};
+use engine::state::{MigrationStatus as S, Notification, Role};
 use savevm_format::{Decoder, Event};
 use std::io::Read;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::check_sequence;
+use testkit::synthetic::{SyntheticGuest, SyntheticVcpus};
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const MIB: usize = 1 << 20;

@@ -7,13 +7,14 @@
 use engine::incoming::{Incoming, IncomingError};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::state::{check_sequence, MigrationStatus, Role};
-use engine::synthetic::SyntheticGuest;
+use engine::state::{MigrationStatus, Role};
 use engine::vm::{BlockDevice, DeviceHandler, MigrationBlocker, VmParts};
 use engine::vm::{VcpuControl, VmmError};
 use savevm_format::vmstate::{Kind, Needed, State, Value, Vmsd};
 use savevm_format::{PageSink, RamBlock};
 use std::sync::{Arc, Mutex};
+use testkit::check_sequence;
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 type Log = Arc<Mutex<Vec<String>>>;

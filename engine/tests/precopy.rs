@@ -6,11 +6,12 @@ mod common;
 use engine::dirty::DirtyBitmap;
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
-use engine::state::{check_sequence, MigrationStatus, Notification, Role};
-use engine::synthetic::SyntheticGuest;
+use engine::state::{MigrationStatus, Notification, Role};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::check_sequence;
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 struct Mem(Vec<u8>);

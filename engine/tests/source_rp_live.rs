@@ -15,7 +15,6 @@ use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameter
 use engine::return_path::ReturnPathError;
 use engine::source::{EngineError, Outgoing};
 use engine::state::MigrationStatus;
-use engine::synthetic::SyntheticGuest;
 use engine::vm::{RawDevice, VmParts};
 use engine::vm::{VcpuControl, VmmError};
 use savevm_format::{Decoder, Event, PageSink, RamBlock};
@@ -23,6 +22,7 @@ use std::io::{Read, Write};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, RateLimit};
 
 const LEN: usize = 1 << 20;
@@ -82,7 +82,7 @@ impl RawDevice for Dev {
     }
     fn load_state(&mut self, _: u32, input: &mut dyn Read) -> Result<(), VmmError> {
         let mut b = [0u8; 16];
-        input.read_exact(&mut b).map_err(|e| e.to_string())?;
+        input.read_exact(&mut b)?;
         if self.refuse {
             return Err("refused by the test".into());
         }
@@ -158,7 +158,7 @@ fn engine_destination(
         let mut vm = VmParts { raw_devices: vec![&mut dev], ..Default::default() };
         let reader = MigrationReader::new(ch, RateLimit::new(0));
         let r = Incoming::new(false).run_with_return_path(reader, &mut mem, &mut vm, &mut NoVcpus, open);
-        (r.map_err(|e| e.to_string()), mem.0)
+        (r.map_err(|e| engine::error::report(&e)), mem.0)
     })
 }
 

@@ -4,10 +4,11 @@
 
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::{EngineError, Outgoing};
-use engine::state::{check_sequence, MigrationStatus as S, Notification, Role};
-use engine::synthetic::SyntheticGuest;
+use engine::state::{MigrationStatus as S, Notification, Role};
 use savevm_format::{Decoder, Event};
 use std::time::{Duration, Instant};
+use testkit::check_sequence;
+use testkit::synthetic::SyntheticGuest;
 use transports::{connect, CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
 fn uri(name: &str) -> MigrationUri {

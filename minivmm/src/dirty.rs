@@ -11,11 +11,17 @@ use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, kvm_userspace_memory_regi
 use kvm_ioctls::VmFd;
 use std::sync::Arc;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
-const KVMIO: u32 = 0xAE;
-ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+/// The dirty-log ioctl numbers, in a private module: the macros define them as `pub fn`.
+mod nr {
+    use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log};
+    use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
+
+    const KVMIO: u32 = 0xAE;
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+    ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use nr::{KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG};
 
 /// Per-slot registration and buffer.
 struct SlotLog {

@@ -10,6 +10,7 @@
 //! whole embedding: a live pre-copy out, and an incoming side that loads RAM and
 //! vCPU state and resumes the guest.
 
+#![warn(missing_docs)]
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 pub mod cpu;
@@ -19,4 +20,4 @@ pub mod layout;
 pub mod migrate;
 mod vm;
 
-pub use vm::{kvm_or_skip, kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, RAM_BLOCK};
+pub use vm::{kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, RAM_BLOCK};

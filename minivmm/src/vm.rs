@@ -68,18 +68,6 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// For tests: `true` when KVM is usable; otherwise prints `SKIP <test>: <reason>`
-/// and returns `false`, except under `CI=true` on a machine that has `/dev/kvm`,
-/// where an unusable KVM is a failure (panics with the reason).
-pub fn kvm_or_skip(test: &str) -> bool {
-    let Some(why) = kvm_unavailable() else { return true };
-    if std::env::var("CI").as_deref() == Ok("true") && std::path::Path::new("/dev/kvm").exists() {
-        panic!("{test}: /dev/kvm exists but is unusable under CI=true: {why}");
-    }
-    println!("SKIP {test}: {why}");
-    false
-}
-
 /// What the guest program does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestConfig {

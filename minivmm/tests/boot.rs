@@ -9,7 +9,7 @@ use std::time::Duration;
 
 #[test]
 fn guest_runs_and_keeps_its_checksum() {
-    if !minivmm::kvm_or_skip("guest_runs_and_keeps_its_checksum") {
+    if !testkit::kvm_or_skip("guest_runs_and_keeps_its_checksum") {
         return;
     }
     for layout in [Layout::one_slot(64 << 20).unwrap(), Layout::pc_split(256 << 20).unwrap()] {
@@ -41,7 +41,7 @@ fn guest_runs_and_keeps_its_checksum() {
 
 #[test]
 fn dirty_log_reports_guest_writes_in_both_slots() {
-    if !minivmm::kvm_or_skip("dirty_log_reports_guest_writes_in_both_slots") {
+    if !testkit::kvm_or_skip("dirty_log_reports_guest_writes_in_both_slots") {
         return;
     }
     let layout = Layout::pc_split(256 << 20).unwrap();

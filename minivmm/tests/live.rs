@@ -52,7 +52,7 @@ fn migrate(
 
 #[test]
 fn guest_migrates_live_and_runs_on() {
-    if !minivmm::kvm_or_skip("guest_migrates_live_and_runs_on") {
+    if !testkit::kvm_or_skip("guest_migrates_live_and_runs_on") {
         return;
     }
     let cases = [
@@ -83,7 +83,7 @@ fn guest_migrates_live_and_runs_on() {
 
 #[test]
 fn cancel_mid_migration_leaves_the_guest_running_on_the_source() {
-    if !minivmm::kvm_or_skip("cancel_mid_migration_leaves_the_guest_running_on_the_source") {
+    if !testkit::kvm_or_skip("cancel_mid_migration_leaves_the_guest_running_on_the_source") {
         return;
     }
     let layout = Layout::pc_split(512 << 20).unwrap();

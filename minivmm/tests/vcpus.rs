@@ -135,7 +135,7 @@ fn migrate_vcpus(n: usize, seed: u64) {
 
 #[test]
 fn two_vcpus_migrate_with_every_counter_and_their_full_state() {
-    if !minivmm::kvm_or_skip("two_vcpus_migrate_with_every_counter_and_their_full_state") {
+    if !testkit::kvm_or_skip("two_vcpus_migrate_with_every_counter_and_their_full_state") {
         return;
     }
     migrate_vcpus(2, 5);
@@ -143,7 +143,7 @@ fn two_vcpus_migrate_with_every_counter_and_their_full_state() {
 
 #[test]
 fn four_vcpus_migrate_with_every_counter_and_their_full_state() {
-    if !minivmm::kvm_or_skip("four_vcpus_migrate_with_every_counter_and_their_full_state") {
+    if !testkit::kvm_or_skip("four_vcpus_migrate_with_every_counter_and_their_full_state") {
         return;
     }
     migrate_vcpus(4, 6);
@@ -151,7 +151,7 @@ fn four_vcpus_migrate_with_every_counter_and_their_full_state() {
 
 #[test]
 fn vcpu_count_is_checked() {
-    if !minivmm::kvm_or_skip("vcpu_count_is_checked") {
+    if !testkit::kvm_or_skip("vcpu_count_is_checked") {
         return;
     }
     let layout = Layout::one_slot(64 << 20).unwrap();
@@ -164,7 +164,7 @@ fn vcpu_count_is_checked() {
 
 #[test]
 fn throttle_and_stop_act_on_every_vcpu() {
-    if !minivmm::kvm_or_skip("throttle_and_stop_act_on_every_vcpu") {
+    if !testkit::kvm_or_skip("throttle_and_stop_act_on_every_vcpu") {
         return;
     }
     let mut vm = Vm::with_vcpus(Layout::one_slot(64 << 20).unwrap(), 2).unwrap();
@@ -195,7 +195,7 @@ fn throttle_and_stop_act_on_every_vcpu() {
 
 #[test]
 fn a_destination_with_fewer_vcpus_refuses_the_stream() {
-    if !minivmm::kvm_or_skip("a_destination_with_fewer_vcpus_refuses_the_stream") {
+    if !testkit::kvm_or_skip("a_destination_with_fewer_vcpus_refuses_the_stream") {
         return;
     }
     let layout = Layout::one_slot(64 << 20).unwrap();

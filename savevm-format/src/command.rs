@@ -171,7 +171,7 @@ impl Command {
                 fixed("SWITCHOVER_START", p, 0, "0")?;
                 Command::SwitchoverStart
             }
-            _ => return Err(ErrorKind::UnknownCommand { cmd: number, len: p.len() as u16 }),
+            _ => return Err(ErrorKind::UnknownCommand { cmd: number, len: wire_len(p) }),
         })
     }
 
@@ -209,8 +209,8 @@ impl Command {
             Command::Ping(v) | Command::Packaged(v) => v.to_be_bytes().to_vec(),
             Command::PostcopyAdvise(Some((a, b))) => [a.to_be_bytes(), b.to_be_bytes()].concat(),
             Command::PostcopyRamDiscard { block, ranges } => {
-                let name = &block.as_bytes()[..block.len().min(255)];
-                let mut v = vec![0u8, name.len() as u8];
+                let (name, n) = short_name(block);
+                let mut v = vec![0u8, n];
                 v.extend_from_slice(name);
                 v.push(0);
                 for (s, l) in ranges {
@@ -220,8 +220,8 @@ impl Command {
                 v
             }
             Command::RecvBitmap(block) => {
-                let name = &block.as_bytes()[..block.len().min(255)];
-                let mut v = vec![name.len() as u8];
+                let (name, n) = short_name(block);
+                let mut v = vec![n];
                 v.extend_from_slice(name);
                 v
             }
@@ -235,7 +235,7 @@ impl Command {
         let mut v = Vec::with_capacity(5 + p.len());
         v.push(crate::wire::QEMU_VM_COMMAND);
         v.extend_from_slice(&self.number().to_be_bytes());
-        v.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        v.extend_from_slice(&wire_len(&p).to_be_bytes());
         v.extend_from_slice(&p);
         v
     }
@@ -342,7 +342,7 @@ impl RpMessage {
                 len("SWITCHOVER_ACK", 0, "0")?;
                 RpMessage::SwitchoverAck
             }
-            _ => return Err(ErrorKind::UnknownRpMessage { ty, len: p.len().min(u16::MAX as usize) as u16 }),
+            _ => return Err(ErrorKind::UnknownRpMessage { ty, len: wire_len(p) }),
         })
     }
 
@@ -371,10 +371,10 @@ impl RpMessage {
             RpMessage::Shut(v) => (rp::SHUT, v.to_be_bytes().to_vec()),
             RpMessage::Pong(v) => (rp::PONG, v.to_be_bytes().to_vec()),
             RpMessage::ReqPagesId { start, len, block } => {
-                let name = &block.as_bytes()[..block.len().min(255)];
+                let (name, n) = short_name(block);
                 let mut v = start.to_be_bytes().to_vec();
                 v.extend_from_slice(&len.to_be_bytes());
-                v.push(name.len() as u8);
+                v.push(n);
                 v.extend_from_slice(name);
                 (rp::REQ_PAGES_ID, v)
             }
@@ -384,8 +384,8 @@ impl RpMessage {
                 (rp::REQ_PAGES, v)
             }
             RpMessage::RecvBitmap(block) => {
-                let name = &block.as_bytes()[..block.len().min(255)];
-                let mut v = vec![name.len() as u8];
+                let (name, n) = short_name(block);
+                let mut v = vec![n];
                 v.extend_from_slice(name);
                 (rp::RECV_BITMAP, v)
             }
@@ -393,7 +393,7 @@ impl RpMessage {
             RpMessage::SwitchoverAck => (rp::SWITCHOVER_ACK, vec![]),
         };
         let mut out = ty.to_be_bytes().to_vec();
-        out.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        out.extend_from_slice(&wire_len(&p).to_be_bytes());
         out.extend_from_slice(&p);
         out
     }
@@ -476,6 +476,19 @@ impl<R: std::io::Read> RpReader<R> {
         }
         Ok(bitmap)
     }
+}
+
+/// A block name as commands carry it: at most 255 bytes, and its length byte.
+fn short_name(block: &str) -> (&[u8], u8) {
+    let name = &block.as_bytes()[..block.len().min(255)];
+    (name, u8::try_from(name.len()).unwrap_or(u8::MAX))
+}
+
+/// The be16 length of a payload. Decoded payloads came with a be16 length; the
+/// payloads built here are bounded (a name of at most 255 bytes, QEMU's at most
+/// 12 discard ranges per command), so saturation never applies in practice.
+fn wire_len(p: &[u8]) -> u16 {
+    u16::try_from(p.len()).unwrap_or(u16::MAX)
 }
 
 #[cfg(test)]
@@ -620,7 +633,7 @@ mod rp_tests {
             x ^= x >> 7;
             x ^= x << 17;
             let len = (x % 40) as usize;
-            let mut b: Vec<u8> = (0..len).map(|i| (x >> ((i % 8) * 8)) as u8 ^ i as u8).collect();
+            let mut b: Vec<u8> = (0..len).map(|i| (x >> ((i % 8) * 8)).to_le_bytes()[0] ^ i.to_le_bytes()[0]).collect();
             if b.len() >= 4 {
                 b[0] = 0;
                 b[1] = (x % 9) as u8;

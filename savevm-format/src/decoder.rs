@@ -529,7 +529,8 @@ impl<R: Read> Decoder<R> {
         let devs = vmdesc.get("devices").and_then(Json::as_array).ok_or_else(|| bad("no devices array".into()))?;
         for d in devs {
             let name = d.get("name").and_then(Json::as_str).ok_or_else(|| bad("device without name".into()))?;
-            let inst = d.get("instance_id").and_then(Json::as_u64).unwrap_or(0) as u32;
+            let inst = u32::try_from(d.get("instance_id").and_then(Json::as_u64).unwrap_or(0))
+                .map_err(|_| bad(format!("device '{name}': instance_id above 2^32")))?;
             if d.get("vmsd_name").is_none() {
                 // Old-style device: its body is the `data` buffer of the recorded size.
                 let v = vmstate::vmsd_from_old_style(d).map_err(|m| bad(format!("device '{name}': {m}")))?;
@@ -697,7 +698,7 @@ impl<R: Read> Decoder<R> {
                     }
                     cfg.target_page_bits = Some(bits);
                     self.tps = 1 << bits;
-                    self.page_buf = vec![0; self.tps as usize];
+                    self.page_buf = vec![0; 1usize << bits];
                 }
                 "configuration/capabilities" => {
                     let n = self.input.be32(W)?;
@@ -814,7 +815,7 @@ impl<R: Read> Decoder<R> {
                         if self.package_end.is_some() {
                             return Err(ErrorKind::NotInPackage("PACKAGED"));
                         }
-                        self.package_end = Some(self.input.offset() + *n as u64);
+                        self.package_end = Some(self.input.offset() + u64::from(*n));
                     }
                     Command::PostcopyAdvise(Some(_)) => self.postcopy_advised = true,
                     Command::PostcopyListen => self.postcopy_listening = true,
@@ -893,7 +894,8 @@ impl<R: Read> Decoder<R> {
                     sink.fill_page(&self.blocks[b], offset, fill);
                     return Ok(Ev::Zero(b, offset, fill));
                 }
-                let tps = self.tps as usize;
+                // `page_buf` is always one target page long.
+                let tps = self.page_buf.len();
                 let slot = match sink.page_mut(&self.blocks[b], offset) {
                     Some(s) if s.len() < tps => {
                         return Err(ErrorKind::Sink(format!(
@@ -924,10 +926,11 @@ impl<R: Read> Decoder<R> {
                             return Err(ErrorKind::XbzrleEncoding(enc));
                         }
                         let len = self.input.be16(X)?;
-                        if len as u64 > self.tps {
+                        if u64::from(len) > self.tps {
                             return Err(ErrorKind::XbzrleLength(len));
                         }
-                        self.xbz_buf.resize(len as usize, 0);
+                        let len = usize::from(len);
+                        self.xbz_buf.resize(len, 0);
                         self.input.read_exact(&mut self.xbz_buf, X)?;
                         let ok = match slot {
                             Some(PageSlot::Buffer(s)) => crate::xbzrle::decode(&self.xbz_buf, &mut s[..tps]),
@@ -941,17 +944,19 @@ impl<R: Read> Decoder<R> {
                             None => crate::xbzrle::decode(&self.xbz_buf, &mut self.page_buf),
                         };
                         ok.ok_or(ErrorKind::XbzrleDecode)?;
-                        Ok(Ev::Xbzrle(b, offset, len as usize))
+                        Ok(Ev::Xbzrle(b, offset, len))
                     }
                     RecordKind::Compressed => {
                         const C: &str = "a compressed page";
-                        let len = self.input.be32(C)? as u64;
+                        let len = u64::from(self.input.be32(C)?);
                         // compressBound(TPS) as in QEMU.
                         let bound = self.tps + (self.tps >> 12) + (self.tps >> 14) + (self.tps >> 25) + 13;
                         if len > bound {
                             return Err(ErrorKind::CompressedPage(format!("length {len} above {bound}")));
                         }
-                        self.xbz_buf.resize(len as usize, 0);
+                        let len =
+                            usize::try_from(len).map_err(|_| ErrorKind::CompressedPage(format!("length {len}")))?;
+                        self.xbz_buf.resize(len, 0);
                         self.input.read_exact(&mut self.xbz_buf, C)?;
                         match slot {
                             Some(PageSlot::Buffer(s)) => inflate_page(&self.xbz_buf, &mut s[..tps])?,
@@ -1115,7 +1120,7 @@ impl<R: Read> Decoder<R> {
 fn inflate_page(src: &[u8], dst: &mut [u8]) -> IResult<()> {
     let mut z = flate2::Decompress::new(true);
     match z.decompress(src, dst, flate2::FlushDecompress::Finish) {
-        Ok(flate2::Status::StreamEnd) if z.total_out() as usize == dst.len() => Ok(()),
+        Ok(flate2::Status::StreamEnd) if z.total_out() == dst.len() as u64 => Ok(()),
         Ok(_) => Err(ErrorKind::CompressedPage(format!("inflated to {} bytes", z.total_out()))),
         Err(e) => Err(ErrorKind::CompressedPage(e.to_string())),
     }

@@ -323,4 +323,12 @@ pub enum EncodeError {
     /// A page buffer of the wrong size, or an offset not page aligned.
     #[error("bad RAM record: {0}")]
     BadRecord(String),
+    /// A list or text longer than its length field can say.
+    #[error("{what} of {len} does not fit its length field")]
+    TooLong {
+        /// What was being written.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
 }

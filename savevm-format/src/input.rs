@@ -154,7 +154,7 @@ impl<R: Read> Input<R> {
         let mut out = Vec::new();
         let mut left = len;
         while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
+            let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
             let start = out.len();
             out.resize(start + n, 0);
             self.read_exact(&mut out[start..], what)?;
@@ -168,7 +168,7 @@ impl<R: Read> Input<R> {
         let mut buf = [0u8; 4096];
         let mut left = len;
         while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
+            let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
             self.read_exact(&mut buf[..n], what)?;
             left -= n as u64;
         }

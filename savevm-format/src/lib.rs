@@ -1,8 +1,18 @@
 //! # savevm-format
 //!
 //! QEMU's migration stream ("savevm" format, `QEVM` version 3), read and written
-//! byte-exact with QEMU 7.2. Sans-IO: everything works on byte buffers and
-//! `Read`/`Write`; nothing here knows about sockets.
+//! byte-exact with QEMU 7.2. Nothing here knows about sockets, but the crate is
+//! not sans-IO: the [`Decoder`] is a *blocking pull decoder* over a
+//! [`Read`](std::io::Read). Each call to [`Decoder::next`] reads exactly the
+//! bytes its event needs and blocks in `read` until they are there (a short read
+//! is simply retried; the end of the input mid-record is
+//! [`ErrorKind::UnexpectedEof`]). An event loop therefore cannot push bytes in
+//! chunk by chunk as they arrive: give the decoder its own thread with a
+//! blocking reader (a socket, a pipe, a file) or a buffer that already holds the
+//! stream. The writer ([`StreamWriter`]) writes to any `Write`.
+//!
+//! Features: `zstd` (default) decodes zstd-compressed multifd channels; without
+//! it such a channel is a typed error and the zstd C library is not built.
 //!
 //! - [`Decoder`]: a pull decoder yielding [`Event`]s (header, configuration,
 //!   sections, RAM records, device state, commands, EOF, vmdesc) from any `Read`,
@@ -28,6 +38,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap, clippy::cast_lossless)]
+
 pub mod builtin;
 pub mod command;
 mod decoder;
@@ -39,6 +53,10 @@ pub mod vmstate;
 pub mod wire;
 mod writer;
 pub mod xbzrle;
+
+/// QEMU's `TARGET_PAGE_SIZE` on x86-64: the page size of RAM records unless a
+/// stream's configuration says otherwise (`target-page-bits`).
+pub const TARGET_PAGE_SIZE: usize = 4096;
 
 pub use command::{Command, RpMessage, RpReader};
 pub use decoder::{

@@ -22,6 +22,7 @@ pub const MULTIFD_FLAG_ZSTD: u32 = 0x4;
 pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0xe;
 
 /// Largest zstd window accepted (8 MiB); QEMU's level-1 streams use far less.
+#[cfg(feature = "zstd")]
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// The packet each multifd connection starts with.
@@ -100,6 +101,7 @@ impl PacketHeader {
 enum Inflater {
     None,
     Zlib(Box<flate2::Decompress>),
+    #[cfg(feature = "zstd")]
     Zstd(Box<zstd::stream::raw::Decoder<'static>>),
 }
 
@@ -159,7 +161,8 @@ impl<R: Read> ChannelReader<R> {
         let start = self.input.offset();
         match self.packet() {
             Ok(Some(h)) => {
-                let n = h.normal_pages as usize * self.tps as usize;
+                // `packet` sized `data` to the packet's pages when it has any.
+                let n = if h.normal_pages == 0 { 0 } else { self.data.len() };
                 Ok(Some((h, &self.data[..n])))
             }
             Ok(None) => Ok(None),
@@ -189,7 +192,7 @@ impl<R: Read> ChannelReader<R> {
         self.input.read_exact(&mut name, W)?;
         let end = name.iter().position(|&c| c == 0).unwrap_or(256);
         let block = String::from_utf8_lossy(&name[..end]).into_owned();
-        if pages_alloc as u64 > slots {
+        if u64::from(pages_alloc) > slots {
             return Err(ErrorKind::Multifd(format!("pages_alloc {pages_alloc} above {slots}")));
         }
         if normal_pages > pages_alloc {
@@ -198,7 +201,7 @@ impl<R: Read> ChannelReader<R> {
         let mut offsets = Vec::with_capacity(normal_pages as usize);
         for i in 0..slots {
             let o = self.input.be64(W)?;
-            if i < normal_pages as u64 {
+            if i < u64::from(normal_pages) {
                 offsets.push(o);
             }
         }
@@ -206,7 +209,8 @@ impl<R: Read> ChannelReader<R> {
         if normal_pages == 0 {
             return Ok(Some(h)); // next_packet_size is stale here: no data follows
         }
-        let out_len = normal_pages as usize * self.tps as usize;
+        let out_len = usize::try_from(u64::from(normal_pages) * self.tps)
+            .map_err(|_| ErrorKind::Multifd(format!("{normal_pages} pages of {} bytes", self.tps)))?;
         self.data.resize(out_len, 0);
         let comp = match flags & MULTIFD_FLAG_COMPRESSION_MASK {
             0 => Compression::None,
@@ -244,6 +248,11 @@ impl<R: Read> ChannelReader<R> {
         if matches!(self.inflater, Inflater::None) {
             self.inflater = match comp {
                 Compression::Zlib => Inflater::Zlib(Box::new(flate2::Decompress::new(true))),
+                #[cfg(not(feature = "zstd"))]
+                Compression::Zstd => {
+                    return Err(bad("zstd payload, but this build has no zstd support (feature `zstd`)".into()));
+                }
+                #[cfg(feature = "zstd")]
                 Compression::Zstd => {
                     let mut d = zstd::stream::raw::Decoder::new().map_err(|e| bad(format!("zstd: {e}")))?;
                     // A packet holds at most 512 KiB; refuse frames that ask for a window
@@ -260,9 +269,9 @@ impl<R: Read> ChannelReader<R> {
             Inflater::Zlib(z) => {
                 let (in0, out0) = (z.total_in(), z.total_out());
                 loop {
-                    let i = (z.total_in() - in0) as usize;
-                    let o = (z.total_out() - out0) as usize;
-                    if i == self.comp.len() || o == want {
+                    let i = consumed(z.total_in(), in0);
+                    let o = consumed(z.total_out(), out0);
+                    if i >= self.comp.len() || o >= want {
                         break;
                     }
                     z.decompress(&self.comp[i..], &mut self.data[o..], flate2::FlushDecompress::Sync)
@@ -271,11 +280,12 @@ impl<R: Read> ChannelReader<R> {
                         break;
                     }
                 }
-                let got = (z.total_out() - out0) as usize;
-                if got != want || (z.total_in() - in0) as usize != self.comp.len() {
+                let got = consumed(z.total_out(), out0);
+                if got != want || consumed(z.total_in(), in0) != self.comp.len() {
                     return Err(bad(format!("zlib payload inflated to {got} bytes, expected {want}")));
                 }
             }
+            #[cfg(feature = "zstd")]
             Inflater::Zstd(z) => {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
                 let mut inb = InBuffer::around(&self.comp);
@@ -298,4 +308,9 @@ impl<R: Read> ChannelReader<R> {
         }
         Ok(())
     }
+}
+/// Bytes a zlib stream moved since it stood at `start` (saturating: the callers
+/// compare it with the buffer lengths, which it never exceeds).
+fn consumed(total: u64, start: u64) -> usize {
+    usize::try_from(total - start).unwrap_or(usize::MAX)
 }

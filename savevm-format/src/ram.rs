@@ -96,10 +96,7 @@ pub fn record_header(
         None => Ok(8),
         Some(name) => {
             let n = name.len();
-            if n > 255 {
-                return Err(EncodeError::NameTooLong(name.to_string()));
-            }
-            buf[8] = n as u8;
+            buf[8] = u8::try_from(n).map_err(|_| EncodeError::NameTooLong(name.to_string()))?;
             buf[9..9 + n].copy_from_slice(name.as_bytes());
             Ok(9 + n)
         }
@@ -113,10 +110,7 @@ pub fn write_block_list<W: Write>(w: &mut W, blocks: &[RamBlock]) -> Result<u64,
     let mut n = 8u64;
     for b in blocks {
         let len = b.name.len();
-        if len > 255 {
-            return Err(EncodeError::NameTooLong(b.name.clone()));
-        }
-        w.write_all(&[len as u8])?;
+        w.write_all(&[u8::try_from(len).map_err(|_| EncodeError::NameTooLong(b.name.clone()))?])?;
         w.write_all(b.name.as_bytes())?;
         w.write_all(&b.length.to_be_bytes())?;
         n += 1 + len as u64 + 8;

@@ -203,8 +203,8 @@ impl Value {
     pub fn as_u64(&self) -> Option<u64> {
         match self {
             Value::Uint(v) => Some(*v),
-            Value::Int(v) => Some(*v as u64),
-            Value::Bool(b) => Some(*b as u64),
+            Value::Int(v) => Some(v.cast_unsigned()),
+            Value::Bool(b) => Some(u64::from(*b)),
             _ => None,
         }
     }
@@ -285,8 +285,8 @@ impl Kind {
     pub fn type_name(&self) -> String {
         match self {
             Kind::Bool => "bool".into(),
-            Kind::Uint(n) => format!("uint{}", *n as u32 * 8),
-            Kind::Int(n) => format!("int{}", *n as u32 * 8),
+            Kind::Uint(n) => format!("uint{}", u32::from(*n) * 8),
+            Kind::Int(n) => format!("int{}", u32::from(*n) * 8),
             Kind::Buffer(_) | Kind::VBuffer { .. } | Kind::Text(_) => "buffer".into(),
             Kind::Unused(_) => "unused_buffer".into(),
             Kind::Timer => "timer".into(),
@@ -311,7 +311,7 @@ const MAX_ELEMS: u64 = 1 << 24;
 fn count_of(state: &State, field: &Field) -> Result<u64, String> {
     match &field.count {
         Count::One => Ok(1),
-        Count::Fixed(n) => Ok(*n as u64),
+        Count::Fixed(n) => Ok(u64::from(*n)),
         Count::Var { field: f, multiply } => var_len(state, f, *multiply),
     }
 }
@@ -320,7 +320,7 @@ fn var_len(state: &State, f: &str, multiply: u32) -> Result<u64, String> {
     let n = state.get_int(f).ok_or_else(|| format!("count field '{f}' missing or not an integer"))?;
     // Counts are read as int32 in QEMU; a negative count is an error.
     let n = n
-        .checked_mul(multiply as u64)
+        .checked_mul(u64::from(multiply))
         .filter(|&n| n <= MAX_ELEMS)
         .ok_or_else(|| format!("count {n} x {multiply} too large"))?;
     Ok(n)
@@ -437,7 +437,7 @@ fn path(vmsd: &Vmsd, f: &Field) -> String {
 }
 
 fn int_be(b: &[u8]) -> u64 {
-    b.iter().fold(0u64, |acc, &x| acc << 8 | x as u64)
+    b.iter().fold(0u64, |acc, &x| acc << 8 | u64::from(x))
 }
 
 fn decode_elem<R: Read>(
@@ -460,31 +460,32 @@ fn decode_elem<R: Read>(
             let mut b = [0u8; 8];
             input.read_exact(&mut b[..n], W)?;
             let raw = int_be(&b[..n]);
-            let shift = 64 - 8 * n as u32;
-            Value::Int(((raw << shift) as i64) >> shift)
+            // Sign-extend the n-byte two's complement value.
+            let shift = 64 - 8 * n;
+            Value::Int((raw << shift).cast_signed() >> shift)
         }
-        Kind::Buffer(n) => Value::Bytes(input.read_vec(*n as u64, W)?),
+        Kind::Buffer(n) => Value::Bytes(input.read_vec(u64::from(*n), W)?),
         Kind::VBuffer { field, multiply } => {
             let n =
                 var_len(state, field, *multiply).map_err(|why| ErrorKind::BadField { field: path(vmsd, f), why })?;
             Value::Bytes(input.read_vec(n, W)?)
         }
         Kind::Text(n) => {
-            let b = input.read_vec(*n as u64, W)?;
+            let b = input.read_vec(u64::from(*n), W)?;
             let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
             Value::Text(String::from_utf8_lossy(&b[..end]).into_owned())
         }
         Kind::Unused(n) => {
-            input.skip(*n as u64, W)?;
+            input.skip(u64::from(*n), W)?;
             return Ok(None);
         }
         Kind::Timer => {
             let t = input.be64(W)?;
             Value::Timer(if t == u64::MAX { None } else { Some(t) })
         }
-        Kind::Bitmap(bits) => Value::Bytes(input.read_vec((*bits as u64).div_ceil(64) * 8, W)?),
+        Kind::Bitmap(bits) => Value::Bytes(input.read_vec(u64::from(*bits).div_ceil(64) * 8, W)?),
         Kind::Struct(inner) => Value::Struct(decode_in(inner, inner.version_id, input, empty)?),
-        Kind::Raw { size, .. } => Value::Bytes(input.read_vec(*size as u64, W)?),
+        Kind::Raw { size, .. } => Value::Bytes(input.read_vec(u64::from(*size), W)?),
     }))
 }
 
@@ -526,7 +527,8 @@ fn decode_subsections<R: Read>(
 pub fn decode_bytes(vmsd: &Vmsd, version: u32, bytes: &[u8]) -> crate::Result<(State, usize)> {
     let mut input = Input::new(bytes);
     let st = decode(vmsd, version, &mut input).map_err(|k| input.err(k))?;
-    Ok((st, input.offset() as usize))
+    // The offset is within `bytes`, so it fits.
+    Ok((st, usize::try_from(input.offset()).unwrap_or(bytes.len())))
 }
 
 // ---------------------------------------------------------------- encode
@@ -548,7 +550,7 @@ pub fn encode_v<W: Write>(vmsd: &Vmsd, version: u32, state: &State, w: &mut W) -
             let count = count_of(state, f).map_err(bad)?;
             for _ in 0..count {
                 w.write_all(&vec![0u8; len as usize])?;
-                n += len as u64;
+                n += u64::from(len);
             }
             continue;
         }
@@ -581,10 +583,8 @@ pub fn encode_v<W: Write>(vmsd: &Vmsd, version: u32, state: &State, w: &mut W) -
         let s = present
             .ok_or_else(|| EncodeError::MissingSubsection { vmsd: vmsd.name.clone(), sub: sub.vmsd.name.clone() })?;
         let name = sub.vmsd.name.as_bytes();
-        if name.len() > 255 {
-            return Err(EncodeError::NameTooLong(sub.vmsd.name.clone()));
-        }
-        w.write_all(&[QEMU_VM_SUBSECTION, name.len() as u8])?;
+        let len = u8::try_from(name.len()).map_err(|_| EncodeError::NameTooLong(sub.vmsd.name.clone()))?;
+        w.write_all(&[QEMU_VM_SUBSECTION, len])?;
         w.write_all(name)?;
         w.write_all(&s.version.to_be_bytes())?;
         n += 2 + name.len() as u64 + 4 + encode_v(&sub.vmsd, s.version, &s.state, w)?;
@@ -601,7 +601,7 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
         Ok(())
     };
     match (&f.kind, v) {
-        (Kind::Bool, Value::Bool(b)) => w.write_all(&[*b as u8])?,
+        (Kind::Bool, Value::Bool(b)) => w.write_all(&[u8::from(*b)])?,
         (Kind::Uint(n), v) | (Kind::Int(n), v) if v.as_u64().is_some() => {
             let x = v.as_u64().unwrap_or(0);
             let n = *n as usize;
@@ -621,7 +621,7 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
             return Ok(n as u64);
         }
         (Kind::Buffer(len), Value::Bytes(b)) | (Kind::Text(len), Value::Bytes(b)) => {
-            fixed(b, *len as u64)?;
+            fixed(b, u64::from(*len))?;
             w.write_all(b)?;
         }
         // A text buffer is a buffer on the wire: a state decoded with a built-in
@@ -641,12 +641,12 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
         }
         (Kind::Timer, Value::Timer(t)) => w.write_all(&t.unwrap_or(u64::MAX).to_be_bytes())?,
         (Kind::Bitmap(bits), Value::Bytes(b)) => {
-            fixed(b, (*bits as u64).div_ceil(64) * 8)?;
+            fixed(b, u64::from(*bits).div_ceil(64) * 8)?;
             w.write_all(b)?;
         }
         (Kind::Struct(inner), Value::Struct(s)) => return encode(inner, s, w),
         (Kind::Raw { size, .. }, Value::Bytes(b)) => {
-            fixed(b, *size as u64)?;
+            fixed(b, u64::from(*size))?;
             w.write_all(b)?;
         }
         (k, v) => return Err(bad(format!("value {v:?} does not fit type {}", k.type_name()))),
@@ -657,7 +657,7 @@ fn encode_elem<W: Write>(vmsd: &Vmsd, f: &Field, state: &State, v: &Value, w: &m
 fn elem_size_hint(k: &Kind, v: &Value) -> u64 {
     match (k, v) {
         (Kind::Bool, _) => 1,
-        (Kind::Text(n), _) | (Kind::Buffer(n), Value::Text(_)) => *n as u64,
+        (Kind::Text(n), _) | (Kind::Buffer(n), Value::Text(_)) => u64::from(*n),
         (Kind::Timer, _) => 8,
         (_, Value::Bytes(b)) => b.len() as u64,
         _ => 0,
@@ -696,7 +696,7 @@ fn describe(vmsd: &Vmsd, version: u32, state: &State, m: &mut Map<String, Json>)
         let n = count_of(state, f).map_err(bad)?;
         let name = unique_name(vmsd, fi);
         let elems: Vec<Option<&Value>> = match (&f.kind, state.get(&f.name), &f.count) {
-            (Kind::Unused(_), _, _) => vec![None; n as usize],
+            (Kind::Unused(_), _, _) => vec![None; usize::try_from(n).map_err(|_| bad(format!("{n} elements")))?],
             (_, Some(v), Count::One) => vec![Some(v)],
             (_, Some(Value::Array(a)), _) => a.iter().map(Some).collect(),
             _ => return Err(EncodeError::MissingField { vmsd: vmsd.name.clone(), field: f.name.clone() }),
@@ -720,7 +720,7 @@ fn describe(vmsd: &Vmsd, version: u32, state: &State, m: &mut Map<String, Json>)
                     o.insert("struct".into(), Json::Object(sm));
                     sz
                 }
-                (Kind::Unused(len), _) => *len as u64,
+                (Kind::Unused(len), _) => u64::from(*len),
                 (_, Some(v)) => encode_elem(vmsd, f, state, v, &mut std::io::sink())?,
                 (_, None) => 0,
             };
@@ -846,7 +846,7 @@ fn field_from_desc(f: &Json, depth: u32) -> Result<Field, String> {
     }
     let int_width = |prefix: &str| -> Option<u8> {
         let bits: u32 = ty.strip_prefix(prefix)?.parse().ok()?;
-        (bits / 8 == size && matches!(size, 1 | 2 | 4 | 8)).then_some(size as u8)
+        (bits / 8 == size).then_some(u8::try_from(size).ok()?).filter(|s| matches!(s, 1 | 2 | 4 | 8))
     };
     let kind = if ty == "struct" || ty == "vstruct" {
         let inner = o.get("struct").ok_or_else(|| format!("struct field {name} without struct"))?;

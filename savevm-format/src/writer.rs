@@ -91,15 +91,14 @@ impl<W: Write> StreamWriter<W> {
 
     /// The configuration record (machine name and the subsections that are set).
     pub fn configuration(&mut self, c: &Configuration) -> Result<(), EncodeError> {
-        if c.machine.len() > 255 {
-            return Err(EncodeError::NameTooLong(c.machine.clone()));
-        }
+        let machine_len = u8::try_from(c.machine.len()).map_err(|_| EncodeError::NameTooLong(c.machine.clone()))?;
         let mut v = vec![QEMU_VM_CONFIGURATION];
-        v.extend_from_slice(&(c.machine.len() as u32).to_be_bytes());
+        v.extend_from_slice(&u32::from(machine_len).to_be_bytes());
         v.extend_from_slice(c.machine.as_bytes());
         let sub = |v: &mut Vec<u8>, name: &str| {
             v.push(QEMU_VM_SUBSECTION);
-            v.push(name.len() as u8);
+            // The names below, all short.
+            v.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
             v.extend_from_slice(name.as_bytes());
             v.extend_from_slice(&1u32.to_be_bytes());
         };
@@ -110,12 +109,11 @@ impl<W: Write> StreamWriter<W> {
         }
         if !c.capabilities.is_empty() {
             sub(&mut v, "configuration/capabilities");
-            v.extend_from_slice(&(c.capabilities.len() as u32).to_be_bytes());
+            let count = u32::try_from(c.capabilities.len())
+                .map_err(|_| EncodeError::TooLong { what: "capability list", len: c.capabilities.len() })?;
+            v.extend_from_slice(&count.to_be_bytes());
             for cap in &c.capabilities {
-                if cap.len() > 255 {
-                    return Err(EncodeError::NameTooLong(cap.clone()));
-                }
-                v.push(cap.len() as u8);
+                v.push(u8::try_from(cap.len()).map_err(|_| EncodeError::NameTooLong(cap.clone()))?);
                 v.extend_from_slice(cap.as_bytes());
             }
         }
@@ -134,13 +132,11 @@ impl<W: Write> StreamWriter<W> {
         instance: u32,
         version: u32,
     ) -> Result<(), EncodeError> {
-        if idstr.len() > 255 {
-            return Err(EncodeError::NameTooLong(idstr.to_string()));
-        }
+        let idstr_len = u8::try_from(idstr.len()).map_err(|_| EncodeError::NameTooLong(idstr.to_string()))?;
         let mut v = Vec::with_capacity(14 + idstr.len());
         v.push(t);
         v.extend_from_slice(&id.to_be_bytes());
-        v.push(idstr.len() as u8);
+        v.push(idstr_len);
         v.extend_from_slice(idstr.as_bytes());
         v.extend_from_slice(&instance.to_be_bytes());
         v.extend_from_slice(&version.to_be_bytes());
@@ -251,7 +247,9 @@ impl<W: Write> StreamWriter<W> {
         }
         self.record(block, offset, ram_flags::XBZRLE)?;
         let mut h = [ENCODING_FLAG_XBZRLE, 0, 0];
-        h[1..].copy_from_slice(&(delta.len() as u16).to_be_bytes());
+        let len =
+            u16::try_from(delta.len()).map_err(|_| EncodeError::TooLong { what: "XBZRLE delta", len: delta.len() })?;
+        h[1..].copy_from_slice(&len.to_be_bytes());
         self.put(&h)?;
         self.put(delta)?;
         self.stats.xbzrle += 1;
@@ -327,7 +325,8 @@ impl<W: Write> StreamWriter<W> {
         let doc = json!({"page_size": self.tps, "devices": self.devices});
         let text = to_qemu_json(&doc);
         let mut h = [QEMU_VM_VMDESCRIPTION, 0, 0, 0, 0];
-        h[1..].copy_from_slice(&(text.len() as u32).to_be_bytes());
+        let len = u32::try_from(text.len()).map_err(|_| EncodeError::TooLong { what: "vmdesc", len: text.len() })?;
+        h[1..].copy_from_slice(&len.to_be_bytes());
         self.put(&h)?;
         Ok(self.put(text.as_bytes())?)
     }

@@ -8,12 +8,15 @@
 /// Encode a ULEB128 value below 0x4000 into `out`, returning its length (1 or 2).
 fn uleb_put(out: &mut [u8], v: usize) -> usize {
     debug_assert!(v <= 0x3fff);
+    // Two 7-bit groups at most (v <= 0x3fff), so both conversions are exact.
+    let lo = u8::try_from(v & 0x7f).unwrap_or(0);
+    let hi = u8::try_from(v >> 7).unwrap_or(u8::MAX);
     if v < 0x80 {
-        out[0] = v as u8;
+        out[0] = lo;
         1
     } else {
-        out[0] = (v as u8 & 0x7f) | 0x80;
-        out[1] = (v >> 7) as u8;
+        out[0] = lo | 0x80;
+        out[1] = hi;
         2
     }
 }

@@ -2,33 +2,14 @@
 //! end in a typed error, quickly and in little memory.
 //!
 //! This test binary runs under an allocator that aborts once more than
-//! `MAX_LIVE` bytes are live, so a regression fails fast instead of taking the
+//! 512 MiB are live, so a regression fails fast instead of taking the
 //! machine's memory.
 
 use savevm_format::{find_trailing_vmdesc, Decoder, ErrorKind};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-const MAX_LIVE: usize = 512 << 20;
-
-struct Capped;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size() > MAX_LIVE {
-            std::process::abort();
-        }
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        System.dealloc(p, l)
-    }
-}
+use testkit::AllocGuard;
 
 #[global_allocator]
-static A: Capped = Capped;
+static GUARD: AllocGuard = AllocGuard::new(usize::MAX, 512 << 20);
 
 /// A `-machine none` stream with one FULL section `dev` (id 5, instance 0,
 /// version 1) whose body is `body`, then EOF and the vmdesc `{"devices":[dev]}`

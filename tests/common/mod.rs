@@ -9,7 +9,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use qmig::qemu::qemu_binary;
+use testkit::qemu::qemu_binary;
 
 /// Returns the QEMU binary, or `None` after printing the skip line.
 ///

@@ -18,7 +18,7 @@ use transports::{
     connect, is_cancelled, CancelToken, Listener, MigrationReader, MigrationUri, MigrationWriter, RateLimit,
 };
 
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 /// How soon a cancel must take effect.
 const PROMPT: Duration = Duration::from_secs(1);
 
@@ -236,7 +236,7 @@ fn reader_peer_stalls() {
             let mut r = MigrationReader::new(ch, RateLimit::new(0));
             let mut head = [0u8; 8];
             r.read_exact(&mut head).expect("header");
-            let mut more = [0u8; 4096];
+            let mut more = [0u8; PAGE];
             let res = r.read(&mut more);
             let _ = tx.send((res, Instant::now(), head, r));
         });

@@ -68,7 +68,7 @@ fn blocked_then_cancelled(uri: &MigrationUri) {
     };
     let mut w = MigrationWriter::new(ch, rate);
     let e = 'out: loop {
-        for p in pages().chunks_exact(4096) {
+        for p in pages().chunks_exact(savevm_format::TARGET_PAGE_SIZE) {
             if let Err(e) = w.write_borrowed(p) {
                 break 'out e;
             }

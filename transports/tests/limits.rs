@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use transports::{connect, CancelToken, Channel, Listener, MigrationReader, MigrationUri, MigrationWriter, RateLimit};
 
 const MIB: u64 = 1 << 20;
-const PAGE: usize = 4096;
+const PAGE: usize = savevm_format::TARGET_PAGE_SIZE;
 
 /// Byte `i` of the test pattern: every page distinct, every offset inside a page too.
 fn pattern(i: usize) -> u8 {

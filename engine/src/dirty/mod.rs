@@ -10,8 +10,8 @@ mod uffd;
 #[cfg(target_os = "linux")]
 pub use uffd::{UffdSyncStats, UffdWriteProtect};
 
-/// Page size used for dirty tracking.
-pub const PAGE_SIZE: u64 = 4096;
+/// Page size used for dirty tracking: [`savevm_format::TARGET_PAGE_SIZE`].
+pub const PAGE_SIZE: u64 = savevm_format::TARGET_PAGE_SIZE as u64;
 
 /// A source of dirty pages for one RAM block, harvested at each bitmap sync.
 pub trait DirtySource: Send {

@@ -32,7 +32,7 @@ impl Drop for CancelOnDrop {
 
 /// A run's outcome and the vCPUs it drove.
 pub type RunResult =
-    (Result<engine::info::MigrationInfo, engine::source::EngineError>, engine::synthetic::SyntheticVcpus);
+    (Result<engine::info::MigrationInfo, engine::source::EngineError>, testkit::synthetic::SyntheticVcpus);
 
 /// Run `out` over `ch` for `guest`'s `region` on a scoped thread while `watch`
 /// observes or drives it from this one; a panic in `watch` cancels the run.
@@ -41,8 +41,8 @@ pub fn run_watched<T>(
     ch: transports::Channel,
     region: &engine::source::GuestRegion,
     dirty: &[std::sync::Arc<engine::dirty::DirtyBitmap>],
-    guest: &engine::synthetic::SyntheticGuest,
-    watch: impl FnOnce(&engine::source::Outgoing, &engine::synthetic::SyntheticVcpus) -> T,
+    guest: &testkit::synthetic::SyntheticGuest,
+    watch: impl FnOnce(&engine::source::Outgoing, &testkit::synthetic::SyntheticVcpus) -> T,
 ) -> (RunResult, T) {
     let mut vcpus = guest.vcpus();
     let probe = guest.vcpus();

@@ -4,9 +4,11 @@
 //! dirty bitmap, as a VMM's device emulation would. It implements [`VcpuControl`]
 //! (stop, resume, throttle), so auto-converge slows its writers for real.
 
-use crate::dirty::DirtyBitmap;
-use crate::source::{GuestRegion, PAGE};
-use crate::vm::{VcpuControl, VmmError};
+use crate::rng::splitmix64 as mix;
+use engine::dirty::DirtyBitmap;
+use engine::source::GuestRegion;
+use engine::vm::{VcpuControl, VmmError};
+use savevm_format::TARGET_PAGE_SIZE as PAGE;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,15 +30,6 @@ struct Shared {
 pub struct SyntheticGuest {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-}
-
-/// SplitMix64 step.
-fn mix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E3779B97F4A7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-    z ^ (z >> 31)
 }
 
 impl SyntheticGuest {

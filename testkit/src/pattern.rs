@@ -5,11 +5,12 @@
 //! page)` with SplitMix64, so any page of a RAM image can be recomputed
 //! without the rest.
 
+use crate::rng::splitmix64;
 use std::fmt;
 use std::str::FromStr;
 
 /// Size in bytes of one guest page as used by the patterns.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = savevm_format::TARGET_PAGE_SIZE;
 
 /// Multiplier mixing the page number into the seed: `s0 = seed ^ (p * K)`.
 const PAGE_MIX: u64 = 0xD1B5_4A32_D192_ED03;
@@ -152,15 +153,6 @@ impl fmt::Display for Pattern {
     }
 }
 
-/// One SplitMix64 step: advances `state` and returns the next output.
-pub fn splitmix64_next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// SplitMix64 start state of page `page`: `seed ^ (page * 0xD1B54A32D192ED03)`.
 pub fn page_state(seed: u64, page: u64) -> u64 {
     seed ^ page.wrapping_mul(PAGE_MIX)
@@ -168,14 +160,14 @@ pub fn page_state(seed: u64, page: u64) -> u64 {
 
 fn fill_random(mut s: u64, out: &mut [u8; PAGE_SIZE]) {
     for chunk in out.chunks_exact_mut(8) {
-        chunk.copy_from_slice(&splitmix64_next(&mut s).to_le_bytes());
+        chunk.copy_from_slice(&splitmix64(&mut s).to_le_bytes());
     }
 }
 
 fn fill_text(mut s: u64, out: &mut [u8; PAGE_SIZE]) {
     let mut pos = 0;
     while pos < PAGE_SIZE {
-        let r = splitmix64_next(&mut s);
+        let r = splitmix64(&mut s);
         let word = VOCAB[(r & 63) as usize].as_bytes();
         let sep = if (r >> 32) & 7 == 0 { b'\n' } else { b' ' };
         for &b in word.iter().chain(std::iter::once(&sep)) {

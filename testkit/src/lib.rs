@@ -1,0 +1,36 @@
+//! Test support for qmig, kept out of the product crates: a dev-dependency of
+//! the tests and benches (and used by the CLI's `demo`).
+//!
+//! - [`synthetic`]: a guest of writer threads dirtying its RAM at a set rate.
+//! - [`pattern`]: the deterministic guest RAM fill patterns of the QEMU 7.2 test data.
+//! - [`qemu`]: a QMP client and `qemu-system-x86_64` launcher.
+//! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
+//! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
+//! - [`rng`] holds the SplitMix64 generator.
+//! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
+
+#![warn(missing_docs)]
+
+pub mod alloc_guard;
+pub mod pattern;
+pub mod qemu;
+pub mod rng;
+pub mod state;
+pub mod synthetic;
+
+pub use alloc_guard::AllocGuard;
+pub use rng::{splitmix64, SplitMix64};
+pub use state::check_sequence;
+
+/// For tests: `true` when KVM is usable; otherwise prints `SKIP <test>: <reason>`
+/// and returns `false`, except under `CI=true` on a machine that has `/dev/kvm`,
+/// where an unusable KVM is a failure (panics with the reason).
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub fn kvm_or_skip(test: &str) -> bool {
+    let Some(why) = minivmm::kvm_unavailable() else { return true };
+    if std::env::var("CI").as_deref() == Ok("true") && std::path::Path::new("/dev/kvm").exists() {
+        panic!("{test}: /dev/kvm exists but is unusable under CI=true: {why}");
+    }
+    println!("SKIP {test}: {why}");
+    false
+}
