@@ -34,6 +34,15 @@ pub enum Error {
     /// Bad arguments or a request the stream cannot satisfy.
     #[error("{0}")]
     Usage(String),
+    /// A `recv` that failed after it opened or created RAM files: the error, then
+    /// what is left of the destination.
+    #[error("{report} ({note})")]
+    Incomplete {
+        /// The failure, on one line.
+        report: String,
+        /// What is left (`destination incomplete: ...`).
+        note: String,
+    },
     /// A migration (`send`, `recv`, `demo`, `kvm-dest`) failed; printed as who
     /// caused it (`local`, `peer`, `VMM`), then the engine's error and its causes.
     #[error("{origin}")]

@@ -7,6 +7,12 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 
+/// `s` with control characters, quotes and backslashes escaped (Rust's `escape_debug`),
+/// so a name from the stream cannot forge lines or terminal sequences in a message.
+pub fn escape(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
 /// Parse `NAME=PATH` (the `--ram` / `--extract-ram` argument form).
 pub fn parse_name_path(s: &str) -> Result<(String, PathBuf)> {
     match s.split_once('=') {
@@ -377,6 +383,10 @@ pub struct ImageSink {
     targets: Vec<(String, PathBuf)>,
     every_block: bool,
     total: u64,
+    /// Files created by [`ImageSink::setup`] (removed by [`ImageSink::abandon`]).
+    created: Vec<PathBuf>,
+    /// True once a file was opened or created.
+    touched: bool,
 }
 
 impl ImageSink {
@@ -397,24 +407,74 @@ impl ImageSink {
     }
 
     fn setup(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<()> {
-        let mut images = Vec::with_capacity(blocks.len());
+        // Every block is checked against the targets (named, and an existing file of
+        // the block's length) before any file is created or opened.
+        let mut plan = Vec::with_capacity(blocks.len());
         for b in blocks {
-            let target = self.targets.iter().find(|(n, _)| n == &b.name);
-            images.push(match (target, self.every_block) {
-                (Some((_, p)), true) => Some(RamImage::open_or_create(&b.name, p, b.length)?),
-                (Some((_, p)), false) => Some(RamImage::create(p, b.length)?),
+            let target = self.targets.iter().find(|(n, _)| n == &b.name).map(|(_, p)| p.clone());
+            match (target, self.every_block) {
+                (Some(p), true) => {
+                    let exists = match std::fs::metadata(&p) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                        Err(e) => return Err(Error::file(&p, e)),
+                        Ok(m) if m.len() != b.length => {
+                            return Err(Error::Usage(format!(
+                                "size mismatch: RAM block '{}' is {:#x} bytes in the stream but {} is {:#x}",
+                                escape(&b.name),
+                                b.length,
+                                p.display(),
+                                m.len()
+                            )))
+                        }
+                        Ok(_) => true,
+                    };
+                    plan.push(Some((p, exists)));
+                }
+                (Some(p), false) => plan.push(Some((p, false))),
                 (None, true) => {
                     return Err(Error::Usage(format!(
                         "the stream has RAM block '{}' but no --ram {}=PATH was given",
-                        b.name, b.name
+                        escape(&b.name),
+                        escape(&b.name)
                     )))
                 }
-                (None, false) => None,
-            });
+                (None, false) => plan.push(None),
+            }
+        }
+        let mut images = Vec::with_capacity(blocks.len());
+        for (b, p) in blocks.iter().zip(plan) {
+            let Some((p, exists)) = p else {
+                images.push(None);
+                continue;
+            };
+            self.touched = true;
+            let img = if exists {
+                RamImage::open_or_create(&b.name, &p, b.length)?
+            } else {
+                self.created.push(p.clone());
+                RamImage::create(&p, b.length)?
+            };
+            images.push(Some(img));
         }
         self.total = blocks.iter().map(|b| b.length).sum();
         self.images = images;
         Ok(())
+    }
+
+    /// After a failed load: drops the images, removes the files this sink created
+    /// itself, and says what is left (`None` when no file was touched).
+    pub fn abandon(&mut self) -> Option<String> {
+        self.images.clear();
+        let touched = std::mem::take(&mut self.touched);
+        let created = std::mem::take(&mut self.created);
+        let removed = created.iter().filter(|p| std::fs::remove_file(p).is_ok()).count();
+        touched.then(|| {
+            format!(
+                "destination incomplete: the RAM files are partly written; {removed} of the {} file(s) recv created \
+                 were removed",
+                created.len()
+            )
+        })
     }
 
     /// True when block `index` has an image.

@@ -100,17 +100,28 @@ pub fn recv(
     let outcome =
         incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
-    let report = outcome.map_err(|e| match e {
-        _ if multifd => Error::Usage(
-            "a multifd channel connected: the source has capability multifd, which this destination does not \
-             implement"
-                .into(),
-        ),
-        e => Error::incoming(e),
-    })?;
-    dest.flush()?;
-    // For exec: the command's exit status counts too.
-    reader.into_channel().finish()?;
+    let loaded = outcome
+        .map_err(|e| match e {
+            _ if multifd => Error::Usage(
+                "a multifd channel connected: the source has capability multifd, which this destination does not \
+                 implement"
+                    .into(),
+            ),
+            e => Error::incoming(e),
+        })
+        .and_then(|report| dest.flush().map(|()| report))
+        // For exec: the command's exit status counts too.
+        .and_then(|report| reader.into_channel().finish().map(|()| report).map_err(Error::from));
+    let report = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            let note = dest.abandon();
+            return Err(match note {
+                Some(note) if !e.is_cancelled() => Error::Incomplete { report: e.report(), note },
+                _ => e,
+            });
+        }
+    };
     let total_time = start.elapsed();
     let transferred = rate.total_bytes();
     let secs = total_time.as_secs_f64();

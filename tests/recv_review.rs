@@ -121,3 +121,39 @@ fn trailing_vmdesc_is_skipped_not_parsed() {
     assert!(rss < 64 << 20, "recv's peak RSS was {rss} bytes");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Also (issue 13): every block is checked against `--ram` before any file is made,
+/// and a load that fails after files were opened says the destination is
+/// incomplete and removes the files recv created (not the ones it was given).
+#[test]
+fn failed_recv_creates_nothing_early_and_cleans_up() {
+    let d = dir("incomplete");
+    // Blocks `a` and `b`; only `a` has a --ram: nothing is created.
+    let mut s = StreamWriter::new(Vec::new());
+    let blocks = [RamBlock::new(0, "a", 0x10000), RamBlock::new(1, "b", 0x10000)];
+    write_guest_prologue(&mut s, &blocks, &StoppedGuest::default()).expect("prologue");
+    std::fs::write(d.join("two.mig"), s.finish().expect("finish")).expect("write");
+    let o = recv(&d.join("two.mig"), &[("a", &d.join("a.ram"))], &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("no --ram b=PATH"), "{e}");
+    assert!(!d.join("a.ram").exists(), "a.ram was created before the unlisted block was refused");
+
+    // A stream cut after a page: the file recv created is removed, the line says so.
+    let mut v = stream(0x10000, |s| s.ram_page(0, 0x1000, &[0xab; 4096]).expect("page"));
+    v.truncate(v.len() - 300);
+    std::fs::write(d.join("cut.mig"), &v).expect("write");
+    let o = recv(&d.join("cut.mig"), &[("mem", &d.join("new.ram"))], &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("destination incomplete"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(!d.join("new.ram").exists(), "the file recv created is left behind");
+
+    // An existing destination file is kept (and said to be incomplete).
+    std::fs::write(d.join("old.ram"), vec![7u8; 0x10000]).expect("write");
+    let o = recv(&d.join("cut.mig"), &[("mem", &d.join("old.ram"))], &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("destination incomplete"), "{e}");
+    assert!(d.join("old.ram").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
