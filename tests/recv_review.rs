@@ -157,3 +157,38 @@ fn failed_recv_creates_nothing_early_and_cleans_up() {
     assert!(d.join("old.ram").exists());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Bug 8: names from the stream are escaped in the error line: a block name with a
+/// newline and an escape sequence cannot forge a second line or colour the terminal.
+#[test]
+fn stream_names_are_escaped_in_errors() {
+    let d = dir("escape");
+    let evil = "x\n\u{1b}[31mqmig: error: forged";
+    // An unlisted block, and a page naming an unknown block.
+    let mut s = StreamWriter::new(Vec::new());
+    write_guest_prologue(&mut s, &[RamBlock::new(0, evil, 0x10000)], &StoppedGuest::default()).expect("prologue");
+    let unlisted = s.finish().expect("finish");
+    let mut unknown = stream(0x10000, |_| {});
+    let (_, at) = savevm_format::find_trailing_vmdesc(&unknown).expect("vmdesc");
+    // Replace everything after the prologue's RAM START with a PART whose page names `evil`.
+    let mut s = StreamWriter::new(Vec::new());
+    write_guest_prologue(&mut s, &[RamBlock::new(0, "mem", 0x10000)], &StoppedGuest::default()).expect("prologue");
+    let pro = s.finish().expect("finish").len();
+    assert!(pro < at);
+    unknown.truncate(pro);
+    unknown.extend_from_slice(&[0x02, 0, 0, 0, 2]); // PART of section 2
+    let mut h = [0u8; savevm_format::ram::MAX_RECORD_HEADER];
+    let n = savevm_format::ram::record_header(&mut h, 0, 0x08, Some(evil)).expect("header");
+    unknown.extend_from_slice(&h[..n]);
+    unknown.extend_from_slice(&[0u8; 4096]);
+    for (what, v) in [("unlisted", unlisted), ("unknown", unknown)] {
+        std::fs::write(d.join("s.mig"), &v).expect("write");
+        let o = recv(&d.join("s.mig"), &[("mem", &d.join("mem.ram"))], &[]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{what}: {e}");
+        assert_eq!(e.lines().count(), 1, "{what}: a forged line: {e:?}");
+        assert!(!e.contains('\u{1b}'), "{what}: raw escape: {e:?}");
+        assert!(e.contains(r"x\n\u{1b}[31m"), "{what}: {e:?}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -37,8 +37,27 @@ impl fmt::Display for Origin {
     }
 }
 
-/// `e` and its chain of causes on one line, `a: b: c`, each printed once.
+/// `e` and its chain of causes on one line, `a: b: c`, each printed once. Control
+/// characters (from names the stream chose: block names, idstrs) are escaped, so
+/// the line cannot be split or carry terminal sequences.
 pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    escape_controls(&report_raw(e))
+}
+
+/// `s` with every control character written as a Rust escape (`\n`, `\u{1b}`).
+pub fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn report_raw(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
