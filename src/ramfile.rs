@@ -497,6 +497,15 @@ impl savevm_format::PageSink for ImageSink {
         self.setup(blocks).map_err(|e| e.report())
     }
 
+    fn target_page_size(&mut self, tps: u64) -> std::result::Result<(), String> {
+        if tps != PAGE as u64 {
+            return Err(format!(
+                "the stream's target page size is {tps} bytes; RAM files are written in {PAGE}-byte pages only"
+            ));
+        }
+        Ok(())
+    }
+
     fn page_mut(&mut self, block: &savevm_format::RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
         (self.image(block.index)?.page_for_write(offset)).map(savevm_format::PageSlot::from)
     }

@@ -192,3 +192,36 @@ fn stream_names_are_escaped_in_errors() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Bug 1: a stream with 1 KiB target pages used to be placed as 4 KiB pages (a 1 KiB
+/// page zeroing its neighbours) and recv exited 0: RAM files take 4 KiB pages only,
+/// so recv refuses it with the page size on its error line.
+#[test]
+fn other_target_page_sizes_are_refused_by_ram_files() {
+    let d = dir("tps");
+    for bits in [10u8, 16] {
+        let tps = 1u64 << bits;
+        let mut s = StreamWriter::new(Vec::new());
+        s.header().expect("header");
+        let cfg = savevm_format::Configuration {
+            machine: "none".into(),
+            target_page_bits: Some(bits.into()),
+            ..Default::default()
+        };
+        s.configuration(&cfg).expect("config");
+        s.section_start(section_ids::RAM, "ram", 0, 4).expect("start");
+        s.ram_block_list(&[RamBlock::new(0, "mem", 0x20000)]).expect("list");
+        s.ram_eos().expect("eos");
+        s.footer(section_ids::RAM).expect("footer");
+        s.section_part(section_ids::RAM).expect("part");
+        s.ram_page(0, tps, &vec![0xab; usize::try_from(tps).expect("small")]).expect("page");
+        write_guest_epilogue(&mut s, &StoppedGuest::default()).expect("epilogue");
+        std::fs::write(d.join("s.mig"), s.finish().expect("finish")).expect("write");
+        let o = recv(&d.join("s.mig"), &[("mem", &d.join("mem.ram"))], &[]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{bits}: recv accepted {tps}-byte pages: {e}");
+        assert!(e.contains(&format!("target page size is {tps} bytes")), "{e}");
+        assert!(!d.join("mem.ram").exists(), "a RAM file was created for a refused stream");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -280,6 +280,12 @@ pub trait PageSink {
         Ok(())
     }
 
+    /// The stream's target page size, just before [`PageSink::ram_blocks`]: a sink
+    /// that places pages at another size refuses the stream here. Default: any.
+    fn target_page_size(&mut self, _tps: u64) -> Result<(), String> {
+        Ok(())
+    }
+
     /// A ZERO record: make the page all `fill`. The default writes the page only when
     /// it is not already so (QEMU's check); a sink that knows a page is still zero can
     /// skip touching it at all.
@@ -871,6 +877,7 @@ impl<R: Read> Decoder<R> {
                     return Err(ErrorKind::RamSecondBlockList);
                 }
                 let ev = self.block_list(offset)?;
+                sink.target_page_size(self.tps).map_err(ErrorKind::Sink)?;
                 sink.ram_blocks(&self.blocks).map_err(ErrorKind::Sink)?;
                 Ok(ev)
             }
