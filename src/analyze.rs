@@ -91,6 +91,9 @@ pub fn analyze_reader<R: Read, C: Read>(
                 if let Some(b) = c.target_page_bits {
                     m.insert("target_page_bits".into(), json!(b));
                     tps = 1 << b;
+                    for ch in channels.iter_mut() {
+                        ch.set_page_size(tps);
+                    }
                 }
                 m.insert("capabilities".into(), json!(c.capabilities));
                 if let Some(u) = c.uuid {
@@ -186,8 +189,14 @@ fn drain_to_sync<C: Read>(
                         h.packet_num, b.name
                     )));
                 }
+                let page = usize::try_from(tps)
+                    .ok()
+                    .and_then(|t| data.get(i.checked_mul(t)?..i.checked_add(1)?.checked_mul(t)?))
+                    .ok_or_else(|| {
+                        Error::Usage(format!("multifd packet {}: page {i} is past its data", h.packet_num))
+                    })?;
                 if let Some(mut slot) = sink.page_mut(b, off) {
-                    slot.copy_from(&data[i * tps as usize..(i + 1) * tps as usize]);
+                    slot.copy_from(page);
                 }
                 counts[b.index].multifd += 1;
             }

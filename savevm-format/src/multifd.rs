@@ -131,6 +131,12 @@ impl<R: Read> ChannelReader<R> {
         }
     }
 
+    /// Set the target page size (the main stream's `target-page-bits`), before the
+    /// first page packet is read.
+    pub fn set_page_size(&mut self, tps: u64) {
+        self.tps = tps;
+    }
+
     /// The initial packet, read on first use.
     pub fn initial(&mut self) -> Result<&InitialPacket> {
         if self.initial.is_none() {
