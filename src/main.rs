@@ -199,7 +199,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn uri(s: &str) -> qmig::Result<MigrationUri> {
-    s.parse::<MigrationUri>().map_err(|e| qmig::Error::Transport(e.into()))
+    let uri = s.parse::<MigrationUri>().map_err(|e| qmig::Error::Transport(e.into()))?;
+    if let MigrationUri::Fd(n) = uri {
+        // SAFETY: F_GETFD only reads the descriptor's flags; any `n` is allowed (EBADF).
+        let flags = unsafe { libc::fcntl(n, libc::F_GETFD) };
+        // Every descriptor qmig opens is close-on-exec; one it inherited cannot be.
+        if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+            return Err(qmig::Error::Usage(format!(
+                "fd:{n}: descriptor {n} is one qmig opened itself (close-on-exec), not one it was handed"
+            )));
+        }
+    }
+    Ok(uri)
 }
 
 /// Whether `qmig demo` runs the KVM guest: `auto` picks it where /dev/kvm works and

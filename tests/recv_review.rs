@@ -225,3 +225,37 @@ fn other_target_page_sizes_are_refused_by_ram_files() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Bug 9: `--from fd:3` in a process that was handed no fd 3 named qmig's own
+/// eventfd (made at startup): recv hung on it. Descriptors qmig opened itself
+/// (close-on-exec) are refused at once.
+#[test]
+fn own_descriptors_are_refused_for_fd_uris() {
+    let d = dir("fd");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["recv", "--ram"])
+        .arg(format!("mem={}", d.join("mem.ram").display()))
+        .args(["--from", "fd:3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmig");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("recv --from fd:3 (its own eventfd) still runs after 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut e = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut e).expect("stderr");
+    assert_eq!(status.code(), Some(1), "{e}");
+    assert!(e.contains("descriptor 3 is one qmig opened itself"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
