@@ -365,12 +365,35 @@ impl RamImage {
             ))),
             Ok(_) => {
                 let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::file(path, e))?;
+                allocate(&f, len).map_err(|e| Error::file(path, e))?;
                 // SAFETY: a shared writable mapping of a file of the checked length; we are
                 // its only writer for the duration of the migration, as QEMU is for its RAM.
                 let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
                 Ok(RamImage::new(path, f, map, None))
             }
         }
+    }
+}
+
+/// Allocate every block of `f`'s first `len` bytes (its holes too, keeping the
+/// data), so a full filesystem is an error here rather than a SIGBUS when a page
+/// of the mapping is first written. A filesystem without `fallocate` is left as is.
+fn allocate(f: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Ok(len) = libc::off_t::try_from(len) else { return Ok(()) };
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own, within the file's length, mode 0:
+    // it allocates blocks and never changes the file's contents or size.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
     }
 }
 
@@ -447,13 +470,13 @@ impl ImageSink {
                 images.push(None);
                 continue;
             };
-            self.touched = true;
             let img = if exists {
                 RamImage::open_or_create(&b.name, &p, b.length)?
             } else {
                 self.created.push(p.clone());
                 RamImage::create(&p, b.length)?
             };
+            self.touched = true;
             images.push(Some(img));
         }
         self.total = blocks.iter().map(|b| b.length).sum();

@@ -259,3 +259,56 @@ fn own_descriptors_are_refused_for_fd_uris() {
     assert!(e.contains("descriptor 3 is one qmig opened itself"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` bytes at a fresh directory; `None` (with the reason
+    /// printed) where this process may not mount.
+    fn mount(name: &str, size: u64) -> Option<Tmpfs> {
+        let d = dir(name);
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&d)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("SKIP: cannot mount a tmpfs: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return None;
+        }
+        Some(Tmpfs(d))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Bug 7: an existing sparse destination file on a full filesystem killed recv with
+/// SIGBUS (exit 135, nothing on stderr) at the first write through the mapping.
+/// The file is allocated before it is mapped, so it is a one-line ENOSPC error.
+#[test]
+fn full_filesystem_under_an_existing_sparse_file_is_an_error() {
+    let Some(fs) = Tmpfs::mount("enospc", 1 << 20) else { return };
+    let dst = fs.0.join("mem.ram");
+    let f = std::fs::File::create(&dst).expect("create");
+    f.set_len(4 << 20).expect("sparse 4 MiB");
+    drop(f);
+    let v = stream(4 << 20, |s| {
+        for p in 0..1024u64 {
+            s.ram_page(0, p * 4096, &[0xab; 4096]).expect("page");
+        }
+    });
+    let d = dir("enospc-stream");
+    std::fs::write(d.join("s.mig"), &v).expect("write");
+    let o = recv(&d.join("s.mig"), &[("mem", &dst)], &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "recv: {:?} {e}", o.status);
+    assert!(e.contains("No space left on device"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
