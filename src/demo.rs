@@ -49,6 +49,8 @@ pub struct DemoOptions {
     pub seed: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// A whole-migration deadline (virsh's `--timeout`).
+    pub timeout: Option<qmig::watch::Timeout>,
 }
 
 /// Work files, removed on drop.
@@ -116,16 +118,15 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     let ch = connect_retry(&uri, out.cancel())?;
-    let progress = opts.progress.then(|| spawn_progress(out.clone()));
+    let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
+    let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
     let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
-    if let Some((stop, h)) = progress {
-        let _ = stop.send(());
-        let _ = h.join();
-    }
+    drop(progress);
+    let timeout = deadline_json(deadline);
     let info = match res {
         Ok(i) => i,
-        Err(e) => return Err(Error::outgoing(e)),
+        Err(e) => return Err(timeout_error(Error::outgoing(e), timeout.as_ref())),
     };
     let dest_report = finish_dest(&mut dest)?;
 
@@ -134,6 +135,9 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     guest.shutdown();
     let mut stats = qmig::send::stats_json(&info);
     stats["verified"] = json!(verified);
+    if let Some(t) = timeout {
+        stats["timeout"] = t;
+    }
     stats["destination"] = dest_report;
     stats["guest"] = json!({"writes": guest.writes(), "dirty-rate": opts.dirty_rate});
     if !verified {
@@ -257,27 +261,24 @@ fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
     Ok((differing == 0, differing))
 }
 
-pub(crate) fn spawn_progress(out: Outgoing) -> (crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-    let h = std::thread::spawn(move || {
-        let bar = indicatif::ProgressBar::new_spinner();
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        while rx.recv_timeout(Duration::from_millis(100)).is_err() {
-            let i = out.info().get();
-            bar.set_message(format!(
-                "{} | pass {} | sent {:.0} MiB | remaining {:.1} MiB | {:.0} Mbit/s | dirty {} pages/s | expected downtime {} ms{}",
-                i.status,
-                i.dirty_sync_count,
-                mib(i.transferred),
-                mib(i.remaining),
-                i.mbps,
-                i.dirty_pages_rate,
-                i.expected_downtime.unwrap_or(0),
-                i.cpu_throttle_percentage.map(|t| format!(" | throttle {t}%")).unwrap_or_default(),
-            ));
-            bar.tick();
-        }
-        bar.finish_and_clear();
-    });
-    (tx, h)
+/// Disarm a deadline and say what it did (`{"secs", "action", "fired"}`).
+pub(crate) fn deadline_json(d: Option<qmig::watch::Deadline>) -> Option<serde_json::Value> {
+    d.map(|d| {
+        let v = d.to_json();
+        d.finish();
+        v
+    })
+}
+
+/// A failure after the deadline fired says so.
+pub(crate) fn timeout_error(e: Error, timeout: Option<&serde_json::Value>) -> Error {
+    match timeout {
+        Some(t) if t["fired"] == true => Error::Usage(format!(
+            "--timeout {} s reached ({}): {}",
+            t["secs"],
+            t["action"].as_str().unwrap_or(""),
+            e.report()
+        )),
+        _ => e,
+    }
 }

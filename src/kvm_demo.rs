@@ -5,7 +5,7 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, spawn_listening, spawn_progress, wait_report, work_dir};
+use crate::demo::{connect_retry, deadline_json, spawn_listening, timeout_error, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -44,6 +44,8 @@ pub struct KvmDemoOptions {
     pub run_on: Duration,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// A whole-migration deadline (virsh's `--timeout`).
+    pub timeout: Option<qmig::watch::Timeout>,
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -87,18 +89,17 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
             return Err(e);
         }
     };
-    let progress = opts.progress.then(|| spawn_progress(out.clone()));
+    let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
+    let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let res = minivmm::migrate::migrate_out(&vm, &out, ch);
-    if let Some((stop, h)) = progress {
-        let _ = stop.send(());
-        let _ = h.join();
-    }
+    drop(progress);
+    let timeout = deadline_json(deadline);
     let info = match res {
         Ok(i) => i,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Error::outgoing(e));
+            return Err(timeout_error(Error::outgoing(e), timeout.as_ref()));
         }
     };
 
@@ -150,6 +151,9 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let verified = ram_equal && all_ok && all_ran;
     let mut stats = qmig::send::stats_json(&info);
     stats["verified"] = json!(verified);
+    if let Some(t) = timeout {
+        stats["timeout"] = t;
+    }
     stats["guest"] = json!({
         "kind": "kvm",
         "slots": opts.slots,

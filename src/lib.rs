@@ -11,6 +11,7 @@ mod error;
 pub mod ramfile;
 pub mod recv;
 pub mod send;
+pub mod watch;
 
 pub use error::{Error, Result};
 

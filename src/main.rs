@@ -20,6 +20,9 @@ use transports::{CancelToken, MigrationUri};
 #[derive(Parser)]
 #[command(name = "qmig", version, about)]
 struct Cli {
+    /// Log the engine's spans and events to stderr at this level (error, warn, info, debug, trace, or a RUST_LOG filter); RUST_LOG is read when absent.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -45,22 +48,22 @@ enum Cmd {
         #[arg(long = "out", value_name = "STREAM")]
         out: PathBuf,
     },
-    /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:).
+    /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:). The guest never runs, so there is nothing to converge: no --downtime-limit or --auto-converge here (`demo` migrates a live guest).
     Send {
         #[command(flatten)]
         guest: GuestArgs,
         /// Destination: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
         #[arg(long = "to", value_name = "URI")]
         to: String,
-        /// Rate limit in bytes/s (QEMU's `max-bandwidth`; 0 = unlimited, the default here, where QEMU uses 128 MiB/s).
-        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 0)]
+        /// Rate limit in bytes/s, suffixes K, M, G (32M = 32 MiB/s) (QEMU's `max-bandwidth`; 0 = unlimited, the default here, where QEMU uses 128 MiB/s).
+        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value = "0", value_parser = parse_size)]
         max_bandwidth: u64,
-        /// QEMU's `downtime-limit` in ms.
-        #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
-        downtime_limit: u64,
-        /// QEMU's `auto-converge`.
-        #[arg(long = "auto-converge")]
-        auto_converge: bool,
+        /// Give up after this many seconds (virsh's `--timeout`), doing --timeout-action.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// What --timeout does: `cancel` the migration, or `switchover` (send the rest now, whatever the downtime limit).
+        #[arg(long = "timeout-action", default_value = "cancel", requires = "timeout")]
+        timeout_action: qmig::watch::TimeoutAction,
         /// QEMU's `return-path` (the default on tcp:, unix: and fd: sockets): complete only after the destination's SHUT(0); refused on exec: and file:.
         #[arg(long = "return-path", conflicts_with = "no_return_path")]
         return_path: bool,
@@ -82,9 +85,9 @@ enum Cmd {
         /// KVM guest: memory slots, 1 or 2 (2 splits RAM around a PCI hole, scaled down).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
         slots: u32,
-        /// KVM guest: bytes of its working set, where its page writes go (suffixes K, M, G).
-        #[arg(long = "working-set", default_value = "256M", value_parser = parse_size)]
-        working_set: u64,
+        /// KVM guest: bytes of its working set, where its page writes go (suffixes K, M, G; default 256M, or a quarter of --ram-size when that is smaller).
+        #[arg(long = "working-set", value_parser = parse_size)]
+        working_set: Option<u64>,
         /// KVM guest: ms it runs on the destination before its counter and checksum are read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..))]
         run_on: u64,
@@ -103,9 +106,15 @@ enum Cmd {
         /// QEMU's `downtime-limit` in ms.
         #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
         downtime_limit: u64,
-        /// QEMU's `max-bandwidth` in bytes/s (0 = unlimited).
-        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value_t = 512 << 20)]
+        /// QEMU's `max-bandwidth` in bytes/s, suffixes K, M, G (32M = 32 MiB/s; 0 = unlimited).
+        #[arg(long = "max-bandwidth", value_name = "BYTES_PER_S", default_value = "512M", value_parser = parse_size)]
         max_bandwidth: u64,
+        /// Give up after this many seconds (virsh's `--timeout`), doing --timeout-action.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// What --timeout does: `cancel` the migration (the guest runs on here), or `switchover` (stop the guest and send the rest now, whatever the downtime limit).
+        #[arg(long = "timeout-action", default_value = "cancel", requires = "timeout")]
+        timeout_action: qmig::watch::TimeoutAction,
         /// QEMU's `auto-converge`: throttle the writer threads when they dirty faster than we send.
         #[arg(long = "auto-converge")]
         auto_converge: bool,
@@ -257,6 +266,7 @@ struct KvmArgs<'a> {
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
+    timeout: Option<qmig::watch::Timeout>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -274,10 +284,11 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         return_path: a.return_path,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
-        progress: true,
+        progress: stdout_is_terminal(),
+        timeout: a.timeout,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
-    write_stats(a.stats_json.as_deref(), &stats)?;
+    write_demo_stats(a.stats_json.as_deref(), &stats)?;
     if !verified {
         return Err(qmig::Error::Usage(format!("verification failed: {}", stats["guest"])));
     }
@@ -309,6 +320,66 @@ fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::Canc
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
+/// Progress bars and human lines go to a terminal only; a pipe gets the JSON line alone.
+fn stdout_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}
+
+/// `--timeout SECS --timeout-action ACTION`, checked.
+fn deadline(secs: Option<f64>, action: qmig::watch::TimeoutAction) -> qmig::Result<Option<qmig::watch::Timeout>> {
+    secs.map(|s| {
+        std::time::Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .map(|after| qmig::watch::Timeout { after, action })
+            .ok_or_else(|| qmig::Error::Usage(format!("--timeout {s}: expected a positive number of seconds")))
+    })
+    .transpose()
+}
+
+/// The demo's statistics: the JSON line (and the --stats-json file); on a terminal,
+/// one human line instead of the JSON on stdout.
+fn write_demo_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -> qmig::Result<()> {
+    if !stdout_is_terminal() {
+        return write_stats(path, stats);
+    }
+    if let Some(p) = path {
+        std::fs::write(p, format!("{stats}\n")).map_err(|e| qmig::Error::file(p, e))?;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", human_line(stats));
+    Ok(())
+}
+
+/// E.g. `migrated 1.0 GiB live in 1.35 s, 5 passes, downtime 1 ms; guest ran on: counter 111421 -> 186516, checksum ok`.
+fn human_line(s: &serde_json::Value) -> String {
+    let gib = s["ram"]["total"].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let secs = s["total-time"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    let mut line = format!(
+        "migrated {gib:.1} GiB live in {secs:.2} s, {} passes, downtime {} ms",
+        s["ram"]["dirty-sync-count"],
+        s["downtime"].as_u64().unwrap_or(0)
+    );
+    if let Some(t) = s["cpu-throttle-percentage"].as_u64() {
+        line.push_str(&format!(", throttled to {t} %"));
+    }
+    let g = &s["guest"];
+    if g["counter_at_stop"].is_u64() {
+        let ok = if g["checksum_ok"] == true { "checksum ok" } else { "CHECKSUM BAD" };
+        line.push_str(&format!(
+            "; guest ran on: counter {} -> {}, {ok}",
+            g["counter_at_stop"], g["counter_on_destination"]
+        ));
+        if let Some(v) = g["vcpus"].as_array().filter(|v| v.len() > 1) {
+            line.push_str(&format!(" ({} vCPUs)", v.len()));
+        }
+    } else {
+        line.push_str(if s["verified"] == true { "; destination RAM equal at stop" } else { "; VERIFICATION FAILED" });
+    }
+    line
+}
+
 fn print_line(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
@@ -329,22 +400,13 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send {
-            guest,
-            to,
-            max_bandwidth,
-            downtime_limit,
-            auto_converge,
-            return_path,
-            no_return_path,
-            stats_json,
-        } => {
+        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params: engine::params::MigrationParameters { max_bandwidth, downtime_limit, ..Default::default() },
-                auto_converge,
+                params: engine::params::MigrationParameters { max_bandwidth, ..Default::default() },
+                auto_converge: false,
                 return_path: if return_path {
                     Some(true)
                 } else if no_return_path {
@@ -352,9 +414,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 } else {
                     None
                 },
+                progress: stdout_is_terminal(),
+                timeout: deadline(timeout, timeout_action)?,
             };
-            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
-            write_stats(stats_json.as_deref(), &qmig::send::stats_json(&info))?;
+            let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
+            let mut stats = qmig::send::stats_json(&info);
+            if let Some(t) = timeout {
+                stats["timeout"] = t;
+            }
+            write_stats(stats_json.as_deref(), &stats)?;
         }
         Cmd::Demo {
             guest,
@@ -368,6 +436,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             uri,
             downtime_limit,
             max_bandwidth,
+            timeout,
+            timeout_action,
             auto_converge,
             no_return_path,
             dest,
@@ -375,7 +445,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             stats_json,
         } => {
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+                let working_set = working_set.unwrap_or_else(|| {
+                    let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
+                    if fits < 256 << 20 {
+                        eprintln!(
+                            "qmig demo: working set {} MiB (the default 256 MiB is more than a quarter of {} MiB of RAM)",
+                            fits >> 20,
+                            ram_size >> 20
+                        );
+                    }
+                    fits
+                });
                 return kvm_demo(KvmArgs {
                     ram_size,
                     slots,
@@ -389,6 +471,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     seed,
                     run_on,
                     stats_json,
+                    timeout,
                     cancel,
                 });
             }
@@ -402,10 +485,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 return_path: !no_return_path,
                 dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
-                progress: true,
+                progress: stdout_is_terminal(),
+                timeout,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
-            write_stats(stats_json.as_deref(), &stats)?;
+            write_demo_stats(stats_json.as_deref(), &stats)?;
             if !verified {
                 return Err(qmig::Error::Usage(format!(
                     "verification failed: {} pages of the destination differ from the source at stop",
@@ -419,11 +503,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
-            let st = qmig::recv::recv(&ram, &from, cancel, |bound| {
+            let on_listening = |bound: &MigrationUri| {
                 if matches!(bound, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
-            })?;
+            };
+            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }
@@ -451,6 +536,21 @@ fn cancel_on_signals(cancel: &CancelToken) -> Arc<AtomicI32> {
     got
 }
 
+/// `--log LEVEL` (or RUST_LOG): the engine's tracing to stderr, never stdout
+/// (which carries the JSON).
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log {l}: {e}"))?,
+        None => match std::env::var("RUST_LOG") {
+            Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG={v}: {e}"))?,
+            _ => return Ok(()),
+        },
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -474,6 +574,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = init_logging(cli.log.as_deref()) {
+        eprintln!("qmig: error: {e}");
+        return ExitCode::from(1);
+    }
     let cancel = match CancelToken::new() {
         Ok(c) => c,
         Err(e) => {

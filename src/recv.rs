@@ -77,6 +77,17 @@ pub fn recv(
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Received> {
+    recv_with(ram, uri, cancel, on_listening, false)
+}
+
+/// [`recv`], with a progress line on stderr while receiving when `progress`.
+pub fn recv_with(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+) -> Result<Received> {
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
@@ -95,6 +106,8 @@ pub fn recv(
     // the source opens its return path; exec:, file: and pipes have none.
     let open_return_path = channel_return_path(&ch);
     let mut reader = MigrationReader::new(ch, rate.clone());
+    let counted = rate.clone();
+    let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
     let outcome =
@@ -109,7 +122,10 @@ pub fn recv(
             ),
             e => Error::incoming(e),
         })
-        .and_then(|report| dest.flush().map(|()| report))
+        .and_then(|report| {
+            drop(progress);
+            dest.flush().map(|()| report)
+        })
         // For exec: the command's exit status counts too.
         .and_then(|report| reader.into_channel().finish().map(|()| report).map_err(Error::from));
     let report = match loaded {
@@ -148,12 +164,25 @@ pub struct Received {
 }
 
 impl Received {
-    /// The statistics JSON plus `"return-path"`: `null` when the source asked for
-    /// none, else `{"requested", "opened", "pongs", "shut", "unavailable"?, "error"?}`.
+    /// The destination's statistics (what a destination knows: no source-side
+    /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
+    /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
+    /// "unavailable"?, "error"?}`.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut v = self.info.to_json();
-        v["return-path"] =
-            if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null };
-        v
+        let i = &self.info;
+        serde_json::json!({
+            "status": i.status.as_str(),
+            "total-time": u64::try_from(i.total_time.as_millis()).unwrap_or(u64::MAX),
+            "ram": {
+                "transferred": i.transferred,
+                "total": i.total,
+                "duplicate": i.duplicate,
+                "normal": i.normal,
+                "normal-bytes": i.normal.saturating_mul(i.page_size),
+                "mbps": (i.mbps * 1000.0).round() / 1000.0,
+                "page-size": i.page_size,
+            },
+            "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
+        })
     }
 }

@@ -26,6 +26,10 @@ pub struct SendOptions {
     /// has a reverse direction (tcp:, unix:, an fd: socket); `Some(true)` requires it
     /// (refused on exec: and file:); `Some(false)` turns it off.
     pub return_path: Option<bool>,
+    /// Show a progress line on stderr while sending.
+    pub progress: bool,
+    /// A whole-migration deadline (virsh's `--timeout`).
+    pub timeout: Option<crate::watch::Timeout>,
 }
 
 impl Default for SendOptions {
@@ -35,6 +39,8 @@ impl Default for SendOptions {
             params: MigrationParameters { max_bandwidth: 0, ..Default::default() },
             auto_converge: false,
             return_path: None,
+            progress: false,
+            timeout: None,
         }
     }
 }
@@ -82,6 +88,16 @@ pub fn send(
     opts: &SendOptions,
     cancel: &CancelToken,
 ) -> Result<MigrationInfo> {
+    send_watched(ram, uri, opts, cancel).map(|(info, _)| info)
+}
+
+/// [`send`], also saying whether the deadline fired (`{"secs", "action", "fired"}`).
+pub fn send_watched(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    opts: &SendOptions,
+    cancel: &CancelToken,
+) -> Result<(MigrationInfo, Option<serde_json::Value>)> {
     if ram.is_empty() {
         return Err(Error::Usage("at least one --ram NAME=PATH is needed".into()));
     }
@@ -105,6 +121,8 @@ pub fn send(
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, return_path, ..Default::default() };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let stop = AtomicBool::new(false);
+    let progress = opts.progress.then(|| crate::watch::Progress::outgoing(&out));
+    let deadline = opts.timeout.map(|t| crate::watch::Deadline::arm(&out, t));
     let result = std::thread::scope(|s| {
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
@@ -113,5 +131,22 @@ pub fn send(
         stop.store(true, Ordering::Relaxed);
         r
     });
-    result.map_err(Error::outgoing)
+    drop(progress);
+    let timeout = deadline.map(|d| {
+        let v = d.to_json();
+        d.finish();
+        v
+    });
+    match result {
+        Ok(info) => Ok((info, timeout)),
+        Err(e) => match timeout {
+            Some(t) if t["fired"] == true => Err(Error::Usage(format!(
+                "--timeout {} s reached ({}): {}",
+                t["secs"],
+                t["action"].as_str().unwrap_or(""),
+                Error::outgoing(e).report()
+            ))),
+            _ => Err(Error::outgoing(e)),
+        },
+    }
 }

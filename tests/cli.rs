@@ -222,8 +222,6 @@ fn send_and_recv_write_stats_json() {
         &format!("mem={}", ram.display()),
         "--to",
         &format!("file:{}", stream.display()),
-        "--downtime-limit",
-        "100",
         "--max-bandwidth",
         "0",
         "--stats-json",
@@ -252,4 +250,104 @@ fn send_and_recv_write_stats_json() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rstats).expect("stats")).expect("JSON");
     assert_eq!(r["ram"]["normal"], written["ram"]["normal"]);
     assert!(std::fs::read(&dst).expect("dst") == std::fs::read(&ram).expect("src"));
+}
+
+/// One JSON object on stdout (a pipe here, not a terminal: no progress bar, no human line).
+fn one_json_line(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().count(), 1, "stdout not a terminal: the JSON line only, got {text:?}");
+    serde_json::from_str(&text).expect("stdout is one JSON line")
+}
+
+#[test]
+fn demo_defaults_fit_a_256m_guest_and_max_bandwidth_takes_suffixes() {
+    // The KVM guest where /dev/kvm works (else the synthetic one): the default
+    // working set shrinks to fit, and the output says so.
+    let out = qmig(&["demo", "--ram-size", "256M", "--max-bandwidth", "64M"]);
+    let s = one_json_line(&out);
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["ram"]["total"], 256u64 << 20);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if s["guest"]["kind"] == "kvm" {
+        assert_eq!(s["guest"]["working-set"], 64u64 << 20, "{s}");
+        assert!(err.contains("working set 64 MiB"), "the shrink is said: {err}");
+    }
+    // 64M = 64 MiB/s: the migration's bandwidth never went above it by much.
+    let secs = s["total-time"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    let bytes = s["ram"]["precopy-bytes"].as_u64().unwrap_or(0) as f64;
+    assert!(bytes / secs < 80.0 * (1 << 20) as f64, "{} B/s over {secs} s", bytes / secs);
+    let bad = qmig(&["demo", "--guest", "synthetic", "--max-bandwidth", "12Q"]);
+    assert_one_line_error(&bad, &["--max-bandwidth", "12Q"]);
+}
+
+#[test]
+fn send_and_recv_print_only_their_json_line_when_stdout_is_not_a_terminal() {
+    let dir = TestDir::new("cli-pipe");
+    let ram = dir.path().join("mem.ram");
+    std::fs::write(&ram, testkit::pattern::generate(testkit::pattern::Pattern::Mixed { every: 2 }, 5, 4 << 20))
+        .expect("ram");
+    let stream = dir.path().join("s.mig");
+    let out =
+        qmig(&["send", "--ram", &format!("mem={}", ram.display()), "--to", &format!("file:{}", stream.display())]);
+    let s = one_json_line(&out);
+    assert_eq!(s["status"], "completed");
+    assert!(out.stderr.is_empty(), "no progress on a pipe: {}", String::from_utf8_lossy(&out.stderr));
+    // send has no knobs for convergence: its guest never runs.
+    let refused = qmig(&["send", "--ram", "mem=x", "--to", "file:y", "--downtime-limit", "100"]);
+    assert_one_line_error(&refused, &["--downtime-limit"]);
+    let dst = dir.path().join("dst.ram");
+    let out =
+        qmig(&["recv", "--ram", &format!("mem={}", dst.display()), "--from", &format!("file:{}", stream.display())]);
+    let r = one_json_line(&out);
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["ram"]["total"], 4u64 << 20);
+    // Destination fields only: nothing a destination cannot know, as zeros.
+    for absent in ["setup-time", "downtime", "expected-downtime"] {
+        assert!(r.get(absent).is_none(), "{absent} in {r}");
+    }
+    for absent in ["dirty-sync-count", "dirty-pages-rate", "remaining", "pages-per-second", "precopy-bytes"] {
+        assert!(r["ram"].get(absent).is_none(), "ram.{absent} in {r}");
+    }
+    assert!(std::fs::read(&dst).expect("dst") == std::fs::read(&ram).expect("src"));
+}
+
+#[test]
+fn timeout_switches_over_or_cancels_a_migration_that_does_not_converge() {
+    // 64 MiB dirtied at 256 MiB/s over 16 MiB/s: never converges on its own.
+    let args = ["demo", "--guest", "synthetic", "--ram-size", "64M", "--dirty-rate", "256", "--max-bandwidth", "16M"];
+    let t0 = std::time::Instant::now();
+    let out = qmig(&[&args[..], &["--timeout", "2", "--timeout-action", "switchover"]].concat());
+    let s = one_json_line(&out);
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["timeout"], serde_json::json!({"secs": 2.0, "action": "switchover", "fired": true}), "{s}");
+    assert!(s["total-time"].as_u64().unwrap_or(0) >= 2000, "{s}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+    let out = qmig(&[&args[..], &["--timeout", "2"]].concat());
+    assert_one_line_error(&out, &["--timeout 2", "cancel", "migration cancelled"]);
+    // A migration that ends first: the deadline is reported, not fired.
+    let out = qmig(&["demo", "--guest", "synthetic", "--ram-size", "32M", "--dirty-rate", "0", "--timeout", "60"]);
+    let s = one_json_line(&out);
+    assert_eq!(s["timeout"]["fired"], false, "{s}");
+}
+
+#[test]
+fn log_writes_the_engines_tracing_to_stderr_only() {
+    let dir = TestDir::new("cli-log");
+    let ram = dir.path().join("mem.ram");
+    std::fs::write(&ram, vec![3u8; 1 << 20]).expect("ram");
+    let stream = dir.path().join("s.mig");
+    let out = qmig(&[
+        "send",
+        "--log",
+        "debug",
+        "--ram",
+        &format!("mem={}", ram.display()),
+        "--to",
+        &format!("file:{}", stream.display()),
+    ]);
+    one_json_line(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("switchover") && err.contains("migration completed"), "{err}");
+    assert!(err.contains("setup done"), "debug events too: {err}");
 }
