@@ -571,12 +571,8 @@ impl RamImage {
                 // SAFETY: fallocate on a descriptor we own, within the file's length; it
                 // only frees blocks (the mapping then reads zeros there).
                 unsafe {
-                    libc::fallocate(
-                        self.file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        s,
-                        l,
-                    ) == 0
+                    libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, s, l)
+                        == 0
                 }
             }
             _ => false,

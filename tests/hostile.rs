@@ -292,10 +292,7 @@ fn discard_outside_postcopy_or_unbounded_is_refused() {
         match (r, ok) {
             (Ok(()), true) => assert_eq!(sink.0, 12 * 0x1000),
             (Err(e), false) => {
-                assert!(
-                    matches!(e.kind, ErrorKind::DiscardOutsidePostcopy | ErrorKind::Limit(_)),
-                    "{cmds:?}: {e}"
-                );
+                assert!(matches!(e.kind, ErrorKind::DiscardOutsidePostcopy | ErrorKind::Limit(_)), "{cmds:?}: {e}");
                 assert_eq!(sink.0, 0, "{cmds:?}: a range reached the sink");
             }
             (r, _) => panic!("{cmds:?}: {r:?}"),
