@@ -90,8 +90,8 @@ fn truncated_stream_is_one_line_with_offset() {
 struct Blob(Vec<u8>);
 
 impl engine::vm::RawDevice for Blob {
-    fn idstr(&self) -> String {
-        "0000:00:1f.0/acpi-raw".into()
+    fn idstr(&self) -> &str {
+        "0000:00:1f.0/acpi-raw"
     }
     fn version(&self) -> u32 {
         3

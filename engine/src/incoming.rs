@@ -367,10 +367,10 @@ impl Incoming {
             d.register((*dev.vmsd()).clone());
         }
         for dev in &vm.raw_devices {
-            d.register_raw(&dev.idstr(), dev.instance_id());
+            d.register_raw(dev.idstr(), dev.instance_id());
         }
         for dev in &vm.live_devices {
-            d.register_raw(&dev.idstr(), dev.instance_id());
+            d.register_raw(dev.idstr(), dev.instance_id());
         }
         let mut report = IncomingReport::default();
         let (mut section, mut eof) = (None, false);

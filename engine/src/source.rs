@@ -242,10 +242,10 @@ struct Fixed {
 }
 
 /// Refuse two devices with the same idstr and instance among `ids`.
-fn check_unique(ids: impl Iterator<Item = (String, u32)>, what: &str) -> Result<(), EngineError> {
+fn check_unique<'a>(ids: impl Iterator<Item = (&'a str, u32)>, what: &str) -> Result<(), EngineError> {
     let mut seen = HashSet::new();
     for (idstr, inst) in ids {
-        if !seen.insert((idstr.clone(), inst)) {
+        if !seen.insert((idstr, inst)) {
             return Err(EngineError::Setup(format!("two {what} devices are '{idstr}' instance {inst}")));
         }
     }
@@ -751,7 +751,8 @@ impl Outgoing {
         write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?;
         // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
-            let (id, idstr, inst) = (live_base + k as u32, d.idstr(), d.instance_id());
+            // The device is borrowed mutably to save: its name is copied out first.
+            let (id, idstr, inst) = (live_base + k as u32, d.idstr().to_owned(), d.instance_id());
             w.section_start(id, &idstr, inst, d.version())?;
             undo.live_setup += 1;
             save_body(&mut w, &idstr, inst, |out| d.save_setup(out))?;
@@ -857,7 +858,8 @@ impl Outgoing {
                         }
                         let id = live_base + k as u32;
                         run.w.section_part(id)?;
-                        dev_sent += save_body(&mut run.w, &d.idstr(), d.instance_id(), |out| d.save_iterate(out))?;
+                        let (idstr, inst) = (d.idstr().to_owned(), d.instance_id());
+                        dev_sent += save_body(&mut run.w, &idstr, inst, |out| d.save_iterate(out))?;
                         run.w.footer(id)?;
                     }
                     if dev_total > 0 {
@@ -904,19 +906,20 @@ impl Outgoing {
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
             let id = live_base + k as u32;
             w.section_end(id)?;
-            save_body(w, &d.idstr(), d.instance_id(), |out| d.save_complete(out))?;
+            let (idstr, inst) = (d.idstr().to_owned(), d.instance_id());
+            save_body(w, &idstr, inst, |out| d.save_complete(out))?;
             w.footer(id)?;
         }
         let timer = savevm_format::builtin::timer();
         w.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0))?;
         for (k, d) in vm.devices.iter_mut().enumerate() {
-            let state = d.save().map_err(|e| device_error(&d.idstr(), d.instance_id(), e))?;
+            let state = d.save().map_err(|e| device_error(d.idstr(), d.instance_id(), e))?;
             let vmsd = d.vmsd();
-            w.device(FIRST_DEVICE_ID + k as u32, &d.idstr(), d.instance_id(), &vmsd, &state)?;
+            w.device(FIRST_DEVICE_ID + k as u32, d.idstr(), d.instance_id(), &vmsd, &state)?;
         }
         // Hand-written devices: the body is theirs; the vmdesc records its size (QEMU's old style).
         for (k, d) in vm.raw_devices.iter_mut().enumerate() {
-            let (id, idstr, inst) = (raw_base + k as u32, d.idstr(), d.instance_id());
+            let (id, idstr, inst) = (raw_base + k as u32, d.idstr().to_owned(), d.instance_id());
             w.section_full(id, &idstr, inst, d.version())?;
             let size = save_body(w, &idstr, inst, |out| d.save_state(out))?;
             w.footer(id)?;

@@ -176,7 +176,7 @@ pub trait VcpuControl: Send {
 /// A device whose state is described by a vmstate description.
 pub trait DeviceHandler: Send {
     /// Section idstr (e.g. `serial`, `0000:00:02.0/virtio-net`).
-    fn idstr(&self) -> String;
+    fn idstr(&self) -> &str;
     /// Instance id (0 unless several instances share the idstr).
     fn instance_id(&self) -> u32 {
         0
@@ -198,7 +198,7 @@ pub trait DeviceHandler: Send {
 /// the bytes [`save_state`](Self::save_state) writes.
 pub trait RawDevice: Send {
     /// Section idstr.
-    fn idstr(&self) -> String;
+    fn idstr(&self) -> &str;
     /// Instance id (0 unless several instances share the idstr).
     fn instance_id(&self) -> u32 {
         0
@@ -221,7 +221,7 @@ pub trait RawDevice: Send {
 /// has pending bytes, an END at switchover. Each body is the device's own bytes.
 pub trait LiveDevice: Send {
     /// Section idstr.
-    fn idstr(&self) -> String;
+    fn idstr(&self) -> &str;
     /// Instance id (0 unless several instances share the idstr).
     fn instance_id(&self) -> u32 {
         0

@@ -95,8 +95,8 @@ impl Blob {
 }
 
 impl RawDevice for Blob {
-    fn idstr(&self) -> String {
-        self.idstr.into()
+    fn idstr(&self) -> &str {
+        self.idstr
     }
     fn instance_id(&self) -> u32 {
         self.instance
@@ -271,8 +271,8 @@ impl LogSource {
 }
 
 impl LiveDevice for LogSource {
-    fn idstr(&self) -> String {
-        "0000:00:03.0/dirty-log".into()
+    fn idstr(&self) -> &str {
+        "0000:00:03.0/dirty-log"
     }
     fn version(&self) -> u32 {
         2
@@ -317,8 +317,8 @@ fn be32(input: &mut dyn Read) -> Result<u32, String> {
 }
 
 impl LiveDevice for LogDest {
-    fn idstr(&self) -> String {
-        "0000:00:03.0/dirty-log".into()
+    fn idstr(&self) -> &str {
+        "0000:00:03.0/dirty-log"
     }
     fn version(&self) -> u32 {
         2

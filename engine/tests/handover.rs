@@ -57,8 +57,8 @@ struct Serial {
 }
 
 impl DeviceHandler for Serial {
-    fn idstr(&self) -> String {
-        "serial".into()
+    fn idstr(&self) -> &str {
+        "serial"
     }
     fn vmsd(&self) -> Arc<Vmsd> {
         serial_vmsd()

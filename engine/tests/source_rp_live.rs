@@ -71,8 +71,8 @@ struct Dev {
 }
 
 impl RawDevice for Dev {
-    fn idstr(&self) -> String {
-        "testdev".into()
+    fn idstr(&self) -> &str {
+        "testdev"
     }
     fn version(&self) -> u32 {
         1

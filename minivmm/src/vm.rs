@@ -389,8 +389,8 @@ impl CpuDevice {
 }
 
 impl DeviceHandler for CpuDevice {
-    fn idstr(&self) -> String {
-        cpu::IDSTR.into()
+    fn idstr(&self) -> &str {
+        cpu::IDSTR
     }
     fn instance_id(&self) -> u32 {
         self.vcpu.index as u32
