@@ -1195,7 +1195,7 @@ mod page_slot_tests {
                 slot.fill(7);
             }
             assert!(mem[8..8 + len].iter().all(|&b| b == 7), "{len}: filled");
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let data: Vec<u8> = (0..len).map(|i| u8::try_from(i * 7 % 251).unwrap_or(0)).collect();
             {
                 let mut slot = PageSlot::Guest(VolatileSlice::from(&mut mem[8..8 + len]));
                 slot.copy_from(&data);
