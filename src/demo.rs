@@ -123,10 +123,10 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let mut vcpus = guest.vcpus();
     let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
     drop(progress);
-    let timeout = deadline_json(deadline);
+    let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
         Ok(i) => i,
-        Err(e) => return Err(timeout_error(Error::outgoing(e), timeout.as_ref())),
+        Err(e) => return Err(qmig::watch::timeout_error(Error::outgoing(e), timeout.as_ref())),
     };
     let dest_report = finish_dest(&mut dest)?;
 
@@ -259,26 +259,4 @@ fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
         }
     }
     Ok((differing == 0, differing))
-}
-
-/// Disarm a deadline and say what it did (`{"secs", "action", "fired"}`).
-pub(crate) fn deadline_json(d: Option<qmig::watch::Deadline>) -> Option<serde_json::Value> {
-    d.map(|d| {
-        let v = d.to_json();
-        d.finish();
-        v
-    })
-}
-
-/// A failure after the deadline fired says so.
-pub(crate) fn timeout_error(e: Error, timeout: Option<&serde_json::Value>) -> Error {
-    match timeout {
-        Some(t) if t["fired"] == true => Error::Usage(format!(
-            "--timeout {} s reached ({}): {}",
-            t["secs"],
-            t["action"].as_str().unwrap_or(""),
-            e.report()
-        )),
-        _ => e,
-    }
 }

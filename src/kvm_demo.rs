@@ -5,7 +5,7 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, deadline_json, spawn_listening, timeout_error, wait_report, work_dir};
+use crate::demo::{connect_retry, spawn_listening, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -93,13 +93,13 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let res = minivmm::migrate::migrate_out(&vm, &out, ch);
     drop(progress);
-    let timeout = deadline_json(deadline);
+    let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
         Ok(i) => i,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(timeout_error(Error::outgoing(e), timeout.as_ref()));
+            return Err(qmig::watch::timeout_error(Error::outgoing(e), timeout.as_ref()));
         }
     };
 

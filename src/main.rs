@@ -186,10 +186,16 @@ impl GuestArgs {
 
 /// Print the final statistics line, and write it to `path` too when given.
 fn write_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -> qmig::Result<()> {
+    save_stats(path, stats)?;
+    print_line(stats);
+    Ok(())
+}
+
+/// Write the statistics line to `path` when given (`--stats-json`).
+fn save_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -> qmig::Result<()> {
     if let Some(p) = path {
         std::fs::write(p, format!("{stats}\n")).map_err(|e| qmig::Error::file(p, e))?;
     }
-    print_line(stats);
     Ok(())
 }
 
@@ -344,9 +350,7 @@ fn write_demo_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -
     if !stdout_is_terminal() {
         return write_stats(path, stats);
     }
-    if let Some(p) = path {
-        std::fs::write(p, format!("{stats}\n")).map_err(|e| qmig::Error::file(p, e))?;
-    }
+    save_stats(path, stats)?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", human_line(stats));
     Ok(())

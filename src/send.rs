@@ -132,21 +132,9 @@ pub fn send_watched(
         r
     });
     drop(progress);
-    let timeout = deadline.map(|d| {
-        let v = d.to_json();
-        d.finish();
-        v
-    });
+    let timeout = deadline.map(crate::watch::Deadline::finish_json);
     match result {
         Ok(info) => Ok((info, timeout)),
-        Err(e) => match timeout {
-            Some(t) if t["fired"] == true => Err(Error::Usage(format!(
-                "--timeout {} s reached ({}): {}",
-                t["secs"],
-                t["action"].as_str().unwrap_or(""),
-                Error::outgoing(e).report()
-            ))),
-            _ => Err(Error::outgoing(e)),
-        },
+        Err(e) => Err(crate::watch::timeout_error(Error::outgoing(e), timeout.as_ref())),
     }
 }

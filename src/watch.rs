@@ -46,7 +46,7 @@ pub struct Timeout {
     pub action: TimeoutAction,
 }
 
-/// A running deadline; dropping it (or [`Deadline::finish`]) disarms it.
+/// A running deadline; dropping it (or [`Deadline::finish_json`]) disarms it.
 pub struct Deadline {
     timeout: Timeout,
     stop: crossbeam_channel::Sender<()>,
@@ -86,10 +86,10 @@ impl Deadline {
         })
     }
 
-    /// Disarm and wait for the thread; returns whether it fired.
-    pub fn finish(mut self) -> bool {
+    /// Disarm, then say what it did (`{"secs", "action", "fired"}`).
+    pub fn finish_json(mut self) -> serde_json::Value {
         self.disarm();
-        self.fired()
+        self.to_json()
     }
 
     fn disarm(&mut self) {
@@ -103,6 +103,20 @@ impl Deadline {
 impl Drop for Deadline {
     fn drop(&mut self) {
         self.disarm();
+    }
+}
+
+/// A migration's failure after its deadline fired says so (`--timeout N s reached
+/// (action): cause`); any other failure is returned as it is.
+pub fn timeout_error(e: crate::Error, timeout: Option<&serde_json::Value>) -> crate::Error {
+    match timeout {
+        Some(t) if t["fired"] == true => crate::Error::Usage(format!(
+            "--timeout {} s reached ({}): {}",
+            t["secs"],
+            t["action"].as_str().unwrap_or(""),
+            e.report()
+        )),
+        _ => e,
     }
 }
 

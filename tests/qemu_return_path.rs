@@ -27,7 +27,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_ram, qemu_or_skip, TestDir};
+use common::{assert_same_ram, qemu_or_skip, qmig_exe, utf8, TestDir};
 use serde_json::Value;
 use testkit::pattern::{self, Pattern, PAGE_SIZE};
 use testkit::qemu::{QemuConfig, QemuProcess};
@@ -38,14 +38,6 @@ const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;
 const GUEST: Pattern = Pattern::Mixed { every: 4 };
 const LIMIT: Duration = Duration::from_secs(20);
 const QUIT_LIMIT: Duration = Duration::from_secs(5);
-
-fn qmig_exe() -> &'static str {
-    env!("CARGO_BIN_EXE_qmig")
-}
-
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
 
 /// A `qmig recv` in the background, stdout read line by line; killed on drop.
 struct Recv {

@@ -30,7 +30,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_ram, qemu_or_skip, run_qmig, shell_quote, Run, TestDir};
+use common::{assert_same_ram, qemu_or_skip, qmig_exe, run_qmig, shell_quote, utf8, Run, TestDir};
 use serde_json::{json, Value};
 use testkit::pattern::{self, Pattern, PAGE_SIZE};
 use testkit::qemu::{expect_completed, QemuConfig, QemuError, QemuProcess};
@@ -44,14 +44,6 @@ const QMIG_LIMIT: Duration = Duration::from_secs(20);
 const QUIT_LIMIT: Duration = Duration::from_secs(5);
 /// How long `qmig send` keeps retrying while the destination QEMU is not listening yet.
 const CONNECT_RETRY: Duration = Duration::from_secs(5);
-
-fn qmig_exe() -> &'static str {
-    env!("CARGO_BIN_EXE_qmig")
-}
-
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
 
 /// Writes the source guest's RAM file and returns its content.
 fn write_source_ram(path: &Path, seed: u64) -> Vec<u8> {

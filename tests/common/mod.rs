@@ -152,3 +152,13 @@ pub fn assert_same_ram(what: &str, actual: &[u8], expected: &[u8]) {
         if act_zero { "an all-zero" } else { "a non-zero" },
     );
 }
+
+/// The `qmig` binary under test.
+pub fn qmig_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_qmig")
+}
+
+/// A test path as the `&str` a command line takes (test paths are UTF-8).
+pub fn utf8(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
