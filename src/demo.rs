@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use testkit::pattern::{self, Pattern};
 use testkit::qemu::{QemuConfig, QemuProcess};
 use testkit::synthetic::SyntheticGuest;
-use transports::{connect, MigrationUri};
+use transports::{connect_with, ChannelOptions, MigrationUri};
 
 /// Where the demo migrates to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// The channel's io timeout (`--io-timeout`), on both ends.
+    pub channel: transports::ChannelOptions,
 }
 
 /// Work files, removed on drop.
@@ -106,7 +108,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
-        Destination::Qmig => start_qmig_recv(&dst_ram, &uri)?,
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, &opts.channel)?,
         Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
     };
 
@@ -117,7 +119,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
-    let ch = connect_retry(&uri, out.cancel())?;
+    let ch = connect_retry(&uri, out.cancel(), &opts.channel)?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
@@ -146,10 +148,11 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+fn start_qmig_recv(dst: &Path, uri: &MigrationUri, channel: &ChannelOptions) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
+    cmd.args(["--io-timeout", &io_timeout_arg(channel)]);
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }
@@ -213,10 +216,19 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     Ok((Dest::Qemu(Box::new(q)), uri))
 }
 
-pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
+/// `--io-timeout`'s value for a destination process with these options (0: none).
+pub(crate) fn io_timeout_arg(channel: &ChannelOptions) -> String {
+    channel.io_timeout.map_or(0.0, |t| t.as_secs_f64()).to_string()
+}
+
+pub(crate) fn connect_retry(
+    uri: &MigrationUri,
+    cancel: &transports::CancelToken,
+    channel: &ChannelOptions,
+) -> Result<transports::Channel> {
     let t0 = Instant::now();
     loop {
-        match connect(uri, cancel) {
+        match connect_with(uri, cancel, channel) {
             Ok(c) => return Ok(c),
             Err(e) if t0.elapsed() < Duration::from_secs(5) && !e.is_cancelled() => {
                 let _ = e;

@@ -5,7 +5,7 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, spawn_listening, wait_report, work_dir};
+use crate::demo::{connect_retry, io_timeout_arg, spawn_listening, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -46,6 +46,8 @@ pub struct KvmDemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// The channel's io timeout (`--io-timeout`), on both ends.
+    pub channel: transports::ChannelOptions,
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -81,7 +83,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, out.cancel()) {
+    let ch = match connect_retry(&uri, out.cancel(), &opts.channel) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -179,7 +181,8 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
-        .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+        .args(["--run-on", &opts.run_on.as_millis().to_string()])
+        .args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
     spawn_listening(cmd, "qmig kvm-dest")
 }
 
@@ -195,11 +198,12 @@ pub fn dest(
     uri: &MigrationUri,
     run_on: Duration,
     cancel: &CancelToken,
+    channel: &transports::ChannelOptions,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
     let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
-    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
+    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
     on_listening(listener.local_uri());
     let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();

@@ -70,6 +70,9 @@ enum Cmd {
         /// No return path: complete once EOF is written, whatever the destination makes of it.
         #[arg(long = "no-return-path")]
         no_return_path: bool,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
@@ -127,6 +130,9 @@ enum Cmd {
         /// Seed of the guest's content and writes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
@@ -146,6 +152,9 @@ enum Cmd {
         /// vCPUs (as the source's).
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
@@ -158,6 +167,9 @@ enum Cmd {
         /// Source: tcp:HOST:PORT (port 0 picks one), unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
         #[arg(long = "from", value_name = "URI")]
         from: String,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does. On tcp: and unix:, a connection that sends nothing within it (or starts with anything but QEMU's magic) is dropped with a line on stderr and recv waits for another.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
@@ -273,6 +285,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    channel: transports::ChannelOptions,
     cancel: &'a transports::CancelToken,
 }
 
@@ -292,6 +305,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        channel: a.channel,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -311,10 +325,11 @@ fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
     run_on: u64,
+    channel: &transports::ChannelOptions,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, channel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -322,7 +337,13 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(
+    _: &MigrationUri,
+    _: (u64, u32, usize),
+    _: u64,
+    _: &transports::ChannelOptions,
+    _: &transports::CancelToken,
+) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -330,6 +351,14 @@ fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::Canc
 fn stdout_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal()
+}
+
+/// `--io-timeout SECS`, checked (0: none).
+fn channel_options(secs: f64) -> qmig::Result<transports::ChannelOptions> {
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(qmig::Error::Usage(format!("--io-timeout {secs}: expected seconds, 0 or more")));
+    }
+    Ok(transports::ChannelOptions::with_io_timeout(Some(std::time::Duration::from_secs_f64(secs))))
 }
 
 /// `--timeout SECS --timeout-action ACTION`, checked.
@@ -404,7 +433,17 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            io_timeout,
+            stats_json,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
@@ -420,6 +459,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                channel: channel_options(io_timeout)?,
             };
             let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
             let mut stats = qmig::send::stats_json(&info);
@@ -446,8 +486,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             no_return_path,
             dest,
             seed,
+            io_timeout,
             stats_json,
         } => {
+            let channel = channel_options(io_timeout)?;
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
@@ -476,6 +518,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    channel,
                     cancel,
                 });
             }
@@ -491,6 +534,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
+                channel,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -501,10 +545,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, io_timeout } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, &channel_options(io_timeout)?, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, io_timeout, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -512,7 +556,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let channel = channel_options(io_timeout)?;
+            let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, stdout_is_terminal(), &channel)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

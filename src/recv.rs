@@ -12,8 +12,8 @@ use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
+use std::time::{Duration, Instant};
+use transports::{CancelToken, Channel, ChannelOptions, Listener, MigrationReader, MigrationUri, RateLimit};
 
 /// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
 /// channels connect there (the main one first). A connection that starts with the
@@ -88,13 +88,87 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
+    recv_opts(ram, uri, cancel, on_listening, progress, &ChannelOptions::default())
+}
+
+/// QEMU's stream magic, `QEVM`: what a source sends first.
+const STREAM_MAGIC: [u8; 4] = *b"QEVM";
+
+/// Look at what a new connection sends first, without consuming it: Ok when it
+/// starts with the stream magic; else why it is not a source (it closed, it sent
+/// other bytes: refused as soon as they differ, or it sent too little within the
+/// io timeout).
+fn screen(ch: &Channel, io_timeout: Option<Duration>) -> std::result::Result<(), String> {
+    // Without an io timeout, wait as long as it takes (a day is for ever here).
+    let limit = io_timeout.unwrap_or(Duration::from_secs(86400));
+    let deadline = Instant::now() + limit;
+    let mut head = [0u8; 4];
+    loop {
+        let n = match ch.peek(&mut head, deadline) {
+            Ok(n) => n,
+            Err(e) if transports::is_no_progress(&e) => {
+                return Err(format!("it sent nothing within {} s (io-timeout)", limit.as_secs_f64()))
+            }
+            Err(e) => return Err(format!("reading it failed: {e}")),
+        };
+        if n == 0 {
+            return Err("it closed without sending anything".into());
+        }
+        if head[..n] != STREAM_MAGIC[..n] {
+            let hex: String = head[..n].iter().map(|b| format!("{b:02x}")).collect();
+            return Err(format!("it is not a migration stream (it starts with {hex}, QEMU's magic is 5145564d)"));
+        }
+        if n == head.len() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("it sent only {n} bytes of the magic within {} s (io-timeout)", limit.as_secs_f64()));
+        }
+        // Part of the magic came: look again shortly for the rest.
+        ch.sleep_until((Instant::now() + Duration::from_millis(5)).min(deadline)).map_err(|e| e.to_string())?;
+    }
+}
+
+/// Accept on a tcp:/unix: listener until a connection starts with the stream
+/// magic; every other one is closed with a line on stderr, and the wait goes on.
+fn accept_source(listener: &Listener) -> Result<Channel> {
+    loop {
+        let ch = listener.accept_another().map_err(Error::transport)?;
+        match screen(&ch, ch.io_timeout()) {
+            Ok(()) => return Ok(ch),
+            Err(why) => {
+                let line = format!("dropped the connection from {}: {why}; waiting for the source", ch.peer());
+                eprintln!("qmig: recv: {}", engine::error::escape_controls(&line));
+                if ch.cancel_token().is_cancelled() {
+                    return Err(Error::transport(transports::TransportError::Accept {
+                        uri: listener.local_uri().to_string(),
+                        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, transports::Cancelled),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// [`recv_with`] with these channel options (`--io-timeout`). On tcp: and unix:,
+/// recv takes the first connection that starts with QEMU's stream magic: one
+/// that sends other bytes is refused at once, one that sends nothing within the
+/// io timeout is dropped, each with a line on stderr, and recv waits for another.
+pub fn recv_opts(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    channel: &ChannelOptions,
+) -> Result<Received> {
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
-    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
+    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?.with_options(*channel);
     on_listening(listener.local_uri());
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
-        let ch = listener.accept_another().map_err(Error::transport)?;
+        let ch = accept_source(&listener)?;
         let main = ch.return_path().ok();
         (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
     } else {

@@ -2,7 +2,7 @@
 //! child, inherited fd, or file), with I/O that never blocks past a cancel.
 
 use crate::cancel::{CancelToken, Wake};
-use crate::error::TransportError;
+use crate::error::{NoProgress, TransportError};
 use crate::uri::MigrationUri;
 use nix::poll::PollFlags;
 use nix::sys::signal::{killpg, Signal};
@@ -185,6 +185,62 @@ fn last_line(stderr: &[u8]) -> String {
     text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
+/// The io timeout of [`ChannelOptions::default`]: 30 s without a byte moving on a
+/// socket fails the read or write (QEMU 7.2 has none, and waits as long as TCP retries).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a socket channel guards against a dead peer or link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Longest time one read or write on a socket (tcp:, unix:, an fd: socket)
+    /// may wait without a byte moving before it fails with [`NoProgress`]
+    /// (`None`: wait for ever, as QEMU does). On tcp it also sets `TCP_USER_TIMEOUT`
+    /// (unacknowledged data older than this resets the connection) and TCP
+    /// keepalive (first probe after a third of it, three probes a third apart), so
+    /// an idle connection whose peer vanished is noticed too. Pipes, `exec:` and
+    /// `file:` channels are not affected. Default [`DEFAULT_IO_TIMEOUT`].
+    pub io_timeout: Option<Duration>,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions { io_timeout: Some(DEFAULT_IO_TIMEOUT) }
+    }
+}
+
+impl ChannelOptions {
+    /// Options with this io timeout (`None` or zero: none).
+    pub fn with_io_timeout(io_timeout: Option<Duration>) -> Self {
+        ChannelOptions { io_timeout: io_timeout.filter(|t| !t.is_zero()) }
+    }
+}
+
+/// Turn on TCP keepalive and `TCP_USER_TIMEOUT` for `timeout` on a tcp socket
+/// (other sockets: nothing). Best effort: a refused option is ignored.
+fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) {
+    use nix::sys::socket::{getsockname, setsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
+    let is_inet = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .is_ok_and(|a| matches!(a.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)));
+    if !is_inet {
+        return;
+    }
+    match timeout {
+        Some(t) => {
+            let ms = u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1);
+            let third = u32::try_from(t.as_secs() / 3).unwrap_or(u32::MAX).max(1);
+            let _ = setsockopt(fd, sockopt::KeepAlive, &true);
+            let _ = setsockopt(fd, sockopt::TcpKeepIdle, &third);
+            let _ = setsockopt(fd, sockopt::TcpKeepInterval, &third);
+            let _ = setsockopt(fd, sockopt::TcpKeepCount, &3);
+            let _ = setsockopt(fd, sockopt::TcpUserTimeout, &ms);
+        }
+        None => {
+            let _ = setsockopt(fd, sockopt::KeepAlive, &false);
+            let _ = setsockopt(fd, sockopt::TcpUserTimeout, &0);
+        }
+    }
+}
+
 /// A connected migration channel.
 pub struct Channel {
     read: Option<OwnedFd>,
@@ -197,6 +253,8 @@ pub struct Channel {
     _shutdown: Option<Arc<OwnedFd>>,
     /// File status flags to put back on drop (inherited `fd:N` only).
     restore_flags: Option<nix::fcntl::OFlag>,
+    /// Longest wait without progress in one read or write (sockets only).
+    io_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -273,6 +331,7 @@ impl Channel {
             peer,
             _shutdown: Some(shutdown),
             restore_flags: None,
+            io_timeout: None,
         })
     }
 
@@ -301,12 +360,69 @@ impl Channel {
             Direction::Incoming => (Some(fd), None),
             Direction::Outgoing => (None, Some(fd)),
         };
-        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer, _shutdown: None, restore_flags: None })
+        Ok(Channel {
+            read,
+            write,
+            exec,
+            cancel: cancel.clone(),
+            peer,
+            _shutdown: None,
+            restore_flags: None,
+            io_timeout: None,
+        })
     }
 
     /// What this channel is connected to (for messages).
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Apply `opts` (the io timeout; on tcp also keepalive and `TCP_USER_TIMEOUT`).
+    /// Only socket channels take an io timeout; on others this does nothing.
+    pub fn set_options(&mut self, opts: &ChannelOptions) {
+        if let Some(fd) = self._shutdown.as_deref() {
+            tcp_liveness(fd, opts.io_timeout);
+            self.io_timeout = opts.io_timeout;
+        }
+    }
+
+    /// The io timeout in force (`None` for none; always `None` off sockets).
+    pub fn io_timeout(&self) -> Option<Duration> {
+        self.io_timeout
+    }
+
+    /// Wait until the socket has data (or the peer closed) and copy what is there,
+    /// up to `buf.len()` bytes, into `buf` without consuming it (`MSG_PEEK`), for a
+    /// listener to look at what a new connection sends first. Ok(0): the peer closed
+    /// with nothing sent. A [`NoProgress`] error (kind `TimedOut`) when nothing came
+    /// by `deadline`. Sockets only.
+    pub fn peek(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = self
+            .read
+            .as_ref()
+            .filter(|_| self._shutdown.is_some())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "only socket channels can be peeked"))?;
+        let start = Instant::now();
+        loop {
+            self.cancel.check()?;
+            match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_PEEK) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, Some(deadline))? == Wake::Timeout {
+                        let timeout = deadline.saturating_duration_since(start);
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, NoProgress { what: "read", timeout }));
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
+    /// Sleep until `deadline` unless this channel is cancelled first.
+    pub fn sleep_until(&self, deadline: Instant) -> io::Result<()> {
+        self.cancel.sleep_until(deadline)
     }
 
     /// The token that cancels this channel's I/O.
@@ -329,12 +445,23 @@ impl Channel {
                     };
                 }
                 Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EAGAIN) => {
-                    self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, None)?;
-                }
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLIN, "read")?,
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(self.io_error(e.into())),
             }
+        }
+    }
+
+    /// Wait until `fd` is ready for `events`; with an io timeout, a
+    /// [`NoProgress`] error (kind `TimedOut`) when nothing moved for that long.
+    fn wait_progress(&self, fd: &OwnedFd, events: PollFlags, what: &'static str) -> io::Result<()> {
+        let deadline = self.io_timeout.map(|t| Instant::now() + t);
+        match self.cancel.wait(fd.as_fd(), events, deadline)? {
+            Wake::Ready => Ok(()),
+            Wake::Timeout => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                NoProgress { what, timeout: self.io_timeout.unwrap_or_default() },
+            )),
         }
     }
 
@@ -346,11 +473,7 @@ impl Channel {
             self.cancel.check()?;
             match nix::sys::uio::writev(fd.as_fd(), iov) {
                 Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EAGAIN) => {
-                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
-                        continue;
-                    }
-                }
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLOUT, "write")?,
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(self.io_error(e.into())),
             }
@@ -375,11 +498,7 @@ impl Channel {
                 return Ok(n);
             }
             match nix::errno::Errno::last() {
-                nix::errno::Errno::EAGAIN => {
-                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
-                        continue;
-                    }
-                }
+                nix::errno::Errno::EAGAIN => self.wait_progress(fd, PollFlags::POLLOUT, "write")?,
                 nix::errno::Errno::EINTR => {}
                 e => return Err(self.io_error(e.into())),
             }
@@ -561,8 +680,24 @@ impl io::Write for ReturnPath {
     }
 }
 
-/// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd).
+/// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd)
+/// with the default [`ChannelOptions`] (a 30 s io timeout on sockets).
 pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
+    connect_with(uri, cancel, &ChannelOptions::default())
+}
+
+/// [`connect`] with these options.
+pub fn connect_with(
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    opts: &ChannelOptions,
+) -> Result<Channel, TransportError> {
+    let mut ch = connect_raw(uri, cancel)?;
+    ch.set_options(opts);
+    Ok(ch)
+}
+
+fn connect_raw(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
     let at = |source| TransportError::Connect { uri: uri.to_string(), source };
     if cancel.is_cancelled() {
         return Err(at(crate::cancel::cancelled()));
@@ -635,6 +770,7 @@ pub struct Listener {
     uri: MigrationUri,
     kind: ListenKind,
     cancel: CancelToken,
+    opts: ChannelOptions,
 }
 
 enum ListenKind {
@@ -668,7 +804,18 @@ impl Listener {
             }
             _ => (ListenKind::Other, uri.clone()),
         };
-        Ok(Listener { uri, kind, cancel: cancel.clone() })
+        Ok(Listener { uri, kind, cancel: cancel.clone(), opts: ChannelOptions::default() })
+    }
+
+    /// Give accepted channels these options instead of the default ones.
+    pub fn with_options(mut self, opts: ChannelOptions) -> Listener {
+        self.opts = opts;
+        self
+    }
+
+    /// The options accepted channels get.
+    pub fn options(&self) -> &ChannelOptions {
+        &self.opts
     }
 
     /// The URI a source should use (with the port the system picked for `tcp:…:0`).
@@ -694,6 +841,12 @@ impl Listener {
     }
 
     fn accept_ref(&self) -> Result<Channel, TransportError> {
+        let mut ch = self.accept_raw()?;
+        ch.set_options(&self.opts);
+        Ok(ch)
+    }
+
+    fn accept_raw(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
         if self.cancel.is_cancelled() {

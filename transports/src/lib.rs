@@ -34,8 +34,10 @@ mod stream;
 mod uri;
 
 pub use cancel::{is_cancelled, CancelToken, Cancelled};
-pub use channel::{connect, Channel, Direction, Listener, ReturnPath};
-pub use error::TransportError;
+pub use channel::{
+    connect, connect_with, Channel, ChannelOptions, Direction, Listener, ReturnPath, DEFAULT_IO_TIMEOUT,
+};
+pub use error::{is_no_progress, NoProgress, TransportError};
 pub use ratelimit::{RateLimit, WINDOW};
 pub use stream::{MigrationReader, MigrationWriter};
 pub use uri::{MigrationUri, UriError};
