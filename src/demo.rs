@@ -53,6 +53,9 @@ pub struct DemoOptions {
     pub timeout: Option<qmig::watch::Timeout>,
     /// The channel's io timeout (`--io-timeout`), on both ends.
     pub channel: transports::ChannelOptions,
+    /// Where the source connects, when not to the URI the destination listens on
+    /// (`--connect`: a proxy or tunnel in between).
+    pub connect: Option<String>,
 }
 
 /// Work files, removed on drop.
@@ -119,7 +122,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
-    let ch = connect_retry(&uri, out.cancel(), &opts.channel)?;
+    let ch = connect_retry(&connect_uri(opts.connect.as_deref(), &uri)?, out.cancel(), &opts.channel)?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
@@ -214,6 +217,14 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
+}
+
+/// The URI the source connects to: `connect` when given, else where the destination listens.
+pub(crate) fn connect_uri(connect: Option<&str>, listening: &MigrationUri) -> Result<MigrationUri> {
+    match connect {
+        Some(c) => c.parse().map_err(|e: transports::UriError| Error::Transport(e.into())),
+        None => Ok(listening.clone()),
+    }
 }
 
 /// `--io-timeout`'s value for a destination process with these options (0: none).

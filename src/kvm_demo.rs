@@ -5,7 +5,7 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, io_timeout_arg, spawn_listening, wait_report, work_dir};
+use crate::demo::{connect_retry, connect_uri, io_timeout_arg, spawn_listening, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -48,6 +48,9 @@ pub struct KvmDemoOptions {
     pub timeout: Option<qmig::watch::Timeout>,
     /// The channel's io timeout (`--io-timeout`), on both ends.
     pub channel: transports::ChannelOptions,
+    /// Where the source connects, when not to the URI the destination listens on
+    /// (`--connect`: a proxy or tunnel in between).
+    pub connect: Option<String>,
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -83,7 +86,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, out.cancel(), &opts.channel) {
+    let ch = match connect_retry(&connect_uri(opts.connect.as_deref(), &uri)?, out.cancel(), &opts.channel) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();

@@ -106,6 +106,9 @@ enum Cmd {
         /// Transport: unix:PATH or tcp:HOST:PORT (default: a unix socket in a temporary directory).
         #[arg(long)]
         uri: Option<String>,
+        /// Connect the source to this URI instead of --uri (where the destination listens): through a proxy or tunnel.
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
         /// QEMU's `downtime-limit` in ms.
         #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
         downtime_limit: u64,
@@ -286,6 +289,7 @@ struct KvmArgs<'a> {
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
     channel: transports::ChannelOptions,
+    connect: Option<String>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -306,6 +310,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         progress: stdout_is_terminal(),
         timeout: a.timeout,
         channel: a.channel,
+        connect: a.connect,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -487,6 +492,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             io_timeout,
+            connect,
             stats_json,
         } => {
             let channel = channel_options(io_timeout)?;
@@ -519,6 +525,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     stats_json,
                     timeout,
                     channel,
+                    connect,
                     cancel,
                 });
             }
@@ -535,6 +542,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 progress: stdout_is_terminal(),
                 timeout,
                 channel,
+                connect,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
