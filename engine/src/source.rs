@@ -174,6 +174,12 @@ pub trait PageWriter<'g>: Write {
     fn flush_now(&mut self) -> io::Result<()>;
     /// Bytes sent so far (the bandwidth the switchover decision measures).
     fn bytes_sent(&self) -> u64;
+    /// Of those, bytes still queued on their way (a tcp socket's unacknowledged
+    /// bytes): the decision measures bandwidth on what left and counts these as
+    /// pending. 0 by default.
+    fn queued(&self) -> u64 {
+        0
+    }
     /// Flush and close the stream (for `exec:`, check the command's exit status).
     fn close(self) -> Result<(), EngineError>
     where
@@ -189,6 +195,9 @@ impl<'g> PageWriter<'g> for MigrationWriter<'g> {
     }
     fn bytes_sent(&self) -> u64 {
         self.rate_limit().total_bytes()
+    }
+    fn queued(&self) -> u64 {
+        self.queued_bytes()
     }
     fn close(self) -> Result<(), EngineError> {
         Ok(MigrationWriter::close(self)?)
@@ -367,7 +376,9 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
 
 impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
     fn tick(&mut self) -> Tick {
-        Tick { now: self.start.elapsed(), bytes_sent: self.w.get_mut().bytes_sent() }
+        let w = self.w.get_mut();
+        // What reached the peer: bytes still queued in the socket have not left yet.
+        Tick { now: self.start.elapsed(), bytes_sent: w.bytes_sent().saturating_sub(w.queued()) }
     }
 
     /// Publish the core's figures and the page counters for other threads.
@@ -792,7 +803,9 @@ impl Outgoing {
             let params = self.params.get();
             self.rate.set_max_bandwidth(params.max_bandwidth);
             let dev_pending: Vec<u64> = vm.live_devices.iter_mut().map(|d| d.pending()).collect();
-            let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
+            // Bytes still queued in the socket must arrive within the downtime too.
+            let queued = run.w.get_mut().queued();
+            let dev_total = dev_pending.iter().fold(queued, |a, &b| a.saturating_add(b));
             if self.force.load(std::sync::atomic::Ordering::SeqCst) {
                 run.core.force_switchover();
             }

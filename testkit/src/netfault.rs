@@ -248,6 +248,9 @@ impl FaultProxy {
                         };
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
+                        // A small send buffer towards the server: the proxy should hold
+                        // the delay line's bytes, not a bloated socket queue.
+                        let _ = nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::SndBuf, &(256 << 10));
                         conns.extend(pipe_pair(client, server, &faults, &st, &sp));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
@@ -318,8 +321,9 @@ fn pipe(
     stop: Arc<AtomicBool>,
     forward: bool,
 ) -> Vec<JoinHandle<()>> {
-    // At most 1024 chunks of 16 KiB in flight (16 MiB).
-    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(1024);
+    // At most 128 chunks of up to 16 KiB in flight (2 MiB: more than the
+    // bandwidth-delay product of 200 Mbit/s x 60 ms, far less than a bloated buffer).
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(128);
     let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
     let Ok(peer) = from.try_clone() else { return Vec::new() };
     let reader = std::thread::spawn(move || {

@@ -216,13 +216,13 @@ impl ChannelOptions {
 }
 
 /// Turn on TCP keepalive and `TCP_USER_TIMEOUT` for `timeout` on a tcp socket
-/// (other sockets: nothing). Best effort: a refused option is ignored.
-fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) {
+/// (other sockets: nothing). Best effort: a refused option is ignored. True on tcp.
+fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) -> bool {
     use nix::sys::socket::{getsockname, setsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
     let is_inet = getsockname::<SockaddrStorage>(fd.as_raw_fd())
         .is_ok_and(|a| matches!(a.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)));
     if !is_inet {
-        return;
+        return false;
     }
     match timeout {
         Some(t) => {
@@ -239,6 +239,7 @@ fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) {
             let _ = setsockopt(fd, sockopt::TcpUserTimeout, &0);
         }
     }
+    true
 }
 
 /// A connected migration channel.
@@ -255,6 +256,8 @@ pub struct Channel {
     restore_flags: Option<nix::fcntl::OFlag>,
     /// Longest wait without progress in one read or write (sockets only).
     io_timeout: Option<Duration>,
+    /// A tcp socket (its send queue is reported by [`Channel::queued_bytes`]).
+    tcp: bool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -332,6 +335,7 @@ impl Channel {
             _shutdown: Some(shutdown),
             restore_flags: None,
             io_timeout: None,
+            tcp: false,
         })
     }
 
@@ -369,6 +373,7 @@ impl Channel {
             _shutdown: None,
             restore_flags: None,
             io_timeout: None,
+            tcp: false,
         })
     }
 
@@ -381,8 +386,24 @@ impl Channel {
     /// Only socket channels take an io timeout; on others this does nothing.
     pub fn set_options(&mut self, opts: &ChannelOptions) {
         if let Some(fd) = self._shutdown.as_deref() {
-            tcp_liveness(fd, opts.io_timeout);
+            self.tcp = tcp_liveness(fd, opts.io_timeout);
             self.io_timeout = opts.io_timeout;
+        }
+    }
+
+    /// Bytes written to a tcp socket that the peer has not acknowledged yet
+    /// (`SIOCOUTQ`): still on their way, so the switchover counts them as pending
+    /// and the bandwidth is measured on what arrived. 0 for other channels.
+    pub fn queued_bytes(&self) -> u64 {
+        let Some(fd) = self.write.as_ref().filter(|_| self.tcp) else { return 0 };
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer, which
+        // points at `n`; `fd` is an open socket owned by this channel.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+        if r == 0 {
+            u64::try_from(n).unwrap_or(0)
+        } else {
+            0
         }
     }
 
