@@ -460,3 +460,78 @@ fn qemu_both_ways_through_the_delaying_proxy() {
         "QEMU completes too",
     );
 }
+
+/// A QEMU launcher that runs QEMU inside `ns` (a script exec'ing `ip netns exec`).
+fn qemu_in(dir: &TestDir, ns: &NetNs, qemu: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let ip = testkit::netfault::ip_binary().expect("ip");
+    let script = dir.join(&format!("qemu-in-{}", ns.name()));
+    fs::write(&script, format!("#!/bin/sh\nexec {ip} netns exec {} {} \"$@\"\n", ns.name(), qemu.display()))
+        .expect("write launcher");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// QEMU 7.2 -> QEMU 7.2 over the same cut as
+/// [`cut_cable_send_recv_fail_within_io_timeout_then_retry_succeeds`]: how long
+/// until either end notices (QEMU has no io timeout: TCP retransmits for many
+/// minutes), watched for 60 s; then the link comes back. A measurement for the
+/// README (ignored: it takes 70 s or more).
+#[test]
+#[ignore]
+fn qemu_to_qemu_over_a_cut_cable() {
+    const NAME: &str = "qemu_cut";
+    let Some(qemu_bin) = qemu_or_skip(NAME) else { return };
+    let Some(pair) = NetPair::create_or_skip(NAME) else { return };
+    use testkit::qemu::{QemuConfig, QemuProcess};
+    const LEN: u64 = 32 << 20;
+    let dir = TestDir::new(NAME);
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    random_ram(&src, LEN as usize, 0xc07);
+    fs::write(&dst, vec![0u8; LEN as usize]).expect("dst");
+    let mut dest = QemuProcess::start(
+        &QemuConfig::new().ram("mem", &dst, LEN).incoming(true).binary(qemu_in(&dir, pair.b(), &qemu_bin)),
+    )
+    .expect("dest QEMU");
+    let uri = format!("tcp:{ADDR_B}:4444");
+    dest.migrate_incoming(&uri).expect("migrate-incoming");
+    let mut source =
+        QemuProcess::start(&QemuConfig::new().ram("mem", &src, LEN).binary(qemu_in(&dir, pair.a(), &qemu_bin)))
+            .expect("source QEMU");
+    // 4 MiB/s: the 32 MiB of random pages take 8 s.
+    source
+        .execute("migrate-set-parameters", Some(serde_json::json!({"max-bandwidth": 4 << 20})))
+        .expect("max-bandwidth");
+    source.migrate(&uri).expect("migrate");
+    std::thread::sleep(Duration::from_millis(1500));
+    let cut = Instant::now();
+    pair.link_down().expect("link down");
+    let mut noticed = None;
+    while cut.elapsed() < Duration::from_secs(60) {
+        let s = source.query_migrate().expect("query-migrate");
+        let status = s["status"].as_str().unwrap_or("?").to_string();
+        if status != "active" {
+            noticed = Some((cut.elapsed(), status, s["error-desc"].clone()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let dest_status = dest.query_migrate().map(|v| v["status"].clone()).unwrap_or_default();
+    let src_run = source.query_status().unwrap_or_default();
+    println!("QEMU cut: source noticed {noticed:?}; destination status {dest_status}; source runstate {src_run}");
+    pair.link_up().expect("link up");
+    let after = source.wait_migration(Duration::from_secs(60)).map(|v| v["status"].clone());
+    let after_dst = dest.query_status().unwrap_or_default();
+    println!("QEMU cut: after the link came back: source {after:?}, destination runstate {after_dst}");
+    let notice = match &noticed {
+        Some((t, st, err)) => format!("source {st} after {} ({err})", secs(*t)),
+        None => "neither end noticed within 60 s".into(),
+    };
+    row(
+        "QEMU 7.2 -> QEMU 7.2, the same cut (measured, `qemu_to_qemu_over_a_cut_cable`)",
+        "-",
+        &notice,
+        &format!("source runstate during the cut: {src_run}; destination query-migrate: {dest_status}"),
+        &format!("after the link came back: source {}", after.map(|v| v.to_string()).unwrap_or_else(|e| e.to_string())),
+    );
+}
