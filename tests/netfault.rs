@@ -535,3 +535,115 @@ fn qemu_to_qemu_over_a_cut_cable() {
         &format!("after the link came back: source {}", after.map(|v| v.to_string()).unwrap_or_else(|e| e.to_string())),
     );
 }
+
+/// A live (synthetic) guest migrated by the library from namespace A to a `qmig
+/// recv` in B: the cable is cut mid-migration; the source notices within its io
+/// timeout, the migration fails, and the guest keeps running on the source; the
+/// destination fails and reports nothing complete. With the link back, a second
+/// migration of the same running guest succeeds and the destination's RAM equals
+/// the guest's at stop.
+#[test]
+fn cut_cable_live_guest_runs_on_and_a_retry_succeeds() {
+    use engine::memory::RamRegion;
+    use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
+    use engine::source::Outgoing;
+    use engine::state::MigrationStatus;
+    use transports::{CancelToken, ChannelOptions, MigrationUri};
+    const NAME: &str = "cut_cable_live_guest";
+    let Some(pair) = NetPair::create_or_skip(NAME) else { return };
+    let dir = TestDir::new(NAME);
+    let dst = dir.join("dst.ram");
+    const LEN: usize = 32 << 20;
+    let mut guest = testkit::synthetic::SyntheticGuest::new(LEN, |p, page| {
+        let mut buf = [0u8; pattern::PAGE_SIZE];
+        pattern::fill_page(Pattern::Random, 0x11fe, p, &mut buf);
+        page.copy_from_slice(&buf);
+    });
+    let region = guest.region("mem").expect("region");
+    guest.start(1, 4 << 20, 3);
+    let io = Duration::from_secs(IO_TIMEOUT);
+    let opts = ChannelOptions::with_io_timeout(Some(io));
+    let ram_dst = format!("mem={}", utf8(&dst));
+    let from = format!("tcp:{ADDR_B}:0");
+
+    let migrate = |tag: &str, bandwidth: u64, cut: bool| {
+        let mut recv =
+            Bg::spawn(&dir, tag, Some(pair.b()), &["recv", "--ram", &ram_dst, "--from", &from, "--io-timeout", "3"]);
+        let uri: MigrationUri = recv.listening().parse().expect("uri");
+        let params = MigrationParameters { max_bandwidth: bandwidth, downtime_limit: 300, ..Default::default() };
+        let caps = MigrationCapabilities { return_path: true, ..Default::default() };
+        let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps).expect("outgoing");
+        let cancel: CancelToken = out.cancel().clone();
+        let ch = pair
+            .a()
+            .run(move || transports::connect_with(&uri, &cancel, &opts))
+            .expect("enter A")
+            .expect("connect from A");
+        let mut vcpus = guest.vcpus();
+        let cutter = cut.then(|| {
+            let info = out.info().clone();
+            let pair = &pair;
+            move || {
+                // Cut once a few MiB went out (polling the source's own figures).
+                let t0 = Instant::now();
+                while info.get().transferred < 4 << 20 && t0.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                pair.link_down().expect("link down");
+                Instant::now()
+            }
+        });
+        let (res, cut_at) = std::thread::scope(|s| {
+            let h = cutter.map(|c| s.spawn(c));
+            let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
+            (res, h.map(|h| h.join().expect("cutter")))
+        });
+        let ended = Instant::now();
+        let (rs, _) = recv.wait(LIMIT);
+        (res, cut_at.map(|c| ended - c), rs, recv, out.info().get())
+    };
+
+    // 4 MiB/s: 32 MiB of random pages take 8 s; the cut comes after 4 MiB.
+    let (res, noticed, rs, recv, info) = migrate("recv-cut", 4 << 20, true);
+    let err = res.expect_err("the cut fails the migration");
+    let noticed = noticed.expect("cut");
+    let line = engine::error::report(&err);
+    assert_eq!(info.status, MigrationStatus::Failed, "{line}");
+    assert!(noticed <= io + SLACK, "noticed after {noticed:?}: {line}");
+    let vcpus = guest.vcpus();
+    assert!(vcpus.running(), "the guest runs on the source after the failure");
+    let w0 = guest.writes();
+    let t0 = Instant::now();
+    while guest.writes() == w0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the guest writes again on the source");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!rs.success(), "recv fails");
+    let rline = error_line(&recv);
+    assert!(rline.contains("at byte") && rline.contains("destination incomplete"), "{rline}");
+    assert!(!recv.stdout().contains("completed"), "{}", recv.stdout());
+    println!("live guest cut: source failed after {noticed:?}: {line}\nlive guest cut: recv: {rline}");
+    row(
+        "cable cut mid-migration of a live guest (library, `ChannelOptions { io_timeout: 3 s }`)",
+        &format!("fails: `{line}`"),
+        &format!("source {}", secs(noticed)),
+        "the guest runs on on the source (status `failed`, vCPUs resumed, writes continue); destination incomplete, nothing complete",
+        "see the QEMU 7.2 -> QEMU 7.2 row",
+    );
+
+    pair.link_up().expect("link up");
+    let (res, _, rs, recv, info) = migrate("recv-retry", 0, false);
+    res.unwrap_or_else(|e| panic!("retry: {}; recv: {}", engine::error::report(&e), recv.stderr()));
+    assert!(rs.success(), "recv: {}", recv.stderr());
+    assert_eq!(info.status, MigrationStatus::Completed);
+    // The guest stays stopped after a completed migration: its RAM is the one at stop.
+    let got = fs::read(&dst).expect("dst");
+    let mut page = vec![0u8; 4096];
+    let mut differ = 0;
+    for (p, d) in got.chunks_exact(4096).enumerate() {
+        guest.read_page(p as u64, &mut page);
+        differ += usize::from(page != d);
+    }
+    assert_eq!(differ, 0, "pages differ from the guest at stop");
+    guest.shutdown();
+}

@@ -107,7 +107,12 @@ pub enum EngineError {
     /// path closed or broken before SHUT(0), or no SHUT in time after EOF.
     #[error(
         "{}{error}{}",
-        if *after_eof { "the destination did not confirm the migration: " } else { "the destination ended the migration: " },
+        match (after_eof, error) {
+            (true, _) => "the destination did not confirm the migration: ",
+            // Reading it failed (a reset, a timeout): the link, not necessarily the destination.
+            (false, ReturnPathError::Decode { .. }) => "the return path failed: ",
+            (false, _) => "the destination ended the migration: ",
+        },
         if *resumed { "; the guest was resumed on the source" } else { "" }
     )]
     ReturnPath {
