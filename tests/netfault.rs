@@ -145,7 +145,8 @@ fn cut_cable_send_recv_fail_within_io_timeout_then_retry_succeeds() {
     let ram_src = format!("mem={}", utf8(&src));
     let ram_dst = format!("mem={}", utf8(&dst));
 
-    let mut recv = Bg::spawn(&dir, "recv1", Some(pair.b()), &["recv", "--ram", &ram_dst, "--from", &from, "--io-timeout", &io]);
+    let mut recv =
+        Bg::spawn(&dir, "recv1", Some(pair.b()), &["recv", "--ram", &ram_dst, "--from", &from, "--io-timeout", &io]);
     let to = recv.listening();
     // 4 MiB/s: the 32 MiB guest takes 8 s, so the cut below lands mid-stream.
     let mut send = Bg::spawn(
@@ -182,9 +183,11 @@ fn cut_cable_send_recv_fail_within_io_timeout_then_retry_succeeds() {
 
     // The cable back in: a retry goes through.
     pair.link_up().expect("link up");
-    let mut recv = Bg::spawn(&dir, "recv2", Some(pair.b()), &["recv", "--ram", &ram_dst, "--from", &from, "--io-timeout", &io]);
+    let mut recv =
+        Bg::spawn(&dir, "recv2", Some(pair.b()), &["recv", "--ram", &ram_dst, "--from", &from, "--io-timeout", &io]);
     let to = recv.listening();
-    let mut send = Bg::spawn(&dir, "send2", Some(pair.a()), &["send", "--ram", &ram_src, "--to", &to, "--io-timeout", &io]);
+    let mut send =
+        Bg::spawn(&dir, "send2", Some(pair.a()), &["send", "--ram", &ram_src, "--to", &to, "--io-timeout", &io]);
     let (ss, _) = send.wait(LIMIT);
     let (rs, _) = recv.wait(LIMIT);
     assert!(ss.success() && rs.success(), "retry: send {ss} {}, recv {rs} {}", send.stderr(), recv.stderr());
@@ -235,10 +238,20 @@ fn reset_and_flipped_byte_fail_with_the_offset() {
         let proxy = FaultProxy::start(target, faults).expect("proxy");
         let via = format!("tcp:{}", proxy.addr());
         let t0 = Instant::now();
-        let mut send = Bg::spawn(&dir, &format!("send-{case}"), None, &["send", "--ram", &ram_src, "--to", &via, "--io-timeout", &io]);
+        let mut send = Bg::spawn(
+            &dir,
+            &format!("send-{case}"),
+            None,
+            &["send", "--ram", &ram_src, "--to", &via, "--io-timeout", &io],
+        );
         let (rs, rt) = recv.wait(LIMIT);
         let (ss, st) = send.wait(LIMIT);
-        assert!(!rs.success() && !ss.success(), "{case}: both fail: recv {rs} {}, send {ss} {}", recv.stderr(), send.stderr());
+        assert!(
+            !rs.success() && !ss.success(),
+            "{case}: both fail: recv {rs} {}, send {ss} {}",
+            recv.stderr(),
+            send.stderr()
+        );
         let rline = error_line(&recv);
         let sline = error_line(&send);
         assert!(rline.contains("at byte"), "{case}: {rline}");
@@ -385,12 +398,15 @@ fn live_guests_migrate_over_a_slow_delayed_stalling_link() {
         let downtime = s["downtime"].as_u64().expect("downtime");
         let mbps = s["ram"]["mbps"].as_f64().unwrap_or(0.0);
         println!(
-            "{guest}{}: downtime {downtime} ms (downtime-limit 300 ms), expected-downtime {}, mbps {mbps}, passes {}, total {} ms",
+            "{guest}{}: downtime {downtime} ms (downtime-limit 300 ms), mbps {mbps}, passes {}, total {} ms",
             if stall { " with a stall" } else { "" },
-            s["expected-downtime"],
             s["ram"]["dirty-sync-count"],
             s["total-time"]
         );
+        // The engine leaves a round trip and a half for the SHUT(0) (measured by
+        // PING 1 -> PONG 1); what the proxy buffers beyond the socket the source
+        // cannot see: within twice the limit is required, the figure is reported.
+        assert!(downtime <= 600, "{guest}: downtime {downtime} ms, downtime-limit 300 ms: {s}");
         assert!(proxy.stats().forwarded.load(std::sync::atomic::Ordering::SeqCst) > 64 << 20 / 8);
         row(
             &format!(
@@ -421,7 +437,8 @@ fn qemu_both_ways_through_the_delaying_proxy() {
     let (src, dst) = (dir.join("q-src.ram"), dir.join("q-dst.ram"));
     let ram = pattern::generate(Pattern::Mixed { every: 4 }, 0xde1a, LEN as usize);
     fs::write(&src, &ram).expect("write");
-    let mut recv = Bg::spawn(&dir, "recv", None, &["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", "tcp:127.0.0.1:0"]);
+    let mut recv =
+        Bg::spawn(&dir, "recv", None, &["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", "tcp:127.0.0.1:0"]);
     let to = recv.listening();
     let proxy = FaultProxy::start(to.trim_start_matches("tcp:").parse().expect("addr"), delay()).expect("proxy");
     let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &src, LEN)).expect("source QEMU");
@@ -446,7 +463,12 @@ fn qemu_both_ways_through_the_delaying_proxy() {
     let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, LEN).incoming(true)).expect("dest QEMU");
     qemu.migrate_incoming(&format!("tcp:127.0.0.1:{port}")).expect("migrate-incoming");
     let proxy = FaultProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), delay()).expect("proxy");
-    let mut send = Bg::spawn(&dir, "send", None, &["send", "--ram", &format!("mem={}", utf8(&src)), "--to", &format!("tcp:{}", proxy.addr())]);
+    let mut send = Bg::spawn(
+        &dir,
+        "send",
+        None,
+        &["send", "--ram", &format!("mem={}", utf8(&src)), "--to", &format!("tcp:{}", proxy.addr())],
+    );
     let (ss, _) = send.wait(LIMIT);
     assert!(ss.success(), "send: {}; QEMU: {}", send.stderr(), qemu.stderr());
     qemu.wait_migration(Duration::from_secs(60)).and_then(expect_completed).expect("QEMU destination completed");
@@ -489,9 +511,11 @@ fn qemu_to_qemu_over_a_cut_cable() {
     let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
     random_ram(&src, LEN as usize, 0xc07);
     fs::write(&dst, vec![0u8; LEN as usize]).expect("dst");
-    let mut dest = QemuProcess::start(
-        &QemuConfig::new().ram("mem", &dst, LEN).incoming(true).binary(qemu_in(&dir, pair.b(), &qemu_bin)),
-    )
+    let mut dest = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, LEN).incoming(true).binary(qemu_in(
+        &dir,
+        pair.b(),
+        &qemu_bin,
+    )))
     .expect("dest QEMU");
     let uri = format!("tcp:{ADDR_B}:4444");
     dest.migrate_incoming(&uri).expect("migrate-incoming");

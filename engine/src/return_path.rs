@@ -106,6 +106,8 @@ struct Shared {
     end: Mutex<Option<Result<(), ReturnPathError>>>,
     ended: Condvar,
     last_pong: Mutex<Option<u32>>,
+    /// When the first PONG arrived (for the round trip).
+    first_pong_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The source's return-path reader thread (see the module documentation).
@@ -171,6 +173,9 @@ fn read_loop<R: Read>(
             RpMessage::Pong(v) => {
                 if let Ok(mut p) = shared.last_pong.lock() {
                     *p = Some(v);
+                }
+                if let Ok(mut at) = shared.first_pong_at.lock() {
+                    at.get_or_insert_with(std::time::Instant::now);
                 }
                 RpEvent::Pong(v)
             }
@@ -249,6 +254,11 @@ impl SourceReturnPath {
     /// The messages, in order; disconnected once the reader ended.
     pub fn events(&self) -> &Receiver<RpEvent> {
         &self.events
+    }
+
+    /// When the first PONG arrived (the round trip is that minus when its PING left).
+    pub fn first_pong_at(&self) -> Option<std::time::Instant> {
+        self.shared.first_pong_at.lock().ok().and_then(|p| *p)
     }
 
     /// The value of the last PONG received.

@@ -301,6 +301,16 @@ struct Undo {
 struct RpState {
     reader: SourceReturnPath,
     pongs: u64,
+    /// When PING 1 went out (flushed after the prologue).
+    ping_at: Option<Instant>,
+}
+
+impl RpState {
+    /// The round trip PING 1 -> PONG 1 took, once it is known: the destination's
+    /// SHUT(0) at the end takes about as long after the last byte arrives.
+    fn round_trip(&self) -> Option<Duration> {
+        Some(self.reader.first_pong_at()?.saturating_duration_since(self.ping_at?))
+    }
 }
 
 /// The return path opened on the channel (its reads woken by a token of its own),
@@ -760,7 +770,7 @@ impl Outgoing {
         let mut commands = Vec::new();
         if let Some((path, token)) = rp {
             let r = SourceReturnPath::spawn(path, blocks.clone(), PAGE as u64, token)?;
-            *reader = Some(RpState { reader: r, pongs: 0 });
+            *reader = Some(RpState { reader: r, pongs: 0, ping_at: None });
             self.info.update(|i| i.return_path = Some(ReturnPathInfo::default()));
             commands = vec![Command::OpenReturnPath, Command::Ping(1)];
         }
@@ -775,6 +785,9 @@ impl Outgoing {
             w.footer(id)?;
         }
         w.get_mut().flush_now()?;
+        if let Some(r) = reader.as_mut() {
+            r.ping_at = Some(Instant::now());
+        }
         // Bulk pass: every page is to be sent; marks from now on come from the guest.
         for (r, region) in ram.iter_mut().enumerate() {
             undo.dirty_started += 1;
@@ -815,6 +828,14 @@ impl Outgoing {
                 run.core.force_switchover();
             }
             let tick = run.tick();
+            // With a return path, the last byte needs half a round trip to arrive and
+            // the destination's SHUT(0), which ends the downtime, a whole one back:
+            // the data gets what is left of the limit (at least a quarter of it).
+            let mut params = params;
+            if let Some(rtt) = reader.as_ref().and_then(RpState::round_trip) {
+                let rtt_ms = u64::try_from(rtt.as_millis() * 3 / 2).unwrap_or(u64::MAX);
+                params.downtime_limit = params.downtime_limit.saturating_sub(rtt_ms).max(params.downtime_limit / 4);
+            }
             match run.core.step(tick, dev_total, &params) {
                 Action::Sync => {
                     run.harvest(ram)?;

@@ -38,11 +38,7 @@ fn run(args: &[&str]) -> io::Result<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!(
-            "{prog} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+        Err(io::Error::other(format!("{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
     }
 }
 
@@ -106,7 +102,17 @@ impl NetPair {
         run(&["netns", "add", &pair.a.name])?;
         run(&["netns", "add", &pair.b.name])?;
         run(&[
-            "link", "add", &pair.veth_a, "netns", &pair.a.name, "type", "veth", "peer", "name", &pair.veth_b, "netns",
+            "link",
+            "add",
+            &pair.veth_a,
+            "netns",
+            &pair.a.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.veth_b,
+            "netns",
             &pair.b.name,
         ])?;
         for (ns, dev, addr) in [(&pair.a, &pair.veth_a, ADDR_A), (&pair.b, &pair.veth_b, ADDR_B)] {
@@ -148,7 +154,10 @@ impl NetPair {
     pub fn shape(&self, bits_per_s: u64) -> io::Result<()> {
         for (ns, dev) in [(&self.a, &self.veth_a), (&self.b, &self.veth_b)] {
             let rate = format!("{bits_per_s}bit");
-            run(&["tc", "-n", &ns.name, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "64kb", "latency", "100ms"])?;
+            run(&[
+                "tc", "-n", &ns.name, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "64kb",
+                "latency", "100ms",
+            ])?;
         }
         Ok(())
     }
@@ -335,7 +344,8 @@ fn pipe(
                 Ok(0) => break,
                 Ok(n) => {
                     let jitter_ns = faults.jitter.as_nanos() as u64;
-                    let extra = if jitter_ns > 0 { Duration::from_nanos(rng.next_u64() % jitter_ns) } else { Duration::ZERO };
+                    let extra =
+                        if jitter_ns > 0 { Duration::from_nanos(rng.next_u64() % jitter_ns) } else { Duration::ZERO };
                     // Never before the chunk ahead of it: order is kept.
                     last = last.max(Instant::now() + faults.delay + extra);
                     if tx.send((last, buf[..n].to_vec())).is_err() {
