@@ -194,14 +194,14 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
+/// The listener takes `channel`'s options (the io timeout).
 pub fn dest(
     ram_size: u64,
     slots: u32,
     vcpus: usize,
-    uri: &MigrationUri,
+    (uri, channel): (&MigrationUri, &transports::ChannelOptions),
     run_on: Duration,
     cancel: &CancelToken,
-    channel: &transports::ChannelOptions,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;

@@ -334,7 +334,7 @@ fn kvm_dest(
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, channel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, (from, channel), run_on, cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -360,7 +360,7 @@ fn stdout_is_terminal() -> bool {
 
 /// `--io-timeout SECS`, checked (0: none).
 fn channel_options(secs: f64) -> qmig::Result<transports::ChannelOptions> {
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !(0.0..=1e9).contains(&secs) {
         return Err(qmig::Error::Usage(format!("--io-timeout {secs}: expected seconds, 0 or more")));
     }
     Ok(transports::ChannelOptions::with_io_timeout(Some(std::time::Duration::from_secs_f64(secs))))

@@ -198,7 +198,7 @@ fn cut_cable_send_recv_fail_within_io_timeout_then_retry_succeeds() {
 /// The 8-byte header of page `p` sent as a PAGE record with CONTINUE (the block
 /// named earlier), as it appears in the stream: offset | flags, big-endian.
 fn page_header(p: u64) -> [u8; 8] {
-    (p * 4096 | 0x08 | 0x20).to_be_bytes()
+    ((p * 4096) | 0x08 | 0x20).to_be_bytes()
 }
 
 /// A reset and a corrupted byte mid-stream, through the proxy on loopback.
@@ -402,7 +402,7 @@ fn live_guests_migrate_over_a_slow_delayed_stalling_link() {
         // PING 1 -> PONG 1); what the proxy buffers beyond the socket the source
         // cannot see: within twice the limit is required, the figure is reported.
         assert!(downtime <= 600, "{guest}: downtime {downtime} ms, downtime-limit 300 ms: {s}");
-        assert!(proxy.stats().forwarded.load(std::sync::atomic::Ordering::SeqCst) > 64 << 20 / 8);
+        assert!(proxy.stats().forwarded.load(std::sync::atomic::Ordering::SeqCst) > (64 << 20) / 8);
         row(
             &format!(
                 "{guest} guest (64 MiB, live): 50 ms delay ±10 ms, 200 Mbit/s tbf{}",

@@ -254,8 +254,9 @@ pub struct Channel {
     _shutdown: Option<Arc<OwnedFd>>,
     /// File status flags to put back on drop (inherited `fd:N` only).
     restore_flags: Option<nix::fcntl::OFlag>,
-    /// Longest wait without progress in one read or write (sockets only).
-    io_timeout: Option<Duration>,
+    /// Longest wait without progress in one read or write, in ms (sockets only; 0:
+    /// none). A u32 (49 days at most) keeps `Channel` small.
+    io_timeout_ms: u32,
     /// A tcp socket (its send queue is reported by [`Channel::queued_bytes`]).
     tcp: bool,
 }
@@ -334,7 +335,7 @@ impl Channel {
             peer,
             _shutdown: Some(shutdown),
             restore_flags: None,
-            io_timeout: None,
+            io_timeout_ms: 0,
             tcp: false,
         })
     }
@@ -372,7 +373,7 @@ impl Channel {
             peer,
             _shutdown: None,
             restore_flags: None,
-            io_timeout: None,
+            io_timeout_ms: 0,
             tcp: false,
         })
     }
@@ -387,7 +388,7 @@ impl Channel {
     pub fn set_options(&mut self, opts: &ChannelOptions) {
         if let Some(fd) = self._shutdown.as_deref() {
             self.tcp = tcp_liveness(fd, opts.io_timeout);
-            self.io_timeout = opts.io_timeout;
+            self.io_timeout_ms = opts.io_timeout.map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1));
         }
     }
 
@@ -409,7 +410,7 @@ impl Channel {
 
     /// The io timeout in force (`None` for none; always `None` off sockets).
     pub fn io_timeout(&self) -> Option<Duration> {
-        self.io_timeout
+        (self.io_timeout_ms > 0).then(|| Duration::from_millis(self.io_timeout_ms.into()))
     }
 
     /// Wait until the socket has data (or the peer closed) and copy what is there,
@@ -476,13 +477,13 @@ impl Channel {
     /// Wait until `fd` is ready for `events`; with an io timeout, a
     /// [`NoProgress`] error (kind `TimedOut`) when nothing moved for that long.
     fn wait_progress(&self, fd: &OwnedFd, events: PollFlags, what: &'static str) -> io::Result<()> {
-        let deadline = self.io_timeout.map(|t| Instant::now() + t);
+        let timeout = self.io_timeout();
+        let deadline = timeout.map(|t| Instant::now() + t);
         match self.cancel.wait(fd.as_fd(), events, deadline)? {
             Wake::Ready => Ok(()),
-            Wake::Timeout => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                NoProgress { what, timeout: self.io_timeout.unwrap_or_default() },
-            )),
+            Wake::Timeout => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, NoProgress { what, timeout: timeout.unwrap_or_default() }))
+            }
         }
     }
 
