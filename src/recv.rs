@@ -136,15 +136,15 @@ fn accept_source(listener: &Listener) -> Result<Channel> {
         let ch = listener.accept_another().map_err(Error::transport)?;
         match screen(&ch, ch.io_timeout()) {
             Ok(()) => return Ok(ch),
+            Err(_) if ch.cancel_token().is_cancelled() => {
+                return Err(Error::transport(transports::TransportError::Accept {
+                    uri: listener.local_uri().to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, transports::Cancelled),
+                }));
+            }
             Err(why) => {
                 let line = format!("dropped the connection from {}: {why}; waiting for the source", ch.peer());
                 eprintln!("qmig: recv: {}", engine::error::escape_controls(&line));
-                if ch.cancel_token().is_cancelled() {
-                    return Err(Error::transport(transports::TransportError::Accept {
-                        uri: listener.local_uri().to_string(),
-                        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, transports::Cancelled),
-                    }));
-                }
             }
         }
     }
