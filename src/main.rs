@@ -161,6 +161,12 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
+        #[arg(long = "postcopy")]
+        postcopy: bool,
+        /// While postcopy is active, read pages not yet received at random (each a real fault), as a vCPU would.
+        #[arg(long = "postcopy-touch", requires = "postcopy")]
+        postcopy_touch: bool,
     },
 }
 
@@ -504,7 +510,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
             kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -512,7 +518,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let postcopy = postcopy.then(|| engine::postcopy_dest::PostcopyOptions {
+                touch: postcopy_touch,
+                touch_seed: u64::from(std::process::id()),
+            });
+            let st = qmig::recv::recv_postcopy(&ram, &from, cancel, on_listening, stdout_is_terminal(), postcopy)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }
