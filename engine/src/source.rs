@@ -583,7 +583,7 @@ impl Outgoing {
     ) -> Result<MigrationInfo, EngineError> {
         // Our cancel must wake the channel's blocked reads, writes and rate-limit sleeps.
         self.cancel.link_to(ch.cancel_token());
-        let rp = self.fixed.caps.return_path.then(|| open_return_path(&ch));
+        let rp = self.fixed.caps.uses_return_path().then(|| open_return_path(&ch));
         self.run_inner(MigrationWriter::new(ch, self.rate.clone()), rp, ram, vcpus, vm)
     }
 
@@ -596,7 +596,7 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
-        let rp = self.fixed.caps.return_path.then(|| {
+        let rp = self.fixed.caps.uses_return_path().then(|| {
             Err(EngineError::NoReturnPath("a stream written to a PageWriter has no reverse direction".into()))
         });
         self.run_inner(w, rp, ram, vcpus, vm)
