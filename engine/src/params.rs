@@ -22,6 +22,9 @@ pub struct MigrationParameters {
     pub cpu_throttle_tailslow: bool,
     /// `max-cpu-throttle`: cap %. Default 99 (initial..=99).
     pub max_cpu_throttle: u8,
+    /// `max-postcopy-bandwidth`: bytes/s of the background pages in postcopy, 0 =
+    /// unlimited (QEMU's default).
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for MigrationParameters {
@@ -34,6 +37,7 @@ impl Default for MigrationParameters {
             cpu_throttle_increment: 10,
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
