@@ -171,10 +171,7 @@ fn qemu_postcopy_to_recv_with_touch() {
     assert_eq!(rp["shut"], 0, "{stats}");
     let got = fs::read(&dst).expect("read received RAM");
     assert_same_ram("postcopy RAM received by qmig recv", &got, &ram);
-    eprintln!(
-        "{NAME}: QEMU postcopy-requests {requests}; recv {}",
-        serde_json::to_string(pc).unwrap_or_default()
-    );
+    eprintln!("{NAME}: QEMU postcopy-requests {requests}; recv {}", serde_json::to_string(pc).unwrap_or_default());
 }
 
 #[test]

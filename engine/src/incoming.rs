@@ -17,11 +17,11 @@
 //! [`IncomingError::Unsupported`], and so with SHUT(1) when the path is open.
 
 use crate::error::Origin;
-use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
-use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
 use crate::memory::PAGE;
 use crate::postcopy_dest::uffd::MissingUffd;
-use crate::postcopy_dest::{PostcopyOptions, PostcopyReport, PostcopySink, Postcopy, Threads, TrackingSink};
+use crate::postcopy_dest::{Postcopy, PostcopyOptions, PostcopyReport, PostcopySink, Threads, TrackingSink};
+use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
+use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
 use savevm_format::{Command, Decoder, Event, PageSink, PageSlot, RamBlock, RawBody, RpMessage, SectionKind};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -598,7 +598,8 @@ impl Incoming {
                 // Nothing more will come: blocked faulting threads (a device load) wake.
                 threads.stop();
             }
-            let packaged = package.join().unwrap_or_else(|_| Err(IncomingError::Postcopy("package loader panicked".into())));
+            let packaged =
+                package.join().unwrap_or_else(|_| Err(IncomingError::Postcopy("package loader panicked".into())));
             (listened, Some(packaged))
         });
         let stopped = threads.stop();
@@ -636,9 +637,7 @@ fn check_advise(summary: u64, tps: u64, stream_tps: u64) -> Result<(), IncomingE
         )));
     }
     if tps != PAGE as u64 || tps != stream_tps {
-        return Err(IncomingError::Protocol(format!(
-            "Postcopy needs matching target page sizes (s={tps} d={PAGE})"
-        )));
+        return Err(IncomingError::Protocol(format!("Postcopy needs matching target page sizes (s={tps} d={PAGE})")));
     }
     Ok(())
 }
@@ -730,7 +729,8 @@ fn load_package(
             Event::Command(Command::PostcopyRun) => {
                 run_seen.store(true, std::sync::atomic::Ordering::SeqCst);
                 for b in vm.blocks.iter_mut() {
-                    b.invalidate_cache().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
+                    b.invalidate_cache()
+                        .map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
                 }
                 // QEMU 7.2 (loadvm_postcopy_handle_run_bh): start if autostart, else paused.
                 if autostart {
@@ -758,7 +758,12 @@ fn load_package(
             return Err(IncomingError::Protocol("EOF inside the PACKAGED blob".into()));
         }
     }
-    Ok(PackageReport { devices: report.devices, live_sections: report.live_sections, runstate: report.runstate, resumed })
+    Ok(PackageReport {
+        devices: report.devices,
+        live_sections: report.live_sections,
+        runstate: report.runstate,
+        resumed,
+    })
 }
 
 /// Events other than commands: sections, pages outside postcopy, devices, EOF.

@@ -148,8 +148,11 @@ fn stream() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     }
     s.ram_eos().unwrap();
     s.footer(section_ids::RAM).unwrap();
-    s.command(&Command::PostcopyRamDiscard { block: "mem".into(), ranges: vec![((32 * PAGE) as u64, (64 * PAGE) as u64)] })
-        .unwrap();
+    s.command(&Command::PostcopyRamDiscard {
+        block: "mem".into(),
+        ranges: vec![((32 * PAGE) as u64, (64 * PAGE) as u64)],
+    })
+    .unwrap();
     s.reset_continue();
     s.command(&Command::Ping(2)).unwrap();
     let mut pkg = s.nested(Vec::new());

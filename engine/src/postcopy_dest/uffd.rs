@@ -327,9 +327,7 @@ impl MissingUffd {
         loop {
             // SAFETY: reading into a buffer of `size_of_val(&msgs)` bytes we own; the
             // kernel writes whole uffd_msg records.
-            let n = unsafe {
-                libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), std::mem::size_of_val(&msgs))
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), std::mem::size_of_val(&msgs)) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.raw_os_error() {
