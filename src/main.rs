@@ -130,6 +130,12 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
+        #[arg(long = "postcopy", conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// Start postcopy this many seconds after the migration started, or when the first pass is done if sooner.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -149,6 +155,9 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -279,6 +288,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -298,6 +308,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -316,11 +327,11 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
-    run_on: u64,
+    (run_on, postcopy): (u64, bool),
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, (run_on, postcopy), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -328,7 +339,7 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: (u64, bool), _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -453,9 +464,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             stats_json,
+            postcopy,
+            postcopy_after,
         } => {
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
             let timeout = deadline(timeout, timeout_action)?;
+            let postcopy = match postcopy_after {
+                Some(s) if !(s.is_finite() && s >= 0.0) => {
+                    return Err(qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                }
+                Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+                // After the first pass (a day is "never" before that).
+                None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
+            };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
@@ -482,8 +503,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    postcopy,
                     cancel,
                 });
+            }
+            if postcopy.is_some() {
+                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
             }
             let opts = demo::DemoOptions {
                 ram_size,
@@ -507,8 +532,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), (run_on, postcopy), cancel)?
         }
         Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
