@@ -584,10 +584,17 @@ impl Incoming {
         let shared = rp.shared.clone();
         let autostart = self.autostart;
         let run_seen = std::sync::atomic::AtomicBool::new(false);
+        let resumed = std::sync::atomic::AtomicBool::new(false);
         let (listened, packaged) = std::thread::scope(|s| {
-            let (pc2, run_seen) = (pc.clone(), &run_seen);
+            let (pc2, run_seen, resumed) = (pc.clone(), &run_seen, &resumed);
+            let (vm, vcpus) = (&mut *vm, &mut *vcpus);
+            let touch = opts.touch.then_some(opts.touch_seed);
             let package = std::thread::Builder::new().name("postcopy package".into()).spawn_scoped(s, move || {
-                load_package(pkg, vm, vcpus, &shared, autostart, &pc2, opts.touch.then_some(opts.touch_seed), run_seen)
+                let r = load_package(pkg, vm, vcpus, &shared, autostart, &pc2, touch, run_seen);
+                if r.as_ref().is_ok_and(|p| p.resumed) {
+                    resumed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
             });
             let package = match package {
                 Ok(h) => h,
@@ -603,14 +610,30 @@ impl Incoming {
             (listened, Some(packaged))
         });
         let stopped = threads.stop();
-        listened?;
-        let pkg_report = packaged.unwrap_or_else(|| Err(IncomingError::Postcopy("no package loader".into())))?;
-        if let Some(e) = stopped {
-            return Err(IncomingError::Postcopy(e));
-        }
-        if !run_seen.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(IncomingError::Protocol("the PACKAGED blob ended without POSTCOPY_RUN".into()));
-        }
+        let checked = (|| {
+            listened?;
+            let pkg_report = packaged.unwrap_or_else(|| Err(IncomingError::Postcopy("no package loader".into())))?;
+            if let Some(e) = stopped {
+                return Err(IncomingError::Postcopy(e));
+            }
+            if !run_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(IncomingError::Protocol("the PACKAGED blob ended without POSTCOPY_RUN".into()));
+            }
+            Ok(pkg_report)
+        })();
+        let pkg_report = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                // A guest started at RUN must not run on with the pages that never came
+                // (the userfaultfd is gone: they read as zeros). QEMU 7.2 exits here.
+                if resumed.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(stop) = vcpus.stop() {
+                        tracing::warn!(error = %stop, "postcopy failed and the guest could not be stopped");
+                    }
+                }
+                return Err(e);
+            }
+        };
         report.devices += pkg_report.devices;
         report.live_sections += pkg_report.live_sections;
         report.runstate = pkg_report.runstate.or(report.runstate.take());

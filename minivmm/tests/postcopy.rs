@@ -71,3 +71,61 @@ fn kvm_guest_runs_on_the_destination_during_postcopy() {
         on_dst.counter
     );
 }
+
+/// The destination gone during postcopy (its socket closed both ways, as a killed
+/// process's is): the source fails without hanging, and its guest stays stopped
+/// (its newest state was on the destination).
+#[test]
+fn destination_lost_during_postcopy_fails_the_source() {
+    const NAME: &str = "destination_lost_during_postcopy_fails_the_source";
+    if !testkit::kvm_or_skip(NAME) {
+        return;
+    }
+    let layout = Layout::one_slot(64 << 20).unwrap();
+    let mut src = Vm::new(layout.clone()).unwrap();
+    src.boot(GuestConfig { working_set: 32 << 20, dirty_rate: 64 << 20, seed: 12 }).unwrap();
+    src.vcpus().resume().unwrap();
+    let p = std::env::temp_dir().join(format!("minivmm-{}-postcopy-lost.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    let uri = MigrationUri::Unix(p);
+    let listener = Listener::bind(&uri, &CancelToken::new().unwrap()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dst = std::thread::spawn(move || {
+        let mut dst = Vm::new(layout).unwrap();
+        let ch = listener.accept().unwrap();
+        // A second handle on the same socket, to close it under the loader.
+        tx.send(ch.return_path().unwrap()).unwrap();
+        minivmm::migrate::migrate_in_postcopy(&mut dst, ch, true, PostcopyOptions::default()).is_err()
+    });
+    // Slow postcopy: it is still running when the destination goes away.
+    let params = MigrationParameters { max_bandwidth: 16 << 20, max_postcopy_bandwidth: 2 << 20, ..Default::default() };
+    let caps = MigrationCapabilities { postcopy_ram: true, ..Default::default() };
+    let out = Outgoing::new(SharedParameters::new(params).unwrap(), caps)
+        .unwrap()
+        .with_postcopy_after(Duration::from_millis(200));
+    let ch = transports::connect(&uri, out.cancel()).unwrap();
+    let info = out.info().clone();
+    let killer = std::thread::spawn(move || {
+        let sock = rx.recv().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while info.get().status != MigrationStatus::PostcopyActive && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+        std::time::Instant::now()
+    });
+    let r = minivmm::migrate::migrate_out(&src, &out, ch);
+    let ended = std::time::Instant::now();
+    let killed_at = killer.join().unwrap();
+    assert!(r.is_err(), "the source must not complete: {r:?}");
+    assert_eq!(out.info().get().status, MigrationStatus::Failed);
+    let took = ended.saturating_duration_since(killed_at);
+    assert!(took < Duration::from_secs(5), "the source took {took:?} to fail");
+    assert!(dst.join().unwrap(), "the destination failed too");
+    assert!(src.vcpus().is_parked(), "in postcopy the source guest stays stopped");
+    eprintln!(
+        "{NAME}: source failed {took:?} after the destination went: {}",
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+}
