@@ -52,6 +52,10 @@ const FIRST_DEVICE_ID: u32 = 5;
 /// [`Outgoing::with_shut_timeout`].
 pub const DEFAULT_SHUT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Pages queued at most in postcopy before they are sent (a page request waits
+/// behind them).
+const POSTCOPY_BATCH: u64 = 16;
+
 /// How long a failed channel waits for the destination's reason on the return path.
 const REASON_WAIT: Duration = Duration::from_millis(500);
 
@@ -489,10 +493,12 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
             }
-            if t.requested && postcopy {
+            n += 1;
+            // In postcopy a request waits behind what is queued: keep the queue short
+            // (QEMU's buffer holds about as much), and send a requested page at once.
+            if postcopy && (t.requested || n.is_multiple_of(POSTCOPY_BATCH)) {
                 self.w.get_mut().flush_now()?;
             }
-            n += 1;
             if n.is_multiple_of(64) {
                 if self.out.cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
