@@ -787,8 +787,6 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                // After the package the destination may run the guest: never resume here.
-                let e = if undo.postcopy && !cancelled { EngineError::Postcopy(Box::new(e)) } else { e };
                 let resumed = if undo.stopped && !undo.postcopy {
                     vcpus.resume().map_err(|e| EngineError::Vmm(e.on(VmmPart::Vcpu("resume"))))
                 } else {
@@ -796,8 +794,11 @@ impl Outgoing {
                 };
                 let mut e = if cancelled { EngineError::Cancelled } else { e };
                 if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
-                    *said = undo.stopped && !undo.postcopy && resumed.is_ok();
+                    *said = undo.stopped && resumed.is_ok();
                 }
+                // After the package the destination may run the guest: it was not
+                // resumed here, and the error says why (a cancel stays a cancel).
+                let e = if undo.postcopy { EngineError::Postcopy(Box::new(e)) } else { e };
                 self.info.update(|i| {
                     i.total_time = start.elapsed();
                     if !cancelled {

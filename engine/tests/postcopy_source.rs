@@ -76,16 +76,25 @@ fn send(rp: &mut impl Write, m: RpMessage) {
 /// POSTCOPY_RUN, sends `requests` (block, start, len) (REQ_PAGES_ID when the
 /// block changes, else REQ_PAGES); SHUT(0) after EOF.
 fn destination(uri: &MigrationUri, len: usize, requests: Vec<(&'static str, u64, u32)>) -> JoinHandle<Seen> {
-    destination_with(uri, len, requests, false)
+    destination_with(uri, len, requests, Fail::No)
 }
 
-/// [`destination`]; with `refuse`, it fails to load the package's device state
-/// (as a device whose loader refuses would): SHUT(1), then it closes.
+/// How [`destination_with`] fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    No,
+    /// It refuses the package's device state: SHUT(1), then it closes.
+    Refuse,
+    /// It goes away (as if killed) once the guest runs: both directions closed.
+    Vanish,
+}
+
+/// [`destination`], failing as `fail` says.
 fn destination_with(
     uri: &MigrationUri,
     len: usize,
     requests: Vec<(&'static str, u64, u32)>,
-    refuse: bool,
+    fail: Fail,
 ) -> JoinHandle<Seen> {
     let token = CancelToken::new().expect("token");
     let listener = Listener::bind(uri, &token).expect("listen");
@@ -124,6 +133,10 @@ fn destination_with(
                                 }
                             }
                         }
+                        Command::PostcopyRun if fail == Fail::Vanish => {
+                            seen.error = Some("vanished".into());
+                            return seen;
+                        }
                         Command::PostcopyRun => {
                             mem.running = true;
                             seen.before_requests = mem.after_run.len();
@@ -144,7 +157,9 @@ fn destination_with(
                 Event::PackageEnd => seen.commands.push("PACKAGE_END".into()),
                 // In the package, after LISTEN: the devices' state is refused.
                 Event::SectionStart(h)
-                    if refuse && h.idstr == "globalstate" && seen.commands.iter().any(|c| c == "POSTCOPY_LISTEN") =>
+                    if fail == Fail::Refuse
+                        && h.idstr == "globalstate"
+                        && seen.commands.iter().any(|c| c == "POSTCOPY_LISTEN") =>
                 {
                     seen.error = Some("refused the device state".into());
                     send(&mut rp, RpMessage::Shut(1));
@@ -352,7 +367,7 @@ fn a_destination_refusing_the_device_state_fails_the_source_which_keeps_the_gues
     let _s = serial();
     const LEN: usize = 1 << 20;
     let uri = common::sock("pcsrc", "refused");
-    let dst = destination_with(&uri, LEN, vec![], true);
+    let dst = destination_with(&uri, LEN, vec![], Fail::Refuse);
     let g = guest(LEN);
     let region = g.region("mem").expect("region");
     let out = postcopy_out(0, 256 << 10).with_postcopy_after(Duration::ZERO);
@@ -365,6 +380,35 @@ fn a_destination_refusing_the_device_state_fails_the_source_which_keeps_the_gues
     assert!(text.contains("SHUT 1") && text.contains("cannot resume on the source"), "{text}");
     assert_eq!(out.state().status(), MigrationStatus::Failed, "never completed");
     assert_eq!(calls.get(), vec!["stop"], "the package went out: the guest is not resumed here");
+}
+
+#[test]
+fn a_destination_lost_in_postcopy_fails_the_source_promptly_and_says_the_guest_stays_stopped() {
+    let _s = serial();
+    const LEN: usize = 4 << 20;
+    let uri = common::sock("pcsrc", "vanish");
+    let dst = destination_with(&uri, LEN, vec![], Fail::Vanish);
+    let g = guest(LEN);
+    let region = g.region("mem").expect("region");
+    // Slow background pages: the loss is found while sending them.
+    let out = postcopy_out(0, 1 << 20).with_postcopy_after(Duration::ZERO);
+    let mut calls = Calls::default();
+    let ch = connect(&uri, out.cancel()).expect("connect");
+    let e = std::thread::scope(|s| {
+        let run = s.spawn(|| out.run(ch, &mut [RamRegion::new(&region)], &mut calls));
+        let seen = dst.join().expect("destination");
+        assert_eq!(seen.error.as_deref(), Some("vanished"));
+        let gone = Instant::now();
+        let r = run.join().expect("migration thread");
+        assert!(gone.elapsed() < Duration::from_secs(2), "failed {:?} after the loss", gone.elapsed());
+        r
+    })
+    .expect_err("the destination is gone");
+    let text = engine::error::report(&e);
+    assert!(matches!(e, EngineError::Postcopy(_)), "{text}");
+    assert!(text.contains("cannot resume on the source"), "{text}");
+    assert_eq!(out.state().status(), MigrationStatus::Failed);
+    assert_eq!(calls.get(), vec!["stop"]);
 }
 
 #[test]
