@@ -159,6 +159,9 @@ fn live_guest_postcopy_into_qemu_discards_dirtied_pages() {
     .unwrap_or_else(|e| panic!("{}\nQEMU: {}", qmig::engine::error::report(&e), qemu.stderr()));
     assert_eq!(info.status, MigrationStatus::Completed);
     assert!(info.postcopy_bytes > 0 && info.precopy_bytes > 0 && info.downtime_bytes > 0, "{:?}", info.to_json());
+    // Some pages went twice (sent, dirtied, discarded, sent again): QEMU places a
+    // postcopy page only where there is none, so its completing shows the discards.
+    assert!(info.normal + info.duplicate > RAM_LEN / 4096, "{:?}", info.to_json());
     assert_eq!(destination_status(&mut qemu), "completed", "QEMU: {}", qemu.stderr());
     assert!(guest.writes() > 0);
     let mut expect = vec![0u8; RAM_LEN as usize];

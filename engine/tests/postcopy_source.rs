@@ -335,6 +335,37 @@ fn a_live_guests_pages_dirtied_after_sending_are_discarded_and_sent_again() {
 }
 
 #[test]
+fn postcopy_after_starts_at_the_end_of_the_first_pass_when_that_is_sooner() {
+    let _s = serial();
+    const LEN: usize = 2 << 20; // 512 pages: the first pass takes about 0.5 s
+    let uri = common::sock("pcsrc", "after");
+    let dst = destination(&uri, LEN, vec![]);
+    let mut g = guest(LEN);
+    let region = g.region("mem").expect("region");
+    // A guest pre-copy cannot converge with (downtime-limit 1 ms), and a delay far
+    // longer than the first pass: postcopy starts when the first pass is done.
+    g.start(1, 8 << 20, 9);
+    let p = MigrationParameters { max_bandwidth: 4 << 20, downtime_limit: 1, ..Default::default() };
+    let caps = MigrationCapabilities { postcopy_ram: true, ..Default::default() };
+    let out = Outgoing::new(SharedParameters::new(p).expect("params"), caps)
+        .expect("outgoing")
+        .with_postcopy_after(Duration::from_secs(60));
+    let ch = connect(&uri, out.cancel()).expect("connect");
+    let mut vcpus = g.vcpus();
+    let dirty = g.dirty();
+    let t0 = Instant::now();
+    let info = out.run(ch, &mut [RamRegion::new(&region).with_dirty(dirty)], &mut vcpus).expect("completes");
+    let seen = dst.join().expect("destination");
+    assert_eq!(seen.error, None);
+    assert!(t0.elapsed() < Duration::from_secs(20), "not the 60 s delay: {:?}", t0.elapsed());
+    assert!(info.postcopy_bytes > 0, "{:?}", info.to_json());
+    assert!(info.precopy_bytes >= LEN as u64, "the first pass went out before the switch: {:?}", info.to_json());
+    let expect = image(&g);
+    g.shutdown();
+    assert!(seen.ram == expect, "destination differs from the guest at stop");
+}
+
+#[test]
 fn a_request_outside_every_block_fails_with_its_offset_and_the_guest_stays_stopped() {
     let _s = serial();
     const LEN: usize = 1 << 20;
