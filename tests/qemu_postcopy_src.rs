@@ -13,6 +13,7 @@
 //! - `qmig send --pause-before-switchover --control unix:PATH` into QEMU: held in
 //!   `pre-switchover` (seen over the control socket), continued by
 //!   `qmig migrate-continue --control unix:PATH`; and the same with `--postcopy`.
+//! - `qmig send --postcopy` switched by `qmig migrate-start-postcopy` mid-pass.
 //!
 //! Without QEMU the tests print a skip line and pass, except with `CI=true`.
 
@@ -333,4 +334,50 @@ fn send_postcopy_with_pause_before_switchover_into_qemu() {
     let st = send_paused_into_qemu(NAME, 0x9c_0005, &["postcopy-ram"], &extra, "pre-switchover");
     assert_eq!(st["status"], "completed", "{st}");
     assert!(st["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+}
+
+#[test]
+fn send_postcopy_started_by_a_second_command_into_qemu() {
+    const NAME: &str = "pcsrc_send_start_cmd";
+    if qemu_or_skip(NAME).is_none() {
+        return;
+    }
+    let dir = TestDir::new(NAME);
+    let (src, ram) = src_file(&dir, 0x9c_0006);
+    let (mut qemu, uri) = qemu_destination(&dir, &["postcopy-ram"]);
+    let control = format!("unix:{}", utf8(&dir.join("control.sock")));
+    let stats = dir.join("stats.json");
+    // 16 MiB at 2 MiB/s: pre-copy alone would take 8 s.
+    let err = File::create(dir.join("send.stderr")).expect("send stderr");
+    let mut send = Command::new(qmig_exe())
+        .args(["send", "--ram", &format!("mem={}", utf8(&src)), "--to", &uri, "--postcopy"])
+        .args(["--max-bandwidth", "2M", "--control", &control, "--stats-json", utf8(&stats)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("send");
+    let ctl = TestDir::new(&format!("{NAME}-ctl"));
+    let query = || {
+        let r = run_qmig(&ctl, &["query-migrate", "--control", &control], LIMIT);
+        serde_json::from_str::<Value>(r.stdout.trim()).unwrap_or(Value::Null)
+    };
+    wait_for(NAME, "active", || query()["status"].as_str().unwrap_or("").to_owned());
+    let t0 = Instant::now();
+    let r = run_qmig(&ctl, &["migrate-start-postcopy", "--control", &control], LIMIT);
+    assert!(r.status.success(), "{}", r.stderr);
+    let code = loop {
+        if let Some(c) = send.try_wait().expect("wait send") {
+            break c;
+        }
+        assert!(t0.elapsed() < LIMIT, "send never ended");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "{}", fs::read_to_string(dir.join("send.stderr")).unwrap_or_default());
+    assert_eq!(destination_status(&mut qemu), "completed", "QEMU: {}", qemu.stderr());
+    let st: Value = serde_json::from_str(fs::read_to_string(&stats).expect("stats").trim()).expect("stats JSON");
+    let bytes = |k: &str| st["ram"][k].as_u64().unwrap_or(0);
+    assert!(bytes("precopy-bytes") > 0 && bytes("postcopy-bytes") > bytes("precopy-bytes"), "{st}");
+    assert_same_ram(NAME, &fs::read(dir.join("dst.ram")).expect("read"), &ram);
+    qemu.quit(Duration::from_secs(5)).expect("quit destination");
 }
