@@ -21,6 +21,19 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `postcopy-ram` (which opens the return path too) the source
+//! sends POSTCOPY_ADVISE after PING 1, and [`Outgoing::start_postcopy`] (QEMU's
+//! `migrate-start-postcopy`) or [`Outgoing::with_postcopy_after`] switches at the
+//! next iteration as QEMU 7.2's `postcopy_start` does: `postcopy-active` (through
+//! `pre-switchover` with `pause-before-switchover`), the guest stopped, block
+//! devices inactivated, the live devices' END sections, a final sync,
+//! POSTCOPY_RAM_DISCARD of every page still to send, PING 2, the PACKAGED device
+//! state (LISTEN, FULL sections, PING 3, RUN), PING 4; then RAM PARTs in the
+//! background (`max-postcopy-bandwidth`) with the destination's page requests
+//! served first, RAM's END, EOF without vmdesc, and `completed` after SHUT(0).
+//! Once the package may have gone out the guest is never resumed here: a failure
+//! ends `failed` with [`EngineError::Postcopy`] saying so.
+//!
 //! Every decision is the clock-free [`PrecopyCore`](crate::precopy::PrecopyCore)'s;
 //! this module is its driver: it reads the clock, does the I/O through a
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
@@ -1227,10 +1240,8 @@ impl Outgoing {
         run.postcopy_from = Some(sent);
         run.core.postcopy_started();
         self.rate.set_max_bandwidth(self.params.get().max_postcopy_bandwidth);
-        self.info.update(|i| {
-            i.downtime = Some(downtime);
-            i.downtime_bytes = downtime_bytes;
-        });
+        // `downtime` shows once completed, as QEMU 7.2 reports it.
+        self.info.update(|i| i.downtime_bytes = downtime_bytes);
         run.publish();
         tracing::info!(
             pass,
