@@ -4,7 +4,9 @@
 //!
 //! - the wire in QEMU 7.2's order: OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE
 //!   (4096, 4096), then at the switch the discards, PING 2, the PACKAGED blob
-//!   (LISTEN, devices, PING 3, RUN), PING 4, pages, EOF and no vmdesc;
+//!   (LISTEN, devices, PING 3, RUN), PING 4, pages, EOF and no vmdesc; the
+//!   prologue, PING 2 + package + PING 4, and the end byte-identical to QEMU 7.2's
+//!   postcopy fixture;
 //! - page requests sent once the guest "runs" are served ahead of the background
 //!   pages, in arrival order, and counted in `ram.postcopy-requests`;
 //! - a live guest: pages sent and then dirtied before the switch are discarded
@@ -451,4 +453,55 @@ fn start_postcopy_is_refused_without_the_capability_or_before_the_start() {
     let pc = Outgoing::new(p, MigrationCapabilities { postcopy_ram: true, ..Default::default() }).expect("outgoing");
     assert_eq!(pc.start_postcopy(), Err(StartPostcopyError::NotStarted));
     assert!(MigrationCapabilities { postcopy_ram: true, ..Default::default() }.uses_return_path());
+}
+
+#[test]
+fn the_prologue_and_the_package_are_byte_identical_to_qemu_7_2s() {
+    let _s = serial();
+    const LEN: usize = 8 << 20; // the fixture's guest: one 8 MiB block "mem"
+    let uri = common::sock("pcsrc", "bytes");
+    let token = CancelToken::new().expect("token");
+    let listener = Listener::bind(&uri, &token).expect("listen");
+    // A raw destination: the whole stream (the source closes its side after EOF),
+    // then PONGs 1-4 and SHUT(0).
+    let dst = std::thread::spawn(move || {
+        let _token = token;
+        let ch = listener.accept().expect("accept");
+        let mut rp = ch.return_path().expect("socket");
+        let mut stream = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match ch.read(&mut buf).expect("read") {
+                0 => break,
+                n => stream.extend_from_slice(&buf[..n]),
+            }
+        }
+        for v in 1..=4 {
+            send(&mut rp, RpMessage::Pong(v));
+        }
+        send(&mut rp, RpMessage::Shut(0));
+        stream
+    });
+    let g = guest(LEN);
+    let region = g.region("mem").expect("region");
+    // QEMU's source in the fixture was started with -S: globalstate says prelaunch.
+    let out = postcopy_out(0, 0).with_postcopy_after(Duration::ZERO).with_runstate("prelaunch");
+    let ch = connect(&uri, out.cancel()).expect("connect");
+    let info = out.run(ch, &mut [RamRegion::new(&region)], &mut Calls::default()).expect("completed");
+    assert_eq!(info.status, MigrationStatus::Completed);
+    let ours = dst.join().expect("destination");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/postcopy-active-none-8m-mixed32-s3.mig");
+    let qemu = std::fs::read(fixture).expect("fixture");
+    // Header, configuration, OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE, RAM's START.
+    assert_eq!(ours[..102], qemu[..102], "the prologue differs from QEMU 7.2's");
+    // PING 2, PACKAGED (LISTEN, timer, globalstate, PING 3, RUN), PING 4: QEMU's
+    // bytes 105064..105292 (see tests/fixtures/README.md).
+    let theirs = &qemu[105_064..105_292];
+    let at = ours.windows(theirs.len()).position(|w| w == theirs);
+    assert!(at.is_some(), "QEMU 7.2's PING 2 + package + PING 4 not found in our stream");
+    let at = at.unwrap_or(0);
+    // Right before them: our discards of block "mem" (version 0, the name, ranges).
+    assert_eq!(ours[at - 27..at - 27 + 5], [0x08, 0x00, 0x06, 0x00, 0x16], "one POSTCOPY_RAM_DISCARD of 22 bytes");
+    // The end: RAM's EOS and footer, EOF, no vmdesc.
+    assert_eq!(ours[ours.len() - 14..], qemu[qemu.len() - 14..], "the stream's end differs");
 }
