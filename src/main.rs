@@ -73,6 +73,39 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
+        #[arg(long, conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// With --postcopy: switch to postcopy after SECS, or when the first pass has sent every page if sooner (0: as soon as allowed); without it, only on `qmig migrate-start-postcopy`.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
+        /// QEMU's `pause-before-switchover`: hold in `pre-switchover` (guest stopped) until `qmig migrate-continue --control unix:PATH`.
+        #[arg(long = "pause-before-switchover", requires = "control")]
+        pause_before_switchover: bool,
+        /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
+        #[arg(long, value_name = "unix:PATH")]
+        control: Option<String>,
+    },
+    /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
+    #[command(name = "migrate-continue")]
+    MigrateContinue {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Switch a `qmig send --postcopy` to postcopy at its next iteration (QEMU's `migrate-start-postcopy`).
+    #[command(name = "migrate-start-postcopy")]
+    MigrateStartPostcopy {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Print a running `qmig send`'s `query-migrate` statistics (one JSON line).
+    #[command(name = "query-migrate")]
+    QueryMigrate {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -421,7 +454,29 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::MigrateContinue { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
+        }
+        Cmd::MigrateStartPostcopy { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-start-postcopy", None)?;
+        }
+        Cmd::QueryMigrate { control } => {
+            print_line(&qmig::control::execute(&qmig::control::parse_control(&control)?, "query-migrate", None)?);
+        }
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            stats_json,
+            postcopy,
+            postcopy_after,
+            pause_before_switchover,
+            control,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
@@ -437,6 +492,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                postcopy,
+                postcopy_after: postcopy_after
+                    .map(|s| {
+                        std::time::Duration::try_from_secs_f64(s)
+                            .map_err(|_| qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                    })
+                    .transpose()?,
+                pause_before_switchover,
+                control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
             let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
             let mut stats = qmig::send::stats_json(&info);

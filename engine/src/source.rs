@@ -21,6 +21,19 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `postcopy-ram` (which opens the return path too) the source
+//! sends POSTCOPY_ADVISE after PING 1, and [`Outgoing::start_postcopy`] (QEMU's
+//! `migrate-start-postcopy`) or [`Outgoing::with_postcopy_after`] switches at the
+//! next iteration as QEMU 7.2's `postcopy_start` does: `postcopy-active` (through
+//! `pre-switchover` with `pause-before-switchover`), the guest stopped, block
+//! devices inactivated, the live devices' END sections, a final sync,
+//! POSTCOPY_RAM_DISCARD of every page still to send, PING 2, the PACKAGED device
+//! state (LISTEN, FULL sections, PING 3, RUN), PING 4; then RAM PARTs in the
+//! background (`max-postcopy-bandwidth`) with the destination's page requests
+//! served first, RAM's END, EOF without vmdesc, and `completed` after SHUT(0).
+//! Once the package may have gone out the guest is never resumed here: a failure
+//! ends `failed` with [`EngineError::Postcopy`] saying so.
+//!
 //! Every decision is the clock-free [`PrecopyCore`](crate::precopy::PrecopyCore)'s;
 //! this module is its driver: it reads the clock, does the I/O through a
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
@@ -51,6 +64,10 @@ const FIRST_DEVICE_ID: u32 = 5;
 /// destination's SHUT before it fails (QEMU 7.2 waits forever); see
 /// [`Outgoing::with_shut_timeout`].
 pub const DEFAULT_SHUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pages queued at most in postcopy before they are sent (a page request waits
+/// behind them).
+const POSTCOPY_BATCH: u64 = 16;
 
 /// How long a failed channel waits for the destination's reason on the return path.
 const REASON_WAIT: Duration = Duration::from_millis(500);
@@ -489,10 +506,12 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
             }
-            if t.requested && postcopy {
+            n += 1;
+            // In postcopy a request waits behind what is queued: keep the queue short
+            // (QEMU's buffer holds about as much), and send a requested page at once.
+            if postcopy && (t.requested || n.is_multiple_of(POSTCOPY_BATCH)) {
                 self.w.get_mut().flush_now()?;
             }
-            n += 1;
             if n.is_multiple_of(64) {
                 if self.out.cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
@@ -781,8 +800,6 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                // After the package the destination may run the guest: never resume here.
-                let e = if undo.postcopy && !cancelled { EngineError::Postcopy(Box::new(e)) } else { e };
                 let resumed = if undo.stopped && !undo.postcopy {
                     vcpus.resume().map_err(|e| EngineError::Vmm(e.on(VmmPart::Vcpu("resume"))))
                 } else {
@@ -790,8 +807,11 @@ impl Outgoing {
                 };
                 let mut e = if cancelled { EngineError::Cancelled } else { e };
                 if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
-                    *said = undo.stopped && !undo.postcopy && resumed.is_ok();
+                    *said = undo.stopped && resumed.is_ok();
                 }
+                // After the package the destination may run the guest: it was not
+                // resumed here, and the error says why (a cancel stays a cancel).
+                let e = if undo.postcopy { EngineError::Postcopy(Box::new(e)) } else { e };
                 self.info.update(|i| {
                     i.total_time = start.elapsed();
                     if !cancelled {
@@ -1220,10 +1240,8 @@ impl Outgoing {
         run.postcopy_from = Some(sent);
         run.core.postcopy_started();
         self.rate.set_max_bandwidth(self.params.get().max_postcopy_bandwidth);
-        self.info.update(|i| {
-            i.downtime = Some(downtime);
-            i.downtime_bytes = downtime_bytes;
-        });
+        // `downtime` shows once completed, as QEMU 7.2 reports it.
+        self.info.update(|i| i.downtime_bytes = downtime_bytes);
         run.publish();
         tracing::info!(
             pass,
