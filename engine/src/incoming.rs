@@ -65,6 +65,10 @@ pub enum IncomingError {
     /// The stream broke postcopy's rules (a command out of place, a page size that differs...).
     #[error("{0}")]
     Protocol(String),
+    /// The stream failed after POSTCOPY_LISTEN: the guest's missing pages are lost
+    /// (QEMU's `postcopy-paused` and recovery are not implemented).
+    #[error("postcopy: the stream failed while the guest's pages were still arriving (no postcopy recovery): {0}")]
+    PostcopyStream(savevm_format::Error),
     /// Postcopy failed here (userfaultfd, the fault thread, placing a page).
     #[error("{0}")]
     Postcopy(String),
@@ -288,6 +292,10 @@ impl IncomingError {
             IncomingError::State(_) => Origin::Local,
             IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
             IncomingError::Protocol(_) => Origin::Peer,
+            IncomingError::PostcopyStream(e) => match &e.kind {
+                savevm_format::ErrorKind::Io(io) if transports::is_cancelled(io) => Origin::Cancel,
+                _ => Origin::Peer,
+            },
             IncomingError::Postcopy(_) => Origin::Vmm,
             // The source's end of the return path went away under our SHUT(0).
             IncomingError::ReturnPath(_) => Origin::Peer,
@@ -679,7 +687,8 @@ fn listen_loop<R: Read>(
         if let Some(e) = threads.fault_error() {
             return Err(IncomingError::Postcopy(e));
         }
-        let ev = d.next_with(&mut savevm_format::NoSink)?.ok_or(IncomingError::Incomplete)?;
+        let ev = d.next_with(&mut savevm_format::NoSink).map_err(IncomingError::PostcopyStream)?;
+        let ev = ev.ok_or(IncomingError::Incomplete)?;
         match ev {
             Event::Page { block, offset, data: Some(data) }
             | Event::CompressedPage { block, offset, data: Some(data) } => {

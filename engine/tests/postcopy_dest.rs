@@ -338,7 +338,8 @@ fn source_dying_in_postcopy_fails_fast_and_leaves_no_thread() {
     let took = t.elapsed();
     feed.join().unwrap();
     let e = r.expect_err("the stream ended in postcopy");
-    assert!(matches!(e, IncomingError::Stream(_) | IncomingError::Incomplete), "{e:?}");
+    assert!(matches!(e, IncomingError::PostcopyStream(_)), "{e:?}");
+    assert!(e.to_string().contains("no postcopy recovery"), "{e}");
     assert_eq!(inc.state.status(), MigrationStatus::Failed);
     assert_eq!(wire.messages().last(), Some(&RpMessage::Shut(1)));
     assert!(took < LIMIT, "took {took:?}");
