@@ -5,7 +5,7 @@
 #
 #   fuzz/run.sh TARGET|all SECONDS [--merge]
 #
-# Runs `cargo fuzz run --sanitizer none` (stable Rust: no sanitizer), one job,
+# Runs `cargo fuzz run --sanitizer none` (stable Rust: no sanitizer), one process
 # with debug assertions (overflow checks) on. New inputs go to fuzz/work/TARGET/
 # (git-ignored); the committed corpus fuzz/corpus/TARGET/ and the reproducers in
 # fuzz/regressions/TARGET/ are read as seeds. With --merge the committed corpus
@@ -55,7 +55,7 @@ run_one() {
     echo "== $t: fuzzing for $secs s (log: fuzz/$log)"
     # shellcheck disable=SC2046 # options are words on purpose
     cargo fuzz run --sanitizer none --debug-assertions "$t" "work/$t" "corpus/$t" "regressions/$t" -- \
-        -max_total_time="$secs" -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" $(options "$t") >"$log" 2>&1 || true
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     last=$(grep -E '^#[0-9]+' "$log" | tail -n 1 || true)

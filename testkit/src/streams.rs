@@ -11,11 +11,8 @@ use savevm_format::{section_ids, write_guest_epilogue, Configuration, RamBlock, 
 pub fn paged_stream(bits: u32, blocks: &[(&str, u64)], part: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
     let mut s = StreamWriter::new(Vec::new());
     s.header().expect("header");
-    let cfg = Configuration {
-        machine: "none".into(),
-        target_page_bits: (bits != 12).then_some(bits),
-        ..Default::default()
-    };
+    let cfg =
+        Configuration { machine: "none".into(), target_page_bits: (bits != 12).then_some(bits), ..Default::default() };
     s.configuration(&cfg).expect("configuration");
     s.section_start(section_ids::RAM, "ram", 0, 4).expect("RAM START");
     let list: Vec<RamBlock> = blocks.iter().enumerate().map(|(i, (n, l))| RamBlock::new(i, *n, *l)).collect();
