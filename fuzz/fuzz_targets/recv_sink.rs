@@ -25,4 +25,6 @@ impl harness::Meter for alloc_guard::AllocGuard {
     }
 }
 
-fuzz_target!(|data: &[u8]| harness::run(data, &GUARD));
+fuzz_target!(|data: &[u8]| {
+    harness::run(data, &GUARD);
+});

@@ -87,8 +87,8 @@ impl PageSink for Model {
     }
 }
 
-/// One fuzz input, as the fuzz target and the corpus test run it.
-pub fn run(data: &[u8], meter: &dyn Meter) {
+/// One fuzz input, as the fuzz target and the corpus test run it; true when it loaded.
+pub fn run(data: &[u8], meter: &dyn Meter) -> bool {
     let mut model = Model { mem: (0..REGIONS.len()).map(initial).collect(), tps: 4096, placed: Vec::new() };
     let want = Incoming::new(false).run(data, &mut model, &mut VmParts::default(), &mut NoVcpus);
 
@@ -127,4 +127,5 @@ pub fn run(data: &[u8], meter: &dyn Meter) {
             );
         }
     }
+    got.is_ok()
 }

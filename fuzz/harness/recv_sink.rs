@@ -183,8 +183,8 @@ fn data_ranges(f: &std::fs::File, len: u64) -> Vec<(u64, u64)> {
     v
 }
 
-/// One fuzz input, as the fuzz target and the corpus test run it.
-pub fn run(data: &[u8], meter: &dyn Meter) {
+/// One fuzz input, as the fuzz target and the corpus test run it; true when it loaded.
+pub fn run(data: &[u8], meter: &dyn Meter) -> bool {
     let mut model = Model::default();
     let want = Incoming::new(false).run(data, &mut model, &mut VmParts::default(), &mut NoGuest);
 
@@ -207,7 +207,7 @@ pub fn run(data: &[u8], meter: &dyn Meter) {
                     assert!(!p.exists(), "{} left behind after a failed load ({w} / {g}; {note:?})", p.display());
                 }
             }
-            return;
+            return false;
         }
         (Ok(_), Err(g)) => panic!("the model loaded, the RAM files failed: {g}"),
         (Err(w), Ok(_)) => panic!("the RAM files loaded, the model failed: {w}"),
@@ -274,4 +274,5 @@ pub fn run(data: &[u8], meter: &dyn Meter) {
     }
     let extra = std::fs::read_dir(dir()).expect("read fuzz directory").count();
     assert!(extra <= targets.len(), "{extra} files in the RAM directory");
+    true
 }
