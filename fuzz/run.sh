@@ -5,6 +5,7 @@
 #
 #   fuzz/run.sh TARGET|all SECONDS [--merge]
 #
+# SECONDS 0 fuzzes nothing (with --merge: only the merge of an earlier run).
 # Runs `cargo fuzz run --sanitizer none` (stable Rust: no sanitizer), one process
 # with debug assertions (overflow checks) on. New inputs go to fuzz/work/TARGET/
 # (git-ignored); the committed corpus fuzz/corpus/TARGET/ and the reproducers in
@@ -50,8 +51,27 @@ run_one() {
     t=$1
     targets | grep -qx "$t" || usage
     mkdir -p "work/$t" "corpus/$t" "regressions/$t" "artifacts/$t"
-    log="work/$t.log"
     before=$(ls "artifacts/$t" | wc -l)
+    if [ "$secs" -gt 0 ]; then
+        fuzz_one "$t"
+    fi
+    if [ "$merge" = --merge ]; then
+        cargo fuzz build --sanitizer none --debug-assertions "$t" >"work/$t.build.log" 2>&1
+        bin=$(ls -d target/*/release/"$t" | head -n 1)
+        new=$(mktemp -d)
+        # shellcheck disable=SC2046
+        "$bin" -merge=1 -timeout=10 $(options "$t") "$new" "corpus/$t" "work/$t" >"work/$t.merge.log" 2>&1
+        find "$new" -type f -size +64k -delete
+        rm -rf "corpus/$t"
+        mv "$new" "corpus/$t"
+        chmod 755 "corpus/$t"
+        echo "  corpus merged: $(ls "corpus/$t" | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
+    fi
+}
+
+fuzz_one() {
+    t=$1
+    log="work/$t.log"
     echo "== $t: fuzzing for $secs s (log: fuzz/$log)"
     # shellcheck disable=SC2046 # options are words on purpose
     cargo fuzz run --sanitizer none --debug-assertions "$t" "work/$t" "corpus/$t" "regressions/$t" -- \
@@ -73,16 +93,6 @@ run_one() {
         echo "  the run did not finish cleanly: see fuzz/$log" >&2
         tail -n 20 "$log" >&2
         found=1
-    fi
-    if [ "$merge" = --merge ]; then
-        bin=$(ls -d target/*/release/"$t" | head -n 1)
-        new=$(mktemp -d)
-        "$bin" -merge=1 -timeout=10 $(options "$t") "$new" "corpus/$t" "work/$t" >"work/$t.merge.log" 2>&1
-        find "$new" -type f -size +64k -delete
-        rm -rf "corpus/$t"
-        mv "$new" "corpus/$t"
-        chmod 755 "corpus/$t"
-        echo "  corpus merged: $(ls "corpus/$t" | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
     fi
 }
 

@@ -120,6 +120,7 @@ fn xbzrle_corpus() {
 fn recv_sink_corpus() {
     // Streams that load exercise the checks after a load, not only refusals.
     let loaded = each("recv_sink", |d| recv_sink::run(d, &Meter));
+    recv_sink::cleanup();
     assert!(loaded >= 2, "only {loaded} recv_sink inputs loaded");
 }
 

@@ -60,11 +60,26 @@ fn dir() -> &'static Path {
     DIR.get_or_init(|| {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        // Directories of earlier runs whose process is gone (a fuzzer exits without
+        // cleaning up) are removed first.
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("qmig-fuzz-recv-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let d = base.join(format!("qmig-fuzz-recv-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("fuzz directory");
         d
     })
+}
+
+/// Removes this process's RAM file directory (the corpus test calls it at the end).
+pub fn cleanup() {
+    let _ = std::fs::remove_dir_all(dir());
 }
 
 fn existing_bytes() -> Vec<u8> {
