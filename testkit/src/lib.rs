@@ -8,6 +8,7 @@
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
 //! - `netfault` (Linux): network namespaces joined by a veth pair (rate, cut) and a fault-injecting TCP proxy.
 //! - [`rng`] holds the SplitMix64 generator.
+//! - [`streams`]: hand-built streams (any target page size) for destination tests.
 //! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
 
 #![warn(missing_docs)]
@@ -19,6 +20,7 @@ pub mod pattern;
 pub mod qemu;
 pub mod rng;
 pub mod state;
+pub mod streams;
 pub mod synthetic;
 
 pub use alloc_guard::AllocGuard;
