@@ -132,7 +132,7 @@ pub enum EngineError {
         match (after_eof, error) {
             (true, _) => "the destination did not confirm the migration: ",
             // Reading it failed (a reset, a timeout): the link, not necessarily the destination.
-            (false, ReturnPathError::Decode { .. }) => "the return path failed: ",
+            (false, ReturnPathError::Decode { .. }) => "the return path from the destination failed: ",
             (false, _) => "the destination ended the migration: ",
         },
         if *resumed { "; the guest was resumed on the source" } else { "" }
