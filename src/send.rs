@@ -141,6 +141,10 @@ pub fn send_watched(
     if opts.pause_before_switchover && opts.control.is_none() {
         return Err(Error::Usage("--pause-before-switchover needs --control unix:PATH to continue from".into()));
     }
+    if let Some(p) = opts.control.as_deref().filter(|p| p.exists()) {
+        // Refused before connecting, so the destination never sees a stream begin.
+        return Err(Error::Usage(format!("--control {}: the file exists already", p.display())));
+    }
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let ch = connect(uri, cancel).map_err(Error::transport)?;
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
