@@ -406,7 +406,7 @@ fn advised_but_never_switched_loads_as_precopy() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let ram: Vec<u8> = (0..LEN).map(|i| if (i / PAGE) % 3 == 0 { (i % 251) as u8 } else { 0 }).collect();
+    let ram: Vec<u8> = (0..LEN).map(|i| if (i / PAGE).is_multiple_of(3) { (i % 251) as u8 } else { 0 }).collect();
     let pre = [Command::OpenReturnPath, Command::Ping(1), Command::PostcopyAdvise(Some((4096, 4096)))];
     let blocks = [RamBlock::new(0, "mem", LEN as u64)];
     let mut s = StreamWriter::new(Vec::new());
