@@ -565,6 +565,14 @@ impl ImageSink {
     }
 }
 
+impl engine::postcopy_dest::PostcopySink for ImageSink {
+    /// The block's shared mapping of its file (kept until the sink is dropped).
+    fn host_memory(&self, block: &savevm_format::RamBlock) -> Option<(u64, u64)> {
+        let img = self.images.get(block.index)?.as_ref()?;
+        Some((img.map.as_ptr() as u64, img.map.len() as u64))
+    }
+}
+
 impl savevm_format::PageSink for ImageSink {
     fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> std::result::Result<(), String> {
         self.setup(blocks).map_err(|e| e.report())

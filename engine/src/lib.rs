@@ -78,6 +78,7 @@ pub mod memory;
 #[cfg(feature = "vm-memory")]
 pub mod mmap;
 pub mod params;
+pub mod postcopy_dest;
 pub mod precopy;
 pub mod return_path;
 pub mod sink;

@@ -1031,6 +1031,36 @@ impl savevm_format::PageSink for RamSink<'_> {
             page.fill(fill);
         }
     }
+
+    /// Drop the pages (QEMU's `ram_block_discard_range` on anonymous memory:
+    /// `MADV_DONTNEED`, after turning transparent huge pages off for them as its
+    /// postcopy does): they read as zero, and under postcopy's userfaultfd they fault.
+    fn discard(&mut self, _block: &savevm_format::RamBlock, start: u64, len: u64) {
+        let (Ok(s), Ok(l)) = (usize::try_from(start), usize::try_from(len)) else { return };
+        let Ok(range) = self.ram.subslice(s, l) else { return };
+        let ptr = range.ptr_guard_mut().as_ptr();
+        // SAFETY: `ptr..ptr+l` is inside this VM's anonymous RAM mapping (a checked
+        // subslice); the advice only drops page contents (the guest reads zeros,
+        // which is what a discard means) and never unmaps anything.
+        unsafe {
+            libc::madvise(ptr.cast(), l, libc::MADV_NOHUGEPAGE);
+            libc::madvise(ptr.cast(), l, libc::MADV_DONTNEED);
+        }
+        if let Some(k) = self.known_zero.as_mut() {
+            for p in start / 4096..start.saturating_add(len).div_ceil(4096) {
+                if let Some(w) = k.get_mut((p / 64) as usize) {
+                    *w |= 1u64 << (p % 64);
+                }
+            }
+        }
+    }
+}
+
+impl engine::postcopy_dest::PostcopySink for RamSink<'_> {
+    /// Guest RAM: one anonymous private mapping (the KVM slots are views of it).
+    fn host_memory(&self, _block: &savevm_format::RamBlock) -> Option<(u64, u64)> {
+        Some((self.ram.ptr_guard().as_ptr() as u64, self.ram.len() as u64))
+    }
 }
 
 fn splitmix(s: &mut u64) -> u64 {
