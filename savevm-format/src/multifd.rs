@@ -63,7 +63,8 @@ impl InitialPacket {
 }
 
 /// Payload compression of a channel (QEMU's `multifd-compression`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     #[default]
     /// Raw pages.
