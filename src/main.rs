@@ -73,6 +73,8 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -161,7 +163,38 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
+}
+
+/// Capability `multifd` and its parameters (QEMU's names, defaults and ranges).
+#[derive(clap::Args, Debug, Clone)]
+struct MultifdArgs {
+    /// Capability `multifd` with N channels (`multifd-channels`, 1..=255; QEMU's default is 2): pages on N extra connections; tcp: and unix: only. Both ends need the same N.
+    #[arg(long = "multifd", value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    multifd: Option<u8>,
+    /// `multifd-compression`: none, zlib or zstd (both ends the same).
+    #[arg(long = "multifd-compression", default_value = "none", requires = "multifd")]
+    compression: savevm_format::multifd::Compression,
+    /// `multifd-zlib-level` (0..=9).
+    #[arg(long = "multifd-zlib-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=9))]
+    zlib_level: u8,
+    /// `multifd-zstd-level` (0..=20).
+    #[arg(long = "multifd-zstd-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=20))]
+    zstd_level: u8,
+}
+
+impl MultifdArgs {
+    /// The multifd parameters set in `p`.
+    fn apply(&self, p: &mut engine::params::MigrationParameters) {
+        if let Some(n) = self.multifd {
+            p.multifd_channels = n;
+        }
+        p.multifd_compression = self.compression;
+        p.multifd_zlib_level = self.zlib_level;
+        p.multifd_zstd_level = self.zstd_level;
+    }
 }
 
 #[derive(clap::Args)]
@@ -404,12 +437,25 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            stats_json,
+            multifd,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
+            let mut params = engine::params::MigrationParameters { max_bandwidth, ..Default::default() };
+            multifd.apply(&mut params);
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params: engine::params::MigrationParameters { max_bandwidth, ..Default::default() },
+                params,
+                multifd: multifd.multifd,
                 auto_converge: false,
                 return_path: if return_path {
                     Some(true)
@@ -504,7 +550,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
             kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, stats_json, multifd } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -512,7 +558,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let opts = qmig::recv::RecvOptions {
+                progress: stdout_is_terminal(),
+                multifd: multifd.multifd,
+                multifd_compression: multifd.compression,
+            };
+            let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, &opts)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

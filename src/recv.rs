@@ -88,20 +88,58 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
+    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, ..Default::default() })
+}
+
+/// Options of a receive.
+#[derive(Debug, Clone, Default)]
+pub struct RecvOptions {
+    /// Show a progress line on stderr.
+    pub progress: bool,
+    /// Capability `multifd` with this many channels (`multifd-channels`): tcp: and unix: only.
+    pub multifd: Option<u8>,
+    /// `multifd-compression` the channels must carry.
+    pub multifd_compression: savevm_format::multifd::Compression,
+}
+
+/// [`recv`] with [`RecvOptions`].
+pub fn recv_opts(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    opts: &RecvOptions,
+) -> Result<Received> {
+    let progress = opts.progress;
+    if opts.multifd.is_some() {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+    }
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
     let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
+    let rate = RateLimit::new(0);
+    let mut channels = None;
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
         let ch = listener.accept_another().map_err(Error::transport)?;
         let main = ch.return_path().ok();
+        if let Some(n) = opts.multifd {
+            // QEMU 7.2: the main channel first, then the multifd ones in any order.
+            let expect = savevm_format::multifd::ChannelExpect {
+                uuid: [0; 16],
+                channels: n,
+                compression: opts.multifd_compression,
+            };
+            let accepted = engine::multifd::IncomingChannels::accept(expect, &rate, || listener.accept_another())
+                .map_err(|e| Error::incoming(engine::incoming::IncomingError::Multifd(e)))?;
+            channels = Some(accepted);
+        }
         (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
     } else {
         (listener.accept().map_err(Error::transport)?, None)
     };
     let start = Instant::now();
-    let rate = RateLimit::new(0);
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
     // the source opens its return path; exec:, file: and pipes have none.
     let open_return_path = channel_return_path(&ch);
@@ -110,14 +148,45 @@ pub fn recv_with(
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let outcome =
-        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    let main_stop = reader.channel().return_path().ok();
+    let outcome = match channels {
+        None => incoming.run_with_return_path(
+            &mut reader,
+            &mut dest,
+            &mut VmParts::default(),
+            &mut NoGuest,
+            open_return_path,
+        ),
+        Some(channels) => {
+            dest = dest.shared();
+            // A failed channel stops the main stream's reads at once.
+            let stop = move || {
+                if let Some(m) = &main_stop {
+                    let _ = m.shutdown(std::net::Shutdown::Read);
+                }
+            };
+            incoming.run_multifd(
+                &mut reader,
+                channels,
+                &mut dest,
+                &mut VmParts::default(),
+                &mut NoGuest,
+                open_return_path,
+                Arc::new(stop),
+            )
+        }
+    };
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
         .map_err(|e| match e {
+            _ if multifd && opts.multifd.is_some() => Error::Usage(format!(
+                "more multifd channels connected than multifd-channels {} (the source's multifd-channels must \
+                 match)",
+                opts.multifd.unwrap_or(0)
+            )),
             _ if multifd => Error::Usage(
-                "a multifd channel connected: the source has capability multifd, which this destination does not \
-                 implement"
+                "a multifd channel connected: the source has capability multifd; run recv with --multifd N (the \
+                 source's multifd-channels)"
                     .into(),
             ),
             e => Error::incoming(e),

@@ -30,6 +30,9 @@ pub struct SendOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<crate::watch::Timeout>,
+    /// Capability `multifd` with this many channels (`multifd-channels`; compression
+    /// and levels are in `params`): tcp: and unix: only.
+    pub multifd: Option<u8>,
 }
 
 impl Default for SendOptions {
@@ -41,6 +44,7 @@ impl Default for SendOptions {
             return_path: None,
             progress: false,
             timeout: None,
+            multifd: None,
         }
     }
 }
@@ -115,10 +119,25 @@ pub fn send_watched(
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
-    let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut params = opts.params.clone();
+    if let Some(n) = opts.multifd {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        params.multifd_channels = n;
+    }
+    let params = SharedParameters::new(params).map_err(|e| Error::Usage(e.to_string()))?;
     let ch = connect(uri, cancel).map_err(Error::transport)?;
+    // The multifd channels connect after the main one (QEMU 7.2's order).
+    let channels = match opts.multifd {
+        Some(n) => Some((0..n).map(|_| connect(uri, cancel)).collect::<std::result::Result<Vec<_>, _>>().map_err(Error::transport)?),
+        None => None,
+    };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
-    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, return_path, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path,
+        multifd: channels.is_some(),
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let stop = AtomicBool::new(false);
     let progress = opts.progress.then(|| crate::watch::Progress::outgoing(&out));
@@ -127,7 +146,10 @@ pub fn send_watched(
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
-        let r = out.run(ch, &mut ram, &mut Stopped);
+        let r = match channels {
+            Some(channels) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
+            None => out.run(ch, &mut ram, &mut Stopped),
+        };
         stop.store(true, Ordering::Relaxed);
         r
     });

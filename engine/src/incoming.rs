@@ -58,6 +58,10 @@ pub enum IncomingError {
     /// A PING before any OPEN_RETURN_PATH (QEMU's wording).
     #[error("CMD_PING ({0:#x}) received with no return path")]
     PingWithoutReturnPath(u32),
+    /// A multifd channel failed (named in the error: bad initial packet, uuid, id,
+    /// packet, block, offset, payload, or its connection).
+    #[error(transparent)]
+    Multifd(#[from] crate::multifd::MultifdError),
     /// The final SHUT(0) could not be written: the source cannot know we succeeded.
     #[error("return path: cannot send SHUT(0) to the source: {0}")]
     ReturnPath(String),
@@ -236,6 +240,8 @@ impl IncomingError {
             IncomingError::Vmm(_) | IncomingError::PageNotPlaced { .. } => Origin::Vmm,
             IncomingError::State(_) => Origin::Local,
             IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
+            IncomingError::Multifd(e) if e.is_cancel() => Origin::Cancel,
+            IncomingError::Multifd(_) => Origin::Peer,
             // The source's end of the return path went away under our SHUT(0).
             IncomingError::ReturnPath(_) => Origin::Peer,
         }
@@ -274,6 +280,12 @@ fn body_outcome(body: &RawBody<'_>, loaded: Result<(), VmmError>) -> Result<(), 
         IncomingError::Vmm(device_error(&h.idstr, h.instance_id, e).at(at))
     })
 }
+
+/// The receiver threads of a multifd load and how to get the sink's shared regions.
+type MultifdHooks<'a, P> = (
+    &'a mut crate::multifd::Receivers,
+    fn(&mut P) -> Result<Vec<crate::memory::GuestRegion>, String>,
+);
 
 /// One incoming migration.
 #[derive(Clone, Debug)]
@@ -316,10 +328,59 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
     ) -> Result<IncomingReport, IncomingError> {
+        self.run_inner(reader, ram, vm, vcpus, open_return_path, None)
+    }
+
+    /// [`Incoming::run_with_return_path`] with capability `multifd`: `channels` (accepted
+    /// and identified) get one receiver thread each, placing pages straight into
+    /// `ram`'s shared regions; at each RAM EOS the load waits for every channel's
+    /// SYNC (QEMU 7.2). `on_channel_failure` is called from a channel's thread when it
+    /// fails (e.g. to shut down the main channel's reads so the load stops at once).
+    /// The threads are stopped and joined before this returns.
+    pub fn run_multifd<R: Read, P: crate::multifd::SharedRamSink>(
+        &self,
+        reader: R,
+        channels: crate::multifd::IncomingChannels,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+        on_channel_failure: std::sync::Arc<dyn Fn() + Send + Sync + '_>,
+    ) -> Result<IncomingReport, IncomingError> {
+        std::thread::scope(|s| {
+            let mut rx = match crate::multifd::Receivers::start(s, channels, on_channel_failure) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    let _ = self.state.transition(S::None, S::Failed);
+                    return Err(e.into());
+                }
+            };
+            let r = self.run_inner(reader, ram, vm, vcpus, open_return_path, Some((&mut rx, P::shared_regions)));
+            rx.stop();
+            r
+        })
+    }
+
+    fn run_inner<R: Read, P: PageSink>(
+        &self,
+        reader: R,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+        mut mf: Option<MultifdHooks<'_, P>>,
+    ) -> Result<IncomingReport, IncomingError> {
         let _span = tracing::info_span!("incoming", autostart = self.autostart).entered();
         self.state.transition(S::None, S::Active)?;
         let mut rp = DestReturnPath::new(open_return_path);
-        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp));
+        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp, &mut mf));
+        // A channel that failed explains a main stream that broke under it.
+        let loaded = match (loaded, &mf) {
+            (Err(e), Some((rx, _))) if !matches!(e, IncomingError::Multifd(_)) => {
+                Err(rx.failure().map_or(e, IncomingError::Multifd))
+            }
+            (l, _) => l,
+        };
         match &loaded {
             Ok(r) => tracing::info!(
                 normal = r.normal,
@@ -359,6 +420,7 @@ impl Incoming {
         vm: &mut VmParts<'_>,
         vcpus: &mut dyn VcpuControl,
         rp: &mut DestReturnPath<'_>,
+        mf: &mut Option<MultifdHooks<'_, P>>,
     ) -> Result<IncomingReport, IncomingError> {
         let mut d = Decoder::new(reader);
         // As QEMU: the trailing vmdesc is not interpreted on the destination.
@@ -423,6 +485,22 @@ impl Incoming {
                 }
                 Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => report.normal += 1,
                 Event::ZeroPage { .. } => report.duplicate += 1,
+                Event::RamBlocks(blocks) => {
+                    if let Some((rx, regions)) = mf.as_mut() {
+                        let blocks = blocks.to_vec();
+                        let regions = regions(ram).map_err(|e| {
+                            IncomingError::Vmm(VmmError::from(format!("destination RAM for multifd: {e}")))
+                        })?;
+                        rx.memory(blocks, regions);
+                    }
+                }
+                Event::RamEos => {
+                    if let Some((rx, _)) = mf.as_mut() {
+                        let before = rx.pages;
+                        rx.sync()?;
+                        report.normal += rx.pages - before;
+                    }
+                }
                 Event::Device { state, .. } => {
                     let Some((idstr, inst, version)) = section.clone() else { continue };
                     match idstr.as_str() {

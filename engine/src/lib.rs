@@ -72,6 +72,7 @@ pub mod error;
 pub mod incoming;
 pub mod info;
 pub mod memory;
+pub mod multifd;
 #[cfg(feature = "vm-memory")]
 pub mod mmap;
 pub mod params;
