@@ -584,6 +584,7 @@ fn receive(
     loop {
         let at = reader.offset();
         let Some((h, data)) = reader.next_packet().map_err(stream)? else { return Ok(()) };
+        tracing::trace!(channel = %name, packet = h.packet_num, flags = h.flags, pages = h.normal_pages, "multifd packet");
         if h.normal_pages > 0 {
             while mem.is_none() {
                 match ctl.recv() {
