@@ -5,7 +5,7 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, spawn_listening, wait_report, work_dir};
+use crate::demo::{connect_retry, multifd_args, multifd_channels, spawn_listening, wait_report, work_dir};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -46,6 +46,8 @@ pub struct KvmDemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// Capability `multifd` with this many channels (compression in `params`).
+    pub multifd: Option<u8>,
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -76,6 +78,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        multifd: opts.multifd.is_some(),
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
@@ -91,7 +94,18 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     };
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
-    let res = minivmm::migrate::migrate_out(&vm, &out, ch);
+    let channels = match multifd_channels(&uri, opts.multifd, out.cancel()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let res = match channels {
+        Some(c) => minivmm::migrate::migrate_out_multifd(&vm, &out, ch, c),
+        None => minivmm::migrate::migrate_out(&vm, &out, ch),
+    };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
@@ -179,7 +193,8 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
-        .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+        .args(["--run-on", &opts.run_on.as_millis().to_string()])
+        .args(multifd_args(opts.multifd, &opts.params));
     spawn_listening(cmd, "qmig kvm-dest")
 }
 
@@ -188,12 +203,16 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
+/// With `multifd` (`multifd-channels`, `multifd-compression`) the channels are
+/// accepted after the main one and place pages straight into guest memory.
+#[allow(clippy::too_many_arguments)]
 pub fn dest(
     ram_size: u64,
     slots: u32,
     vcpus: usize,
     uri: &MigrationUri,
     run_on: Duration,
+    multifd: Option<(u8, savevm_format::multifd::Compression)>,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
@@ -201,9 +220,22 @@ pub fn dest(
     let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
     let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
-    let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
-    let report = minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?;
+    let report = match multifd {
+        None => {
+            let ch = listener.accept().map_err(Error::transport)?;
+            minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?
+        }
+        Some((n, compression)) => {
+            engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+            let ch = listener.accept_another().map_err(Error::transport)?;
+            let expect = savevm_format::multifd::ChannelExpect { uuid: [0; 16], channels: n, compression };
+            let rate = transports::RateLimit::new(0);
+            let channels = engine::multifd::IncomingChannels::accept(expect, &rate, || listener.accept_another())
+                .map_err(|e| Error::incoming(e.into()))?;
+            minivmm::migrate::migrate_in_multifd(&mut vm, ch, channels, false).map_err(Error::incoming)?
+        }
+    };
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
     let loaded = vm.controls().map_err(vm_err)?;

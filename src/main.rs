@@ -132,6 +132,8 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -151,6 +153,8 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -306,6 +310,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    multifd: Option<u8>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -325,6 +330,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        multifd: a.multifd,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -344,10 +350,12 @@ fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
     run_on: u64,
+    multifd: &MultifdArgs,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let mf = multifd.multifd.map(|n| (n, multifd.compression));
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, mf, cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -355,7 +363,13 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(
+    _: &MigrationUri,
+    _: (u64, u32, usize),
+    _: u64,
+    _: &MultifdArgs,
+    _: &transports::CancelToken,
+) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -493,8 +507,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             stats_json,
+            multifd,
         } => {
-            let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let mut params =
+                engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            multifd.apply(&mut params);
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {
@@ -522,6 +539,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    multifd: multifd.multifd,
                     cancel,
                 });
             }
@@ -537,6 +555,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
+                multifd: multifd.multifd,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -547,8 +566,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, multifd } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, &multifd, cancel)?
         }
         Cmd::Recv { ram, from, stats_json, multifd } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
