@@ -160,11 +160,11 @@ pub fn recv_opts(
         Some(channels) => {
             dest = dest.shared();
             // A failed channel stops the main stream's reads at once.
-            let stop = move || {
+            let channels = channels.on_failure(move || {
                 if let Some(m) = &main_stop {
                     let _ = m.shutdown(std::net::Shutdown::Read);
                 }
-            };
+            });
             incoming.run_multifd(
                 &mut reader,
                 channels,
@@ -172,7 +172,6 @@ pub fn recv_opts(
                 &mut VmParts::default(),
                 &mut NoGuest,
                 open_return_path,
-                Arc::new(stop),
             )
         }
     };

@@ -128,7 +128,12 @@ pub fn send_watched(
     let ch = connect(uri, cancel).map_err(Error::transport)?;
     // The multifd channels connect after the main one (QEMU 7.2's order).
     let channels = match opts.multifd {
-        Some(n) => Some((0..n).map(|_| connect(uri, cancel)).collect::<std::result::Result<Vec<_>, _>>().map_err(Error::transport)?),
+        Some(n) => Some(
+            (0..n)
+                .map(|_| connect(uri, cancel))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(Error::transport)?,
+        ),
         None => None,
     };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());

@@ -42,7 +42,11 @@ fn wait_child(mut child: Child, what: &str) -> (std::process::ExitStatus, String
     loop {
         if child.try_wait().expect("try_wait").is_some() {
             let out = child.wait_with_output().expect("output");
-            return (out.status, String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into());
+            return (
+                out.status,
+                String::from_utf8_lossy(&out.stdout).into(),
+                String::from_utf8_lossy(&out.stderr).into(),
+            );
         }
         if Instant::now() >= deadline {
             let _ = child.kill();

@@ -282,10 +282,8 @@ fn body_outcome(body: &RawBody<'_>, loaded: Result<(), VmmError>) -> Result<(), 
 }
 
 /// The receiver threads of a multifd load and how to get the sink's shared regions.
-type MultifdHooks<'a, P> = (
-    &'a mut crate::multifd::Receivers,
-    fn(&mut P) -> Result<Vec<crate::memory::GuestRegion>, String>,
-);
+type MultifdHooks<'a, P> =
+    (&'a mut crate::multifd::Receivers, fn(&mut P) -> Result<Vec<crate::memory::GuestRegion>, String>);
 
 /// One incoming migration.
 #[derive(Clone, Debug)]
@@ -334,9 +332,7 @@ impl Incoming {
     /// [`Incoming::run_with_return_path`] with capability `multifd`: `channels` (accepted
     /// and identified) get one receiver thread each, placing pages straight into
     /// `ram`'s shared regions; at each RAM EOS the load waits for every channel's
-    /// SYNC (QEMU 7.2). `on_channel_failure` is called from a channel's thread when it
-    /// fails (e.g. to shut down the main channel's reads so the load stops at once).
-    /// The threads are stopped and joined before this returns.
+    /// SYNC (QEMU 7.2). The threads are stopped and joined before this returns.
     pub fn run_multifd<R: Read, P: crate::multifd::SharedRamSink>(
         &self,
         reader: R,
@@ -345,10 +341,9 @@ impl Incoming {
         vm: &mut VmParts<'_>,
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
-        on_channel_failure: std::sync::Arc<dyn Fn() + Send + Sync + '_>,
     ) -> Result<IncomingReport, IncomingError> {
         std::thread::scope(|s| {
-            let mut rx = match crate::multifd::Receivers::start(s, channels, on_channel_failure) {
+            let mut rx = match crate::multifd::Receivers::start(s, channels) {
                 Ok(rx) => rx,
                 Err(e) => {
                     let _ = self.state.transition(S::None, S::Failed);

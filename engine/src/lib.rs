@@ -72,9 +72,9 @@ pub mod error;
 pub mod incoming;
 pub mod info;
 pub mod memory;
-pub mod multifd;
 #[cfg(feature = "vm-memory")]
 pub mod mmap;
+pub mod multifd;
 pub mod params;
 pub mod precopy;
 pub mod return_path;

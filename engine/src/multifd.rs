@@ -127,9 +127,7 @@ impl MultifdError {
 pub fn check_uri(uri: &transports::MigrationUri) -> Result<(), String> {
     match uri {
         transports::MigrationUri::Tcp { .. } | transports::MigrationUri::Unix(_) => Ok(()),
-        other => Err(format!(
-            "multifd is not supported by current protocol: {other} (multifd needs tcp: or unix:)"
-        )),
+        other => Err(format!("multifd is not supported by current protocol: {other} (multifd needs tcp: or unix:)")),
     }
 }
 
@@ -196,7 +194,8 @@ impl Sender {
                 source,
             })?;
             let (jtx, jrx) = unbounded::<Job>();
-            let (w, rtx, mem, pages) = (MigrationWriter::new(ch, rate.clone()), rtx.clone(), mem.clone(), pages.clone());
+            let (w, rtx, mem, pages) =
+                (MigrationWriter::new(ch, rate.clone()), rtx.clone(), mem.clone(), pages.clone());
             let flag = compression.flag();
             std::thread::Builder::new()
                 .name(format!("qmig-multifd-send-{i}"))
@@ -431,6 +430,7 @@ pub struct IncomingChannels {
     readers: Vec<ChannelReader<MigrationReader>>,
     stoppers: Vec<Option<transports::ReturnPath>>,
     expect: ChannelExpect,
+    on_failure: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl IncomingChannels {
@@ -463,7 +463,14 @@ impl IncomingChannels {
             stoppers[id] = stop;
         }
         let readers = slots.into_iter().flatten().collect();
-        Ok(IncomingChannels { readers, stoppers, expect })
+        Ok(IncomingChannels { readers, stoppers, expect, on_failure: None })
+    }
+
+    /// Call `f` from a channel's thread when that channel fails (e.g. to shut down
+    /// the main channel's reads, so the load stops at once instead of at the next EOS).
+    pub fn on_failure(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_failure = Some(Arc::new(f));
+        self
     }
 
     /// What the channels were checked against.
@@ -502,8 +509,8 @@ impl Receivers {
     pub(crate) fn start<'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
         channels: IncomingChannels,
-        on_failure: Arc<dyn Fn() + Send + Sync + 'scope>,
     ) -> Result<Receivers, MultifdError> {
+        let on_failure: Arc<dyn Fn() + Send + Sync> = channels.on_failure.unwrap_or_else(|| Arc::new(|| {}));
         let (mtx, msgs) = unbounded();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut ctl = Vec::new();
@@ -596,7 +603,7 @@ fn receive(
             let Some(m) = mem.as_ref() else { return Ok(()) };
             let b = check_pages(&h, &m.blocks, PAGE as u64)
                 .map_err(|k| stream(savevm_format::Error::at(at, k)))?
-                .ok_or_else(|| MultifdError::Stopped { channel: name })?;
+                .ok_or(MultifdError::Stopped { channel: name })?;
             let region = m.regions.get(b.index).ok_or_else(|| {
                 stream(savevm_format::Error::at(
                     at,

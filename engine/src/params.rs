@@ -183,7 +183,8 @@ mod tests {
         assert!(MigrationParameters { multifd_channels: 0, ..Default::default() }.validate().is_err());
         assert!(MigrationParameters { multifd_zlib_level: 10, ..Default::default() }.validate().is_err());
         assert!(MigrationParameters { multifd_zstd_level: 21, ..Default::default() }.validate().is_err());
-        let c: MigrationCapabilities = serde_json::from_str(r#"{"auto-converge": true, "multifd": true}"#).expect("caps");
+        let c: MigrationCapabilities =
+            serde_json::from_str(r#"{"auto-converge": true, "multifd": true}"#).expect("caps");
         assert!(c.multifd);
         assert!(c.auto_converge && !c.pause_before_switchover);
         let v = serde_json::to_value(c).expect("serialize");

@@ -847,7 +847,10 @@ impl Outgoing {
             // QEMU 7.2's ram_save_setup with multifd: every channel's SYNC before the EOS.
             Some(mf) => {
                 w.header()?;
-                w.configuration(&savevm_format::Configuration { machine: guest.machine.clone(), ..Default::default() })?;
+                w.configuration(&savevm_format::Configuration {
+                    machine: guest.machine.clone(),
+                    ..Default::default()
+                })?;
                 for c in &commands {
                     w.command(c)?;
                 }
@@ -878,8 +881,7 @@ impl Outgoing {
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
         let t0 = Tick { now: start.elapsed(), bytes_sent: w.get_mut().bytes_sent() };
-        let mut run =
-            Run { out: self, start, core: PrecopyCore::new(&pages, t0), w, mf, _g: std::marker::PhantomData };
+        let mut run = Run { out: self, start, core: PrecopyCore::new(&pages, t0), w, mf, _g: std::marker::PhantomData };
         self.state.announce(Notification::Pass { pass: 1 });
         let setup_time = start.elapsed();
         self.info.update(|i| {

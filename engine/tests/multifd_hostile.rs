@@ -15,7 +15,6 @@ use savevm_format::multifd::{ChannelExpect, Compression, InitialPacket, PacketHe
 use savevm_format::{Configuration, ErrorKind, PageSink, PageSlot, RamBlock, StreamWriter};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use testkit::AllocGuard;
 use transports::{CancelToken, Listener, MigrationReader, RateLimit};
 
@@ -78,6 +77,14 @@ fn accept(name: &str, channels: u8, conns: Vec<Vec<u8>>) -> Result<IncomingChann
     IncomingChannels::accept(expect(channels), &RateLimit::new(0), || listener.accept_another())
 }
 
+/// The error of a result that must have failed.
+fn refused<T, E>(r: Result<T, E>, what: &str) -> E {
+    match r {
+        Ok(_) => panic!("{what}: accepted"),
+        Err(e) => e,
+    }
+}
+
 fn initial(id: u8) -> Vec<u8> {
     InitialPacket { uuid: [0; 16], channel_id: id }.encode().to_vec()
 }
@@ -97,29 +104,29 @@ fn bad_initial_packets_are_refused_naming_the_channel() {
     let _s = common::serial();
     let mut bad_magic = initial(0);
     bad_magic[0] = 0x51;
-    let (ch, m) = stream_err(accept("magic", 2, vec![bad_magic]).err().expect("bad magic refused"));
+    let (ch, m) = stream_err(refused(accept("magic", 2, vec![bad_magic]), "bad magic refused"));
     assert_eq!(ch, ChannelName::Connection(0));
     assert!(m.contains("magic"), "{m}");
 
     let mut bad_version = initial(0);
     bad_version[7] = 2;
-    let (ch, m) = stream_err(accept("version", 2, vec![bad_version]).err().expect("bad version refused"));
+    let (ch, m) = stream_err(refused(accept("version", 2, vec![bad_version]), "bad version refused"));
     assert_eq!(ch, ChannelName::Connection(0));
     assert!(m.contains("version"), "{m}");
 
     let mut bad_uuid = initial(1);
     bad_uuid[8] = 0xaa;
-    let (ch, m) = stream_err(accept("uuid", 2, vec![bad_uuid]).err().expect("uuid refused"));
+    let (ch, m) = stream_err(refused(accept("uuid", 2, vec![bad_uuid]), "uuid refused"));
     assert_eq!(ch, ChannelName::Id(1));
     assert!(m.contains("uuid"), "{m}");
 
-    let (ch, m) = stream_err(accept("id", 2, vec![initial(0), initial(2)]).err().expect("id 2 of 2 refused"));
+    let (ch, m) = stream_err(refused(accept("id", 2, vec![initial(0), initial(2)]), "id 2 of 2 refused"));
     assert_eq!(ch, ChannelName::Id(2));
     assert!(m.contains("out of range"), "{m}");
-    let e = stream_err(accept("id255", 2, vec![initial(255)]).err().expect("id 255 refused"));
+    let e = stream_err(refused(accept("id255", 2, vec![initial(255)]), "id 255 refused"));
     assert_eq!(e.0, ChannelName::Id(255));
 
-    let dup = accept("dup", 2, vec![initial(1), initial(1)]).err().expect("the same id twice refused");
+    let dup = refused(accept("dup", 2, vec![initial(1), initial(1)]), "the same id twice refused");
     assert!(matches!(dup, MultifdError::Duplicate { channel: ChannelName::Id(1) }), "{dup}");
     assert!(dup.to_string().contains("multifd channel 1"), "{dup}");
 
@@ -165,25 +172,17 @@ fn load(name: &str, channel: Vec<u8>, compression: Compression) -> IncomingError
     let stop = main.return_path().ok();
     let e = ChannelExpect { compression, ..expect(1) };
     let chans = IncomingChannels::accept(e, &RateLimit::new(0), || listener.accept_another()).expect("channel");
-    let mut ram = Ram(vec![0; BLOCK as usize]);
-    let none = Box::new(|| Err("none".to_string()));
-    let on_fail = Arc::new(move || {
+    let chans = chans.on_failure(move || {
         if let Some(s) = &stop {
             let _ = s.shutdown(std::net::Shutdown::Read);
         }
     });
+    let mut ram = Ram(vec![0; BLOCK as usize]);
+    let none = Box::new(|| Err("none".to_string()));
     let reader = MigrationReader::new(main, RateLimit::new(0));
-    let r = Incoming::new(false).run_multifd(
-        reader,
-        chans,
-        &mut ram,
-        &mut VmParts::default(),
-        &mut NoVcpus,
-        none,
-        on_fail,
-    );
+    let r = Incoming::new(false).run_multifd(reader, chans, &mut ram, &mut VmParts::default(), &mut NoVcpus, none);
     drop(keep);
-    r.err().expect("hostile channel refused")
+    refused(r, "hostile channel")
 }
 
 fn channel_error(e: IncomingError) -> (ChannelName, String) {

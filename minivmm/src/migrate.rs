@@ -69,13 +69,13 @@ pub fn migrate_in_multifd(
     let mut parts = VmParts { devices, ..Default::default() };
     let open = channel_return_path(&ch);
     let main = ch.return_path().ok();
-    let stop = std::sync::Arc::new(move || {
+    let channels = channels.on_failure(move || {
         if let Some(m) = &main {
             let _ = m.shutdown(std::net::Shutdown::Read);
         }
     });
     let reader = MigrationReader::new(ch, RateLimit::new(0));
-    Incoming::new(autostart).run_multifd(reader, channels, &mut vm.sink(), &mut parts, &mut vcpus, open, stop)
+    Incoming::new(autostart).run_multifd(reader, channels, &mut vm.sink(), &mut parts, &mut vcpus, open)
 }
 
 /// Load an incoming migration from `ch` into `vm` (RAM straight into guest
