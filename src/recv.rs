@@ -2,6 +2,9 @@
 //! mapped RAM files through the engine's incoming side, and succeed only when it
 //! ended with EOF and every check passed. On a socket, a source's return path is
 //! served (PONGs, then SHUT(0) once the files are written, SHUT(1) on failure).
+//! With `--multifd N` (tcp: and unix: only) the N multifd channels are accepted
+//! after the main one, in any order, and their pages written into the mapped files
+//! by one thread per channel ([`engine::multifd`]).
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
@@ -15,12 +18,13 @@ use std::sync::Arc;
 use std::time::Instant;
 use transports::{CancelToken, Listener, MigrationReader, MigrationUri, RateLimit};
 
-/// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
-/// channels connect there (the main one first). A connection that starts with the
-/// multifd magic ends the main stream (its socket's read side is shut down), so
-/// the load fails, SHUT(1) goes out on the return path and both ends fail with a
-/// clear reason; any other extra connection is closed. Stopped (its token
-/// cancelled) and joined on drop.
+/// After the main connection (and, with `--multifd N`, the N multifd channels), a
+/// tcp:/unix: listener stays open: a further connection that starts with the
+/// multifd magic (a source with multifd when recv has none, or with more channels
+/// than recv's) ends the main stream (its socket's read side is shut down), so the
+/// load fails, SHUT(1) goes out on the return path and both ends fail with a clear
+/// reason; any other extra connection is closed. Stopped (its token cancelled) and
+/// joined on drop.
 struct ExtraConnections {
     token: CancelToken,
     multifd: Arc<AtomicBool>,

@@ -172,3 +172,59 @@ matrix! {
     qmig_to_qemu_4_zlib: qmig_to_qemu(4, "zlib");
     qmig_to_qemu_4_zstd: qmig_to_qemu(4, "zstd");
 }
+
+/// A QEMU source with multifd into a `qmig recv` without `--multifd`: both fail,
+/// recv with one line saying to pass `--multifd N`.
+#[test]
+fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
+    let name = "multifd_qemu_to_plain_recv";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let dir = TestDir::new(name);
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    fs::write(&src, pattern::generate(GUEST, 0x5f0, RAM_LEN as usize)).expect("write source RAM");
+    let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
+    let ram_arg = format!("mem={}", utf8(&dst));
+    let mut recv = Command::new(qmig_exe())
+        .args(["recv", "--ram", &ram_arg, "--from", &uri])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmig recv");
+    let mut out = recv.stdout.take().expect("stdout");
+    let mut b = [0u8; 1];
+    while std::io::Read::read(&mut out, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
+    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &src, RAM_LEN)).expect("start source QEMU");
+    set_multifd(&mut qemu, 2, "none");
+    qemu.migrate(&uri).unwrap_or_else(|e| panic!("{name}: migrate: {e}\n{}", qemu.stderr()));
+    let info = qemu.wait_migration(LIMIT);
+    let (status, _, stderr) = wait_child(recv, name);
+    assert!(!status.success(), "{name}: recv must fail");
+    assert!(stderr.contains("--multifd"), "{name}: recv says what to do: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
+    let st = info.ok().and_then(|i| i["status"].as_str().map(String::from));
+    assert_ne!(st.as_deref(), Some("completed"), "{name}: the source must not complete");
+    let _ = qemu.kill();
+}
+
+/// Multifd needs tcp: or unix: (QEMU 7.2: "multifd is not supported by current protocol").
+#[test]
+fn multifd_refuses_other_transports() {
+    let dir = TestDir::new("multifd_transports");
+    let src = dir.join("src.ram");
+    fs::write(&src, vec![0u8; 1 << 20]).expect("write RAM");
+    let ram_arg = format!("mem={}", utf8(&src));
+    let out = format!("file:{}", utf8(&dir.join("out.mig")));
+    for args in [
+        vec!["send", "--ram", &ram_arg, "--to", "exec:cat >/dev/null", "--multifd", "2"],
+        vec!["send", "--ram", &ram_arg, "--to", &out, "--multifd", "2"],
+        vec!["recv", "--ram", &ram_arg, "--from", &out, "--multifd", "2"],
+    ] {
+        let run = run_qmig(&dir, &args, LIMIT);
+        assert!(!run.status.success(), "{args:?} must be refused");
+        assert!(run.stderr.contains("multifd is not supported by current protocol"), "{args:?}: {}", run.stderr);
+    }
+    assert!(!dir.join("out.mig").exists(), "nothing was written");
+}

@@ -464,6 +464,15 @@ impl Incoming {
                     continue;
                 }
                 Event::Command(c) => {
+                    // Multifd and postcopy refuse each other (QEMU 7.2 accepts the pair but
+                    // cannot switch a multifd migration to postcopy safely).
+                    if mf.is_some() && matches!(c, Command::PostcopyAdvise(Some(_))) {
+                        return Err(IncomingError::Unsupported(
+                            "capability postcopy-ram with multifd: this destination refuses the combination \
+                             (turn one of them off)"
+                                .into(),
+                        ));
+                    }
                     if let Some(why) = unsupported_command(&c) {
                         return Err(IncomingError::Unsupported(why));
                     }

@@ -137,9 +137,17 @@ fn bad_initial_packets_are_refused_naming_the_channel() {
 
 /// The main stream up to the setup's EOS (one 1 MiB block `mem`).
 fn main_stream() -> Vec<u8> {
+    main_stream_with(&[])
+}
+
+/// [`main_stream`] with `commands` after the configuration.
+fn main_stream_with(commands: &[savevm_format::Command]) -> Vec<u8> {
     let mut w = StreamWriter::new(Vec::new());
     w.header().expect("header");
     w.configuration(&Configuration { machine: "none".into(), ..Default::default() }).expect("config");
+    for c in commands {
+        w.command(c).expect("command");
+    }
     w.section_start(2, "ram", 0, 4).expect("start");
     w.ram_block_list(&[RamBlock::new(0, "mem", BLOCK)]).expect("blocks");
     w.ram_eos().expect("eos");
@@ -164,10 +172,14 @@ fn header(flags: u32, pages_alloc: u32, offsets: Vec<u64>, size: u32) -> Vec<u8>
 
 /// Load `main_stream` with one multifd channel carrying `channel` (after its initial packet).
 fn load(name: &str, channel: Vec<u8>, compression: Compression) -> IncomingError {
+    load_main(name, main_stream(), channel, compression)
+}
+
+fn load_main(name: &str, main: Vec<u8>, channel: Vec<u8>, compression: Compression) -> IncomingError {
     let _s = common::serial();
     let mut ch0 = initial(0);
     ch0.extend_from_slice(&channel);
-    let (listener, keep) = connect_all(name, vec![main_stream(), ch0]);
+    let (listener, keep) = connect_all(name, vec![main, ch0]);
     let main = listener.accept_another().expect("main");
     let stop = main.return_path().ok();
     let e = ChannelExpect { compression, ..expect(1) };
@@ -239,4 +251,14 @@ fn compression_other_than_the_destinations() {
     p.extend_from_slice(&[0; 16]);
     let (_, m) = channel_error(load("comp", p, Compression::None));
     assert!(m.contains("multifd-compression is none"), "{m}");
+}
+
+#[test]
+fn postcopy_with_multifd_is_refused() {
+    let advise = savevm_format::Command::PostcopyAdvise(Some((4096, 4096)));
+    let e = load_main("postcopy", main_stream_with(&[advise]), vec![], Compression::None);
+    match e {
+        IncomingError::Unsupported(m) => assert!(m.contains("postcopy-ram with multifd"), "{m}"),
+        e => panic!("not refused as unsupported: {e}"),
+    }
 }
