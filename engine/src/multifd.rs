@@ -485,7 +485,11 @@ enum Ctl {
 }
 
 enum Msg {
-    Synced { pages: u64 },
+    Synced {
+        pages: u64,
+    },
+    /// The channel ended (cleanly, at a packet boundary): an error if a SYNC was still due.
+    Ended(ChannelName),
     Failed(MultifdError),
 }
 
@@ -549,6 +553,10 @@ impl Receivers {
             match self.msgs.recv() {
                 Ok(Msg::Synced { pages }) => self.pages += pages,
                 Ok(Msg::Failed(e)) => return Err(e),
+                Ok(Msg::Ended(channel)) => {
+                    let source = io::Error::new(io::ErrorKind::UnexpectedEof, "the channel ended before its SYNC");
+                    return Err(MultifdError::Io { channel, what: "reading", source });
+                }
                 Err(_) => return Err(MultifdError::Stopped { channel: ChannelName::Id(0) }),
             }
         }
@@ -562,7 +570,7 @@ impl Receivers {
     pub(crate) fn failure(&self) -> Option<MultifdError> {
         self.msgs.try_iter().find_map(|m| match m {
             Msg::Failed(e) => Some(e),
-            Msg::Synced { .. } => None,
+            Msg::Synced { .. } | Msg::Ended(_) => None,
         })
     }
 
@@ -590,7 +598,10 @@ fn receive(
     let mut pages = 0u64;
     loop {
         let at = reader.offset();
-        let Some((h, data)) = reader.next_packet().map_err(stream)? else { return Ok(()) };
+        let Some((h, data)) = reader.next_packet().map_err(stream)? else {
+            let _ = msgs.send(Msg::Ended(name));
+            return Ok(());
+        };
         tracing::trace!(channel = %name, packet = h.packet_num, flags = h.flags, pages = h.normal_pages, "multifd packet");
         if h.normal_pages > 0 {
             while mem.is_none() {

@@ -52,6 +52,11 @@ fn expect(channels: u8) -> ChannelExpect {
 /// Connections to a fresh unix listener, each sending its bytes; they stay open
 /// until the returned sender is dropped.
 fn connect_all(name: &str, conns: Vec<Vec<u8>>) -> (Listener, std::sync::mpsc::Sender<()>) {
+    connect_all_closing(name, conns, false)
+}
+
+/// [`connect_all`], the last connection closed right after its bytes when `close_last`.
+fn connect_all_closing(name: &str, conns: Vec<Vec<u8>>, close_last: bool) -> (Listener, std::sync::mpsc::Sender<()>) {
     let uri = common::sock("multifd-hostile", name);
     let listener = Listener::bind(&uri, &CancelToken::new().expect("token")).expect("bind");
     let path = match &uri {
@@ -66,6 +71,9 @@ fn connect_all(name: &str, conns: Vec<Vec<u8>>) -> (Listener, std::sync::mpsc::S
             // A channel refused early may be closed under the write: that is fine here.
             let _ = s.write_all(&bytes);
             open.push(s);
+        }
+        if close_last {
+            drop(open.pop());
         }
         let _ = wait.recv();
     });
@@ -176,10 +184,14 @@ fn load(name: &str, channel: Vec<u8>, compression: Compression) -> IncomingError
 }
 
 fn load_main(name: &str, main: Vec<u8>, channel: Vec<u8>, compression: Compression) -> IncomingError {
+    load_full(name, main, channel, compression, false)
+}
+
+fn load_full(name: &str, main: Vec<u8>, channel: Vec<u8>, compression: Compression, close: bool) -> IncomingError {
     let _s = common::serial();
     let mut ch0 = initial(0);
     ch0.extend_from_slice(&channel);
-    let (listener, keep) = connect_all(name, vec![main, ch0]);
+    let (listener, keep) = connect_all_closing(name, vec![main, ch0], close);
     let main = listener.accept_another().expect("main");
     let stop = main.return_path().ok();
     let e = ChannelExpect { compression, ..expect(1) };
@@ -261,4 +273,12 @@ fn postcopy_with_multifd_is_refused() {
         IncomingError::Unsupported(m) => assert!(m.contains("postcopy-ram with multifd"), "{m}"),
         e => panic!("not refused as unsupported: {e}"),
     }
+}
+
+#[test]
+fn a_channel_ending_before_its_sync() {
+    let e = load_full("ended", main_stream(), vec![], Compression::None, true);
+    let msg = engine::error::report(&e);
+    assert!(matches!(e, IncomingError::Multifd(MultifdError::Io { channel: ChannelName::Id(0), .. })), "{msg}");
+    assert!(msg.contains("ended before its SYNC"), "{msg}");
 }
