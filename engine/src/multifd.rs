@@ -166,6 +166,8 @@ pub struct Sender {
     cancel: CancelToken,
     pages: Arc<AtomicU64>,
     error: Option<MultifdError>,
+    /// Each channel's socket (a duplicate), to shut down when the migration fails.
+    sockets: Vec<transports::ReturnPath>,
 }
 
 impl Sender {
@@ -183,6 +185,7 @@ impl Sender {
     ) -> Result<Sender, MultifdError> {
         let (rtx, reports) = unbounded();
         let mut jobs = Vec::new();
+        let sockets = channels.iter().filter_map(|c| c.return_path().ok()).collect();
         let pages = Arc::new(AtomicU64::new(0));
         let mem = Arc::new(mem);
         for (i, ch) in channels.into_iter().enumerate() {
@@ -210,7 +213,7 @@ impl Sender {
                 .map_err(|source| MultifdError::Io { channel: name, what: "starting its thread", source })?;
             jobs.push(jtx);
         }
-        Ok(Sender { jobs, reports, batch: None, free: Vec::new(), packet_num: 0, cancel, pages, error: None })
+        Ok(Sender { jobs, reports, batch: None, free: Vec::new(), packet_num: 0, cancel, pages, error: None, sockets })
     }
 
     /// Pages handed to channel threads and written so far.
@@ -256,6 +259,14 @@ impl Sender {
             }
         }
         Ok(())
+    }
+
+    /// The migration failed: shut the channels' sockets down, so no thread stays
+    /// blocked on a destination that stopped reading; then [`finish`](Self::finish).
+    pub fn abort(&self) {
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Stop the threads (each closes its connection); the scope joins them.

@@ -791,6 +791,9 @@ impl Outgoing {
                 self.cancel.clone(),
             )?;
             let r = self.precopy(w, start, ram, vcpus, vm, undo, rp, reader, Some(&mut sender));
+            if r.is_err() {
+                sender.abort();
+            }
             let f = sender.finish();
             r?;
             Ok(f?)
