@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
 use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
+use engine::postcopy_dest::{PostcopyOptions, PostcopyReport};
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
@@ -92,7 +93,22 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
-    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, ..Default::default() })
+    recv_postcopy(ram, uri, cancel, on_listening, progress, None)
+}
+
+/// [`recv_with`], with capability `postcopy-ram` on when `postcopy` is given
+/// (`qmig recv --postcopy`): the RAM files' mappings are registered with
+/// userfaultfd at POSTCOPY_LISTEN (they must be on tmpfs, as for QEMU), faults
+/// become page requests, and `touch` reads pages at random while postcopy runs.
+pub fn recv_postcopy(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    postcopy: Option<PostcopyOptions>,
+) -> Result<Received> {
+    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, postcopy, ..Default::default() })
 }
 
 /// Options of a receive.
@@ -100,6 +116,8 @@ pub fn recv_with(
 pub struct RecvOptions {
     /// Show a progress line on stderr.
     pub progress: bool,
+    /// Capability `postcopy-ram` (see [`recv_postcopy`]).
+    pub postcopy: Option<PostcopyOptions>,
     /// Capability `multifd` with this many channels (`multifd-channels`): tcp: and unix: only.
     pub multifd: Option<u8>,
     /// `multifd-compression` the channels must carry.
@@ -114,9 +132,12 @@ pub fn recv_opts(
     on_listening: impl FnOnce(&MigrationUri),
     opts: &RecvOptions,
 ) -> Result<Received> {
-    let progress = opts.progress;
+    let (progress, postcopy) = (opts.progress, opts.postcopy.clone());
     if opts.multifd.is_some() {
         engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if postcopy.is_some() {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
     }
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
@@ -151,16 +172,11 @@ pub fn recv_opts(
     let counted = rate.clone();
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
-    let incoming = Incoming::new(false);
+    let mut incoming = Incoming::new(false);
+    incoming.postcopy = postcopy;
     let main_stop = reader.channel().return_path().ok();
     let outcome = match channels {
-        None => incoming.run_with_return_path(
-            &mut reader,
-            &mut dest,
-            &mut VmParts::default(),
-            &mut NoGuest,
-            open_return_path,
-        ),
+        None => incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path),
         Some(channels) => {
             dest = dest.shared();
             // A failed channel stops the main stream's reads at once.
@@ -223,7 +239,7 @@ pub fn recv_opts(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path })
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy })
 }
 
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
@@ -233,16 +249,20 @@ pub struct Received {
     pub info: MigrationInfo,
     /// What the return path did (all false/zero when the source asked for none).
     pub return_path: ReturnPathReport,
+    /// What postcopy did, when the source switched to it.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl Received {
     /// The destination's statistics (what a destination knows: no source-side
     /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
     /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
-    /// "unavailable"?, "error"?}`.
+    /// "unavailable"?, "error"?}`; after a postcopy migration also
+    /// `ram.postcopy-requests` and `"postcopy"` (see [`PostcopyReport::to_json`]:
+    /// request counts and the page-request latency in microseconds).
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "status": i.status.as_str(),
             "total-time": u64::try_from(i.total_time.as_millis()).unwrap_or(u64::MAX),
             "ram": {
@@ -255,6 +275,11 @@ impl Received {
                 "page-size": i.page_size,
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
-        })
+        });
+        if let Some(pc) = &self.postcopy {
+            v["ram"]["postcopy-requests"] = pc.requests.into();
+            v["postcopy"] = pc.to_json();
+        }
+        v
     }
 }

@@ -33,6 +33,17 @@ pub struct SendOptions {
     /// Capability `multifd` with this many channels (`multifd-channels`; compression
     /// and levels are in `params`): tcp: and unix: only.
     pub multifd: Option<u8>,
+    /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
+    pub postcopy: bool,
+    /// With `postcopy`: start postcopy after this long, or once the first pass has
+    /// sent every page if sooner (zero: as soon as allowed); `None`: only when told
+    /// (`migrate-start-postcopy` on the control socket).
+    pub postcopy_after: Option<std::time::Duration>,
+    /// Capability `pause-before-switchover`: hold in `pre-switchover` until
+    /// `migrate-continue` arrives on the control socket.
+    pub pause_before_switchover: bool,
+    /// The control socket (`--control unix:PATH`, see [`crate::control`]).
+    pub control: Option<PathBuf>,
 }
 
 impl Default for SendOptions {
@@ -45,6 +56,10 @@ impl Default for SendOptions {
             progress: false,
             timeout: None,
             multifd: None,
+            postcopy: false,
+            postcopy_after: None,
+            pause_before_switchover: false,
+            control: None,
         }
     }
 }
@@ -119,9 +134,27 @@ pub fn send_watched(
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
+    if opts.postcopy {
+        check_return_path(uri, Some(true)).map_err(|_| {
+            Error::Usage(format!("--postcopy needs a socket (tcp:, unix: or an fd: socket), not {uri}"))
+        })?;
+        if opts.return_path == Some(false) {
+            return Err(Error::Usage("--postcopy needs the return path: drop --no-return-path".into()));
+        }
+    }
+    if opts.pause_before_switchover && opts.control.is_none() {
+        return Err(Error::Usage("--pause-before-switchover needs --control unix:PATH to continue from".into()));
+    }
+    if let Some(p) = opts.control.as_deref().filter(|p| p.exists()) {
+        // Refused before connecting, so the destination never sees a stream begin.
+        return Err(Error::Usage(format!("--control {}: the file exists already", p.display())));
+    }
     let mut params = opts.params.clone();
     if let Some(n) = opts.multifd {
         engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if opts.postcopy {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
         params.multifd_channels = n;
     }
     let params = SharedParameters::new(params).map_err(|e| Error::Usage(e.to_string()))?;
@@ -140,10 +173,17 @@ pub fn send_watched(
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path,
+        postcopy_ram: opts.postcopy,
+        pause_before_switchover: opts.pause_before_switchover,
         multifd: channels.is_some(),
         ..Default::default()
     };
-    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
+    let mut out =
+        Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
+    if let (true, Some(after)) = (opts.postcopy, opts.postcopy_after) {
+        out = out.with_postcopy_after(after);
+    }
+    let control = opts.control.as_deref().map(|p| crate::control::ControlServer::bind(p, &out)).transpose()?;
     let stop = AtomicBool::new(false);
     let progress = opts.progress.then(|| crate::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| crate::watch::Deadline::arm(&out, t));
@@ -159,6 +199,7 @@ pub fn send_watched(
         r
     });
     drop(progress);
+    drop(control);
     let timeout = deadline.map(crate::watch::Deadline::finish_json);
     match result {
         Ok(info) => Ok((info, timeout)),

@@ -509,6 +509,49 @@ struct SharedMem {
     regions: Vec<GuestRegion>,
 }
 
+/// Hands the receiver threads the destination's memory once its block list arrived.
+pub(crate) struct MemoryHandle(Vec<ChanTx<Ctl>>);
+
+/// A [`SharedRamSink`] whose regions go to the receiver threads as soon as the
+/// stream's block list was accepted.
+pub(crate) struct SharingSink<'a, P> {
+    inner: &'a mut P,
+    handle: MemoryHandle,
+}
+
+impl<'a, P: SharedRamSink> SharingSink<'a, P> {
+    pub(crate) fn new(inner: &'a mut P, handle: MemoryHandle) -> Self {
+        SharingSink { inner, handle }
+    }
+}
+
+impl<P: SharedRamSink> PageSink for SharingSink<'_, P> {
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
+        self.inner.page_mut(block, offset)
+    }
+    fn ram_blocks(&mut self, blocks: &[RamBlock]) -> Result<(), String> {
+        self.inner.ram_blocks(blocks)?;
+        let regions = self.inner.shared_regions().map_err(|e| format!("destination RAM for multifd: {e}"))?;
+        let m = Arc::new(SharedMem { blocks: blocks.to_vec(), regions });
+        for c in &self.handle.0 {
+            let _ = c.send(Ctl::Memory(m.clone()));
+        }
+        Ok(())
+    }
+    fn target_page_size(&mut self, tps: u64) -> Result<(), String> {
+        self.inner.target_page_size(tps)
+    }
+    fn fill_page(&mut self, block: &RamBlock, offset: u64, fill: u8) {
+        self.inner.fill_page(block, offset, fill)
+    }
+    fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
+        self.inner.discard(block, start, len)
+    }
+    fn loaded(&mut self) -> Result<(), String> {
+        self.inner.loaded()
+    }
+}
+
 /// The main thread's side of the receiver threads during one load.
 pub(crate) struct Receivers {
     ctl: Vec<ChanTx<Ctl>>,
@@ -550,12 +593,9 @@ impl Receivers {
         Ok(Receivers { ctl, msgs, stopping, stoppers: channels.stoppers, pages: 0 })
     }
 
-    /// The block list arrived: hand the threads the memory to place pages in.
-    pub(crate) fn memory(&mut self, blocks: Vec<RamBlock>, regions: Vec<GuestRegion>) {
-        let m = Arc::new(SharedMem { blocks, regions });
-        for c in &self.ctl {
-            let _ = c.send(Ctl::Memory(m.clone()));
-        }
+    /// What hands the threads the memory to place pages in, once the block list arrived.
+    pub(crate) fn memory_handle(&self) -> MemoryHandle {
+        MemoryHandle(self.ctl.clone())
     }
 
     /// A RAM EOS on the main channel: wait for every channel's SYNC, then let them go on.

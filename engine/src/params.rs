@@ -31,6 +31,9 @@ pub struct MigrationParameters {
     pub multifd_zlib_level: u8,
     /// `multifd-zstd-level`: zstd level of multifd packets. Default 1 (0..=20).
     pub multifd_zstd_level: u8,
+    /// `max-postcopy-bandwidth`: bytes/s of the background pages in postcopy, 0 =
+    /// unlimited (QEMU's default).
+    pub max_postcopy_bandwidth: u64,
 }
 
 /// `multifd-compression` (QEMU's `MultiFDCompression`, 7.2's values).
@@ -50,6 +53,7 @@ impl Default for MigrationParameters {
             multifd_compression: MultifdCompression::None,
             multifd_zlib_level: 1,
             multifd_zstd_level: 1,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
@@ -122,6 +126,17 @@ pub struct MigrationCapabilities {
     /// `multifd`: pages go on `multifd-channels` extra connections (tcp: and unix:
     /// only), zero pages and everything else on the main one, as QEMU 7.2 does.
     pub multifd: bool,
+    /// `postcopy-ram`: allow switching to postcopy (`migrate-start-postcopy`);
+    /// opens the return path as `return-path` does (page requests come back on it).
+    pub postcopy_ram: bool,
+}
+
+impl MigrationCapabilities {
+    /// Whether the return path is opened: `return-path`, or `postcopy-ram` which
+    /// needs it for page requests (QEMU 7.2's migration_thread opens it for either).
+    pub fn uses_return_path(&self) -> bool {
+        self.return_path || self.postcopy_ram
+    }
 }
 
 /// Parameters shared between the migration thread and whoever tunes it.
@@ -189,5 +204,8 @@ mod tests {
         assert!(c.auto_converge && !c.pause_before_switchover);
         let v = serde_json::to_value(c).expect("serialize");
         assert_eq!(v["pause-before-switchover"], false);
+        assert_eq!(v["postcopy-ram"], false);
+        let c: MigrationCapabilities = serde_json::from_str(r#"{"postcopy-ram": true}"#).expect("postcopy caps");
+        assert!(c.postcopy_ram && !c.return_path && c.uses_return_path(), "postcopy-ram opens the return path");
     }
 }
