@@ -56,6 +56,8 @@ pub struct DemoOptions {
     /// Where the source connects, when not to the URI the destination listens on
     /// (`--connect`: a proxy or tunnel in between).
     pub connect: Option<String>,
+    /// Capability `multifd` with this many channels (compression in `params`).
+    pub multifd: Option<u8>,
 }
 
 /// Work files, removed on drop.
@@ -111,22 +113,29 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
-        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, &opts.channel)?,
-        Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts)?,
+        Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri, opts)?,
     };
 
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        multifd: opts.multifd.is_some(),
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
-    let ch = connect_retry(&connect_uri(opts.connect.as_deref(), &uri)?, out.cancel(), &opts.channel)?;
+    let to = connect_uri(opts.connect.as_deref(), &uri)?;
+    let ch = connect_retry(&to, out.cancel(), &opts.channel)?;
+    let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel)?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
-    let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
+    let mut ram = [RamRegion::new(&region).with_dirty(guest.dirty())];
+    let res = match channels {
+        Some(c) => out.run_multifd(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
+        None => out.run(ch, &mut ram, &mut vcpus),
+    };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
@@ -151,11 +160,37 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-fn start_qmig_recv(dst: &Path, uri: &MigrationUri, channel: &ChannelOptions) -> Result<(Dest, MigrationUri)> {
+/// The `multifd-channels` extra connections, after the main one (QEMU 7.2's order).
+pub(crate) fn multifd_channels(
+    uri: &MigrationUri,
+    n: Option<u8>,
+    cancel: &transports::CancelToken,
+    channel: &ChannelOptions,
+) -> Result<Option<Vec<transports::Channel>>> {
+    let Some(n) = n else { return Ok(None) };
+    engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+    (0..n).map(|_| connect_with(uri, cancel, channel).map_err(Error::transport)).collect::<Result<Vec<_>>>().map(Some)
+}
+
+/// `--multifd N --multifd-compression C` for a destination qmig process.
+pub(crate) fn multifd_args(n: Option<u8>, p: &MigrationParameters) -> Vec<String> {
+    match n {
+        Some(n) => vec![
+            "--multifd".into(),
+            n.to_string(),
+            "--multifd-compression".into(),
+            p.multifd_compression.as_str().into(),
+        ],
+        None => vec![],
+    }
+}
+
+fn start_qmig_recv(dst: &Path, uri: &MigrationUri, opts: &DemoOptions) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
-    cmd.args(["--io-timeout", &io_timeout_arg(channel)]);
+    cmd.args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
+    cmd.args(multifd_args(opts.multifd, &opts.params));
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }
@@ -203,7 +238,7 @@ pub(crate) fn wait_report(child: &mut Child, what: &str) -> Result<Value> {
         .ok_or_else(|| Error::Usage(format!("{what} printed no report")))
 }
 
-fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri, opts: &DemoOptions) -> Result<(Dest, MigrationUri)> {
     let uri = match uri {
         MigrationUri::Tcp { host, port: 0 } => {
             // QEMU needs a concrete port: take a free one.
@@ -215,6 +250,14 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     };
     let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {}", engine::error::report(&e)));
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
+    if let Some(n) = opts.multifd {
+        q.qmp().and_then(|m| m.set_capabilities(&[("multifd", true)])).map_err(qemu_err)?;
+        let args = serde_json::json!({
+            "multifd-channels": n,
+            "multifd-compression": opts.params.multifd_compression.as_str(),
+        });
+        q.execute("migrate-set-parameters", Some(args)).map_err(qemu_err)?;
+    }
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
 }

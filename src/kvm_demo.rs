@@ -5,7 +5,9 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, connect_uri, io_timeout_arg, spawn_listening, wait_report, work_dir};
+use crate::demo::{
+    connect_retry, connect_uri, io_timeout_arg, multifd_args, multifd_channels, spawn_listening, wait_report, work_dir,
+};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -51,6 +53,8 @@ pub struct KvmDemoOptions {
     /// Where the source connects, when not to the URI the destination listens on
     /// (`--connect`: a proxy or tunnel in between).
     pub connect: Option<String>,
+    /// Capability `multifd` with this many channels (compression in `params`).
+    pub multifd: Option<u8>,
     /// Capability `postcopy-ram` on both ends, with the switch after this long (or
     /// after the first pass if sooner): the guest runs on the destination while its
     /// pages arrive (`qmig demo --postcopy [--postcopy-after SECS]`).
@@ -85,6 +89,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        multifd: opts.multifd.is_some(),
         postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
@@ -94,7 +99,8 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     }
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&connect_uri(opts.connect.as_deref(), &uri)?, out.cancel(), &opts.channel) {
+    let to = connect_uri(opts.connect.as_deref(), &uri)?;
+    let ch = match connect_retry(&to, out.cancel(), &opts.channel) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -104,7 +110,18 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     };
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
-    let res = minivmm::migrate::migrate_out(&vm, &out, ch);
+    let channels = match multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let res = match channels {
+        Some(c) => minivmm::migrate::migrate_out_multifd(&vm, &out, ch, c),
+        None => minivmm::migrate::migrate_out(&vm, &out, ch),
+    };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
@@ -197,7 +214,8 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--run-on", &opts.run_on.as_millis().to_string()])
-        .args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
+        .args(["--io-timeout", &io_timeout_arg(&opts.channel)])
+        .args(multifd_args(opts.multifd, &opts.params));
     if opts.postcopy.is_some() {
         cmd.arg("--postcopy");
     }
@@ -210,12 +228,14 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
 /// The listener takes `channel`'s options (the io timeout).
+/// With `multifd` (`multifd-channels`, `multifd-compression`) the channels are
+/// accepted after the main one and place pages straight into guest memory.
 pub fn dest(
     ram_size: u64,
     slots: u32,
     vcpus: usize,
     (uri, channel): (&MigrationUri, &transports::ChannelOptions),
-    (run_on, postcopy): (Duration, bool),
+    (run_on, postcopy, multifd): (Duration, bool, Option<(u8, savevm_format::multifd::Compression)>),
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
@@ -223,13 +243,25 @@ pub fn dest(
     let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
     let listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
     on_listening(listener.local_uri());
-    let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
-    let report = if postcopy {
+    let report = if let Some((n, compression)) = multifd {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if postcopy {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
+        let ch = listener.accept_another().map_err(Error::transport)?;
+        let expect = savevm_format::multifd::ChannelExpect { uuid: [0; 16], channels: n, compression };
+        let rate = transports::RateLimit::new(0);
+        let channels = engine::multifd::IncomingChannels::accept(expect, &rate, || listener.accept_another())
+            .map_err(|e| Error::incoming(e.into()))?;
+        minivmm::migrate::migrate_in_multifd(&mut vm, ch, channels, false).map_err(Error::incoming)?
+    } else if postcopy {
+        let ch = listener.accept().map_err(Error::transport)?;
         // Autostart: in postcopy the guest runs from POSTCOPY_RUN on, faulting in its pages.
         let opts = engine::postcopy_dest::PostcopyOptions::default();
         minivmm::migrate::migrate_in_postcopy(&mut vm, ch, true, opts).map_err(Error::incoming)?
     } else {
+        let ch = listener.accept().map_err(Error::transport)?;
         minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?
     };
     let loaded_ms = start.elapsed().as_millis() as u64;

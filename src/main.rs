@@ -88,6 +88,8 @@ enum Cmd {
         /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
         #[arg(long, value_name = "unix:PATH")]
         control: Option<String>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
     /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
     #[command(name = "migrate-continue")]
@@ -172,6 +174,8 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
         /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
         #[arg(long = "postcopy", conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -200,6 +204,8 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        #[command(flatten)]
+        multifd: MultifdArgs,
         /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
         #[arg(long)]
         postcopy: bool,
@@ -218,6 +224,8 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
         /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
         #[arg(long = "postcopy")]
         postcopy: bool,
@@ -225,6 +233,35 @@ enum Cmd {
         #[arg(long = "postcopy-touch", requires = "postcopy")]
         postcopy_touch: bool,
     },
+}
+
+/// Capability `multifd` and its parameters (QEMU's names, defaults and ranges).
+#[derive(clap::Args, Debug, Clone)]
+struct MultifdArgs {
+    /// Capability `multifd` with N channels (`multifd-channels`, 1..=255; QEMU's default is 2): pages on N extra connections; tcp: and unix: only. Both ends need the same N.
+    #[arg(long = "multifd", value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    multifd: Option<u8>,
+    /// `multifd-compression`: none, zlib or zstd (both ends the same).
+    #[arg(long = "multifd-compression", default_value = "none", requires = "multifd")]
+    compression: savevm_format::multifd::Compression,
+    /// `multifd-zlib-level` (0..=9).
+    #[arg(long = "multifd-zlib-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=9))]
+    zlib_level: u8,
+    /// `multifd-zstd-level` (0..=20).
+    #[arg(long = "multifd-zstd-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=20))]
+    zstd_level: u8,
+}
+
+impl MultifdArgs {
+    /// The multifd parameters set in `p`.
+    fn apply(&self, p: &mut engine::params::MigrationParameters) {
+        if let Some(n) = self.multifd {
+            p.multifd_channels = n;
+        }
+        p.multifd_compression = self.compression;
+        p.multifd_zlib_level = self.zlib_level;
+        p.multifd_zstd_level = self.zstd_level;
+    }
 }
 
 #[derive(clap::Args)]
@@ -338,6 +375,7 @@ struct KvmArgs<'a> {
     timeout: Option<qmig::watch::Timeout>,
     channel: transports::ChannelOptions,
     connect: Option<String>,
+    multifd: Option<u8>,
     postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
@@ -360,6 +398,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         timeout: a.timeout,
         channel: a.channel,
         connect: a.connect,
+        multifd: a.multifd,
         postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
@@ -381,10 +420,12 @@ fn kvm_dest(
     (ram_size, slots, vcpus): (u64, u32, usize),
     (run_on, postcopy): (u64, bool),
     channel: &transports::ChannelOptions,
+    multifd: &MultifdArgs,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, (from, channel), (run_on, postcopy), cancel, |bound| {
+    let mf = multifd.multifd.map(|n| (n, multifd.compression));
+    let report = kvm_demo::dest(ram_size, slots, vcpus, (from, channel), (run_on, postcopy, mf), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -397,6 +438,7 @@ fn kvm_dest(
     _: (u64, u32, usize),
     _: (u64, bool),
     _: &transports::ChannelOptions,
+    _: &MultifdArgs,
     _: &transports::CancelToken,
 ) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
@@ -507,6 +549,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             no_return_path,
             io_timeout,
             stats_json,
+            multifd,
             postcopy,
             postcopy_after,
             pause_before_switchover,
@@ -514,9 +557,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
+            let mut params = engine::params::MigrationParameters { max_bandwidth, ..Default::default() };
+            multifd.apply(&mut params);
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params: engine::params::MigrationParameters { max_bandwidth, ..Default::default() },
+                params,
+                multifd: multifd.multifd,
                 auto_converge: false,
                 return_path: if return_path {
                     Some(true)
@@ -566,11 +612,14 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             io_timeout,
             connect,
             stats_json,
+            multifd,
             postcopy,
             postcopy_after,
         } => {
             let channel = channel_options(io_timeout)?;
-            let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let mut params =
+                engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            multifd.apply(&mut params);
             let timeout = deadline(timeout, timeout_action)?;
             let postcopy = match postcopy_after {
                 Some(s) if !(s.is_finite() && s >= 0.0) => {
@@ -608,6 +657,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     timeout,
                     channel,
                     connect,
+                    multifd: multifd.multifd,
                     postcopy,
                     cancel,
                 });
@@ -629,6 +679,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 timeout,
                 channel,
                 connect,
+                multifd: multifd.multifd,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -639,10 +690,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy, io_timeout } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), (run_on, postcopy), &channel_options(io_timeout)?, cancel)?
-        }
-        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch } => {
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy, io_timeout, multifd } => kvm_dest(
+            &uri(&from)?,
+            (ram_size, slots, vcpus),
+            (run_on, postcopy),
+            &channel_options(io_timeout)?,
+            &multifd,
+            cancel,
+        )?,
+        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -655,8 +711,14 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 touch: postcopy_touch,
                 touch_seed: u64::from(std::process::id()),
             });
-            let progress = stdout_is_terminal();
-            let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, progress, postcopy, &channel)?;
+            let opts = qmig::recv::RecvOptions {
+                progress: stdout_is_terminal(),
+                postcopy,
+                multifd: multifd.multifd,
+                multifd_compression: multifd.compression,
+                channel,
+            };
+            let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, &opts)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

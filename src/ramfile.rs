@@ -410,6 +410,9 @@ pub struct ImageSink {
     created: Vec<PathBuf>,
     /// True once a file was opened or created.
     touched: bool,
+    /// Multifd receiver threads write the images too: no page is cached as known
+    /// zero (their writes bypass this sink), so every ZERO record checks the page.
+    shared: bool,
     /// Most bytes the stream's blocks may total (`None`: only the filesystems' free space).
     max_total: Option<u64>,
 }
@@ -424,6 +427,13 @@ impl ImageSink {
     /// An extraction: only the blocks named in `targets` are kept (files created).
     pub fn extract(targets: Vec<(String, PathBuf)>) -> Self {
         ImageSink { targets, every_block: false, ..Default::default() }
+    }
+
+    /// Let multifd receiver threads write the images too (see
+    /// [`SharedRamSink`](engine::multifd::SharedRamSink)); set before the load.
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// Sum of the stream's block lengths (once the block list arrived).
@@ -520,12 +530,15 @@ impl ImageSink {
                 images.push(None);
                 continue;
             };
-            let img = if exists {
+            let mut img = if exists {
                 RamImage::open_or_create(&b.name, &p, b.length)?
             } else {
                 self.created.push(p.clone());
                 RamImage::create(&p, b.length)?
             };
+            if self.shared {
+                img.known_zero = None;
+            }
             self.touched = true;
             images.push(Some(img));
         }
@@ -613,6 +626,29 @@ impl savevm_format::PageSink for ImageSink {
         if let Some(img) = self.image(block.index) {
             img.discard(start, len);
         }
+    }
+}
+
+impl engine::multifd::SharedRamSink for ImageSink {
+    fn shared_regions(&mut self) -> std::result::Result<Vec<engine::memory::GuestRegion>, String> {
+        if !self.shared {
+            return Err("the RAM files were not opened for multifd".into());
+        }
+        self.images
+            .iter_mut()
+            .enumerate()
+            .map(|(i, img)| {
+                let img = img.as_mut().ok_or_else(|| format!("RAM block {i} has no file"))?;
+                let name = img.path.display().to_string();
+                let map = &mut img.map;
+                // SAFETY: the mapping lives in this sink until `abandon` or drop, both after
+                // the load (and its receiver threads) ended; the threads only write it with
+                // volatile copies of whole pages, which the main thread never holds as
+                // references at the same time for the same round (7.2's sync at each EOS).
+                unsafe { engine::memory::GuestRegion::new(name, map.as_mut_ptr(), map.len()) }
+                    .ok_or_else(|| format!("RAM block {i}: empty mapping"))
+            })
+            .collect()
     }
 }
 

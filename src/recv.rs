@@ -2,6 +2,9 @@
 //! mapped RAM files through the engine's incoming side, and succeed only when it
 //! ended with EOF and every check passed. On a socket, a source's return path is
 //! served (PONGs, then SHUT(0) once the files are written, SHUT(1) on failure).
+//! With `--multifd N` (tcp: and unix: only) the N multifd channels are accepted
+//! after the main one, in any order, and their pages written into the mapped files
+//! by one thread per channel ([`engine::multifd`]).
 
 use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
@@ -16,12 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transports::{CancelToken, Channel, ChannelOptions, Listener, MigrationReader, MigrationUri, RateLimit};
 
-/// After the main connection, a tcp:/unix: listener stays open: QEMU's multifd
-/// channels connect there (the main one first). A connection that starts with the
-/// multifd magic ends the main stream (its socket's read side is shut down), so
-/// the load fails, SHUT(1) goes out on the return path and both ends fail with a
-/// clear reason; any other extra connection is closed. Stopped (its token
-/// cancelled) and joined on drop.
+/// After the main connection (and, with `--multifd N`, the N multifd channels), a
+/// tcp:/unix: listener stays open: a further connection that starts with the
+/// multifd magic (a source with multifd when recv has none, or with more channels
+/// than recv's) ends the main stream (its socket's read side is shut down), so the
+/// load fails, SHUT(1) goes out on the return path and both ends fail with a clear
+/// reason; any other extra connection is closed. Stopped (its token cancelled) and
+/// joined on drop.
 struct ExtraConnections {
     token: CancelToken,
     multifd: Arc<AtomicBool>,
@@ -104,7 +108,7 @@ pub fn recv_postcopy(
     progress: bool,
     postcopy: Option<PostcopyOptions>,
 ) -> Result<Received> {
-    recv_opts(ram, uri, cancel, on_listening, progress, postcopy, &ChannelOptions::default())
+    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, postcopy, ..Default::default() })
 }
 
 /// QEMU's stream magic, `QEVM`: what a source sends first.
@@ -166,7 +170,22 @@ fn accept_source(listener: &Listener) -> Result<Channel> {
     }
 }
 
-/// [`recv_postcopy`] with these channel options (`--io-timeout`). On tcp: and unix:,
+/// Options of a receive.
+#[derive(Debug, Clone, Default)]
+pub struct RecvOptions {
+    /// Show a progress line on stderr.
+    pub progress: bool,
+    /// Capability `postcopy-ram` (see [`recv_postcopy`]).
+    pub postcopy: Option<PostcopyOptions>,
+    /// Capability `multifd` with this many channels (`multifd-channels`): tcp: and unix: only.
+    pub multifd: Option<u8>,
+    /// `multifd-compression` the channels must carry.
+    pub multifd_compression: savevm_format::multifd::Compression,
+    /// The channels' options (`--io-timeout`).
+    pub channel: ChannelOptions,
+}
+
+/// [`recv`] with [`RecvOptions`] (`--io-timeout`, `--multifd`, `--postcopy`). On tcp: and unix:,
 /// recv takes the first connection that starts with QEMU's stream magic: one
 /// that sends other bytes is refused at once, one that sends nothing within the
 /// io timeout is dropped, each with a line on stderr, and recv waits for another.
@@ -175,24 +194,41 @@ pub fn recv_opts(
     uri: &MigrationUri,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
-    progress: bool,
-    postcopy: Option<PostcopyOptions>,
-    channel: &ChannelOptions,
+    opts: &RecvOptions,
 ) -> Result<Received> {
+    let (progress, postcopy, channel) = (opts.progress, opts.postcopy.clone(), &opts.channel);
+    if opts.multifd.is_some() {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if postcopy.is_some() {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
+    }
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
     let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?.with_options(*channel);
     on_listening(listener.local_uri());
+    let rate = RateLimit::new(0);
+    let mut channels = None;
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
         let ch = accept_source(&listener)?;
         let main = ch.return_path().ok();
+        if let Some(n) = opts.multifd {
+            // QEMU 7.2: the main channel first, then the multifd ones in any order.
+            let expect = savevm_format::multifd::ChannelExpect {
+                uuid: [0; 16],
+                channels: n,
+                compression: opts.multifd_compression,
+            };
+            let accepted = engine::multifd::IncomingChannels::accept(expect, &rate, || listener.accept_another())
+                .map_err(|e| Error::incoming(engine::incoming::IncomingError::Multifd(e)))?;
+            channels = Some(accepted);
+        }
         (ch, Some(ExtraConnections::watch(listener, main, load_cancel.clone())))
     } else {
         (listener.accept().map_err(Error::transport)?, None)
     };
     let start = Instant::now();
-    let rate = RateLimit::new(0);
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
     // the source opens its return path; exec:, file: and pipes have none.
     let open_return_path = channel_return_path(&ch);
@@ -202,14 +238,38 @@ pub fn recv_opts(
     let mut dest = ImageSink::destination(ram.to_vec());
     let mut incoming = Incoming::new(false);
     incoming.postcopy = postcopy;
-    let outcome =
-        incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    let main_stop = reader.channel().return_path().ok();
+    let outcome = match channels {
+        None => incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path),
+        Some(channels) => {
+            dest = dest.shared();
+            // A failed channel stops the main stream's reads at once.
+            let channels = channels.on_failure(move || {
+                if let Some(m) = &main_stop {
+                    let _ = m.shutdown(std::net::Shutdown::Read);
+                }
+            });
+            incoming.run_multifd(
+                &mut reader,
+                channels,
+                &mut dest,
+                &mut VmParts::default(),
+                &mut NoGuest,
+                open_return_path,
+            )
+        }
+    };
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
         .map_err(|e| match e {
+            _ if multifd && opts.multifd.is_some() => Error::Usage(format!(
+                "more multifd channels connected than multifd-channels {} (the source's multifd-channels must \
+                 match)",
+                opts.multifd.unwrap_or(0)
+            )),
             _ if multifd => Error::Usage(
-                "a multifd channel connected: the source has capability multifd, which this destination does not \
-                 implement"
+                "a multifd channel connected: the source has capability multifd; run recv with --multifd N (the \
+                 source's multifd-channels)"
                     .into(),
             ),
             e => Error::incoming(e),

@@ -32,6 +32,9 @@ pub struct SendOptions {
     pub timeout: Option<crate::watch::Timeout>,
     /// The channel's io timeout (`--io-timeout`; default 30 s on sockets).
     pub channel: transports::ChannelOptions,
+    /// Capability `multifd` with this many channels (`multifd-channels`; compression
+    /// and levels are in `params`): tcp: and unix: only.
+    pub multifd: Option<u8>,
     /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
     pub postcopy: bool,
     /// With `postcopy`: start postcopy after this long, or once the first pass has
@@ -55,6 +58,7 @@ impl Default for SendOptions {
             progress: false,
             timeout: None,
             channel: transports::ChannelOptions::default(),
+            multifd: None,
             postcopy: false,
             postcopy_after: None,
             pause_before_switchover: false,
@@ -148,14 +152,33 @@ pub fn send_watched(
         // Refused before connecting, so the destination never sees a stream begin.
         return Err(Error::Usage(format!("--control {}: the file exists already", p.display())));
     }
-    let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut params = opts.params.clone();
+    if let Some(n) = opts.multifd {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if opts.postcopy {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
+        params.multifd_channels = n;
+    }
+    let params = SharedParameters::new(params).map_err(|e| Error::Usage(e.to_string()))?;
     let ch = connect_with(uri, cancel, &opts.channel).map_err(Error::transport)?;
+    // The multifd channels connect after the main one (QEMU 7.2's order).
+    let channels = match opts.multifd {
+        Some(n) => Some(
+            (0..n)
+                .map(|_| connect_with(uri, cancel, &opts.channel))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(Error::transport)?,
+        ),
+        None => None,
+    };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path,
         postcopy_ram: opts.postcopy,
         pause_before_switchover: opts.pause_before_switchover,
+        multifd: channels.is_some(),
         ..Default::default()
     };
     let mut out =
@@ -171,7 +194,10 @@ pub fn send_watched(
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
-        let r = out.run(ch, &mut ram, &mut Stopped);
+        let r = match channels {
+            Some(channels) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
+            None => out.run(ch, &mut ram, &mut Stopped),
+        };
         stop.store(true, Ordering::Relaxed);
         r
     });

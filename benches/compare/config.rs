@@ -111,6 +111,34 @@ impl Wire {
     }
 }
 
+/// Capability `multifd` of a row: channels and `multifd-compression` (`None`: off).
+pub(crate) type Multifd = Option<(u8, &'static str)>;
+
+/// `off`, `N` or `N:COMPRESSION` (none, zlib, zstd).
+pub(crate) fn parse_multifd(s: &str) -> Multifd {
+    if s == "off" {
+        return None;
+    }
+    let (n, c) = s.split_once(':').unwrap_or((s, "none"));
+    let n: u8 = n.parse().unwrap_or_else(|_| panic!("--multifd={s}: expected off, N or N:COMPRESSION"));
+    let c = match c {
+        "none" => "none",
+        "zlib" => "zlib",
+        "zstd" => "zstd",
+        _ => panic!("--multifd={s}: compression none, zlib or zstd"),
+    };
+    Some((n.max(1), c))
+}
+
+/// A row's multifd as a label suffix (empty when off).
+pub(crate) fn multifd_label(m: Multifd) -> String {
+    match m {
+        None => String::new(),
+        Some((n, "none")) => format!(", multifd {n}"),
+        Some((n, c)) => format!(", multifd {n} {c}"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verify {
     First,
@@ -135,6 +163,11 @@ pub(crate) struct Config {
     pub(crate) qemu: Option<PathBuf>,
     /// Run the live KVM rows.
     pub(crate) live: bool,
+    /// Multifd settings, each a set of rows (`off` the plain ones).
+    pub(crate) multifd: Vec<Multifd>,
+    /// Multifd rows for every fill and wire (`--multifd` given); by default only
+    /// for random images over unix, so a full run stays short.
+    pub(crate) multifd_everywhere: bool,
 }
 
 pub(crate) fn parse_size(s: &str) -> u64 {
@@ -216,6 +249,18 @@ impl Config {
             runs,
             limits: arg("limits").map(|v| on(&v)).unwrap_or(true),
             live: arg("live").map(|v| on(&v)).unwrap_or(true),
+            multifd_everywhere: arg("multifd").is_some(),
+            // Full runs add multifd rows (2 and 4 channels, none and zstd); a smoke run only when asked.
+            multifd: arg("multifd").map_or_else(
+                || {
+                    if quick {
+                        vec![None]
+                    } else {
+                        ["off", "2", "4", "2:zstd", "4:zstd"].into_iter().map(parse_multifd).collect()
+                    }
+                },
+                |v| list(&v).into_iter().map(parse_multifd).collect(),
+            ),
             limit_size: if quick { 256 << 20 } else { 1 << 30 },
             verify,
             json: arg("json").map_or(default_json, PathBuf::from),

@@ -67,7 +67,12 @@
 //! - `--verify=first|all|none` / `QMIG_COMPARE_VERIFY`;
 //! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir,
 //!   `compare-quick.json` for a quick run);
-//! - `--shm=DIR` / `QMIG_COMPARE_SHM` (default `/dev/shm`).
+//! - `--shm=DIR` / `QMIG_COMPARE_SHM` (default `/dev/shm`);
+//! - `--multifd=off,2,4,2:zstd,4:zstd` / `QMIG_COMPARE_MULTIFD`: capability
+//!   `multifd` settings (`off`, `N` channels, `N:none|zlib|zstd`), each a set of
+//!   rows compared with QEMU → QEMU with the same settings (issue 11). Given, they
+//!   apply to every image and wire; by default a full run has these five on the
+//!   random images over unix only, a quick run none.
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB

@@ -116,6 +116,10 @@ pub enum EngineError {
         /// The cause.
         source: crate::dirty::DirtyError,
     },
+    /// A multifd channel failed (named in the error), or capability `multifd` was
+    /// asked for without its channels.
+    #[error(transparent)]
+    Multifd(#[from] crate::multifd::MultifdError),
     /// Capability `return-path` on a channel with no reverse direction (`exec:`,
     /// `file:`, a pipe, a [`PageWriter`] of its own): refused at start.
     #[error("capability return-path: {0}")]
@@ -172,6 +176,7 @@ impl EngineError {
             EngineError::DirtyStart { .. } | EngineError::DirtySync { .. } => Origin::Vmm,
             // The destination said no, went away or never confirmed.
             EngineError::ReturnPath { .. } => Origin::Peer,
+            EngineError::Multifd(_) => Origin::Peer,
             EngineError::Postcopy(e) => e.origin(),
             _ => Origin::Local,
         }
@@ -182,6 +187,7 @@ impl EngineError {
             EngineError::Cancelled => true,
             EngineError::Io(e) => transports::is_cancelled(e),
             EngineError::Transport(t) => t.is_cancelled(),
+            EngineError::Multifd(m) => m.is_cancel(),
             EngineError::Postcopy(e) => e.is_cancel(),
             _ => false,
         }
@@ -189,7 +195,7 @@ impl EngineError {
 
     /// The channel failed (the destination may have said why on the return path).
     fn is_channel(&self) -> bool {
-        matches!(self, EngineError::Io(_) | EngineError::Transport(_))
+        matches!(self, EngineError::Io(_) | EngineError::Transport(_) | EngineError::Multifd(_))
     }
 }
 
@@ -447,6 +453,8 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
     start: Instant,
     w: StreamWriter<W>,
     core: PrecopyCore,
+    /// The multifd channels (capability `multifd`): non-zero pages go there.
+    mf: Option<&'o mut crate::multifd::Sender>,
     /// Bytes sent when the guest started running on the destination (postcopy).
     postcopy_from: Option<u64>,
     _g: std::marker::PhantomData<&'g ()>,
@@ -462,13 +470,14 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
     /// Publish the core's figures and the page counters for other threads.
     fn publish(&mut self) {
         let st = self.w.ram_stats();
+        let multifd_pages = self.mf.as_ref().map_or(0, |m| m.pages_sent());
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
         let postcopy_from = self.postcopy_from;
         self.out.info.update(|i| {
             i.total_time = total_time;
-            i.normal = st.normal;
+            i.normal = st.normal + multifd_pages;
             i.duplicate = st.duplicate;
             i.transferred = transferred;
             i.remaining = c.remaining;
@@ -528,6 +537,8 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             let off = p * PAGE as u64;
             if is_zero(&page) {
                 self.w.ram_zero(r, off)?;
+            } else if let Some(mf) = self.mf.as_mut() {
+                mf.queue(r, p)?;
             } else {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
@@ -547,6 +558,10 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                     break;
                 }
             }
+        }
+        // QEMU 7.2: every channel's SYNC before each RAM EOS.
+        if let Some(mf) = self.mf.as_mut() {
+            mf.sync()?;
         }
         self.w.ram_eos()?;
         self.w.footer(id)?;
@@ -735,6 +750,26 @@ impl Outgoing {
         self.run_inner(MigrationWriter::new(ch, self.rate.clone()), rp, ram, vcpus, vm)
     }
 
+    /// [`run_vm`](Self::run_vm) with capability `multifd`: `channels` are the
+    /// `multifd-channels` extra connections to the same destination (connected after
+    /// `ch`, in id order); each gets a sender thread (see [`crate::multifd`]).
+    pub fn run_multifd(
+        &self,
+        ch: Channel,
+        channels: Vec<Channel>,
+        ram: &mut [RamRegion<'_>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+    ) -> Result<MigrationInfo, EngineError> {
+        self.cancel.link_to(ch.cancel_token());
+        for c in &channels {
+            self.cancel.link_to(c.cancel_token());
+        }
+        let rp = self.fixed.caps.return_path.then(|| open_return_path(&ch));
+        let w = MigrationWriter::new(ch, self.rate.clone());
+        self.run_inner_mf(w, rp, ram, vcpus, vm, Some(channels))
+    }
+
     /// [`run_vm`](Self::run_vm) into any [`PageWriter`] (an in-memory stream, say).
     /// Such a stream has no return path: capability `return-path` fails at start.
     pub fn run_on<'g, W: PageWriter<'g>>(
@@ -758,18 +793,45 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
+        self.run_inner_mf(w, rp, ram, vcpus, vm, None)
+    }
+
+    fn run_inner_mf<'g, W: PageWriter<'g>>(
+        &self,
+        w: W,
+        rp: Option<RpOpen>,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+        channels: Option<Vec<Channel>>,
+    ) -> Result<MigrationInfo, EngineError> {
         let start = Instant::now();
         let pages: u64 = ram.iter().map(|r| r.memory().pages()).sum();
         let _span = tracing::info_span!("migration", role = "source", regions = ram.len(), pages).entered();
         self.state.transition(S::None, S::Setup)?;
         let mut undo = Undo::default();
         let mut reader: Option<RpState> = None;
-        let result = match (vm.blockers.first(), rp) {
-            (Some(b), _) => Err(EngineError::Blocked(b.reason.clone())),
+        let result = match (vm.blockers.first(), rp, channels) {
+            (Some(b), _, _) => Err(EngineError::Blocked(b.reason.clone())),
             // As QEMU: a return path that cannot be opened fails the migration in setup.
-            (None, Some(Err(e))) => Err(e),
-            (None, Some(Ok(rp))) => self.precopy(w, start, ram, vcpus, vm, &mut undo, Some(rp), &mut reader),
-            (None, None) => self.precopy(w, start, ram, vcpus, vm, &mut undo, None, &mut reader),
+            (None, Some(Err(e)), _) => Err(e),
+            (None, rp, channels) => {
+                let rp = rp.and_then(Result::ok);
+                if self.fixed.caps.multifd && self.fixed.caps.postcopy_ram {
+                    Err(EngineError::Setup(
+                        "capabilities multifd and postcopy-ram refuse each other: turn one of them off".into(),
+                    ))
+                } else if self.fixed.caps.multifd != channels.is_some() {
+                    Err(EngineError::Setup(match channels {
+                        Some(_) => "multifd channels were given without capability multifd".into(),
+                        None => "capability multifd needs its channels (Outgoing::run_multifd)".into(),
+                    }))
+                } else if let Some(channels) = channels {
+                    self.precopy_multifd(w, start, ram, vcpus, vm, &mut undo, rp, &mut reader, channels)
+                } else {
+                    self.precopy(w, start, ram, vcpus, vm, &mut undo, rp, &mut reader, None)
+                }
+            }
         };
         // A broken channel: the return path says whether the destination ended it
         // (its SHUT status, or that it closed the connection) better than EPIPE does.
@@ -856,6 +918,44 @@ impl Outgoing {
         }
     }
 
+    /// [`precopy`](Self::precopy) with the multifd sender threads running in a scope
+    /// around it (they borrow the guest memory).
+    #[allow(clippy::too_many_arguments)]
+    fn precopy_multifd<'g, W: PageWriter<'g>>(
+        &self,
+        w: W,
+        start: Instant,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+        undo: &mut Undo,
+        rp: Option<(ReturnPath, CancelToken)>,
+        reader: &mut Option<RpState>,
+        channels: Vec<Channel>,
+    ) -> Result<(), EngineError> {
+        let params = self.params.get();
+        let mem: Vec<&'g GuestRegion> = ram.iter().map(|r| r.memory()).collect();
+        std::thread::scope(|s| {
+            let comp = params.multifd_compression;
+            let mut sender = crate::multifd::Sender::start(
+                s,
+                channels,
+                mem,
+                comp,
+                params.multifd_level(),
+                &self.rate,
+                self.cancel.clone(),
+            )?;
+            let r = self.precopy(w, start, ram, vcpus, vm, undo, rp, reader, Some(&mut sender));
+            if r.is_err() {
+                sender.abort();
+            }
+            let f = sender.finish();
+            r?;
+            Ok(f?)
+        })
+    }
+
     /// Setup, the passes the core asks for, and the switchover; with a return path
     /// `rp`, its reader is spawned into `reader`, checked every loop turn and waited
     /// for (SHUT) after EOF.
@@ -870,6 +970,7 @@ impl Outgoing {
         undo: &mut Undo,
         rp: Option<(ReturnPath, CancelToken)>,
         reader: &mut Option<RpState>,
+        mut mf: Option<&mut crate::multifd::Sender>,
     ) -> Result<(), EngineError> {
         if ram.is_empty() {
             return Err(EngineError::Setup("a migration needs at least one RAM region".into()));
@@ -906,7 +1007,26 @@ impl Outgoing {
             let summary = blocks.iter().fold(0u64, |a, b| a | b.page_size.unwrap_or(PAGE as u64));
             commands.push(Command::PostcopyAdvise(Some((summary, PAGE as u64))));
         }
-        write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?;
+        match mf.as_mut() {
+            None => write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?,
+            // QEMU 7.2's ram_save_setup with multifd: every channel's SYNC before the EOS.
+            Some(mf) => {
+                w.header()?;
+                w.configuration(&savevm_format::Configuration {
+                    machine: guest.machine.clone(),
+                    ..Default::default()
+                })?;
+                for c in &commands {
+                    w.command(c)?;
+                }
+                w.section_start(section_ids::RAM, savevm_format::wire::RAM_IDSTR, 0, savevm_format::wire::RAM_VERSION)?;
+                w.ram_block_list(&blocks)?;
+                w.get_mut().flush_now()?;
+                mf.sync()?;
+                w.ram_eos()?;
+                w.footer(section_ids::RAM)?;
+            }
+        }
         // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
             // The device is borrowed mutably to save: its name is copied out first.
@@ -934,6 +1054,7 @@ impl Outgoing {
             start,
             core: PrecopyCore::new(&pages, t0),
             w,
+            mf,
             postcopy_from: None,
             _g: std::marker::PhantomData,
         };

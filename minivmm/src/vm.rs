@@ -1063,6 +1063,20 @@ impl engine::postcopy_dest::PostcopySink for RamSink<'_> {
     }
 }
 
+impl engine::multifd::SharedRamSink for RamSink<'_> {
+    fn shared_regions(&mut self) -> Result<Vec<GuestRegion>, String> {
+        // Multifd receiver threads write pages behind this sink's back: a page is
+        // no longer known to be zero because the sink did not write it.
+        self.known_zero = None;
+        let ptr = self.ram.ptr_guard_mut().as_ptr();
+        // SAFETY: the RAM mapping behind `self.ram` lives for the sink's lifetime 'a,
+        // which outlives the load (run_multifd joins its threads before returning);
+        // receiver threads write it only with volatile page copies.
+        let region = unsafe { GuestRegion::new(RAM_BLOCK, ptr, self.ram.len()) };
+        Ok(vec![region.ok_or("empty RAM")?])
+    }
+}
+
 fn splitmix(s: &mut u64) -> u64 {
     *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *s;
