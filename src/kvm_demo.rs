@@ -38,6 +38,8 @@ pub struct KvmDemoOptions {
     pub auto_converge: bool,
     /// Capability `return-path`: the source completes only after the destination's SHUT(0).
     pub return_path: bool,
+    /// Capability `xbzrle` (cache size in `params`).
+    pub xbzrle: bool,
     /// Seed of the working set and the guest's page choice.
     pub seed: u64,
     /// How long the guest runs on the destination before it is read (≥ 1 s).
@@ -76,6 +78,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        xbzrle: opts.xbzrle,
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());

@@ -47,6 +47,9 @@ enum Cmd {
         /// The stream file to write.
         #[arg(long = "out", value_name = "STREAM")]
         out: PathBuf,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); `recv --from file:` reads it.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
     },
     /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:). The guest never runs, so there is nothing to converge: no --downtime-limit or --auto-converge here (`demo` migrates a live guest).
     Send {
@@ -73,6 +76,11 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); file: and exec: only.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -130,6 +138,11 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
+        #[arg(long, value_name = "PATH")]
+        capture: Option<PathBuf>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -162,6 +175,17 @@ enum Cmd {
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
     },
+}
+
+/// QEMU's capability `xbzrle` and parameter `xbzrle-cache-size`.
+#[derive(clap::Args)]
+struct XbzrleArgs {
+    /// QEMU's capability `xbzrle`: after the bulk pass, pages sent again go as deltas against the copy sent last (kept in a cache).
+    #[arg(long)]
+    xbzrle: bool,
+    /// QEMU's `xbzrle-cache-size` in bytes, suffixes K, M, G (a power of two of at least 4K; default 64M).
+    #[arg(long = "xbzrle-cache-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    xbzrle_cache_size: u64,
 }
 
 #[derive(clap::Args)]
@@ -269,6 +293,7 @@ struct KvmArgs<'a> {
     params: engine::params::MigrationParameters,
     auto_converge: bool,
     return_path: bool,
+    xbzrle: bool,
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
@@ -288,6 +313,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         params: a.params,
         auto_converge: a.auto_converge,
         return_path: a.return_path,
+        xbzrle: a.xbzrle,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
@@ -397,19 +423,40 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let doc = analyze(&stream, &AnalyzeOptions { extract, multifd_channels: multifd_channel })?;
             print_line(&doc);
         }
-        Cmd::Save { guest, out } => {
+        Cmd::Save { guest, out, compress } => {
             let (ram, guest) = guest.parse()?;
             let to = MigrationUri::File { path: out, offset: 0 };
-            let opts = SendOptions { runstate: guest.runstate, ..Default::default() };
-            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
-            print_line(&info.to_json());
+            let opts = SendOptions { runstate: guest.runstate, compress, ..Default::default() };
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            let mut stats = sent.info.to_json();
+            if let Some(c) = &sent.compressed {
+                stats["zstd"] = c.to_json();
+            }
+            print_line(&stats);
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            stats_json,
+            xbzrle,
+            compress,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params: engine::params::MigrationParameters { max_bandwidth, ..Default::default() },
+                params: engine::params::MigrationParameters {
+                    max_bandwidth,
+                    xbzrle_cache_size: xbzrle.xbzrle_cache_size,
+                    ..Default::default()
+                },
+                xbzrle: xbzrle.xbzrle,
+                compress,
                 auto_converge: false,
                 return_path: if return_path {
                     Some(true)
@@ -421,12 +468,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
             };
-            let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
-            let mut stats = qmig::send::stats_json(&info);
-            if let Some(t) = timeout {
-                stats["timeout"] = t;
-            }
-            write_stats(stats_json.as_deref(), &stats)?;
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            write_stats(stats_json.as_deref(), &sent.to_json())?;
         }
         Cmd::Demo {
             guest,
@@ -447,8 +490,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             stats_json,
+            xbzrle,
+            capture,
         } => {
-            let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let params = engine::params::MigrationParameters {
+                downtime_limit,
+                max_bandwidth,
+                xbzrle_cache_size: xbzrle.xbzrle_cache_size,
+                ..Default::default()
+            };
+            let (xbzrle, cache_size) = (xbzrle.xbzrle, xbzrle.xbzrle_cache_size);
+            engine::params::SharedParameters::new(params.clone()).map_err(|e| {
+                qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})"))
+            })?;
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {
@@ -472,6 +526,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     params,
                     auto_converge,
                     return_path: !no_return_path,
+                    xbzrle,
                     seed,
                     run_on,
                     stats_json,
@@ -486,7 +541,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 uri,
                 params,
                 auto_converge,
-                return_path: !no_return_path,
+                return_path: !no_return_path && capture.is_none(),
+                xbzrle,
+                capture,
                 dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
                 progress: stdout_is_terminal(),

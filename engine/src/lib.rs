@@ -80,3 +80,4 @@ pub mod return_path;
 pub mod source;
 pub mod state;
 pub mod vm;
+pub mod xbzrle;

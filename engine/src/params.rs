@@ -22,6 +22,8 @@ pub struct MigrationParameters {
     pub cpu_throttle_tailslow: bool,
     /// `max-cpu-throttle`: cap %. Default 99 (initial..=99).
     pub max_cpu_throttle: u8,
+    /// `xbzrle-cache-size`: bytes of the source's XBZRLE cache. Default 64 MiB, a power of two of at least a page.
+    pub xbzrle_cache_size: u64,
 }
 
 impl Default for MigrationParameters {
@@ -34,6 +36,7 @@ impl Default for MigrationParameters {
             cpu_throttle_increment: 10,
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
+            xbzrle_cache_size: crate::xbzrle::DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -67,6 +70,9 @@ impl MigrationParameters {
         if self.max_cpu_throttle < self.cpu_throttle_initial || self.max_cpu_throttle > 99 {
             return bad("max_cpu_throttle", "an integer in the range of cpu_throttle_initial to 99");
         }
+        if self.xbzrle_cache_size < crate::memory::PAGE as u64 || !self.xbzrle_cache_size.is_power_of_two() {
+            return bad("xbzrle_cache_size", "a power of two no less than the target page size");
+        }
         Ok(())
     }
 }
@@ -85,6 +91,9 @@ pub struct MigrationCapabilities {
     /// `return-path`: open the destination's return path (MIG_CMD_OPEN_RETURN_PATH,
     /// PING 1) and report `completed` only after its SHUT(0); needs a socket channel.
     pub return_path: bool,
+    /// `xbzrle`: after the bulk pass, send pages found in the XBZRLE cache as deltas
+    /// against the copy sent last (see [`crate::xbzrle`]).
+    pub xbzrle: bool,
 }
 
 /// Parameters shared between the migration thread and whoever tunes it.
@@ -132,6 +141,9 @@ mod tests {
         assert_eq!(v["downtime-limit"], 300);
         assert_eq!(v["cpu-throttle-tailslow"], true);
         assert_eq!(v["throttle-trigger-threshold"], 50);
+        assert_eq!(v["xbzrle-cache-size"], 64 << 20);
+        let bad = MigrationParameters { xbzrle_cache_size: 3 << 20, ..Default::default() };
+        assert_eq!(bad.validate().map_err(|e| e.name), Err("xbzrle_cache_size"));
         assert_eq!(serde_json::from_value::<MigrationParameters>(v).expect("round trip"), p);
         // As migrate-set-parameters takes them: only some members, the rest QEMU's defaults.
         let q: MigrationParameters = serde_json::from_str(r#"{"downtime-limit": 50}"#).expect("partial");

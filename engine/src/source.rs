@@ -34,6 +34,7 @@ use crate::precopy::{Action, PrecopyCore, Tick};
 use crate::return_path::{ReturnPathError, RpEvent, SourceReturnPath};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
+use crate::xbzrle::{Encoded, Xbzrle};
 use savevm_format::{section_ids, write_guest_prologue_with, Command, RamBlock, StoppedGuest, StreamWriter};
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -362,6 +363,10 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
     start: Instant,
     w: StreamWriter<W>,
     core: PrecopyCore,
+    /// Capability `xbzrle`: the cache and counters.
+    xbz: Option<Xbzrle>,
+    /// Each region's first RAM address (regions laid end to end, as QEMU's ram_addr_t).
+    bases: Vec<u64>,
     _g: std::marker::PhantomData<&'g ()>,
 }
 
@@ -376,6 +381,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
+        let xbz = self.xbz.as_ref().map(|x| x.info().clone());
         self.out.info.update(|i| {
             i.total_time = total_time;
             i.normal = st.normal;
@@ -389,6 +395,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             }
             i.expected_downtime = c.expected_downtime.or(i.expected_downtime);
             i.cpu_throttle_percentage = (c.throttle > 0).then_some(c.throttle);
+            i.xbzrle_cache = xbz;
         });
     }
 
@@ -414,12 +421,35 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             Some(_) => self.w.section_part(id)?,
         }
         let mut n = 0u64;
+        // As QEMU 7.2: XBZRLE once the bulk pass is over; the final stage (the guest
+        // stopped) neither inserts nor updates cached pages.
+        let stats = self.core.stats();
+        let xbz_on = stats.bulk_done && self.xbz.is_some();
+        let (age, last_stage) = (stats.dirty_sync_count, until.is_none());
         while let Some((r, p)) = self.core.pages_mut().take() {
             let memory = ram[r].memory();
             let page = memory.page(p);
             let off = p * PAGE as u64;
+            let addr = self.bases[r] + off;
             if is_zero(&page) {
                 self.w.ram_zero(r, off)?;
+                if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                    x.zero_page(addr, age);
+                }
+            } else if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                match x.save_page(addr, &page, age, last_stage) {
+                    Encoded::Unchanged => {}
+                    Encoded::Delta(d) => {
+                        let before = self.w.bytes_written();
+                        self.w.ram_xbzrle(r, off, d)?;
+                        x.sent_delta(self.w.bytes_written() - before);
+                    }
+                    Encoded::Copy(c) => self.w.ram_page(r, off, &c[..])?,
+                    Encoded::InPlace => {
+                        self.w.ram_page_header(r, off)?;
+                        self.w.get_mut().write_page(page)?;
+                    }
+                }
             } else {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
@@ -768,7 +798,15 @@ impl Outgoing {
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
         let t0 = Tick { now: start.elapsed(), bytes_sent: w.get_mut().bytes_sent() };
-        let mut run = Run { out: self, start, core: PrecopyCore::new(&pages, t0), w, _g: std::marker::PhantomData };
+        let xbz = match self.fixed.caps.xbzrle {
+            false => None,
+            true => Some(Xbzrle::new(params.xbzrle_cache_size).ok_or_else(|| {
+                EngineError::Setup(format!("xbzrle-cache-size {} cannot be allocated", params.xbzrle_cache_size))
+            })?),
+        };
+        let bases = blocks.iter().scan(0u64, |next, b| Some(std::mem::replace(next, *next + b.length))).collect();
+        let core = PrecopyCore::new(&pages, t0);
+        let mut run = Run { out: self, start, core, w, xbz, bases, _g: std::marker::PhantomData };
         self.state.announce(Notification::Pass { pass: 1 });
         let setup_time = start.elapsed();
         self.info.update(|i| {
@@ -823,6 +861,10 @@ impl Outgoing {
                     }
                     if let Some(rate) = o.dirty_pages_rate {
                         self.info.update(|i| i.dirty_pages_rate = rate);
+                        let taken = run.core.pages_mut().taken();
+                        if let Some(x) = run.xbz.as_mut() {
+                            x.close_period(taken);
+                        }
                     }
                     run.publish();
                 }
