@@ -27,9 +27,11 @@ impl std::str::FromStr for Compression {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let level = match s.split_once(':') {
             None if s == "zstd" => DEFAULT_LEVEL,
-            Some(("zstd", l)) => l.parse::<i32>().ok().filter(|l| (1..=19).contains(l)).ok_or_else(|| {
-                format!("'{s}': the zstd level must be an integer from 1 to 19")
-            })?,
+            Some(("zstd", l)) => l
+                .parse::<i32>()
+                .ok()
+                .filter(|l| (1..=19).contains(l))
+                .ok_or_else(|| format!("'{s}': the zstd level must be an integer from 1 to 19"))?,
             _ => return Err(format!("'{s}': expected zstd or zstd:LEVEL")),
         };
         Ok(Compression { level })

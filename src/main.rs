@@ -500,9 +500,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 ..Default::default()
             };
             let (xbzrle, cache_size) = (xbzrle.xbzrle, xbzrle.xbzrle_cache_size);
-            engine::params::SharedParameters::new(params.clone()).map_err(|e| {
-                qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})"))
-            })?;
+            engine::params::SharedParameters::new(params.clone())
+                .map_err(|e| qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})")))?;
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {

@@ -9,6 +9,7 @@ use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -110,8 +111,34 @@ pub fn recv_with(
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
     let incoming = Incoming::new(false);
-    let outcome =
-        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+    // A file or command output that starts with zstd's magic is a compressed save
+    // (`save --compress zstd`): decoded on the way in. Sockets carry the plain stream.
+    let zstd = extra.is_none() && reader.fill_buf().is_ok_and(|b| b.starts_with(&crate::compress::ZSTD_MAGIC));
+    let mut decoded = None;
+    let outcome = if zstd {
+        let dec = zstd::stream::read::Decoder::with_buffer(&mut reader).map_err(Error::Io)?;
+        let mut counted = Counting { inner: dec, n: 0 };
+        let r = incoming.run_with_return_path(
+            &mut counted,
+            &mut dest,
+            &mut VmParts::default(),
+            &mut NoGuest,
+            open_return_path,
+        );
+        // The frame's checksum is at its end, after the vmdesc: read to there, so a
+        // corrupted file fails here instead of leaving wrong RAM behind.
+        let r = r.map_err(Error::incoming).and_then(|report| match std::io::copy(&mut counted, &mut std::io::sink()) {
+            Ok(0) => Ok(report),
+            Ok(n) => Err(Error::Usage(format!("{n} bytes after the stream's end inside the zstd frame"))),
+            Err(e) => Err(Error::Usage(format!("the compressed file is damaged: {e}"))),
+        });
+        decoded = Some(counted.n);
+        r
+    } else {
+        incoming
+            .run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path)
+            .map_err(Error::incoming)
+    };
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
         .map_err(|e| match e {
@@ -120,7 +147,7 @@ pub fn recv_with(
                  implement"
                     .into(),
             ),
-            e => Error::incoming(e),
+            e => e,
         })
         .and_then(|report| {
             drop(progress);
@@ -151,7 +178,27 @@ pub fn recv_with(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path })
+    let compressed = decoded.map(|stream_size| crate::compress::CompressedStats {
+        level: 0,
+        stream_size,
+        compressed_size: transferred,
+        secs,
+    });
+    Ok(Received { info, return_path: report.return_path, compressed })
+}
+
+/// A reader counting the bytes it passed on.
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("zstd frame: {e}")))?;
+        self.n += n as u64;
+        Ok(n)
+    }
 }
 
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
@@ -161,6 +208,8 @@ pub struct Received {
     pub info: MigrationInfo,
     /// What the return path did (all false/zero when the source asked for none).
     pub return_path: ReturnPathReport,
+    /// A compressed save (zstd) was read: its sizes and speed.
+    pub compressed: Option<crate::compress::CompressedStats>,
 }
 
 impl Received {
@@ -170,7 +219,7 @@ impl Received {
     /// "unavailable"?, "error"?}`.
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "status": i.status.as_str(),
             "total-time": u64::try_from(i.total_time.as_millis()).unwrap_or(u64::MAX),
             "ram": {
@@ -183,6 +232,10 @@ impl Received {
                 "page-size": i.page_size,
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
-        })
+        });
+        if let Some(c) = &self.compressed {
+            v["zstd"] = c.to_json();
+        }
+        v
     }
 }

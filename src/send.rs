@@ -135,7 +135,12 @@ pub fn send_watched(
 }
 
 /// [`send`], with everything it reports ([`Sent`]).
-pub fn send_all(ram: &[(String, PathBuf)], uri: &MigrationUri, opts: &SendOptions, cancel: &CancelToken) -> Result<Sent> {
+pub fn send_all(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    opts: &SendOptions,
+    cancel: &CancelToken,
+) -> Result<Sent> {
     if ram.is_empty() {
         return Err(Error::Usage("at least one --ram NAME=PATH is needed".into()));
     }
@@ -161,8 +166,12 @@ pub fn send_all(ram: &[(String, PathBuf)], uri: &MigrationUri, opts: &SendOption
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let ch = connect(uri, cancel).map_err(Error::transport)?;
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
-    let caps =
-        MigrationCapabilities { auto_converge: opts.auto_converge, return_path, xbzrle: opts.xbzrle, ..Default::default() };
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path,
+        xbzrle: opts.xbzrle,
+        ..Default::default()
+    };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
     let stop = AtomicBool::new(false);
     let progress = opts.progress.then(|| crate::watch::Progress::outgoing(&out));
