@@ -40,6 +40,8 @@ pub struct KvmDemoOptions {
     pub return_path: bool,
     /// Capability `xbzrle` (cache size in `params`).
     pub xbzrle: bool,
+    /// Guest RAM on transparent huge pages where offered (both VMs).
+    pub huge_pages: bool,
     /// Seed of the working set and the guest's page choice.
     pub seed: u64,
     /// How long the guest runs on the destination before it is read (≥ 1 s).
@@ -67,7 +69,9 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         return Err(Error::Usage("the demo migrates over tcp: or unix: URIs".into()));
     }
 
-    let mut vm = Vm::with_vcpus(layout, opts.vcpus).map_err(vm_err)?;
+    let vm_options = minivmm::VmOptions { huge_pages: opts.huge_pages };
+    let mut vm = Vm::with_options(layout, opts.vcpus, vm_options).map_err(vm_err)?;
+    let huge_pages = vm.huge_pages();
     vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
         .map_err(vm_err)?;
     vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
@@ -160,6 +164,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     stats["guest"] = json!({
         "kind": "kvm",
         "slots": opts.slots,
+        "huge-pages": huge_pages,
         "working-set": opts.working_set,
         "dirty-rate": opts.dirty_rate,
         "dirty-rate-achieved": achieved,
@@ -183,6 +188,9 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+    if !opts.huge_pages {
+        cmd.arg("--no-huge-pages");
+    }
     spawn_listening(cmd, "qmig kvm-dest")
 }
 
@@ -191,17 +199,19 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
+#[allow(clippy::too_many_arguments)]
 pub fn dest(
     ram_size: u64,
     slots: u32,
     vcpus: usize,
+    vm_options: minivmm::VmOptions,
     uri: &MigrationUri,
     run_on: Duration,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
+    let mut vm = Vm::with_options(layout, vcpus, vm_options).map_err(vm_err)?;
     let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
     on_listening(listener.local_uri());
     let ch = listener.accept().map_err(Error::transport)?;
@@ -233,6 +243,7 @@ pub fn dest(
     let first = now.first().map(|(c, _)| *c).unwrap_or_default();
     Ok(json!({
         "ram_digest": format!("{digest:016x}"),
+        "huge_pages": vm.huge_pages(),
         "counter_loaded": loaded.first().map(|c| c.counter),
         "counter": first.counter,
         "writes": now.iter().map(|(c, _)| c.writes).sum::<u64>(),

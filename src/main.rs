@@ -140,6 +140,9 @@ enum Cmd {
         stats_json: Option<PathBuf>,
         #[command(flatten)]
         xbzrle: XbzrleArgs,
+        /// KVM guest: 4 KiB pages only (by default guest RAM uses transparent huge pages where the kernel offers them, MADV_HUGEPAGE).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
         /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
         #[arg(long, value_name = "PATH")]
         capture: Option<PathBuf>,
@@ -162,6 +165,9 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        /// 4 KiB pages only (no MADV_HUGEPAGE on guest RAM).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -294,6 +300,7 @@ struct KvmArgs<'a> {
     auto_converge: bool,
     return_path: bool,
     xbzrle: bool,
+    huge_pages: bool,
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
@@ -314,6 +321,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         auto_converge: a.auto_converge,
         return_path: a.return_path,
         xbzrle: a.xbzrle,
+        huge_pages: a.huge_pages,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
@@ -335,12 +343,13 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_dest(
     from: &MigrationUri,
-    (ram_size, slots, vcpus): (u64, u32, usize),
+    (ram_size, slots, vcpus, huge_pages): (u64, u32, usize, bool),
     run_on: u64,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let options = minivmm::VmOptions { huge_pages };
+    let report = kvm_demo::dest(ram_size, slots, vcpus, options, from, run_on, cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -348,7 +357,7 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize, bool), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -491,6 +500,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             seed,
             stats_json,
             xbzrle,
+            no_huge_pages,
             capture,
         } => {
             let params = engine::params::MigrationParameters {
@@ -526,6 +536,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     auto_converge,
                     return_path: !no_return_path,
                     xbzrle,
+                    huge_pages: !no_huge_pages,
                     seed,
                     run_on,
                     stats_json,
@@ -557,8 +568,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus, !no_huge_pages), run_on, cancel)?
         }
         Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
