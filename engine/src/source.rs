@@ -21,6 +21,11 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `xbzrle`, once the bulk pass is over, pages go through
+//! [`Xbzrle`] (QEMU 7.2's cache and `save_xbzrle_page`): a cache miss is sent
+//! whole from the cache's copy, a hit as an XBZRLE delta (nothing when unchanged,
+//! a whole page on overflow); `query-migrate` gains `xbzrle-cache`.
+//!
 //! Every decision is the clock-free [`PrecopyCore`](crate::precopy::PrecopyCore)'s;
 //! this module is its driver: it reads the clock, does the I/O through a
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
