@@ -514,6 +514,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 .map_err(|e| qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})")))?;
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+                if capture.is_some() {
+                    return Err(qmig::Error::Usage("--capture is for the synthetic guest (--guest synthetic)".into()));
+                }
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
                     if fits < 256 << 20 {
