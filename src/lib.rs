@@ -8,6 +8,7 @@
 
 pub mod analyze;
 pub mod compress;
+pub mod control;
 mod error;
 pub mod ramfile;
 pub mod recv;

@@ -81,6 +81,39 @@ enum Cmd {
         /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); file: and exec: only.
         #[arg(long, value_name = "zstd[:LEVEL]")]
         compress: Option<qmig::compress::Compression>,
+        /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
+        #[arg(long, conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// With --postcopy: switch to postcopy after SECS, or when the first pass has sent every page if sooner (0: as soon as allowed); without it, only on `qmig migrate-start-postcopy`.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
+        /// QEMU's `pause-before-switchover`: hold in `pre-switchover` (guest stopped) until `qmig migrate-continue --control unix:PATH`.
+        #[arg(long = "pause-before-switchover", requires = "control")]
+        pause_before_switchover: bool,
+        /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
+        #[arg(long, value_name = "unix:PATH")]
+        control: Option<String>,
+    },
+    /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
+    #[command(name = "migrate-continue")]
+    MigrateContinue {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Switch a `qmig send --postcopy` to postcopy at its next iteration (QEMU's `migrate-start-postcopy`).
+    #[command(name = "migrate-start-postcopy")]
+    MigrateStartPostcopy {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Print a running `qmig send`'s `query-migrate` statistics (one JSON line).
+    #[command(name = "query-migrate")]
+    QueryMigrate {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -146,6 +179,12 @@ enum Cmd {
         /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
         #[arg(long, value_name = "PATH")]
         capture: Option<PathBuf>,
+        /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
+        #[arg(long = "postcopy", conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// Start postcopy this many seconds after the migration started, or when the first pass is done if sooner.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -168,6 +207,9 @@ enum Cmd {
         /// 4 KiB pages only (no MADV_HUGEPAGE on guest RAM).
         #[arg(long = "no-huge-pages")]
         no_huge_pages: bool,
+        /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -180,6 +222,12 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
+        #[arg(long = "postcopy")]
+        postcopy: bool,
+        /// While postcopy is active, read pages not yet received at random (each a real fault), as a vCPU would.
+        #[arg(long = "postcopy-touch", requires = "postcopy")]
+        postcopy_touch: bool,
     },
 }
 
@@ -305,6 +353,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -326,6 +375,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -344,12 +394,12 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus, huge_pages): (u64, u32, usize, bool),
-    run_on: u64,
+    (run_on, postcopy): (u64, bool),
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
     let options = minivmm::VmOptions { huge_pages };
-    let report = kvm_demo::dest(ram_size, slots, vcpus, options, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, options, from, (run_on, postcopy), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -357,7 +407,12 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize, bool), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(
+    _: &MigrationUri,
+    _: (u64, u32, usize, bool),
+    _: (u64, bool),
+    _: &transports::CancelToken,
+) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -443,6 +498,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             }
             print_line(&stats);
         }
+        Cmd::MigrateContinue { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
+        }
+        Cmd::MigrateStartPostcopy { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-start-postcopy", None)?;
+        }
+        Cmd::QueryMigrate { control } => {
+            print_line(&qmig::control::execute(&qmig::control::parse_control(&control)?, "query-migrate", None)?);
+        }
         Cmd::Send {
             guest,
             to,
@@ -454,6 +518,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             stats_json,
             xbzrle,
             compress,
+            postcopy,
+            postcopy_after,
+            pause_before_switchover,
+            control,
         } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
@@ -476,6 +544,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                postcopy,
+                postcopy_after: postcopy_after
+                    .map(|s| {
+                        std::time::Duration::try_from_secs_f64(s)
+                            .map_err(|_| qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                    })
+                    .transpose()?,
+                pause_before_switchover,
+                control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
             let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
             write_stats(stats_json.as_deref(), &sent.to_json())?;
@@ -502,6 +579,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             xbzrle,
             no_huge_pages,
             capture,
+            postcopy,
+            postcopy_after,
         } => {
             let params = engine::params::MigrationParameters {
                 downtime_limit,
@@ -513,6 +592,14 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             engine::params::SharedParameters::new(params.clone())
                 .map_err(|e| qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})")))?;
             let timeout = deadline(timeout, timeout_action)?;
+            let postcopy = match postcopy_after {
+                Some(s) if !(s.is_finite() && s >= 0.0) => {
+                    return Err(qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                }
+                Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+                // After the first pass (a day is "never" before that).
+                None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
+            };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 if capture.is_some() {
                     return Err(qmig::Error::Usage("--capture is for the synthetic guest (--guest synthetic)".into()));
@@ -544,8 +631,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    postcopy,
                     cancel,
                 });
+            }
+            if postcopy.is_some() {
+                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
             }
             let opts = demo::DemoOptions {
                 ram_size,
@@ -571,10 +662,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus, !no_huge_pages), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus, !no_huge_pages), (run_on, postcopy), cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -582,7 +673,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let postcopy = postcopy.then(|| engine::postcopy_dest::PostcopyOptions {
+                touch: postcopy_touch,
+                touch_seed: u64::from(std::process::id()),
+            });
+            let st = qmig::recv::recv_postcopy(&ram, &from, cancel, on_listening, stdout_is_terminal(), postcopy)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
 use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
+use engine::postcopy_dest::{PostcopyOptions, PostcopyReport};
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
 use std::io::BufRead;
@@ -89,6 +90,21 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
+    recv_postcopy(ram, uri, cancel, on_listening, progress, None)
+}
+
+/// [`recv_with`], with capability `postcopy-ram` on when `postcopy` is given
+/// (`qmig recv --postcopy`): the RAM files' mappings are registered with
+/// userfaultfd at POSTCOPY_LISTEN (they must be on tmpfs, as for QEMU), faults
+/// become page requests, and `touch` reads pages at random while postcopy runs.
+pub fn recv_postcopy(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    postcopy: Option<PostcopyOptions>,
+) -> Result<Received> {
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
@@ -110,7 +126,8 @@ pub fn recv_with(
     let counted = rate.clone();
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
-    let incoming = Incoming::new(false);
+    let mut incoming = Incoming::new(false);
+    incoming.postcopy = postcopy;
     // A file or command output that starts with zstd's magic is a compressed save
     // (`save --compress zstd`): decoded on the way in. Sockets carry the plain stream.
     let zstd = extra.is_none() && reader.fill_buf().is_ok_and(|b| b.starts_with(&crate::compress::ZSTD_MAGIC));
@@ -118,13 +135,7 @@ pub fn recv_with(
     let outcome = if zstd {
         let dec = zstd::stream::read::Decoder::with_buffer(&mut reader).map_err(Error::Io)?;
         let mut counted = Counting { inner: dec, n: 0 };
-        let r = incoming.run_with_return_path(
-            &mut counted,
-            &mut dest,
-            &mut VmParts::default(),
-            &mut NoGuest,
-            open_return_path,
-        );
+        let r = incoming.run_postcopy(&mut counted, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
         // The frame's checksum is at its end, after the vmdesc: read to there, so a
         // corrupted file fails here instead of leaving wrong RAM behind.
         let r = r.map_err(Error::incoming).and_then(|report| match std::io::copy(&mut counted, &mut std::io::sink()) {
@@ -136,7 +147,7 @@ pub fn recv_with(
         r
     } else {
         incoming
-            .run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path)
+            .run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path)
             .map_err(Error::incoming)
     };
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
@@ -184,7 +195,7 @@ pub fn recv_with(
         compressed_size: transferred,
         secs,
     });
-    Ok(Received { info, return_path: report.return_path, compressed })
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy, compressed })
 }
 
 /// A reader counting the bytes it passed on.
@@ -210,13 +221,17 @@ pub struct Received {
     pub return_path: ReturnPathReport,
     /// A compressed save (zstd) was read: its sizes and speed.
     pub compressed: Option<crate::compress::CompressedStats>,
+    /// What postcopy did, when the source switched to it.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl Received {
     /// The destination's statistics (what a destination knows: no source-side
     /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
     /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
-    /// "unavailable"?, "error"?}`.
+    /// "unavailable"?, "error"?}`; after a postcopy migration also
+    /// `ram.postcopy-requests` and `"postcopy"` (see [`PostcopyReport::to_json`]:
+    /// request counts and the page-request latency in microseconds).
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
         let mut v = serde_json::json!({
@@ -235,6 +250,10 @@ impl Received {
         });
         if let Some(c) = &self.compressed {
             v["zstd"] = c.to_json();
+        }
+        if let Some(pc) = &self.postcopy {
+            v["ram"]["postcopy-requests"] = pc.requests.into();
+            v["postcopy"] = pc.to_json();
         }
         v
     }

@@ -24,6 +24,9 @@ pub struct MigrationParameters {
     pub max_cpu_throttle: u8,
     /// `xbzrle-cache-size`: bytes of the source's XBZRLE cache. Default 64 MiB, a power of two of at least a page.
     pub xbzrle_cache_size: u64,
+    /// `max-postcopy-bandwidth`: bytes/s of the background pages in postcopy, 0 =
+    /// unlimited (QEMU's default).
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for MigrationParameters {
@@ -37,6 +40,7 @@ impl Default for MigrationParameters {
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
             xbzrle_cache_size: crate::xbzrle::DEFAULT_CACHE_SIZE,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
@@ -94,6 +98,17 @@ pub struct MigrationCapabilities {
     /// `xbzrle`: after the bulk pass, send pages found in the XBZRLE cache as deltas
     /// against the copy sent last (see [`crate::xbzrle`]).
     pub xbzrle: bool,
+    /// `postcopy-ram`: allow switching to postcopy (`migrate-start-postcopy`);
+    /// opens the return path as `return-path` does (page requests come back on it).
+    pub postcopy_ram: bool,
+}
+
+impl MigrationCapabilities {
+    /// Whether the return path is opened: `return-path`, or `postcopy-ram` which
+    /// needs it for page requests (QEMU 7.2's migration_thread opens it for either).
+    pub fn uses_return_path(&self) -> bool {
+        self.return_path || self.postcopy_ram
+    }
 }
 
 /// Parameters shared between the migration thread and whoever tunes it.
@@ -153,5 +168,8 @@ mod tests {
         assert!(c.auto_converge && !c.pause_before_switchover);
         let v = serde_json::to_value(c).expect("serialize");
         assert_eq!(v["pause-before-switchover"], false);
+        assert_eq!(v["postcopy-ram"], false);
+        let c: MigrationCapabilities = serde_json::from_str(r#"{"postcopy-ram": true}"#).expect("postcopy caps");
+        assert!(c.postcopy_ram && !c.return_path && c.uses_return_path(), "postcopy-ram opens the return path");
     }
 }
