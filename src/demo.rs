@@ -8,7 +8,7 @@ use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameter
 use engine::source::Outgoing;
 use qmig::{Error, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,6 +43,10 @@ pub struct DemoOptions {
     pub auto_converge: bool,
     /// Capability `return-path`: the source completes only after the destination's SHUT(0).
     pub return_path: bool,
+    /// Capability `xbzrle` (cache size in `params`).
+    pub xbzrle: bool,
+    /// Also write the stream sent to this file (the return path is then off).
+    pub capture: Option<PathBuf>,
     /// The destination.
     pub dest: Destination,
     /// Seed of the guest's content and writes.
@@ -120,8 +124,9 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
-        return_path: opts.return_path,
+        return_path: opts.return_path && opts.capture.is_none(),
         multifd: opts.multifd.is_some(),
+        xbzrle: opts.xbzrle,
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
@@ -132,9 +137,18 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
     let mut ram = [RamRegion::new(&region).with_dirty(guest.dirty())];
-    let res = match channels {
-        Some(c) => out.run_multifd(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
-        None => out.run(ch, &mut ram, &mut vcpus),
+    let res = match (channels, &opts.capture) {
+        (Some(c), None) => out.run_multifd(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage("--capture records the main channel only: it refuses --multifd".into()))
+        }
+        (None, None) => out.run(ch, &mut ram, &mut vcpus),
+        (None, Some(path)) => {
+            let file = std::fs::File::create(path).map_err(|e| Error::file(path, e))?;
+            let file = std::io::BufWriter::with_capacity(1 << 20, file);
+            let w = Tee { ch: transports::MigrationWriter::new(ch, out.rate().clone()), file, page: vec![0u8; 4096] };
+            out.run_on(w, &mut ram, &mut vcpus, &mut engine::vm::VmParts::default())
+        }
     };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
@@ -325,4 +339,44 @@ fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
         }
     }
     Ok((differing == 0, differing))
+}
+
+/// The stream to the channel and, copied, to a capture file (`--capture`). A page's
+/// copy is read when it is queued: if the guest writes it before the channel sends
+/// it, the capture holds the earlier bytes (the page is dirty and sent again); the
+/// records are the same.
+struct Tee<'g> {
+    ch: transports::MigrationWriter<'g>,
+    file: std::io::BufWriter<std::fs::File>,
+    page: Vec<u8>,
+}
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.ch.write(buf)?;
+        self.file.write_all(&buf[..n])?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.ch.flush()
+    }
+}
+
+impl<'g> engine::source::PageWriter<'g> for Tee<'g> {
+    fn write_page(&mut self, page: vm_memory::VolatileSlice<'g>) -> std::io::Result<()> {
+        self.page.resize(page.len(), 0);
+        page.copy_to(&mut self.page[..]);
+        self.file.write_all(&self.page)?;
+        self.ch.write_volatile(page)
+    }
+    fn flush_now(&mut self) -> std::io::Result<()> {
+        self.ch.flush_now()
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.ch.rate_limit().total_bytes()
+    }
+    fn close(mut self) -> std::result::Result<(), engine::source::EngineError> {
+        self.file.flush()?;
+        Ok(self.ch.close()?)
+    }
 }

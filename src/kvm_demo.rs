@@ -40,6 +40,10 @@ pub struct KvmDemoOptions {
     pub auto_converge: bool,
     /// Capability `return-path`: the source completes only after the destination's SHUT(0).
     pub return_path: bool,
+    /// Capability `xbzrle` (cache size in `params`).
+    pub xbzrle: bool,
+    /// Guest RAM on transparent huge pages where offered (both VMs).
+    pub huge_pages: bool,
     /// Seed of the working set and the guest's page choice.
     pub seed: u64,
     /// How long the guest runs on the destination before it is read (≥ 1 s).
@@ -78,7 +82,9 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         return Err(Error::Usage("the demo migrates over tcp: or unix: URIs".into()));
     }
 
-    let mut vm = Vm::with_vcpus(layout, opts.vcpus).map_err(vm_err)?;
+    let vm_options = minivmm::VmOptions { huge_pages: opts.huge_pages };
+    let mut vm = Vm::with_options(layout, opts.vcpus, vm_options).map_err(vm_err)?;
+    let huge_pages = vm.huge_pages();
     vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
         .map_err(vm_err)?;
     vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
@@ -90,6 +96,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
         multifd: opts.multifd.is_some(),
+        xbzrle: opts.xbzrle,
         postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
@@ -191,6 +198,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     stats["guest"] = json!({
         "kind": "kvm",
         "slots": opts.slots,
+        "huge-pages": huge_pages,
         "working-set": opts.working_set,
         "dirty-rate": opts.dirty_rate,
         "dirty-rate-achieved": achieved,
@@ -216,6 +224,9 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
         .args(["--run-on", &opts.run_on.as_millis().to_string()])
         .args(["--io-timeout", &io_timeout_arg(&opts.channel)])
         .args(multifd_args(opts.multifd, &opts.params));
+    if !opts.huge_pages {
+        cmd.arg("--no-huge-pages");
+    }
     if opts.postcopy.is_some() {
         cmd.arg("--postcopy");
     }
@@ -230,17 +241,19 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// The listener takes `channel`'s options (the io timeout).
 /// With `multifd` (`multifd-channels`, `multifd-compression`) the channels are
 /// accepted after the main one and place pages straight into guest memory.
+#[allow(clippy::too_many_arguments)]
 pub fn dest(
     ram_size: u64,
     slots: u32,
     vcpus: usize,
+    vm_options: minivmm::VmOptions,
     (uri, channel): (&MigrationUri, &transports::ChannelOptions),
     (run_on, postcopy, multifd): (Duration, bool, Option<(u8, savevm_format::multifd::Compression)>),
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
+    let mut vm = Vm::with_options(layout, vcpus, vm_options).map_err(vm_err)?;
     let listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
     on_listening(listener.local_uri());
     let start = Instant::now();
@@ -290,6 +303,7 @@ pub fn dest(
     let first = now.first().map(|(c, _)| *c).unwrap_or_default();
     Ok(json!({
         "ram_digest": format!("{digest:016x}"),
+        "huge_pages": vm.huge_pages(),
         "counter_loaded": loaded.first().map(|c| c.counter),
         "counter": first.counter,
         "writes": now.iter().map(|(c, _)| c.writes).sum::<u64>(),

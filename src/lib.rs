@@ -2,11 +2,12 @@
 //!
 //! This library is the embedding facade: the wire format lives in
 //! [`savevm_format`], channels in [`transports`], policy in [`engine`];
-//! [`analyze`], [`ramfile`], [`send`] and [`recv`] are the library side of the
+//! [`analyze`], [`ramfile`], [`send`], [`recv`] and [`compress`] are the library side of the
 //! CLI commands. The CLI itself (`src/main.rs`, with its `demo`) and the test
 //! support (the `testkit` crate) are not part of it.
 
 pub mod analyze;
+pub mod compress;
 pub mod control;
 mod error;
 pub mod ramfile;

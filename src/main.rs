@@ -47,6 +47,9 @@ enum Cmd {
         /// The stream file to write.
         #[arg(long = "out", value_name = "STREAM")]
         out: PathBuf,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); `recv --from file:` reads it.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
     },
     /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:). The guest never runs, so there is nothing to converge: no --downtime-limit or --auto-converge here (`demo` migrates a live guest).
     Send {
@@ -76,6 +79,11 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); file: and exec: only.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
         /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
         #[arg(long, conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -176,6 +184,14 @@ enum Cmd {
         stats_json: Option<PathBuf>,
         #[command(flatten)]
         multifd: MultifdArgs,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// KVM guest: 4 KiB pages only (by default guest RAM uses transparent huge pages where the kernel offers them, MADV_HUGEPAGE).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
+        /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
+        #[arg(long, value_name = "PATH")]
+        capture: Option<PathBuf>,
         /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
         #[arg(long = "postcopy", conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -206,6 +222,9 @@ enum Cmd {
         run_on: u64,
         #[command(flatten)]
         multifd: MultifdArgs,
+        /// 4 KiB pages only (no MADV_HUGEPAGE on guest RAM).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
         /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
         #[arg(long)]
         postcopy: bool,
@@ -262,6 +281,17 @@ impl MultifdArgs {
         p.multifd_zlib_level = self.zlib_level;
         p.multifd_zstd_level = self.zstd_level;
     }
+}
+
+/// QEMU's capability `xbzrle` and parameter `xbzrle-cache-size`.
+#[derive(clap::Args)]
+struct XbzrleArgs {
+    /// QEMU's capability `xbzrle`: after the bulk pass, pages sent again go as deltas against the copy sent last (kept in a cache).
+    #[arg(long)]
+    xbzrle: bool,
+    /// QEMU's `xbzrle-cache-size` in bytes, suffixes K, M, G (a power of two of at least 4K; default 64M).
+    #[arg(long = "xbzrle-cache-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    xbzrle_cache_size: u64,
 }
 
 #[derive(clap::Args)]
@@ -369,6 +399,8 @@ struct KvmArgs<'a> {
     params: engine::params::MigrationParameters,
     auto_converge: bool,
     return_path: bool,
+    xbzrle: bool,
+    huge_pages: bool,
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
@@ -392,6 +424,8 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         params: a.params,
         auto_converge: a.auto_converge,
         return_path: a.return_path,
+        xbzrle: a.xbzrle,
+        huge_pages: a.huge_pages,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
@@ -417,7 +451,7 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_dest(
     from: &MigrationUri,
-    (ram_size, slots, vcpus): (u64, u32, usize),
+    (ram_size, slots, vcpus, huge_pages): (u64, u32, usize, bool),
     (run_on, postcopy): (u64, bool),
     channel: &transports::ChannelOptions,
     multifd: &MultifdArgs,
@@ -425,9 +459,11 @@ fn kvm_dest(
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
     let mf = multifd.multifd.map(|n| (n, multifd.compression));
-    let report = kvm_demo::dest(ram_size, slots, vcpus, (from, channel), (run_on, postcopy, mf), cancel, |bound| {
-        print_line(&serde_json::json!({ "listening": bound.to_string() }))
-    })?;
+    let options = minivmm::VmOptions { huge_pages };
+    let report =
+        kvm_demo::dest(ram_size, slots, vcpus, options, (from, channel), (run_on, postcopy, mf), cancel, |bound| {
+            print_line(&serde_json::json!({ "listening": bound.to_string() }))
+        })?;
     print_line(&report);
     Ok(())
 }
@@ -435,7 +471,7 @@ fn kvm_dest(
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
 fn kvm_dest(
     _: &MigrationUri,
-    _: (u64, u32, usize),
+    _: (u64, u32, usize, bool),
     _: (u64, bool),
     _: &transports::ChannelOptions,
     _: &MultifdArgs,
@@ -523,12 +559,16 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let doc = analyze(&stream, &AnalyzeOptions { extract, multifd_channels: multifd_channel })?;
             print_line(&doc);
         }
-        Cmd::Save { guest, out } => {
+        Cmd::Save { guest, out, compress } => {
             let (ram, guest) = guest.parse()?;
             let to = MigrationUri::File { path: out, offset: 0 };
-            let opts = SendOptions { runstate: guest.runstate, ..Default::default() };
-            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
-            print_line(&info.to_json());
+            let opts = SendOptions { runstate: guest.runstate, compress, ..Default::default() };
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            let mut stats = sent.info.to_json();
+            if let Some(c) = &sent.compressed {
+                stats["zstd"] = c.to_json();
+            }
+            print_line(&stats);
         }
         Cmd::MigrateContinue { control } => {
             qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
@@ -550,6 +590,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             io_timeout,
             stats_json,
             multifd,
+            xbzrle,
+            compress,
             postcopy,
             postcopy_after,
             pause_before_switchover,
@@ -561,8 +603,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             multifd.apply(&mut params);
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params,
+                params: engine::params::MigrationParameters { xbzrle_cache_size: xbzrle.xbzrle_cache_size, ..params },
                 multifd: multifd.multifd,
+                xbzrle: xbzrle.xbzrle,
+                compress,
                 auto_converge: false,
                 return_path: if return_path {
                     Some(true)
@@ -584,12 +628,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 pause_before_switchover,
                 control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
-            let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
-            let mut stats = qmig::send::stats_json(&info);
-            if let Some(t) = timeout {
-                stats["timeout"] = t;
-            }
-            write_stats(stats_json.as_deref(), &stats)?;
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            write_stats(stats_json.as_deref(), &sent.to_json())?;
         }
         Cmd::Demo {
             guest,
@@ -613,13 +653,23 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             connect,
             stats_json,
             multifd,
+            xbzrle,
+            no_huge_pages,
+            capture,
             postcopy,
             postcopy_after,
         } => {
             let channel = channel_options(io_timeout)?;
-            let mut params =
-                engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let mut params = engine::params::MigrationParameters {
+                downtime_limit,
+                max_bandwidth,
+                xbzrle_cache_size: xbzrle.xbzrle_cache_size,
+                ..Default::default()
+            };
             multifd.apply(&mut params);
+            let (xbzrle, cache_size) = (xbzrle.xbzrle, xbzrle.xbzrle_cache_size);
+            engine::params::SharedParameters::new(params.clone())
+                .map_err(|e| qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})")))?;
             let timeout = deadline(timeout, timeout_action)?;
             let postcopy = match postcopy_after {
                 Some(s) if !(s.is_finite() && s >= 0.0) => {
@@ -630,6 +680,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
             };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+                if capture.is_some() {
+                    return Err(qmig::Error::Usage("--capture is for the synthetic guest (--guest synthetic)".into()));
+                }
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
                     if fits < 256 << 20 {
@@ -651,6 +704,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     params,
                     auto_converge,
                     return_path: !no_return_path,
+                    xbzrle,
+                    huge_pages: !no_huge_pages,
                     seed,
                     run_on,
                     stats_json,
@@ -672,7 +727,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 uri,
                 params,
                 auto_converge,
-                return_path: !no_return_path,
+                return_path: !no_return_path && capture.is_none(),
+                xbzrle,
+                capture,
                 dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
                 progress: stdout_is_terminal(),
@@ -690,14 +747,16 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy, io_timeout, multifd } => kvm_dest(
-            &uri(&from)?,
-            (ram_size, slots, vcpus),
-            (run_on, postcopy),
-            &channel_options(io_timeout)?,
-            &multifd,
-            cancel,
-        )?,
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy, io_timeout, multifd } => {
+            kvm_dest(
+                &uri(&from)?,
+                (ram_size, slots, vcpus, !no_huge_pages),
+                (run_on, postcopy),
+                &channel_options(io_timeout)?,
+                &multifd,
+                cancel,
+            )?
+        }
         Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;

@@ -13,6 +13,7 @@ use engine::info::MigrationInfo;
 use engine::postcopy_dest::{PostcopyOptions, PostcopyReport};
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -238,26 +239,39 @@ pub fn recv_opts(
     let mut dest = ImageSink::destination(ram.to_vec());
     let mut incoming = Incoming::new(false);
     incoming.postcopy = postcopy;
+    // A file or command output that starts with zstd's magic is a compressed save
+    // (`save --compress zstd`): decoded on the way in. Sockets carry the plain stream.
+    let zstd = extra.is_none() && reader.fill_buf().is_ok_and(|b| b.starts_with(&crate::compress::ZSTD_MAGIC));
+    let mut decoded = None;
     let main_stop = reader.channel().return_path().ok();
-    let outcome = match channels {
-        None => incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path),
-        Some(channels) => {
-            dest = dest.shared();
-            // A failed channel stops the main stream's reads at once.
-            let channels = channels.on_failure(move || {
-                if let Some(m) = &main_stop {
-                    let _ = m.shutdown(std::net::Shutdown::Read);
-                }
-            });
-            incoming.run_multifd(
-                &mut reader,
-                channels,
-                &mut dest,
-                &mut VmParts::default(),
-                &mut NoGuest,
-                open_return_path,
-            )
-        }
+    let outcome = if zstd {
+        let dec = zstd::stream::read::Decoder::with_buffer(&mut reader).map_err(Error::Io)?;
+        let mut counted = Counting { inner: dec, n: 0 };
+        let r = incoming.run_postcopy(&mut counted, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+        // The frame's checksum is at its end, after the vmdesc: read to there, so a
+        // corrupted file fails here instead of leaving wrong RAM behind.
+        let r = r.map_err(Error::incoming).and_then(|report| match std::io::copy(&mut counted, &mut std::io::sink()) {
+            Ok(0) => Ok(report),
+            Ok(n) => Err(Error::Usage(format!("{n} bytes after the stream's end inside the zstd frame"))),
+            Err(e) => Err(Error::Usage(format!("the compressed file is damaged: {e}"))),
+        });
+        decoded = Some(counted.n);
+        r
+    } else if let Some(channels) = channels {
+        dest = dest.shared();
+        // A failed channel stops the main stream's reads at once.
+        let channels = channels.on_failure(move || {
+            if let Some(m) = &main_stop {
+                let _ = m.shutdown(std::net::Shutdown::Read);
+            }
+        });
+        incoming
+            .run_multifd(&mut reader, channels, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path)
+            .map_err(Error::incoming)
+    } else {
+        incoming
+            .run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path)
+            .map_err(Error::incoming)
     };
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
@@ -272,7 +286,7 @@ pub fn recv_opts(
                  source's multifd-channels)"
                     .into(),
             ),
-            e => Error::incoming(e),
+            e => e,
         })
         .and_then(|report| {
             drop(progress);
@@ -303,7 +317,27 @@ pub fn recv_opts(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy })
+    let compressed = decoded.map(|stream_size| crate::compress::CompressedStats {
+        level: 0,
+        stream_size,
+        compressed_size: transferred,
+        secs,
+    });
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy, compressed })
+}
+
+/// A reader counting the bytes it passed on.
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("zstd frame: {e}")))?;
+        self.n += n as u64;
+        Ok(n)
+    }
 }
 
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
@@ -313,6 +347,8 @@ pub struct Received {
     pub info: MigrationInfo,
     /// What the return path did (all false/zero when the source asked for none).
     pub return_path: ReturnPathReport,
+    /// A compressed save (zstd) was read: its sizes and speed.
+    pub compressed: Option<crate::compress::CompressedStats>,
     /// What postcopy did, when the source switched to it.
     pub postcopy: Option<PostcopyReport>,
 }
@@ -340,6 +376,9 @@ impl Received {
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
         });
+        if let Some(c) = &self.compressed {
+            v["zstd"] = c.to_json();
+        }
         if let Some(pc) = &self.postcopy {
             v["ram"]["postcopy-requests"] = pc.requests.into();
             v["postcopy"] = pc.to_json();

@@ -35,6 +35,11 @@ pub struct SendOptions {
     /// Capability `multifd` with this many channels (`multifd-channels`; compression
     /// and levels are in `params`): tcp: and unix: only.
     pub multifd: Option<u8>,
+    /// Capability `xbzrle` (its cache size is `params.xbzrle_cache_size`). A stopped
+    /// guest is sent in one pass, so no page is sent twice to be encoded.
+    pub xbzrle: bool,
+    /// `--compress zstd[:LEVEL]`: the stream as one zstd frame (file: and exec: only).
+    pub compress: Option<crate::compress::Compression>,
     /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
     pub postcopy: bool,
     /// With `postcopy`: start postcopy after this long, or once the first pass has
@@ -59,6 +64,8 @@ impl Default for SendOptions {
             timeout: None,
             channel: transports::ChannelOptions::default(),
             multifd: None,
+            xbzrle: false,
+            compress: None,
             postcopy: false,
             postcopy_after: None,
             pause_before_switchover: false,
@@ -113,6 +120,32 @@ pub fn send(
     send_watched(ram, uri, opts, cancel).map(|(info, _)| info)
 }
 
+/// What a send did: the source's `query-migrate` figures, the deadline's report
+/// (`{"secs", "action", "fired"}`) when one was armed, and the compression's.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// `query-migrate`.
+    pub info: MigrationInfo,
+    /// The deadline's report.
+    pub timeout: Option<serde_json::Value>,
+    /// With `--compress`: sizes and speed.
+    pub compressed: Option<crate::compress::CompressedStats>,
+}
+
+impl Sent {
+    /// The statistics line: [`stats_json`] plus `"timeout"` and `"zstd"` when present.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = stats_json(&self.info);
+        if let Some(t) = &self.timeout {
+            v["timeout"] = t.clone();
+        }
+        if let Some(c) = &self.compressed {
+            v["zstd"] = c.to_json();
+        }
+        v
+    }
+}
+
 /// [`send`], also saying whether the deadline fired (`{"secs", "action", "fired"}`).
 pub fn send_watched(
     ram: &[(String, PathBuf)],
@@ -120,6 +153,16 @@ pub fn send_watched(
     opts: &SendOptions,
     cancel: &CancelToken,
 ) -> Result<(MigrationInfo, Option<serde_json::Value>)> {
+    send_all(ram, uri, opts, cancel).map(|s| (s.info, s.timeout))
+}
+
+/// [`send`], with everything it reports ([`Sent`]).
+pub fn send_all(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    opts: &SendOptions,
+    cancel: &CancelToken,
+) -> Result<Sent> {
     if ram.is_empty() {
         return Err(Error::Usage("at least one --ram NAME=PATH is needed".into()));
     }
@@ -137,6 +180,11 @@ pub fn send_watched(
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
+    if opts.compress.is_some() && !matches!(uri, MigrationUri::File { .. } | MigrationUri::Exec(_)) {
+        return Err(Error::Usage(format!(
+            "--compress writes a file (file:) or a command's input (exec:), not {uri}: a live destination reads the plain stream"
+        )));
+    }
     if opts.postcopy {
         check_return_path(uri, Some(true)).map_err(|_| {
             Error::Usage(format!("--postcopy needs a socket (tcp:, unix: or an fd: socket), not {uri}"))
@@ -176,6 +224,7 @@ pub fn send_watched(
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path,
+        xbzrle: opts.xbzrle,
         postcopy_ram: opts.postcopy,
         pause_before_switchover: opts.pause_before_switchover,
         multifd: channels.is_some(),
@@ -194,9 +243,18 @@ pub fn send_watched(
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
-        let r = match channels {
-            Some(channels) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
-            None => out.run(ch, &mut ram, &mut Stopped),
+        // multifd needs tcp:/unix:, --compress file:/exec: (both checked above): never both.
+        let r = match (channels, opts.compress) {
+            (Some(channels), _) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
+            (None, None) => out.run(ch, &mut ram, &mut Stopped),
+            (None, Some(c)) => {
+                // The compressed bytes are what the channel's rate limit counts.
+                let w = transports::MigrationWriter::new(ch, out.rate().clone());
+                match crate::compress::ZstdPageWriter::new(w, c) {
+                    Ok(w) => out.run_on(w, &mut ram, &mut Stopped, &mut engine::vm::VmParts::default()),
+                    Err(e) => Err(engine::source::EngineError::Setup(format!("zstd: {}", e.report()))),
+                }
+            }
         };
         stop.store(true, Ordering::Relaxed);
         r
@@ -205,7 +263,15 @@ pub fn send_watched(
     drop(control);
     let timeout = deadline.map(crate::watch::Deadline::finish_json);
     match result {
-        Ok(info) => Ok((info, timeout)),
+        Ok(info) => {
+            let compressed = opts.compress.map(|c| crate::compress::CompressedStats {
+                level: c.level,
+                stream_size: info.transferred,
+                compressed_size: out.rate().total_bytes(),
+                secs: info.total_time.as_secs_f64(),
+            });
+            Ok(Sent { info, timeout, compressed })
+        }
         Err(e) => Err(crate::watch::timeout_error(Error::outgoing(e), timeout.as_ref())),
     }
 }

@@ -139,6 +139,40 @@ pub(crate) fn multifd_label(m: Multifd) -> String {
     }
 }
 
+/// The destination RAM file before a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// None: the receiver creates it (sparse).
+    Fresh,
+    /// An existing file of the right length, all holes (`truncate -s`).
+    Sparse,
+    /// Memory already populated: a file whose every page was written (zeros) before
+    /// `qmig recv` starts; for QEMU a new file with `prealloc=on` on its backend
+    /// (QEMU populates it at startup, before the migration).
+    Prealloc,
+}
+
+impl Dest {
+    pub(crate) const ALL: [Dest; 3] = [Dest::Fresh, Dest::Sparse, Dest::Prealloc];
+
+    pub(crate) fn parse(s: &str) -> Dest {
+        match s {
+            "fresh" => Dest::Fresh,
+            "sparse" | "sparse-existing" => Dest::Sparse,
+            "prealloc" | "preallocated" => Dest::Prealloc,
+            _ => panic!("unknown destination '{s}' (expected fresh, sparse or prealloc)"),
+        }
+    }
+
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Dest::Fresh => "fresh",
+            Dest::Sparse => "sparse-existing",
+            Dest::Prealloc => "preallocated",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verify {
     First,
@@ -153,6 +187,8 @@ pub(crate) struct Config {
     pub(crate) fills: Vec<Fill>,
     pub(crate) kinds: Vec<Kind>,
     pub(crate) wires: Vec<Wire>,
+    /// Destination kinds (fresh, sparse-existing, preallocated).
+    pub(crate) dests: Vec<Dest>,
     pub(crate) runs: usize,
     pub(crate) limits: bool,
     pub(crate) limit_size: usize,
@@ -223,6 +259,8 @@ impl Config {
             arg("cases").map_or_else(|| Kind::ALL.to_vec(), |v| list(&v).into_iter().map(Kind::parse).collect());
         let wires = arg("wires")
             .map_or_else(|| vec![Wire::Unix, Wire::Tcp], |v| list(&v).into_iter().map(Wire::parse).collect());
+        let dests =
+            arg("dests").map_or_else(|| Dest::ALL.to_vec(), |v| list(&v).into_iter().map(Dest::parse).collect());
         let runs = arg("runs").map_or(if quick { 1 } else { 3 }, |v| {
             v.parse::<usize>().unwrap_or_else(|_| panic!("--runs={v}: not a number")).max(1)
         });
@@ -246,6 +284,7 @@ impl Config {
             fills,
             kinds,
             wires,
+            dests,
             runs,
             limits: arg("limits").map(|v| on(&v)).unwrap_or(true),
             live: arg("live").map(|v| on(&v)).unwrap_or(true),

@@ -331,12 +331,12 @@ pub(crate) fn qemu_destination(
     cfg: &Config,
     dir: &Path,
     dst: &Path,
-    size: u64,
+    (size, prealloc): (u64, bool),
     (wire, multifd): (Wire, Multifd),
 ) -> Result<(QemuProcess, String), String> {
     let bin = cfg.qemu.clone().ok_or("no QEMU")?;
-    let mut q = QemuProcess::start(&QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true))
-        .map_err(|e| format!("start destination QEMU: {e}"))?;
+    let config = QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true).prealloc(prealloc);
+    let mut q = QemuProcess::start(&config).map_err(|e| format!("start destination QEMU: {e}"))?;
     qemu_multifd(&mut q, multifd)?;
     let uri = match wire {
         Wire::Unix => {
@@ -396,14 +396,15 @@ pub(crate) fn run_case(
     cfg: &Config,
     dir: &Path,
     img: &Image,
-    kind: Kind,
-    (wire, multifd): (Wire, Multifd),
+    (kind, wire, dest): (Kind, Wire, Dest),
+    multifd: Multifd,
     verify: bool,
 ) -> Result<Measure, String> {
     let dst_path = dir.join("dst.ram");
     let _ = fs::remove_file(&dst_path);
     let _ = fs::remove_file(dir.join("mig.sock"));
-    let result = run_case_inner(cfg, dir, img, kind, (wire, multifd), &dst_path);
+    prepare_destination(&dst_path, img.size, dest, kind.qemu_dst())?;
+    let result = run_case_inner(cfg, dir, img, (kind, wire, dest), multifd, &dst_path);
     let result = result.and_then(|m| {
         if verify {
             if let Some(p) = first_difference(&img.path, &dst_path, img.size)? {
@@ -416,17 +417,38 @@ pub(crate) fn run_case(
     result
 }
 
+/// The destination file of `dest` before the receiver starts: none, all holes, or
+/// every page written (a QEMU destination gets `prealloc=on` instead).
+fn prepare_destination(path: &Path, size: u64, dest: Dest, qemu: bool) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("prepare {} destination {}: {e}", dest.key(), path.display());
+    match (dest, qemu) {
+        (Dest::Fresh, _) | (Dest::Prealloc, true) => Ok(()),
+        (Dest::Sparse, _) => File::create(path).and_then(|f| f.set_len(size)).map_err(err),
+        (Dest::Prealloc, false) => {
+            let mut f = File::create(path).map_err(err)?;
+            let zeros = vec![0u8; (64 * MIB).min(size) as usize];
+            let mut left = size;
+            while left > 0 {
+                let n = zeros.len().min(left as usize);
+                f.write_all(&zeros[..n]).map_err(err)?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
 pub(crate) fn run_case_inner(
     cfg: &Config,
     dir: &Path,
     img: &Image,
-    kind: Kind,
-    (wire, multifd): (Wire, Multifd),
+    (kind, wire, dest): (Kind, Wire, Dest),
+    multifd: Multifd,
     dst_path: &Path,
 ) -> Result<Measure, String> {
     // The destination first (listening), then the source, ready but not started.
     let (mut dst, uri) = if kind.qemu_dst() {
-        let (q, uri) = qemu_destination(cfg, dir, dst_path, img.size, (wire, multifd))?;
+        let (q, uri) = qemu_destination(cfg, dir, dst_path, (img.size, dest == Dest::Prealloc), (wire, multifd))?;
         (Side::qemu(q), uri)
     } else {
         let (p, uri) = qmig_recv(cfg, dir, dst_path, (wire, multifd))?;
@@ -509,21 +531,24 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
             for &kind in &kinds {
                 for &wire in &cfg.wires {
                     for &multifd in &cfg.multifd {
-                        let plain = fill == Fill::Random && wire == Wire::Unix;
-                        if multifd.is_some() && !plain && !cfg.multifd_everywhere {
-                            continue;
+                        for &dest in &cfg.dests {
+                            let plain = fill == Fill::Random && wire == Wire::Unix && dest == Dest::Fresh;
+                            if multifd.is_some() && !plain && !cfg.multifd_everywhere {
+                                continue;
+                            }
+                            rows.push(Row {
+                                image: img.label(),
+                                size,
+                                fill,
+                                kind,
+                                wire,
+                                multifd,
+                                dest,
+                                runs: vec![],
+                                error: None,
+                                qemu_time: None,
+                            });
                         }
-                        rows.push(Row {
-                            image: img.label(),
-                            size,
-                            fill,
-                            kind,
-                            wire,
-                            multifd,
-                            runs: vec![],
-                            error: None,
-                            qemu_time: None,
-                        });
                     }
                 }
             }
@@ -537,7 +562,7 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
                         Verify::First => run == 0,
                         Verify::None => false,
                     };
-                    match run_case(cfg, dir, &img, r.kind, (r.wire, r.multifd), verify) {
+                    match run_case(cfg, dir, &img, (r.kind, r.wire, r.dest), r.multifd, verify) {
                         Ok(m) => {
                             eprintln!(
                                 "{} {} run {}: {:.3} s, {:.2} GiB/s, src {:.2} s, dst {:.2} s CPU, others {:.0} %",
@@ -566,6 +591,7 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
                         x.kind == Kind::QemuQemu
                             && x.wire == rows[i].wire
                             && x.multifd == rows[i].multifd
+                            && x.dest == rows[i].dest
                             && !x.runs.is_empty()
                     })
                     .map(Row::time);

@@ -86,3 +86,4 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod vm;
+pub mod xbzrle;

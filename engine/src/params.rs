@@ -31,6 +31,8 @@ pub struct MigrationParameters {
     pub multifd_zlib_level: u8,
     /// `multifd-zstd-level`: zstd level of multifd packets. Default 1 (0..=20).
     pub multifd_zstd_level: u8,
+    /// `xbzrle-cache-size`: bytes of the source's XBZRLE cache. Default 64 MiB, a power of two of at least a page.
+    pub xbzrle_cache_size: u64,
     /// `max-postcopy-bandwidth`: bytes/s of the background pages in postcopy, 0 =
     /// unlimited (QEMU's default).
     pub max_postcopy_bandwidth: u64,
@@ -53,6 +55,7 @@ impl Default for MigrationParameters {
             multifd_compression: MultifdCompression::None,
             multifd_zlib_level: 1,
             multifd_zstd_level: 1,
+            xbzrle_cache_size: crate::xbzrle::DEFAULT_CACHE_SIZE,
             max_postcopy_bandwidth: 0,
         }
     }
@@ -96,6 +99,9 @@ impl MigrationParameters {
         if self.multifd_zstd_level > 20 {
             return bad("multifd_zstd_level", "a value between 0 and 20");
         }
+        if self.xbzrle_cache_size < crate::memory::PAGE as u64 || !self.xbzrle_cache_size.is_power_of_two() {
+            return bad("xbzrle_cache_size", "a power of two no less than the target page size");
+        }
         Ok(())
     }
 
@@ -126,6 +132,9 @@ pub struct MigrationCapabilities {
     /// `multifd`: pages go on `multifd-channels` extra connections (tcp: and unix:
     /// only), zero pages and everything else on the main one, as QEMU 7.2 does.
     pub multifd: bool,
+    /// `xbzrle`: after the bulk pass, send pages found in the XBZRLE cache as deltas
+    /// against the copy sent last (see [`crate::xbzrle`]); unused with `multifd`, as in 7.2.
+    pub xbzrle: bool,
     /// `postcopy-ram`: allow switching to postcopy (`migrate-start-postcopy`);
     /// opens the return path as `return-path` does (page requests come back on it).
     pub postcopy_ram: bool,
@@ -184,6 +193,9 @@ mod tests {
         assert_eq!(v["downtime-limit"], 300);
         assert_eq!(v["cpu-throttle-tailslow"], true);
         assert_eq!(v["throttle-trigger-threshold"], 50);
+        assert_eq!(v["xbzrle-cache-size"], 64 << 20);
+        let bad = MigrationParameters { xbzrle_cache_size: 3 << 20, ..Default::default() };
+        assert_eq!(bad.validate().map_err(|e| e.name), Err("xbzrle_cache_size"));
         assert_eq!(serde_json::from_value::<MigrationParameters>(v.clone()).expect("round trip"), p);
         // As migrate-set-parameters takes them: only some members, the rest QEMU's defaults.
         let q: MigrationParameters = serde_json::from_str(r#"{"downtime-limit": 50}"#).expect("partial");

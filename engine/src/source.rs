@@ -21,6 +21,10 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `xbzrle`, once the bulk pass is over, pages go through
+//! [`Xbzrle`] (QEMU 7.2's cache and `save_xbzrle_page`): a cache miss is sent
+//! whole from the cache's copy, a hit as an XBZRLE delta (nothing when unchanged,
+//! a whole page on overflow); `query-migrate` gains `xbzrle-cache`.
 //! With capability `postcopy-ram` (which opens the return path too) the source
 //! sends POSTCOPY_ADVISE after PING 1, and [`Outgoing::start_postcopy`] (QEMU's
 //! `migrate-start-postcopy`) or [`Outgoing::with_postcopy_after`] switches at the
@@ -47,6 +51,7 @@ use crate::precopy::{Action, PrecopyCore, Tick};
 use crate::return_path::{ReturnPathError, RpEvent, SourceReturnPath};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
+use crate::xbzrle::{Encoded, Xbzrle};
 use savevm_format::{section_ids, write_guest_prologue_with, Command, RamBlock, StoppedGuest, StreamWriter};
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -455,6 +460,10 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
     core: PrecopyCore,
     /// The multifd channels (capability `multifd`): non-zero pages go there.
     mf: Option<&'o mut crate::multifd::Sender>,
+    /// Capability `xbzrle`: the cache and counters.
+    xbz: Option<Xbzrle>,
+    /// Each region's first RAM address (regions laid end to end, as QEMU's ram_addr_t).
+    bases: Vec<u64>,
     /// Bytes sent when the guest started running on the destination (postcopy).
     postcopy_from: Option<u64>,
     _g: std::marker::PhantomData<&'g ()>,
@@ -474,6 +483,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
+        let xbz = self.xbz.as_ref().map(|x| x.info().clone());
         let postcopy_from = self.postcopy_from;
         self.out.info.update(|i| {
             i.total_time = total_time;
@@ -488,6 +498,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             }
             i.expected_downtime = c.expected_downtime.or(i.expected_downtime);
             i.cpu_throttle_percentage = (c.throttle > 0).then_some(c.throttle);
+            i.xbzrle_cache = xbz;
             if let Some(from) = postcopy_from {
                 i.postcopy_bytes = transferred.saturating_sub(from);
             }
@@ -523,7 +534,12 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             Some(_) => self.w.section_part(id)?,
         }
         let mut n = 0u64;
+        // As QEMU 7.2: XBZRLE once the bulk pass is over and never in postcopy; the
+        // final stage (the guest stopped) neither inserts nor updates cached pages.
         let postcopy = self.core.in_postcopy();
+        let stats = self.core.stats();
+        let xbz_on = stats.bulk_done && self.xbz.is_some() && !postcopy;
+        let (age, last_stage) = (stats.dirty_sync_count, until.is_none());
         loop {
             if postcopy {
                 if let Some(r) = rp.as_mut() {
@@ -535,10 +551,29 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             let memory = ram[r].memory();
             let page = memory.page(p);
             let off = p * PAGE as u64;
+            let addr = self.bases[r] + off;
             if is_zero(&page) {
                 self.w.ram_zero(r, off)?;
+                if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                    x.zero_page(addr, age);
+                }
             } else if let Some(mf) = self.mf.as_mut() {
+                // QEMU 7.2's ram_save_target_page: multifd before XBZRLE, which it bypasses.
                 mf.queue(r, p)?;
+            } else if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                match x.save_page(addr, &page, age, last_stage) {
+                    Encoded::Unchanged => {}
+                    Encoded::Delta(d) => {
+                        let before = self.w.bytes_written();
+                        self.w.ram_xbzrle(r, off, d)?;
+                        x.sent_delta(self.w.bytes_written() - before);
+                    }
+                    Encoded::Copy(c) => self.w.ram_page(r, off, &c[..])?,
+                    Encoded::InPlace => {
+                        self.w.ram_page_header(r, off)?;
+                        self.w.get_mut().write_page(page)?;
+                    }
+                }
             } else {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
@@ -1049,12 +1084,21 @@ impl Outgoing {
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
         let t0 = Tick { now: start.elapsed(), bytes_sent: w.get_mut().bytes_sent() };
+        let xbz = match self.fixed.caps.xbzrle {
+            false => None,
+            true => Some(Xbzrle::new(params.xbzrle_cache_size).ok_or_else(|| {
+                EngineError::Setup(format!("xbzrle-cache-size {} cannot be allocated", params.xbzrle_cache_size))
+            })?),
+        };
+        let bases = blocks.iter().scan(0u64, |next, b| Some(std::mem::replace(next, *next + b.length))).collect();
         let mut run = Run {
             out: self,
             start,
             core: PrecopyCore::new(&pages, t0),
             w,
             mf,
+            xbz,
+            bases,
             postcopy_from: None,
             _g: std::marker::PhantomData,
         };
@@ -1137,6 +1181,10 @@ impl Outgoing {
                     }
                     if let Some(rate) = o.dirty_pages_rate {
                         self.info.update(|i| i.dirty_pages_rate = rate);
+                        let taken = run.core.pages_mut().taken();
+                        if let Some(x) = run.xbz.as_mut() {
+                            x.close_period(taken);
+                        }
                     }
                     run.publish();
                 }

@@ -377,6 +377,8 @@ pub struct QemuConfig {
     pub binary: Option<PathBuf>,
     /// Time allowed for QMP to come up and for each QMP reply.
     pub timeout: Duration,
+    /// `prealloc=on` on every memory backend: QEMU populates the RAM at startup.
+    pub prealloc: bool,
 }
 
 impl Default for QemuConfig {
@@ -388,6 +390,7 @@ impl Default for QemuConfig {
             machine: "none".into(),
             binary: None,
             timeout: DEFAULT_TIMEOUT,
+            prealloc: false,
         }
     }
 }
@@ -428,6 +431,12 @@ impl QemuConfig {
         self
     }
 
+    /// Sets `prealloc=on` on the memory backends (QEMU populates its RAM at startup).
+    pub fn prealloc(mut self, on: bool) -> Self {
+        self.prealloc = on;
+        self
+    }
+
     /// Sets the time allowed for QMP to come up and for each QMP reply.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -448,6 +457,9 @@ impl QemuConfig {
             let mut o = OsString::from(format!("memory-backend-file,id={},size={},mem-path=", r.name, size_arg(r.len)));
             o.push(r.path.as_os_str());
             o.push(",share=on");
+            if self.prealloc {
+                o.push(",prealloc=on");
+            }
             a.push("-object".into());
             a.push(o);
         }
