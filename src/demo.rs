@@ -51,6 +51,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`; qmig destination only).
+    pub tls: Option<transports::TlsParams>,
 }
 
 /// Work files, removed on drop.
@@ -104,9 +106,12 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let region = guest.region("mem").ok_or_else(|| Error::Usage("guest RAM".into()))?;
     guest.start(opts.vcpus, opts.dirty_rate, opts.seed);
 
+    if opts.tls.is_some() && opts.dest == Destination::Qemu {
+        return Err(Error::Usage("--tls-creds: the demo runs TLS with a qmig destination only".into()));
+    }
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
-        Destination::Qmig => start_qmig_recv(&dst_ram, &uri)?,
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts.tls.as_ref())?,
         Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
     };
 
@@ -117,7 +122,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
         ..Default::default()
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
-    let ch = connect_retry(&uri, out.cancel())?;
+    let ch = connect_retry(&uri, out.cancel(), opts.tls.as_ref())?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
@@ -146,10 +151,15 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+fn start_qmig_recv(
+    dst: &Path,
+    uri: &MigrationUri,
+    tls: Option<&transports::TlsParams>,
+) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
+    cmd.args(crate::tls_args::dest_args(tls));
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }
@@ -213,11 +223,29 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     Ok((Dest::Qemu(Box::new(q)), uri))
 }
 
-pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
+/// Connect to a destination that may still be starting (retrying for 5 s), then
+/// run the TLS handshake once when `tls` is given.
+pub(crate) fn connect_retry(
+    uri: &MigrationUri,
+    cancel: &transports::CancelToken,
+    tls: Option<&transports::TlsParams>,
+) -> Result<transports::Channel> {
+    let creds = tls.map(|t| t.client()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    let name = match tls {
+        Some(t) => {
+            Some(transports::tls::server_name(uri, t.hostname.as_deref()).map_err(|e| Error::Transport(e.into()))?)
+        }
+        None => None,
+    };
     let t0 = Instant::now();
     loop {
         match connect(uri, cancel) {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                return match (&creds, &name) {
+                    (Some(creds), Some(name)) => c.tls_client(creds, name).map_err(Error::transport),
+                    _ => Ok(c),
+                }
+            }
             Err(e) if t0.elapsed() < Duration::from_secs(5) && !e.is_cancelled() => {
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));

@@ -46,6 +46,8 @@ pub struct KvmDemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`).
+    pub tls: Option<transports::TlsParams>,
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -81,7 +83,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, out.cancel()) {
+    let ch = match connect_retry(&uri, out.cancel(), opts.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -179,7 +181,8 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
-        .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+        .args(["--run-on", &opts.run_on.as_millis().to_string()])
+        .args(crate::tls_args::dest_args(opts.tls.as_ref()));
     spawn_listening(cmd, "qmig kvm-dest")
 }
 
@@ -194,12 +197,17 @@ pub fn dest(
     vcpus: usize,
     uri: &MigrationUri,
     run_on: Duration,
+    tls: Option<&transports::TlsParams>,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
+    let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
     let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
-    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
+    let mut listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
+    if let Some(creds) = creds {
+        listener = listener.with_tls(creds).map_err(Error::transport)?;
+    }
     on_listening(listener.local_uri());
     let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();

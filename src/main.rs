@@ -3,6 +3,7 @@
 mod demo;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 mod kvm_demo;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
@@ -73,6 +74,9 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -130,6 +134,9 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -149,6 +156,9 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -161,6 +171,9 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
     },
 }
 
@@ -273,6 +286,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    tls: Option<transports::TlsParams>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -292,6 +306,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        tls: a.tls,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -311,10 +326,11 @@ fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
     run_on: u64,
+    tls: Option<transports::TlsParams>,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, tls.as_ref(), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -322,7 +338,13 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(
+    _: &MigrationUri,
+    _: (u64, u32, usize),
+    _: u64,
+    _: Option<transports::TlsParams>,
+    _: &transports::CancelToken,
+) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -404,7 +426,17 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            stats_json,
+            tls,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
@@ -420,6 +452,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                tls: tls.params()?,
             };
             let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
             let mut stats = qmig::send::stats_json(&info);
@@ -447,7 +480,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             stats_json,
+            tls,
         } => {
+            let tls = tls.params()?;
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
             let timeout = deadline(timeout, timeout_action)?;
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
@@ -476,6 +511,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    tls,
                     cancel,
                 });
             }
@@ -491,6 +527,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
+                tls,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -501,10 +538,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, tls } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, tls.params()?, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, stats_json, tls } => {
+            let tls = tls.params()?;
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -512,7 +550,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let st = qmig::recv::recv_with_tls(&ram, &from, cancel, on_listening, stdout_is_terminal(), tls.as_ref())?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

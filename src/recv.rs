@@ -88,10 +88,29 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
+    recv_with_tls(ram, uri, cancel, on_listening, progress, None)
+}
+
+/// [`recv_with`] over TLS when `tls` is given (QEMU's `tls-creds`, `tls-authz`):
+/// the credentials are loaded before listening, and every connection runs the
+/// server handshake before a byte of the stream is read (so nothing reaches the
+/// RAM files from a peer that failed it).
+pub fn recv_with_tls(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    tls: Option<&transports::TlsParams>,
+) -> Result<Received> {
+    let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
-    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
+    let mut listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?;
+    if let Some(creds) = creds {
+        listener = listener.with_tls(creds).map_err(Error::transport)?;
+    }
     on_listening(listener.local_uri());
     let (ch, extra) = if matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
         let ch = listener.accept_another().map_err(Error::transport)?;
@@ -101,6 +120,7 @@ pub fn recv_with(
         (listener.accept().map_err(Error::transport)?, None)
     };
     let start = Instant::now();
+    let tls = ch.is_tls().then(|| TlsSummary { protocol: ch.tls_protocol(), peer_dn: ch.tls_peer_dn() });
     let rate = RateLimit::new(0);
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
     // the source opens its return path; exec:, file: and pipes have none.
@@ -151,7 +171,16 @@ pub fn recv_with(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path })
+    Ok(Received { info, return_path: report.return_path, tls })
+}
+
+/// The TLS session a `recv` ran over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSummary {
+    /// The TLS version (`TLSv1_3`, ...).
+    pub protocol: Option<String>,
+    /// The source's certificate DN (GnuTLS's form), when it presented one.
+    pub peer_dn: Option<String>,
 }
 
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
@@ -161,16 +190,18 @@ pub struct Received {
     pub info: MigrationInfo,
     /// What the return path did (all false/zero when the source asked for none).
     pub return_path: ReturnPathReport,
+    /// The TLS session, when the stream came over TLS.
+    pub tls: Option<TlsSummary>,
 }
 
 impl Received {
     /// The destination's statistics (what a destination knows: no source-side
     /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
     /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
-    /// "unavailable"?, "error"?}`.
+    /// "unavailable"?, "error"?}`; over TLS also `"tls": {"protocol", "peer-dn"}`.
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "status": i.status.as_str(),
             "total-time": u64::try_from(i.total_time.as_millis()).unwrap_or(u64::MAX),
             "ram": {
@@ -183,6 +214,10 @@ impl Received {
                 "page-size": i.page_size,
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
-        })
+        });
+        if let Some(t) = &self.tls {
+            v["tls"] = serde_json::json!({"protocol": t.protocol, "peer-dn": t.peer_dn});
+        }
+        v
     }
 }

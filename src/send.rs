@@ -30,6 +30,8 @@ pub struct SendOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<crate::watch::Timeout>,
+    /// TLS (QEMU's `tls-creds`, `tls-hostname`): the handshake runs before the stream starts.
+    pub tls: Option<transports::TlsParams>,
 }
 
 impl Default for SendOptions {
@@ -41,6 +43,7 @@ impl Default for SendOptions {
             return_path: None,
             progress: false,
             timeout: None,
+            tls: None,
         }
     }
 }
@@ -116,7 +119,11 @@ pub fn send_watched(
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let ch = connect(uri, cancel).map_err(Error::transport)?;
+    let ch = match &opts.tls {
+        Some(tls) => tls.connect(uri, cancel),
+        None => connect(uri, cancel),
+    }
+    .map_err(Error::transport)?;
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
     let caps = MigrationCapabilities { auto_converge: opts.auto_converge, return_path, ..Default::default() };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);

@@ -7,6 +7,7 @@
 //! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
 //! - [`rng`] holds the SplitMix64 generator.
+//! - `tls` (feature `tls`): test PKIs in QEMU's x509 credentials layout.
 //! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
 
 #![warn(missing_docs)]
@@ -17,6 +18,8 @@ pub mod qemu;
 pub mod rng;
 pub mod state;
 pub mod synthetic;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use alloc_guard::AllocGuard;
 pub use rng::{splitmix64, SplitMix64};
