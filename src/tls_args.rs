@@ -14,7 +14,7 @@ pub struct TlsArgs {
     /// The name checked in the destination's certificate (QEMU's tls-hostname; default: the host of a tcp: URI; needed on unix:).
     #[arg(long = "tls-hostname", value_name = "NAME", requires = "creds")]
     pub hostname: Option<String>,
-    /// Destination: only clients whose certificate DN is this (GnuTLS's form, as QEMU's tls-authz: CN=host,O=Org,C=GB) get in. Repeat for several (a DN holds commas itself), or @FILE with one DN a line.
+    /// Destination: only clients whose certificate DN is this (as QEMU 7.2's tls-authz sees it: the certificate's RDNs in order, C=GB,O=Org,CN=host) get in. Repeat for several (a DN holds commas itself), or @FILE with one DN a line.
     #[arg(long = "tls-authz", value_name = "DN|@FILE", requires = "creds")]
     pub authz: Vec<String>,
     /// Verify the peer (QEMU's verify-peer): the destination requires a client certificate signed by the CA, the source checks the destination's certificate and name.

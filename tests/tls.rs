@@ -53,7 +53,7 @@ fn stream_and_return_path_share_one_session() {
     assert!(client.is_tls() && server_ch.is_tls());
     assert_eq!(server_ch.tls_protocol().as_deref(), Some("TLSv1_3"));
     assert_eq!(server_ch.tls_peer_dn().as_deref(), Some(CLIENT_DN));
-    assert_eq!(client.tls_peer_dn().as_deref(), Some("CN=qmig-destination,O=qmig test"));
+    assert_eq!(client.tls_peer_dn().as_deref(), Some("O=qmig test,CN=qmig-destination"));
 
     // The source writes 8 MiB (buffered and borrowed writes) while the destination
     // answers on the return path from another thread and the source reads it.
@@ -230,7 +230,7 @@ fn refusals_name_their_cause() {
 
     // A client not on the allow-list.
     let mut authz = TlsParams::new(&good);
-    authz.authz = Some(TlsAuthz::new(["CN=someone-else,O=qmig test".to_string()]));
+    authz.authz = Some(TlsAuthz::new(["O=qmig test,CN=someone-else".to_string()]));
     let (s, c) = refused(&authz, &TlsParams::new(&good));
     assert!(s.contains(CLIENT_DN) && s.contains("tls-authz"), "server: {s}");
     assert!(c.contains("alert"), "client: {c}");

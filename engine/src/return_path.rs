@@ -163,7 +163,7 @@ fn read_loop<R: Read>(
         let m = match r.next() {
             Ok(Some(m)) => m,
             Ok(None) => return Err(ReturnPathError::Closed { offset: r.offset() }),
-            Err(e) => return Err(ReturnPathError::Decode { offset: e.offset, why: e.kind.to_string() }),
+            Err(e) => return Err(ReturnPathError::Decode { offset: e.offset, why: crate::error::report(&e.kind) }),
         };
         let ev = match m {
             RpMessage::Shut(0) => return Ok(()),
@@ -206,7 +206,7 @@ fn read_loop<R: Read>(
                 let max = pages.div_ceil(8).div_ceil(8) * 8;
                 let bitmap = r
                     .read_recv_bitmap(max)
-                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: e.kind.to_string() })?;
+                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: crate::error::report(&e.kind) })?;
                 RpEvent::RecvBitmap { block, bitmap }
             }
             RpMessage::ResumeAck(v) => RpEvent::ResumeAck(v),

@@ -11,7 +11,7 @@ use std::io;
 use std::path::Path;
 
 /// The DN (GnuTLS's writing, as in QEMU's tls-authz) of the client certificates [`Ca::client`] makes.
-pub const CLIENT_DN: &str = "CN=qmig-source,O=qmig test";
+pub const CLIENT_DN: &str = "O=qmig test,CN=qmig-source";
 /// The names the server certificates of [`Ca::server`] carry (subjectAltName).
 pub const SERVER_NAMES: [&str; 3] = ["127.0.0.1", "localhost", "dest.qmig.test"];
 
@@ -51,7 +51,7 @@ fn dn(cn: &str, org: &str) -> DistinguishedName {
 }
 
 impl Ca {
-    /// A fresh CA (ECDSA P-256) named `CN=<cn>,O=qmig test`.
+    /// A fresh CA (ECDSA P-256) named `O=qmig test,CN=<cn>`.
     pub fn new(cn: &str) -> io::Result<Ca> {
         let key = KeyPair::generate().map_err(err)?;
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
@@ -91,7 +91,7 @@ impl Ca {
         self.issue("qmig-destination", names, ExtendedKeyUsagePurpose::ServerAuth, validity)
     }
 
-    /// A client certificate with subject `CN=<cn>,O=qmig test`.
+    /// A client certificate with subject `O=qmig test,CN=<cn>`.
     pub fn client(&self, cn: &str, validity: Validity) -> io::Result<Issued> {
         self.issue(cn, &[], ExtendedKeyUsagePurpose::ClientAuth, validity)
     }

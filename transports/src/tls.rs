@@ -8,8 +8,8 @@
 //! the server's certificate against the CA and the `tls-hostname`, and the server
 //! requires a client certificate signed by the CA; a `tls-authz` allow-list
 //! ([`TlsAuthz`]) further limits clients to certificates with listed
-//! distinguished names (written as GnuTLS, hence QEMU, writes them:
-//! `CN=client,O=Example,C=GB`).
+//! distinguished names (written as GnuTLS, hence QEMU 7.2, writes them: in
+//! certificate order, `C=GB,O=Example,CN=client`).
 //!
 //! The session ([`TlsStream`]) lives inside a [`Channel`](crate::Channel): the
 //! channel and its [`ReturnPath`](crate::ReturnPath) read and write the same
@@ -235,7 +235,7 @@ pub struct TlsAuthz {
 }
 
 impl TlsAuthz {
-    /// An allow-list of DNs, each written as GnuTLS writes them (`CN=x,O=y,C=GB`).
+    /// An allow-list of DNs, each written as GnuTLS writes them ([`subject_dn`]: `C=GB,O=y,CN=x`).
     pub fn new(allowed: impl IntoIterator<Item = String>) -> TlsAuthz {
         TlsAuthz { allowed: allowed.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect() }
     }
@@ -410,9 +410,11 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// The subject distinguished name of a DER certificate as GnuTLS (and so QEMU's
-/// tls-authz) writes it: RFC 4514, last RDN first, `,` between RDNs, `+` inside
-/// one, short attribute names (`CN`, `O`, `OU`, `C`, `L`, `ST`, `DC`, `UID`,
+/// The subject distinguished name of a DER certificate as GnuTLS 3.7 (and so
+/// QEMU 7.2's tls-authz) writes it: the RDNs in certificate order (a certificate
+/// made with `openssl -subj /C=GB/O=Example/CN=client` gives
+/// `C=GB,O=Example,CN=client`; observed with QEMU 7.2), `,` between RDNs, `+`
+/// inside one, RFC 4514 escapes, short attribute names (`CN`, `O`, `OU`, `C`, `L`, `ST`, `DC`, `UID`,
 /// `EMAIL`), other attributes as `OID=#HEX`.
 pub fn subject_dn(der: &[u8]) -> Result<String, String> {
     use x509_parser::prelude::FromDer;
@@ -432,7 +434,6 @@ pub fn subject_dn(der: &[u8]) -> Result<String, String> {
             .collect();
         rdns.push(attrs.join("+"));
     }
-    rdns.reverse();
     Ok(rdns.join(","))
 }
 
@@ -592,8 +593,12 @@ pub(crate) struct TlsStream {
     peer: String,
     /// The verifying CA directory (for messages).
     dir: PathBuf,
-    /// The session ended with an error: later calls fail at once.
-    failed: AtomicBool,
+    /// The session ended with this error: later calls (either thread) fail with it at once.
+    failed: Mutex<Option<String>>,
+    /// We are the TLS server (the destination).
+    is_server: bool,
+    /// Some application data came from the peer.
+    received: AtomicBool,
 }
 
 impl TlsStream {
@@ -627,12 +632,15 @@ impl TlsStream {
         dir: &Path,
         cancel: &CancelToken,
     ) -> io::Result<TlsStream> {
+        let is_server = matches!(conn, rustls::Connection::Server(_));
         let s = TlsStream {
             conn: Mutex::new(conn),
             fd,
             peer: peer.to_string(),
             dir: dir.to_path_buf(),
-            failed: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            is_server,
+            received: AtomicBool::new(false),
         };
         let fail = |why: String| io::Error::other(TlsError::Handshake { peer: peer.to_string(), why });
         loop {
@@ -712,23 +720,57 @@ impl TlsStream {
         None
     }
 
+    /// The peer ended the session without ever sending data: GnuTLS peers (QEMU)
+    /// check certificates after the handshake and just close when they refuse
+    /// them, so that is what it means (a source always starts with its header, a
+    /// destination answers the return path's first PING).
+    fn refused_after_handshake(&self) -> Option<io::Error> {
+        if self.received.load(Ordering::SeqCst) {
+            return None;
+        }
+        let why = if self.is_server {
+            "the source closed the TLS session right after the handshake without sending anything: it refused our \
+             certificate (another CA, expired, or not valid for its tls-hostname)"
+        } else {
+            "the destination closed the TLS session right after the handshake without sending anything: it \
+             refused our certificate (another CA, expired, or not on its tls-authz)"
+        };
+        Some(self.session_error(why.into()))
+    }
+
+    /// A read of `n` bytes of application data (n > 0 marks the peer as heard from).
+    fn got(&self, n: usize) -> io::Result<usize> {
+        if n > 0 {
+            self.received.store(true, Ordering::Relaxed);
+            Ok(n)
+        } else {
+            self.refused_after_handshake().map_or(Ok(0), Err)
+        }
+    }
+
     fn lock(&self) -> io::Result<MutexGuard<'_, rustls::Connection>> {
         self.conn.lock().map_err(|_| io::Error::other("TLS session lock poisoned"))
     }
 
     fn session_error(&self, why: String) -> io::Error {
-        self.failed.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert_with(|| why.clone());
+        }
         io::Error::other(TlsError::Session { peer: self.peer.clone(), why })
     }
 
     fn check_failed(&self) -> io::Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            Err(io::Error::other(TlsError::Session {
-                peer: self.peer.clone(),
-                why: "the session failed earlier".into(),
-            }))
-        } else {
-            Ok(())
+        match self.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(why) => Err(io::Error::other(TlsError::Session { peer: self.peer.clone(), why })),
+            None => Ok(()),
+        }
+    }
+
+    /// A reset or broken connection: a refusal when the peer never sent anything.
+    fn broken(&self, e: io::Error) -> io::Error {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) => self.refused_after_handshake().unwrap_or(e),
+            _ => e,
         }
     }
 
@@ -746,8 +788,8 @@ impl TlsStream {
             self.check_failed()?;
             let mut c = self.lock()?;
             match c.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Ok(n) => return self.got(n),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return self.got(0),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.session_error(e.to_string())),
             }
@@ -755,9 +797,9 @@ impl TlsStream {
                 Ok(0) => {
                     // End of the connection: what rustls holds is all there is.
                     return match c.reader().read(buf) {
-                        Ok(n) => Ok(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                        Ok(n) => self.got(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.got(0),
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.got(0),
                         Err(e) => Err(self.session_error(e.to_string())),
                     };
                 }
@@ -776,7 +818,7 @@ impl TlsStream {
                     if let Some(why) = self.pending_alert(&mut c) {
                         return Err(self.session_error(why));
                     }
-                    return Err(e);
+                    return Err(self.broken(e));
                 }
             }
             drop(c);
@@ -840,7 +882,7 @@ impl TlsStream {
                         if let Some(why) = self.pending_alert(&mut c) {
                             return Err(self.session_error(why));
                         }
-                        return Err(e);
+                        return Err(self.broken(e));
                     }
                 }
             }
@@ -887,7 +929,7 @@ mod tests {
         params.distinguished_name = dn;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
-        assert_eq!(subject_dn(cert.der()).unwrap(), "CN=client one,O=Example\\, Inc,C=GB");
+        assert_eq!(subject_dn(cert.der()).unwrap(), "C=GB,O=Example\\, Inc,CN=client one");
         assert!(subject_dn(b"not a certificate").is_err());
     }
 
