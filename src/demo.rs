@@ -230,7 +230,9 @@ pub(crate) fn connect_retry(
     cancel: &transports::CancelToken,
     tls: Option<&transports::TlsParams>,
 ) -> Result<transports::Channel> {
-    let creds = tls.map(|t| t.client()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    // Both ends' flags come together here: the allow-list is the destination's.
+    let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
+    let creds = client.map(|t| t.client()).transpose().map_err(|e| Error::Transport(e.into()))?;
     let name = match tls {
         Some(t) => {
             Some(transports::tls::server_name(uri, t.hostname.as_deref()).map_err(|e| Error::Transport(e.into()))?)

@@ -18,15 +18,11 @@
 
 mod common;
 
-use common::{assert_same_ram, qemu_or_skip, qmig_exe, run_qmig, utf8, TestDir};
+use common::{assert_same_ram, one_line_error, qemu_or_skip, run_qmig, utf8, BackgroundQmig, TestDir};
 use serde_json::{json, Value};
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
 use testkit::pattern::{self, Pattern};
 use testkit::qemu::{QemuConfig, QemuProcess};
 use testkit::tls::{good_dir, write_dir, Ca, Validity, CLIENT_DN, SERVER_NAMES};
@@ -49,78 +45,6 @@ fn untouched_ram(path: &Path) {
 fn assert_untouched(what: &str, path: &Path) {
     let data = fs::read(path).unwrap();
     assert!(data.iter().all(|&b| b == UNTOUCHED), "{what}: the destination RAM was written before/without a handshake");
-}
-
-/// The single error line a failed qmig printed (and that it is one line, naming `needles`).
-fn one_line_error(what: &str, status: Option<i32>, stderr: &str, needles: &[&str]) -> String {
-    assert_ne!(status, Some(0), "{what}: qmig succeeded; stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one error line, got: {stderr}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{what}: error line lacks '{n}': {}", lines[0]);
-    }
-    lines[0].to_string()
-}
-
-/// A `qmig recv` in the background.
-struct Recv {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: PathBuf,
-}
-
-impl Recv {
-    fn spawn(dir: &TestDir, args: &[&str]) -> Recv {
-        let stderr = dir.join("recv.stderr");
-        let mut child = Command::new(qmig_exe())
-            .arg("recv")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Recv { child, lines, stderr }
-    }
-
-    fn listening(&self) -> String {
-        let l = self.lines.recv_timeout(LIMIT).unwrap_or_else(|_| panic!("recv did not listen: {}", self.stderr()));
-        let v: Value = serde_json::from_str(&l).unwrap();
-        v["listening"].as_str().unwrap().to_string()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Exit code, last stdout line, stderr.
-    fn wait(mut self) -> (Option<i32>, String, String) {
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if t0.elapsed() > LIMIT {
-                let _ = self.child.kill();
-                panic!("qmig recv still running after {LIMIT:?}: {}", self.stderr());
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        let mut last = String::new();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            last = l;
-        }
-        (status.code(), last, self.stderr())
-    }
 }
 
 fn tls_creds(dir: &Path, endpoint: &str) -> Value {
@@ -190,10 +114,10 @@ fn qemu_source_to_qmig_recv_over_tls() {
         let mut args =
             vec!["--ram".to_string(), format!("mem={}", dst.display()), "--from".into(), "tcp:127.0.0.1:0".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let r = Recv::spawn(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
-        let uri = r.listening();
+        let r = BackgroundQmig::recv(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let uri = r.listening(LIMIT);
         let info = qemu_migrate(&mut q, &uri);
-        let (code, _, stderr) = r.wait();
+        let (code, _, stderr) = r.wait(LIMIT);
         let line = one_line_error(what, code, &stderr, needles);
         assert_eq!(info["status"], "failed", "{what}: QEMU's source status: {info}");
         assert_untouched(what, &dst);
@@ -203,7 +127,7 @@ fn qemu_source_to_qmig_recv_over_tls() {
     // The real migration: QEMU checks the name dest.qmig.test, recv lets its DN in.
     set(&mut q, "tls-client", "dest.qmig.test");
     untouched_ram(&dst);
-    let r = Recv::spawn(
+    let r = BackgroundQmig::recv(
         &dir,
         &[
             "--ram",
@@ -216,9 +140,9 @@ fn qemu_source_to_qmig_recv_over_tls() {
             CLIENT_DN,
         ],
     );
-    let uri = r.listening();
+    let uri = r.listening(LIMIT);
     let info = qemu_migrate(&mut q, &uri);
-    let (code, last, stderr) = r.wait();
+    let (code, last, stderr) = r.wait(LIMIT);
     assert_eq!(code, Some(0), "recv failed: {stderr}");
     assert_eq!(info["status"], "completed", "QEMU: {info}");
     let stats: Value = serde_json::from_str(&last).unwrap();

@@ -1,10 +1,12 @@
 //! TLS channels, qmig to qmig over tcp loopback, through the library: a stream and
 //! the return path on one session from different threads, cancel that never
-//! hangs, and each refusal with the one-line cause on both ends.
+//! hangs, and each refusal with the one-line cause on both ends; then the CLI:
+//! `qmig send` -> `qmig recv` over TLS with the return path and an authz file, a
+//! refused source that leaves the destination file untouched, and `qmig demo`.
 
 mod common;
 
-use common::TestDir;
+use common::{assert_same_ram, one_line_error, run_qmig, utf8, BackgroundQmig, TestDir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -292,4 +294,120 @@ fn plaintext_and_tls_peers_do_not_mix() {
     let l = Listener::bind(&file, &cs).unwrap();
     let e = l.with_tls(TlsParams::new(&creds).server().unwrap()).err().expect("TLS on file:").to_string();
     assert!(e.contains("needs a socket"), "{e}");
+}
+
+const RAM_LEN: usize = 16 << 20;
+
+#[test]
+fn cli_send_to_recv_over_tls_with_return_path() {
+    let dir = TestDir::new("tls-cli");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let ram = testkit::pattern::generate(testkit::pattern::Pattern::Mixed { every: 4 }, 5, RAM_LEN);
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    std::fs::write(&src, &ram).unwrap();
+    let authz = dir.join("authz.txt");
+    std::fs::write(&authz, format!("# sources allowed in\nO=qmig test,CN=someone-else\n{CLIENT_DN}\n")).unwrap();
+    let authz_arg = format!("@{}", authz.display());
+    let dst_arg = format!("mem={}", dst.display());
+    let r = BackgroundQmig::recv(
+        &dir,
+        &["--ram", &dst_arg, "--from", "tcp:127.0.0.1:0", "--tls-creds", utf8(&creds), "--tls-authz", &authz_arg],
+    );
+    let uri = r.listening(LIMIT);
+    let src_arg = format!("mem={}", src.display());
+    // The hostname checked is the URI's host, 127.0.0.1 (an IP subjectAltName).
+    let sent = run_qmig(&dir, &["send", "--ram", &src_arg, "--to", &uri, "--tls-creds", utf8(&creds)], LIMIT);
+    let (code, last, stderr) = r.wait(LIMIT);
+    assert!(sent.status.success(), "send: {}", sent.stderr);
+    assert_eq!(code, Some(0), "recv: {stderr}");
+    let got: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(got["tls"]["peer-dn"], CLIENT_DN, "{got}");
+    assert_eq!(got["tls"]["protocol"], "TLSv1_3", "{got}");
+    assert_eq!(got["return-path"]["opened"], true, "{got}");
+    let stats: serde_json::Value = serde_json::from_str(sent.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(stats["return-path"]["shut"], 0, "{stats}");
+    assert!(stats["return-path"]["pongs"].as_u64().unwrap_or(0) >= 1, "{stats}");
+    assert_same_ram("qmig -> qmig over TLS", &std::fs::read(&dst).unwrap(), &ram);
+}
+
+#[test]
+fn cli_refused_source_leaves_the_destination_untouched() {
+    let dir = TestDir::new("tls-cli-refused");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    std::fs::write(&src, testkit::pattern::generate(testkit::pattern::Pattern::Mixed { every: 4 }, 6, RAM_LEN))
+        .unwrap();
+    std::fs::write(&dst, vec![0xeeu8; RAM_LEN]).unwrap();
+    let dst_arg = format!("mem={}", dst.display());
+    let r = BackgroundQmig::recv(
+        &dir,
+        &[
+            "--ram",
+            &dst_arg,
+            "--from",
+            "tcp:127.0.0.1:0",
+            "--tls-creds",
+            utf8(&creds),
+            "--tls-authz",
+            "O=qmig test,CN=someone-else",
+        ],
+    );
+    let uri = r.listening(LIMIT);
+    let src_arg = format!("mem={}", src.display());
+    let sent = run_qmig(&dir, &["send", "--ram", &src_arg, "--to", &uri, "--tls-creds", utf8(&creds)], LIMIT);
+    let (code, _, stderr) = r.wait(LIMIT);
+    one_line_error("recv", code, &stderr, &["TLS handshake", CLIENT_DN, "tls-authz"]);
+    one_line_error("send", sent.status.code(), &sent.stderr, &["TLS", "alert"]);
+    let after = std::fs::read(&dst).unwrap();
+    assert!(after.iter().all(|&b| b == 0xee), "the refused source's pages reached the destination file");
+    // Flags that do not fit: an authz list on the source, TLS on exec:.
+    let e = run_qmig(
+        &dir,
+        &["send", "--ram", &src_arg, "--to", &uri, "--tls-creds", utf8(&creds), "--tls-authz", CLIENT_DN],
+        LIMIT,
+    );
+    one_line_error("send --tls-authz", e.status.code(), &e.stderr, &["tls-authz is for the destination"]);
+    let e = run_qmig(
+        &dir,
+        &["recv", "--ram", &dst_arg, "--from", "exec:cat /dev/null", "--tls-creds", utf8(&creds)],
+        LIMIT,
+    );
+    one_line_error("recv exec: over TLS", e.status.code(), &e.stderr, &["needs a socket"]);
+}
+
+#[test]
+fn demo_over_tls() {
+    let dir = TestDir::new("tls-demo");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let stats = dir.join("stats.json");
+    let args = [
+        "demo",
+        "--guest",
+        "synthetic",
+        "--ram-size",
+        "32M",
+        "--dirty-rate",
+        "16",
+        "--max-bandwidth",
+        "64M",
+        "--downtime-limit",
+        "50",
+        "--uri",
+        "tcp:127.0.0.1:0",
+        "--tls-creds",
+        utf8(&creds),
+        "--tls-authz",
+        CLIENT_DN,
+        "--stats-json",
+        utf8(&stats),
+    ];
+    let r = run_qmig(&dir, &args, Duration::from_secs(60));
+    assert!(r.status.success(), "demo over TLS: {}", r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["destination"]["stats"]["tls"]["peer-dn"], CLIENT_DN, "{s}");
 }
