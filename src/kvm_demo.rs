@@ -187,14 +187,12 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 }
 
 /// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` and `vcpus` vCPUs listens
-/// on `uri` (`on_listening` gets the bound URI), loads the incoming guest, takes a
+/// on `uri` (over TLS with `tls`; `on_listening` gets the bound URI), loads the incoming guest, takes a
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
 pub fn dest(
-    ram_size: u64,
-    slots: u32,
-    vcpus: usize,
+    (ram_size, slots, vcpus): (u64, u32, usize),
     uri: &MigrationUri,
     run_on: Duration,
     tls: Option<&transports::TlsParams>,

@@ -330,7 +330,7 @@ fn kvm_dest(
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, tls.as_ref(), cancel, |bound| {
+    let report = kvm_demo::dest((ram_size, slots, vcpus), from, run_on, tls.as_ref(), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);

@@ -47,6 +47,10 @@ fn assert_untouched(what: &str, path: &Path) {
     assert!(data.iter().all(|&b| b == UNTOUCHED), "{what}: the destination RAM was written before/without a handshake");
 }
 
+/// A refusal of QEMU's source: what, recv's extra arguments, what recv's error
+/// line names, QEMU's (`tls-creds`, `tls-hostname`).
+type Case<'a> = (&'a str, Vec<&'a str>, &'a [&'a str], (&'a str, &'a str));
+
 fn tls_creds(dir: &Path, endpoint: &str) -> Value {
     json!({"qom-type": "tls-creds-x509", "id": format!("tls-{endpoint}"), "dir": utf8(dir),
            "endpoint": endpoint, "verify-peer": true})
@@ -81,7 +85,7 @@ fn qemu_source_to_qmig_recv_over_tls() {
     let other = Ca::new("another-ca").unwrap();
     let foreign = dir.join("foreign-server");
     write_dir(&foreign, &ca.cert_pem(), Some(&other.server(&SERVER_NAMES, Validity::Current).unwrap()), None).unwrap();
-    let cases: [(&str, Vec<&str>, &[&str], (&str, &str)); 5] = [
+    let cases: [Case<'_>; 5] = [
         (
             "server certificate from another CA",
             vec!["--tls-creds", utf8(&foreign)],

@@ -104,7 +104,10 @@ fn cancel_wakes_blocked_readers_and_writers() {
     let dir = TestDir::new("tls-cancel");
     let creds = dir.join("creds");
     good_dir(&creds).unwrap();
-    let (cs, cc) = (CancelToken::new().unwrap(), CancelToken::new().unwrap());
+    // One token for both ends: cancelled once, every blocked call must say so (with
+    // two tokens, the end cancelled second would first see its peer close).
+    let cs = CancelToken::new().unwrap();
+    let cc = cs.clone();
     let pair = || {
         let (uri, accepted) = serve(&TlsParams::new(&creds), &cs);
         let client = TlsParams::new(&creds).connect(&uri, &cc).unwrap();
@@ -142,7 +145,6 @@ fn cancel_wakes_blocked_readers_and_writers() {
     thread::sleep(Duration::from_millis(500));
     assert!(rx.try_recv().is_err(), "a call returned before the cancel");
     let t0 = Instant::now();
-    cs.cancel();
     cc.cancel();
     for _ in 0..4 {
         let (who, r) = rx.recv_timeout(LIMIT).expect("a blocked TLS call did not return after cancel");
@@ -410,4 +412,25 @@ fn demo_over_tls() {
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert_eq!(s["verified"], true, "{s}");
     assert_eq!(s["destination"]["stats"]["tls"]["peer-dn"], CLIENT_DN, "{s}");
+}
+
+#[test]
+fn unix_socket_with_tls_hostname() {
+    let dir = TestDir::new("tls-unix");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let cancel = CancelToken::new().unwrap();
+    let uri: MigrationUri = format!("unix:{}", dir.join("m.sock").display()).parse().unwrap();
+    let l = Listener::bind(&uri, &cancel).unwrap().with_tls(TlsParams::new(&creds).server().unwrap()).unwrap();
+    let accepted = thread::spawn(move || l.accept());
+    let mut client = TlsParams::new(&creds);
+    client.hostname = Some("dest.qmig.test".into());
+    let ch = client.connect(&uri, &cancel).expect("TLS over unix: with tls-hostname");
+    let server = accepted.join().unwrap().unwrap();
+    let mut w = MigrationWriter::new(ch, RateLimit::new(0));
+    w.write_all(b"QEVM over unix").unwrap();
+    let _ch = w.finish().map_err(|(_, e)| e).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut MigrationReader::new(server, RateLimit::new(0)), &mut got).unwrap();
+    assert_eq!(got, b"QEVM over unix");
 }

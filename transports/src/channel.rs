@@ -191,7 +191,8 @@ fn last_line(stderr: &[u8]) -> String {
 pub struct Channel {
     read: Option<OwnedFd>,
     write: Option<OwnedFd>,
-    exec: Option<ExecChild>,
+    /// The `exec:` command (boxed: it is rare, and keeps `Channel` small).
+    exec: Option<Box<ExecChild>>,
     cancel: CancelToken,
     peer: String,
     /// A socket's descriptor that the cancel hook shuts down; the hook holds it
@@ -318,7 +319,7 @@ impl Channel {
         Ok(Channel {
             read,
             write,
-            exec,
+            exec: exec.map(Box::new),
             cancel: cancel.clone(),
             peer,
             _shutdown: None,

@@ -585,6 +585,23 @@ fn send_queued(c: &mut rustls::Connection, fd: &OwnedFd) {
     }
 }
 
+/// How long a refusing server waits for its client to stop sending.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// After a refusing alert: end our side and keep the connection for at most
+/// [`LINGER`] (or until the client closes), reading nothing. A TLS 1.3 client has
+/// finished its handshake and is sending its stream when the server refuses its
+/// certificate: closing at once on its unread data would reset the connection,
+/// and the reset can overtake the alert. The data is not read either: a client
+/// with no return path (QEMU without `return-path`) would take a drained stream
+/// for a delivered one; here its writes stall, then fail on the close.
+fn linger(fd: &OwnedFd, cancel: &CancelToken) {
+    let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(fd), nix::sys::socket::Shutdown::Write);
+    let deadline = std::time::Instant::now() + LINGER;
+    // Wakes when the client closes (or the socket fails), else at the deadline.
+    let _ = cancel.wait(fd.as_fd(), PollFlags::from_bits_retain(libc::POLLRDHUP), Some(deadline));
+}
+
 /// An established TLS session on a non-blocking socket, shared by a channel and
 /// its return path (one reader and one writer thread at a time).
 pub(crate) struct TlsStream {
@@ -670,6 +687,9 @@ impl TlsStream {
                         if let Err(e) = c.process_new_packets() {
                             // Tell the peer why (the alert rustls queued), best effort.
                             send_queued(&mut c, &s.fd);
+                            if is_server {
+                                linger(&s.fd, cancel);
+                            }
                             return Err(fail(explain(&e, Some(dir))));
                         }
                         continue;
@@ -739,7 +759,9 @@ impl TlsStream {
     }
 
     /// A read of `n` bytes of application data (n > 0 marks the peer as heard from).
-    fn got(&self, n: usize) -> io::Result<usize> {
+    fn got(&self, n: usize, cancel: &CancelToken) -> io::Result<usize> {
+        // A cancel shuts the socket down: the end it reads is ours, not the peer's.
+        cancel.check()?;
         if n > 0 {
             self.received.store(true, Ordering::Relaxed);
             Ok(n)
@@ -752,10 +774,13 @@ impl TlsStream {
         self.conn.lock().map_err(|_| io::Error::other("TLS session lock poisoned"))
     }
 
+    /// The session failed: `why`, unless it failed before (then the first cause,
+    /// which both threads report).
     fn session_error(&self, why: String) -> io::Error {
-        if let Ok(mut f) = self.failed.lock() {
-            f.get_or_insert_with(|| why.clone());
-        }
+        let why = match self.failed.lock() {
+            Ok(mut f) => f.get_or_insert(why).clone(),
+            Err(_) => why,
+        };
         io::Error::other(TlsError::Session { peer: self.peer.clone(), why })
     }
 
@@ -788,8 +813,8 @@ impl TlsStream {
             self.check_failed()?;
             let mut c = self.lock()?;
             match c.reader().read(buf) {
-                Ok(n) => return self.got(n),
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return self.got(0),
+                Ok(n) => return self.got(n, cancel),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return self.got(0, cancel),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.session_error(e.to_string())),
             }
@@ -797,9 +822,9 @@ impl TlsStream {
                 Ok(0) => {
                     // End of the connection: what rustls holds is all there is.
                     return match c.reader().read(buf) {
-                        Ok(n) => self.got(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.got(0),
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.got(0),
+                        Ok(n) => self.got(n, cancel),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.got(0, cancel),
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.got(0, cancel),
                         Err(e) => Err(self.session_error(e.to_string())),
                     };
                 }
