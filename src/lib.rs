@@ -7,6 +7,7 @@
 //! support (the `testkit` crate) are not part of it.
 
 pub mod analyze;
+pub mod control;
 mod error;
 pub mod ramfile;
 pub mod recv;

@@ -77,6 +77,39 @@ enum Cmd {
         /// TLS.
         #[command(flatten)]
         tls: tls_args::TlsArgs,
+        /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
+        #[arg(long, conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// With --postcopy: switch to postcopy after SECS, or when the first pass has sent every page if sooner (0: as soon as allowed); without it, only on `qmig migrate-start-postcopy`.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
+        /// QEMU's `pause-before-switchover`: hold in `pre-switchover` (guest stopped) until `qmig migrate-continue --control unix:PATH`.
+        #[arg(long = "pause-before-switchover", requires = "control")]
+        pause_before_switchover: bool,
+        /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
+        #[arg(long, value_name = "unix:PATH")]
+        control: Option<String>,
+    },
+    /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
+    #[command(name = "migrate-continue")]
+    MigrateContinue {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Switch a `qmig send --postcopy` to postcopy at its next iteration (QEMU's `migrate-start-postcopy`).
+    #[command(name = "migrate-start-postcopy")]
+    MigrateStartPostcopy {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Print a running `qmig send`'s `query-migrate` statistics (one JSON line).
+    #[command(name = "query-migrate")]
+    QueryMigrate {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -137,6 +170,12 @@ enum Cmd {
         /// TLS.
         #[command(flatten)]
         tls: tls_args::TlsArgs,
+        /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
+        #[arg(long = "postcopy", conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// Start postcopy this many seconds after the migration started, or when the first pass is done if sooner.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -159,6 +198,9 @@ enum Cmd {
         /// TLS.
         #[command(flatten)]
         tls: tls_args::TlsArgs,
+        /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -174,6 +216,12 @@ enum Cmd {
         /// TLS.
         #[command(flatten)]
         tls: tls_args::TlsArgs,
+        /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
+        #[arg(long = "postcopy")]
+        postcopy: bool,
+        /// While postcopy is active, read pages not yet received at random (each a real fault), as a vCPU would.
+        #[arg(long = "postcopy-touch", requires = "postcopy")]
+        postcopy_touch: bool,
     },
 }
 
@@ -287,6 +335,7 @@ struct KvmArgs<'a> {
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
     tls: Option<transports::TlsParams>,
+    postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -307,6 +356,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         progress: stdout_is_terminal(),
         timeout: a.timeout,
         tls: a.tls,
+        postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -325,12 +375,12 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
-    run_on: u64,
+    (run_on, postcopy): (u64, bool),
     tls: Option<transports::TlsParams>,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest((ram_size, slots, vcpus), from, run_on, tls.as_ref(), cancel, |bound| {
+    let report = kvm_demo::dest((ram_size, slots, vcpus), from, (run_on, postcopy), tls.as_ref(), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -341,7 +391,7 @@ fn kvm_dest(
 fn kvm_dest(
     _: &MigrationUri,
     _: (u64, u32, usize),
-    _: u64,
+    _: (u64, bool),
     _: Option<transports::TlsParams>,
     _: &transports::CancelToken,
 ) -> qmig::Result<()> {
@@ -426,6 +476,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
+        Cmd::MigrateContinue { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
+        }
+        Cmd::MigrateStartPostcopy { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-start-postcopy", None)?;
+        }
+        Cmd::QueryMigrate { control } => {
+            print_line(&qmig::control::execute(&qmig::control::parse_control(&control)?, "query-migrate", None)?);
+        }
         Cmd::Send {
             guest,
             to,
@@ -436,6 +495,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             no_return_path,
             stats_json,
             tls,
+            postcopy,
+            postcopy_after,
+            pause_before_switchover,
+            control,
         } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
@@ -453,6 +516,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
                 tls: tls.params()?,
+                postcopy,
+                postcopy_after: postcopy_after
+                    .map(|s| {
+                        std::time::Duration::try_from_secs_f64(s)
+                            .map_err(|_| qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                    })
+                    .transpose()?,
+                pause_before_switchover,
+                control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
             let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
             let mut stats = qmig::send::stats_json(&info);
@@ -481,10 +553,20 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             seed,
             stats_json,
             tls,
+            postcopy,
+            postcopy_after,
         } => {
             let tls = tls.params()?;
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
             let timeout = deadline(timeout, timeout_action)?;
+            let postcopy = match postcopy_after {
+                Some(s) if !(s.is_finite() && s >= 0.0) => {
+                    return Err(qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                }
+                Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+                // After the first pass (a day is "never" before that).
+                None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
+            };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
@@ -512,8 +594,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     stats_json,
                     timeout,
                     tls,
+                    postcopy,
                     cancel,
                 });
+            }
+            if postcopy.is_some() {
+                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
             }
             let opts = demo::DemoOptions {
                 ram_size,
@@ -538,10 +624,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, tls } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, tls.params()?, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy, tls } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), (run_on, postcopy), tls.params()?, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json, tls } => {
+        Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch, tls } => {
             let tls = tls.params()?;
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
@@ -550,7 +636,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with_tls(&ram, &from, cancel, on_listening, stdout_is_terminal(), tls.as_ref())?;
+            let postcopy = postcopy.then(|| engine::postcopy_dest::PostcopyOptions {
+                touch: postcopy_touch,
+                touch_seed: u64::from(std::process::id()),
+            });
+            let st = qmig::recv::recv_options(
+                &ram,
+                &from,
+                cancel,
+                on_listening,
+                stdout_is_terminal(),
+                postcopy,
+                tls.as_ref(),
+            )?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

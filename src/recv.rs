@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
 use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
+use engine::postcopy_dest::{PostcopyOptions, PostcopyReport};
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
@@ -88,7 +89,22 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
-    recv_with_tls(ram, uri, cancel, on_listening, progress, None)
+    recv_options(ram, uri, cancel, on_listening, progress, None, None)
+}
+
+/// [`recv_with`], with capability `postcopy-ram` on when `postcopy` is given
+/// (`qmig recv --postcopy`): the RAM files' mappings are registered with
+/// userfaultfd at POSTCOPY_LISTEN (they must be on tmpfs, as for QEMU), faults
+/// become page requests, and `touch` reads pages at random while postcopy runs.
+pub fn recv_postcopy(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    postcopy: Option<PostcopyOptions>,
+) -> Result<Received> {
+    recv_options(ram, uri, cancel, on_listening, progress, postcopy, None)
 }
 
 /// [`recv_with`] over TLS when `tls` is given (QEMU's `tls-creds`, `tls-authz`):
@@ -101,6 +117,19 @@ pub fn recv_with_tls(
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
+    tls: Option<&transports::TlsParams>,
+) -> Result<Received> {
+    recv_options(ram, uri, cancel, on_listening, progress, None, tls)
+}
+
+/// [`recv_postcopy`] and [`recv_with_tls`] together.
+pub fn recv_options(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    postcopy: Option<PostcopyOptions>,
     tls: Option<&transports::TlsParams>,
 ) -> Result<Received> {
     let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
@@ -129,9 +158,10 @@ pub fn recv_with_tls(
     let counted = rate.clone();
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
-    let incoming = Incoming::new(false);
+    let mut incoming = Incoming::new(false);
+    incoming.postcopy = postcopy;
     let outcome =
-        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+        incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
         .map_err(|e| match e {
@@ -171,7 +201,7 @@ pub fn recv_with_tls(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path, tls })
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy, tls })
 }
 
 /// The TLS session a `recv` ran over.
@@ -192,13 +222,18 @@ pub struct Received {
     pub return_path: ReturnPathReport,
     /// The TLS session, when the stream came over TLS.
     pub tls: Option<TlsSummary>,
+    /// What postcopy did, when the source switched to it.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl Received {
     /// The destination's statistics (what a destination knows: no source-side
     /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
     /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
-    /// "unavailable"?, "error"?}`; over TLS also `"tls": {"protocol", "peer-dn"}`.
+    /// "unavailable"?, "error"?}`; after a postcopy migration also
+    /// `ram.postcopy-requests` and `"postcopy"` (see [`PostcopyReport::to_json`]:
+    /// request counts and the page-request latency in microseconds).
+    /// Over TLS also `"tls": {"protocol", "peer-dn"}`.
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
         let mut v = serde_json::json!({
@@ -215,6 +250,10 @@ impl Received {
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
         });
+        if let Some(pc) = &self.postcopy {
+            v["ram"]["postcopy-requests"] = pc.requests.into();
+            v["postcopy"] = pc.to_json();
+        }
         if let Some(t) = &self.tls {
             v["tls"] = serde_json::json!({"protocol": t.protocol, "peer-dn": t.peer_dn});
         }
