@@ -62,6 +62,8 @@ pub struct DemoOptions {
     pub connect: Option<String>,
     /// Capability `multifd` with this many channels (compression in `params`).
     pub multifd: Option<u8>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`; qmig destination only).
+    pub tls: Option<transports::TlsParams>,
 }
 
 /// Work files, removed on drop.
@@ -115,6 +117,9 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let region = guest.region("mem").ok_or_else(|| Error::Usage("guest RAM".into()))?;
     guest.start(opts.vcpus, opts.dirty_rate, opts.seed);
 
+    if opts.tls.is_some() && opts.dest == Destination::Qemu {
+        return Err(Error::Usage("--tls-creds: the demo runs TLS with a qmig destination only".into()));
+    }
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
         Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts)?,
@@ -131,8 +136,8 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
     let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
     let to = connect_uri(opts.connect.as_deref(), &uri)?;
-    let ch = connect_retry(&to, out.cancel(), &opts.channel)?;
-    let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel)?;
+    let ch = connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref())?;
+    let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref())?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
@@ -174,16 +179,23 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-/// The `multifd-channels` extra connections, after the main one (QEMU 7.2's order).
+/// The `multifd-channels` extra connections, after the main one (QEMU 7.2's order);
+/// over TLS each runs its own handshake, as in 7.2.
 pub(crate) fn multifd_channels(
     uri: &MigrationUri,
     n: Option<u8>,
     cancel: &transports::CancelToken,
     channel: &ChannelOptions,
+    tls: Option<&transports::TlsParams>,
 ) -> Result<Option<Vec<transports::Channel>>> {
     let Some(n) = n else { return Ok(None) };
     engine::multifd::check_uri(uri).map_err(Error::Usage)?;
-    (0..n).map(|_| connect_with(uri, cancel, channel).map_err(Error::transport)).collect::<Result<Vec<_>>>().map(Some)
+    let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
+    let open = || match &client {
+        Some(t) => t.connect_with(uri, cancel, channel),
+        None => connect_with(uri, cancel, channel),
+    };
+    (0..n).map(|_| open().map_err(Error::transport)).collect::<Result<Vec<_>>>().map(Some)
 }
 
 /// `--multifd N --multifd-compression C` for a destination qmig process.
@@ -205,6 +217,7 @@ fn start_qmig_recv(dst: &Path, uri: &MigrationUri, opts: &DemoOptions) -> Result
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
     cmd.args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
     cmd.args(multifd_args(opts.multifd, &opts.params));
+    cmd.args(crate::tls_args::dest_args(opts.tls.as_ref()));
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }
@@ -289,15 +302,32 @@ pub(crate) fn io_timeout_arg(channel: &ChannelOptions) -> String {
     channel.io_timeout.map_or(0.0, |t| t.as_secs_f64()).to_string()
 }
 
+/// Connect to a destination that may still be starting (retrying for 5 s), then
+/// run the TLS handshake once when `tls` is given.
 pub(crate) fn connect_retry(
     uri: &MigrationUri,
     cancel: &transports::CancelToken,
     channel: &ChannelOptions,
+    tls: Option<&transports::TlsParams>,
 ) -> Result<transports::Channel> {
+    // Both ends' flags come together here: the allow-list is the destination's.
+    let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
+    let creds = client.map(|t| t.client()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    let name = match tls {
+        Some(t) => {
+            Some(transports::tls::server_name(uri, t.hostname.as_deref()).map_err(|e| Error::Transport(e.into()))?)
+        }
+        None => None,
+    };
     let t0 = Instant::now();
     loop {
         match connect_with(uri, cancel, channel) {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                return match (&creds, &name) {
+                    (Some(creds), Some(name)) => c.tls_client(creds, name).map_err(Error::transport),
+                    _ => Ok(c),
+                }
+            }
             Err(e) if t0.elapsed() < Duration::from_secs(5) && !e.is_cancelled() => {
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));

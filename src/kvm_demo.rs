@@ -59,6 +59,8 @@ pub struct KvmDemoOptions {
     pub connect: Option<String>,
     /// Capability `multifd` with this many channels (compression in `params`).
     pub multifd: Option<u8>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`).
+    pub tls: Option<transports::TlsParams>,
     /// Capability `postcopy-ram` on both ends, with the switch after this long (or
     /// after the first pass if sooner): the guest runs on the destination while its
     /// pages arrive (`qmig demo --postcopy [--postcopy-after SECS]`).
@@ -107,7 +109,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
     let to = connect_uri(opts.connect.as_deref(), &uri)?;
-    let ch = match connect_retry(&to, out.cancel(), &opts.channel) {
+    let ch = match connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -117,7 +119,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     };
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
-    let channels = match multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel) {
+    let channels = match multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -223,7 +225,8 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
         .args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--run-on", &opts.run_on.as_millis().to_string()])
         .args(["--io-timeout", &io_timeout_arg(&opts.channel)])
-        .args(multifd_args(opts.multifd, &opts.params));
+        .args(multifd_args(opts.multifd, &opts.params))
+        .args(crate::tls_args::dest_args(opts.tls.as_ref()));
     if !opts.huge_pages {
         cmd.arg("--no-huge-pages");
     }
@@ -234,7 +237,7 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 }
 
 /// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` and `vcpus` vCPUs listens
-/// on `uri` (`on_listening` gets the bound URI), loads the incoming guest, takes a
+/// on `uri` (over TLS with `tls`; `on_listening` gets the bound URI), loads the incoming guest, takes a
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
@@ -243,18 +246,21 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 /// accepted after the main one and place pages straight into guest memory.
 #[allow(clippy::too_many_arguments)]
 pub fn dest(
-    ram_size: u64,
-    slots: u32,
-    vcpus: usize,
+    (ram_size, slots, vcpus): (u64, u32, usize),
     vm_options: minivmm::VmOptions,
     (uri, channel): (&MigrationUri, &transports::ChannelOptions),
     (run_on, postcopy, multifd): (Duration, bool, Option<(u8, savevm_format::multifd::Compression)>),
+    tls: Option<&transports::TlsParams>,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
+    let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
     let mut vm = Vm::with_options(layout, vcpus, vm_options).map_err(vm_err)?;
-    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
+    let mut listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
+    if let Some(creds) = creds {
+        listener = listener.with_tls(creds).map_err(Error::transport)?;
+    }
     on_listening(listener.local_uri());
     let start = Instant::now();
     let report = if let Some((n, compression)) = multifd {

@@ -3,6 +3,7 @@
 mod demo;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 mod kvm_demo;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
@@ -84,6 +85,9 @@ enum Cmd {
         /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); file: and exec: only.
         #[arg(long, value_name = "zstd[:LEVEL]")]
         compress: Option<qmig::compress::Compression>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
         #[arg(long, conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -192,6 +196,9 @@ enum Cmd {
         /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
         #[arg(long, value_name = "PATH")]
         capture: Option<PathBuf>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
         #[arg(long = "postcopy", conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -225,6 +232,9 @@ enum Cmd {
         /// 4 KiB pages only (no MADV_HUGEPAGE on guest RAM).
         #[arg(long = "no-huge-pages")]
         no_huge_pages: bool,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
         #[arg(long)]
         postcopy: bool,
@@ -245,6 +255,9 @@ enum Cmd {
         stats_json: Option<PathBuf>,
         #[command(flatten)]
         multifd: MultifdArgs,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
         #[arg(long = "postcopy")]
         postcopy: bool,
@@ -408,6 +421,7 @@ struct KvmArgs<'a> {
     channel: transports::ChannelOptions,
     connect: Option<String>,
     multifd: Option<u8>,
+    tls: Option<transports::TlsParams>,
     postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
@@ -433,6 +447,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         channel: a.channel,
         connect: a.connect,
         multifd: a.multifd,
+        tls: a.tls,
         postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
@@ -455,15 +470,21 @@ fn kvm_dest(
     (run_on, postcopy): (u64, bool),
     channel: &transports::ChannelOptions,
     multifd: &MultifdArgs,
+    tls: Option<transports::TlsParams>,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
     let mf = multifd.multifd.map(|n| (n, multifd.compression));
     let options = minivmm::VmOptions { huge_pages };
-    let report =
-        kvm_demo::dest(ram_size, slots, vcpus, options, (from, channel), (run_on, postcopy, mf), cancel, |bound| {
-            print_line(&serde_json::json!({ "listening": bound.to_string() }))
-        })?;
+    let report = kvm_demo::dest(
+        (ram_size, slots, vcpus),
+        options,
+        (from, channel),
+        (run_on, postcopy, mf),
+        tls.as_ref(),
+        cancel,
+        |bound| print_line(&serde_json::json!({ "listening": bound.to_string() })),
+    )?;
     print_line(&report);
     Ok(())
 }
@@ -475,6 +496,7 @@ fn kvm_dest(
     _: (u64, bool),
     _: &transports::ChannelOptions,
     _: &MultifdArgs,
+    _: Option<transports::TlsParams>,
     _: &transports::CancelToken,
 ) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
@@ -592,6 +614,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             multifd,
             xbzrle,
             compress,
+            tls,
             postcopy,
             postcopy_after,
             pause_before_switchover,
@@ -618,6 +641,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
                 channel: channel_options(io_timeout)?,
+                tls: tls.params()?,
                 postcopy,
                 postcopy_after: postcopy_after
                     .map(|s| {
@@ -656,9 +680,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             xbzrle,
             no_huge_pages,
             capture,
+            tls,
             postcopy,
             postcopy_after,
         } => {
+            let tls = tls.params()?;
             let channel = channel_options(io_timeout)?;
             let mut params = engine::params::MigrationParameters {
                 downtime_limit,
@@ -713,6 +739,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     channel,
                     connect,
                     multifd: multifd.multifd,
+                    tls,
                     postcopy,
                     cancel,
                 });
@@ -737,6 +764,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 channel,
                 connect,
                 multifd: multifd.multifd,
+                tls,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -747,17 +775,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy, io_timeout, multifd } => {
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy, io_timeout, multifd, tls } => {
             kvm_dest(
                 &uri(&from)?,
                 (ram_size, slots, vcpus, !no_huge_pages),
                 (run_on, postcopy),
                 &channel_options(io_timeout)?,
                 &multifd,
+                tls.params()?,
                 cancel,
             )?
         }
-        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd } => {
+        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd, tls } => {
+            let tls = tls.params()?;
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -776,6 +806,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 multifd: multifd.multifd,
                 multifd_compression: multifd.compression,
                 channel,
+                tls,
             };
             let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, &opts)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;

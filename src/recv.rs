@@ -94,7 +94,7 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
-    recv_postcopy(ram, uri, cancel, on_listening, progress, None)
+    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, ..Default::default() })
 }
 
 /// [`recv_with`], with capability `postcopy-ram` on when `postcopy` is given
@@ -114,6 +114,9 @@ pub fn recv_postcopy(
 
 /// QEMU's stream magic, `QEVM`: what a source sends first.
 const STREAM_MAGIC: [u8; 4] = *b"QEVM";
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Look at what a new connection sends first, without consuming it: Ok when it
 /// starts with the stream magic; else why it is not a source (it closed, it sent
@@ -135,6 +138,10 @@ fn screen(ch: &Channel, io_timeout: Option<Duration>) -> std::result::Result<(),
         if n == 0 {
             return Err("it closed without sending anything".into());
         }
+        if head[0] == TLS_HANDSHAKE {
+            // A TLS client where none is configured: the channel's first read refuses it with that reason.
+            return Ok(());
+        }
         if head[..n] != STREAM_MAGIC[..n] {
             let hex: String = head[..n].iter().map(|b| format!("{b:02x}")).collect();
             return Err(format!("it is not a migration stream (it starts with {hex}, QEMU's magic is 5145564d)"));
@@ -155,6 +162,10 @@ fn screen(ch: &Channel, io_timeout: Option<Duration>) -> std::result::Result<(),
 fn accept_source(listener: &Listener) -> Result<Channel> {
     loop {
         let ch = listener.accept_another().map_err(Error::transport)?;
+        if ch.is_tls() {
+            // The handshake authenticated it; the stream inside is checked as it is read.
+            return Ok(ch);
+        }
         match screen(&ch, ch.io_timeout()) {
             Ok(()) => return Ok(ch),
             Err(_) if ch.cancel_token().is_cancelled() => {
@@ -184,9 +195,25 @@ pub struct RecvOptions {
     pub multifd_compression: savevm_format::multifd::Compression,
     /// The channels' options (`--io-timeout`).
     pub channel: ChannelOptions,
+    /// TLS (QEMU's `tls-creds`, `tls-authz`): the credentials are loaded before
+    /// listening, and every connection runs the server handshake before a byte of
+    /// the stream is read (so nothing reaches the RAM files from a peer that failed it).
+    pub tls: Option<transports::TlsParams>,
 }
 
-/// [`recv`] with [`RecvOptions`] (`--io-timeout`, `--multifd`, `--postcopy`). On tcp: and unix:,
+/// [`recv`] over TLS when `tls` is given (see [`RecvOptions::tls`]).
+pub fn recv_with_tls(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    tls: Option<&transports::TlsParams>,
+) -> Result<Received> {
+    recv_opts(ram, uri, cancel, on_listening, &RecvOptions { progress, tls: tls.cloned(), ..Default::default() })
+}
+
+/// [`recv`] with [`RecvOptions`] (`--io-timeout`, `--multifd`, `--postcopy`, `--tls-creds`). On tcp: and unix:,
 /// recv takes the first connection that starts with QEMU's stream magic: one
 /// that sends other bytes is refused at once, one that sends nothing within the
 /// io timeout is dropped, each with a line on stderr, and recv waits for another.
@@ -207,7 +234,11 @@ pub fn recv_opts(
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
-    let listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?.with_options(*channel);
+    let creds = opts.tls.as_ref().map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    let mut listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?.with_options(*channel);
+    if let Some(creds) = creds {
+        listener = listener.with_tls(creds).map_err(Error::transport)?;
+    }
     on_listening(listener.local_uri());
     let rate = RateLimit::new(0);
     let mut channels = None;
@@ -230,6 +261,7 @@ pub fn recv_opts(
         (listener.accept().map_err(Error::transport)?, None)
     };
     let start = Instant::now();
+    let tls = ch.is_tls().then(|| TlsSummary { protocol: ch.tls_protocol(), peer_dn: ch.tls_peer_dn() });
     // The reverse direction, taken now (a duplicate of the socket) and handed out if
     // the source opens its return path; exec:, file: and pipes have none.
     let open_return_path = channel_return_path(&ch);
@@ -323,7 +355,7 @@ pub fn recv_opts(
         compressed_size: transferred,
         secs,
     });
-    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy, compressed })
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy, compressed, tls })
 }
 
 /// A reader counting the bytes it passed on.
@@ -340,6 +372,15 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
     }
 }
 
+/// The TLS session a `recv` ran over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSummary {
+    /// The TLS version (`TLSv1_3`, ...).
+    pub protocol: Option<String>,
+    /// The source's certificate DN (GnuTLS's form), when it presented one.
+    pub peer_dn: Option<String>,
+}
+
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -349,6 +390,8 @@ pub struct Received {
     pub return_path: ReturnPathReport,
     /// A compressed save (zstd) was read: its sizes and speed.
     pub compressed: Option<crate::compress::CompressedStats>,
+    /// The TLS session, when the stream came over TLS.
+    pub tls: Option<TlsSummary>,
     /// What postcopy did, when the source switched to it.
     pub postcopy: Option<PostcopyReport>,
 }
@@ -360,6 +403,7 @@ impl Received {
     /// "unavailable"?, "error"?}`; after a postcopy migration also
     /// `ram.postcopy-requests` and `"postcopy"` (see [`PostcopyReport::to_json`]:
     /// request counts and the page-request latency in microseconds).
+    /// Over TLS also `"tls": {"protocol", "peer-dn"}`.
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
         let mut v = serde_json::json!({
@@ -382,6 +426,9 @@ impl Received {
         if let Some(pc) = &self.postcopy {
             v["ram"]["postcopy-requests"] = pc.requests.into();
             v["postcopy"] = pc.to_json();
+        }
+        if let Some(t) = &self.tls {
+            v["tls"] = serde_json::json!({"protocol": t.protocol, "peer-dn": t.peer_dn});
         }
         v
     }

@@ -40,6 +40,9 @@ pub struct SendOptions {
     pub xbzrle: bool,
     /// `--compress zstd[:LEVEL]`: the stream as one zstd frame (file: and exec: only).
     pub compress: Option<crate::compress::Compression>,
+    /// TLS (QEMU's `tls-creds`, `tls-hostname`): the handshake runs before the stream
+    /// starts, on the main channel and on each multifd channel (its own session, as in 7.2).
+    pub tls: Option<transports::TlsParams>,
     /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
     pub postcopy: bool,
     /// With `postcopy`: start postcopy after this long, or once the first pass has
@@ -66,6 +69,7 @@ impl Default for SendOptions {
             multifd: None,
             xbzrle: false,
             compress: None,
+            tls: None,
             postcopy: false,
             postcopy_after: None,
             pause_before_switchover: false,
@@ -209,15 +213,14 @@ pub fn send_all(
         params.multifd_channels = n;
     }
     let params = SharedParameters::new(params).map_err(|e| Error::Usage(e.to_string()))?;
-    let ch = connect_with(uri, cancel, &opts.channel).map_err(Error::transport)?;
+    let open = || match &opts.tls {
+        Some(tls) => tls.connect_with(uri, cancel, &opts.channel),
+        None => connect_with(uri, cancel, &opts.channel),
+    };
+    let ch = open().map_err(Error::transport)?;
     // The multifd channels connect after the main one (QEMU 7.2's order).
     let channels = match opts.multifd {
-        Some(n) => Some(
-            (0..n)
-                .map(|_| connect_with(uri, cancel, &opts.channel))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(Error::transport)?,
-        ),
+        Some(n) => Some((0..n).map(|_| open()).collect::<std::result::Result<Vec<_>, _>>().map_err(Error::transport)?),
         None => None,
     };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());

@@ -211,7 +211,7 @@ fn read_loop<R: Read>(
                 let max = pages.div_ceil(8).div_ceil(8) * 8;
                 let bitmap = r
                     .read_recv_bitmap(max)
-                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: e.kind.to_string() })?;
+                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: crate::error::report(&e.kind) })?;
                 RpEvent::RecvBitmap { block, bitmap }
             }
             RpMessage::ResumeAck(v) => RpEvent::ResumeAck(v),

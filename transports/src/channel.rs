@@ -3,6 +3,7 @@
 
 use crate::cancel::{CancelToken, Wake};
 use crate::error::{NoProgress, TransportError};
+use crate::tls::{TlsClient, TlsServer, TlsStream};
 use crate::uri::MigrationUri;
 use nix::poll::PollFlags;
 use nix::sys::signal::{killpg, Signal};
@@ -17,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -246,7 +248,8 @@ fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) -> bool {
 pub struct Channel {
     read: Option<OwnedFd>,
     write: Option<OwnedFd>,
-    exec: Option<ExecChild>,
+    /// The `exec:` command (boxed: it is rare, and keeps `Channel` small).
+    exec: Option<Box<ExecChild>>,
     cancel: CancelToken,
     peer: String,
     /// A socket's descriptor that the cancel hook shuts down; the hook holds it
@@ -259,6 +262,11 @@ pub struct Channel {
     io_timeout_ms: u32,
     /// A tcp socket (its send queue is reported by [`Channel::queued_bytes`]).
     tcp: bool,
+    /// The TLS session, once [`tls_client`](Channel::tls_client) or
+    /// [`tls_server`](Channel::tls_server) ran its handshake: every read and write goes through it.
+    tls: Option<Arc<TlsStream>>,
+    /// A plaintext socket's first read has not happened yet (it refuses a TLS handshake).
+    first_read: AtomicBool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -266,6 +274,11 @@ impl std::fmt::Debug for Channel {
         write!(f, "Channel({})", self.peer)
     }
 }
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// The major version byte of every TLS record (3: SSL 3.0 to TLS 1.3).
+const TLS_MAJOR: u8 = 0x03;
 
 /// Send buffer asked for on unix sockets (the kernel doubles it, capped by `net.core.wmem_max`).
 const UNIX_SEND_BUFFER: usize = 1 << 20;
@@ -337,6 +350,8 @@ impl Channel {
             restore_flags: None,
             io_timeout_ms: 0,
             tcp: false,
+            tls: None,
+            first_read: AtomicBool::new(true),
         })
     }
 
@@ -368,13 +383,15 @@ impl Channel {
         Ok(Channel {
             read,
             write,
-            exec,
+            exec: exec.map(Box::new),
             cancel: cancel.clone(),
             peer,
             _shutdown: None,
             restore_flags: None,
             io_timeout_ms: 0,
             tcp: false,
+            tls: None,
+            first_read: AtomicBool::new(false),
         })
     }
 
@@ -452,8 +469,91 @@ impl Channel {
         &self.cancel
     }
 
+    /// Start TLS as the client (the source) on this socket channel: the handshake
+    /// runs now (cancellable), checking the server's certificate for `hostname`
+    /// when `creds` verify the peer (see [`tls::server_name`](crate::tls::server_name)).
+    /// Refused on `exec:`, `file:` and non-socket `fd:` channels.
+    pub fn tls_client(self, creds: &TlsClient, hostname: &str) -> Result<Channel, TransportError> {
+        self.start_tls(|fd, peer, cancel| TlsStream::client(fd, creds, hostname, peer, cancel))
+    }
+
+    /// Start TLS as the server (the destination) on this socket channel: the
+    /// handshake runs now (cancellable), requiring and checking the client's
+    /// certificate when `creds` verify the peer (and its DN with tls-authz).
+    /// Nothing of the migration stream is read before it succeeds.
+    pub fn tls_server(self, creds: &TlsServer) -> Result<Channel, TransportError> {
+        self.start_tls(|fd, peer, cancel| TlsStream::server(fd, creds, peer, cancel))
+    }
+
+    fn start_tls(
+        mut self,
+        handshake: impl FnOnce(OwnedFd, &str, &CancelToken) -> io::Result<TlsStream>,
+    ) -> Result<Channel, TransportError> {
+        let peer = self.peer.clone();
+        let tls_err = |why: String| TransportError::Tls(crate::tls::TlsError::Handshake { peer: peer.clone(), why });
+        if self._shutdown.is_none() || self.tls.is_some() {
+            let why = if self.tls.is_some() {
+                "TLS is already on"
+            } else {
+                "TLS needs a socket (tcp:, unix: or an fd: socket)"
+            };
+            return Err(tls_err(why.into()));
+        }
+        let fd = match self.read.as_ref() {
+            Some(fd) => fd.try_clone().map_err(|e| tls_err(format!("cannot duplicate the socket: {e}")))?,
+            None => return Err(tls_err("the channel is closed".into())),
+        };
+        match handshake(fd, &self.peer, &self.cancel) {
+            Ok(stream) => {
+                self.tls = Some(Arc::new(stream));
+                self.first_read.store(false, Ordering::Relaxed);
+                Ok(self)
+            }
+            Err(e) if crate::cancel::is_cancelled(&e) || self.cancel.is_cancelled() => {
+                Err(TransportError::Channel { peer: self.peer.clone(), source: crate::cancel::cancelled() })
+            }
+            Err(e) => match e.into_inner().map(|inner| inner.downcast::<crate::tls::TlsError>()) {
+                Some(Ok(tls)) => Err(TransportError::Tls(*tls)),
+                Some(Err(other)) => Err(tls_err(other.to_string())),
+                None => Err(tls_err("I/O error".into())),
+            },
+        }
+    }
+
+    /// True once TLS is on.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The TLS version agreed (`TLSv1_3`, ...), when TLS is on.
+    pub fn tls_protocol(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.protocol())
+    }
+
+    /// The subject DN of the peer's certificate (GnuTLS's format), when TLS is on
+    /// and the peer presented one.
+    pub fn tls_peer_dn(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.peer_dn())
+    }
+
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.read(buf, &self.cancel).map_err(|e| self.io_error(e));
+        }
+        let n = self.read_plain(buf)?;
+        if self.first_read.swap(false, Ordering::Relaxed) && n >= 2 && buf[0] == TLS_HANDSHAKE && buf[1] == TLS_MAJOR {
+            // A TLS record header (handshake, version 3.x) where a migration stream
+            // ("QEVM"), a multifd channel or a return path message starts.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                crate::tls::TlsError::UnexpectedTls { peer: self.peer.clone() },
+            ));
+        }
+        Ok(n)
+    }
+
+    fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd =
             self.read.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is write-only"))?;
         loop {
@@ -489,6 +589,10 @@ impl Channel {
 
     /// Write some of `iov` (vectored); blocks until progress or cancel.
     pub fn write_vectored(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            let first = iov.iter().find(|s| !s.is_empty()).map(|s| &s[..]).unwrap_or(&[]);
+            return tls.write(first, &self.cancel).map_err(|e| self.io_error(e));
+        }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
         loop {
@@ -508,6 +612,10 @@ impl Channel {
     /// # Safety
     /// Every iovec must describe memory that stays mapped and readable until the call returns.
     pub(crate) unsafe fn write_iovecs(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            // SAFETY: the caller's guarantee, passed on.
+            return unsafe { tls.write_iovecs(iov, &self.cancel) }.map_err(|e| self.io_error(e));
+        }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
         let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
@@ -554,11 +662,15 @@ impl Channel {
         }
         let fd = self.read.as_ref().or(self.write.as_ref()).ok_or_else(|| no("the channel is closed".into()))?;
         let fd = fd.try_clone().map_err(|e| no(format!("cannot duplicate the socket: {e}")))?;
-        Ok(ReturnPath { fd, cancel: self.cancel.clone(), peer: self.peer.clone() })
+        Ok(ReturnPath { fd, cancel: self.cancel.clone(), peer: self.peer.clone(), tls: self.tls.clone() })
     }
 
     /// Close the write side (the peer sees end of stream), keeping the read side.
+    /// On TLS, close_notify goes first (the peer reads a clean end).
     pub fn close_write(&mut self) {
+        if let (Some(tls), Some(_)) = (&self.tls, &self.write) {
+            tls.close_notify(&self.cancel);
+        }
         if let (Some(_), Some(w)) = (&self.read, &self.write) {
             // A socket (both fds are the same socket): tell the peer we are done.
             let _ = nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Write);
@@ -591,6 +703,8 @@ pub struct ReturnPath {
     fd: OwnedFd,
     cancel: CancelToken,
     peer: String,
+    /// The channel's TLS session, shared (reads and writes go through it).
+    tls: Option<Arc<TlsStream>>,
 }
 
 impl std::fmt::Debug for ReturnPath {
@@ -615,11 +729,19 @@ impl ReturnPath {
 
     /// Another handle on the same return path (for a reader and a writer thread).
     pub fn try_clone(&self) -> io::Result<ReturnPath> {
-        Ok(ReturnPath { fd: self.fd.try_clone()?, cancel: self.cancel.clone(), peer: self.peer.clone() })
+        Ok(ReturnPath {
+            fd: self.fd.try_clone()?,
+            cancel: self.cancel.clone(),
+            peer: self.peer.clone(),
+            tls: self.tls.clone(),
+        })
     }
 
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.read(buf, &self.cancel).map_err(|e| self.error(e));
+        }
         loop {
             self.cancel.check()?;
             match nix::unistd::read(self.fd.as_fd(), buf) {
@@ -635,6 +757,9 @@ impl ReturnPath {
 
     /// Write some of `buf`; blocks until progress or cancel.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.write(buf, &self.cancel).map_err(|e| self.error(e));
+        }
         loop {
             self.cancel.check()?;
             match nix::unistd::write(&self.fd, buf) {
@@ -793,6 +918,8 @@ pub struct Listener {
     kind: ListenKind,
     cancel: CancelToken,
     opts: ChannelOptions,
+    /// TLS credentials: every accepted connection runs the server handshake first.
+    tls: Option<TlsServer>,
 }
 
 enum ListenKind {
@@ -826,7 +953,7 @@ impl Listener {
             }
             _ => (ListenKind::Other, uri.clone()),
         };
-        Ok(Listener { uri, kind, cancel: cancel.clone(), opts: ChannelOptions::default() })
+        Ok(Listener { uri, kind, cancel: cancel.clone(), opts: ChannelOptions::default(), tls: None })
     }
 
     /// Give accepted channels these options instead of the default ones.
@@ -838,6 +965,20 @@ impl Listener {
     /// The options accepted channels get.
     pub fn options(&self) -> &ChannelOptions {
         &self.opts
+    }
+
+    /// Run the TLS server handshake with `creds` on every connection accepted
+    /// (a failed handshake is the accept's error; nothing of the stream is read
+    /// before it succeeds). Only `tcp:` and `unix:` listeners (and `fd:` sockets).
+    pub fn with_tls(mut self, creds: TlsServer) -> Result<Listener, TransportError> {
+        if matches!(self.uri, MigrationUri::Exec(_) | MigrationUri::File { .. }) {
+            return Err(TransportError::Tls(crate::tls::TlsError::Config(format!(
+                "TLS needs a socket (tcp:, unix: or an fd: socket), not {}",
+                self.uri
+            ))));
+        }
+        self.tls = Some(creds);
+        Ok(self)
     }
 
     /// The URI a source should use (with the port the system picked for `tcp:…:0`).
@@ -863,12 +1004,15 @@ impl Listener {
     }
 
     fn accept_ref(&self) -> Result<Channel, TransportError> {
-        let mut ch = self.accept_raw()?;
+        let mut ch = self.accept_plain()?;
         ch.set_options(&self.opts);
-        Ok(ch)
+        match &self.tls {
+            Some(creds) => ch.tls_server(creds),
+            None => Ok(ch),
+        }
     }
 
-    fn accept_raw(&self) -> Result<Channel, TransportError> {
+    fn accept_plain(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
         if self.cancel.is_cancelled() {

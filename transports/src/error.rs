@@ -70,6 +70,9 @@ pub enum TransportError {
         /// The cause.
         source: std::io::Error,
     },
+    /// TLS failed: credentials, options, or the handshake (naming the cause).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A `file:` could not be opened.
     #[error("{}", path.display())]
     File {
