@@ -150,6 +150,36 @@ enum Cmd {
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
     },
+    /// Run the KVM guest as a long-lived VM driven over QMP, like `qemu-system-x86_64 -qmp unix:PATH -incoming defer|URI [-S]`.
+    Vm {
+        /// The QMP socket: unix:PATH (QEMU's `,server=on,wait=off` options are accepted and implied).
+        #[arg(long, value_name = "unix:PATH")]
+        qmp: String,
+        /// Wait for an incoming migration: `defer` (start it with QMP `migrate-incoming`) or a URI to listen on now.
+        #[arg(long, value_name = "defer|URI")]
+        incoming: Option<String>,
+        /// Do not start the vCPUs until QMP `cont` (QEMU's -S); with --incoming, do not start the guest after loading.
+        #[arg(short = 'S')]
+        paused: bool,
+        /// Guest RAM, suffixes K, M, G.
+        #[arg(long = "ram-size", default_value = "1G", value_parser = parse_size)]
+        ram_size: u64,
+        /// Memory slots, 1 or 2 (2 splits RAM around a PCI hole, scaled down).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+        slots: u32,
+        /// vCPUs, each running the guest program on its own slice of the working set.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Bytes of the guest's working set (suffixes K, M, G; default a quarter of the RAM, at most 256M).
+        #[arg(long = "working-set", value_parser = parse_size)]
+        working_set: Option<u64>,
+        /// MiB/s the guest writes into its working set.
+        #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
+        dirty_rate: u64,
+        /// Seed of the working set's content and the guest's page choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
         /// RAM block NAME goes to file PATH (created if missing, else its length must match). Repeatable.
@@ -323,6 +353,50 @@ fn kvm_dest(
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
 fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+    Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
+}
+
+/// `qmig vm`'s guest.
+#[cfg_attr(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
+struct GuestShape {
+    ram_size: u64,
+    slots: u32,
+    vcpus: usize,
+    working_set: u64,
+    dirty_rate: u64,
+    seed: u64,
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn vm_command(
+    qmp: &str,
+    incoming: Option<String>,
+    paused: bool,
+    g: GuestShape,
+    cancel: &transports::CancelToken,
+) -> qmig::Result<()> {
+    // QEMU's `-qmp unix:PATH,server=on,wait=off`: the options are what qmig does anyway.
+    let path = qmp
+        .strip_prefix("unix:")
+        .map(|p| p.split(',').next().unwrap_or(p))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| qmig::Error::Usage(format!("--qmp {qmp}: expected unix:PATH")))?;
+    if let Some(why) = kvm_unavailable() {
+        return Err(qmig::Error::Usage(format!("qmig vm needs KVM: {why}")));
+    }
+    let opts = qmig::vm::VmOptions {
+        ram_size: g.ram_size,
+        slots: g.slots,
+        vcpus: g.vcpus,
+        guest: minivmm::GuestConfig { working_set: g.working_set, dirty_rate: g.dirty_rate, seed: g.seed },
+        paused,
+        incoming,
+    };
+    qmig::vm::run(&opts, std::path::Path::new(path), cancel)
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn vm_command(_: &str, _: Option<String>, _: bool, _: GuestShape, _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -503,6 +577,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         }
         Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
             kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        }
+        Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed } => {
+            let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
+            let guest = GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed };
+            vm_command(&qmp, incoming, paused, guest, cancel)?
         }
         Cmd::Recv { ram, from, stats_json } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
