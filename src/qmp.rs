@@ -246,7 +246,7 @@ pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) 
         }
     });
     let _ = tx.send(Out::Line(greeting().to_string()));
-    let mut session = Session { negotiated: false, tx: tx.clone(), events: events.clone() };
+    let mut session = Session { negotiated: false, tx: tx.clone(), events: events.clone(), skip_line: false };
     let mut reader = stream;
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -256,11 +256,31 @@ pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) 
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
-        session.consume(&mut buf, handler);
-        if buf.len() > MAX_COMMAND_BYTES {
-            session.reply_err(None, QmpError::generic("JSON parse error, input too long"));
-            buf.clear();
+        if session.skip_line {
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(p) => {
+                    buf.drain(..=p);
+                    session.skip_line = false;
+                }
+                None => {
+                    buf.clear();
+                    continue;
+                }
+            }
         }
+        if buf.len() > MAX_COMMAND_BYTES {
+            // One command this long is refused whole; input resumes after its line.
+            session.reply_err(None, QmpError::generic("JSON parse error, input too long"));
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(p) => drop(buf.drain(..=p)),
+                None => {
+                    buf.clear();
+                    session.skip_line = true;
+                    continue;
+                }
+            }
+        }
+        session.consume(&mut buf, handler);
     }
     drop(session);
     drop(tx);
@@ -269,6 +289,8 @@ pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) 
 
 struct Session {
     negotiated: bool,
+    /// Drop input up to the next newline (the rest of a refused, too long command).
+    skip_line: bool,
     tx: Outbox,
     events: Events,
 }
@@ -496,5 +518,18 @@ mod tests {
         assert_eq!(ask("{\"execute\":\"query-version\"}\n")["return"]["qemu"]["minor"], 2);
         let cmds = ask("{\"execute\":\"query-commands\"}\n");
         assert!(cmds["return"].as_array().is_some_and(|c| c.contains(&json!({"name": "echo"}))));
+    }
+
+    #[test]
+    fn an_endless_command_is_refused_and_the_session_goes_on() {
+        let (mut w, mut r, _) = session();
+        line(&mut r);
+        let mut big = b"{\"execute\": \"echo\", \"arguments\": {\"text\": \"".to_vec();
+        big.resize(MAX_COMMAND_BYTES + 200_000, b'a');
+        big.extend_from_slice(b"\"}}\n{\"execute\":\"qmp_capabilities\",\"id\":1}\n");
+        let writer = std::thread::spawn(move || w.write_all(&big).map(|()| w));
+        assert_eq!(line(&mut r)["error"]["desc"], "JSON parse error, input too long");
+        assert_eq!(line(&mut r), json!({"return": {}, "id": 1}));
+        assert!(writer.join().is_ok_and(|w| w.is_ok()));
     }
 }

@@ -443,25 +443,28 @@ impl VmMonitor {
         let listener = Listener::bind(&parsed, &cancel).map_err(|e| QmpError::generic(engine::error::report(&e)))?;
         st.incoming_started = true;
         st.incoming.address = socket_address(listener.local_uri());
-        let events_on = st.caps.events;
         drop(st);
         // QEMU 7.2 announces the setup on the destination whatever the capability.
         self.events.emit("MIGRATION", Some(json!({ "status": "setup" })));
         let me = self.clone();
         std::thread::Builder::new()
             .name("incoming".into())
-            .spawn(move || me.run_incoming(listener, events_on))
+            .spawn(move || me.run_incoming(listener))
             .map_err(vm_error)?;
         Ok(())
     }
 
-    fn run_incoming(&self, listener: Listener, events_on: bool) {
+    fn run_incoming(&self, listener: Listener) {
         let incoming = Incoming::new(true);
-        forward_events(&incoming.state, &self.events, events_on);
-        let st = self.state.clone();
+        let (st, ev) = (self.state.clone(), self.events.clone());
         incoming.state.on_notify(move |n| {
+            let mut st = lock(&st);
             if let Notification::State { to, .. } = n {
-                lock(&st).incoming.status = Some(*to);
+                st.incoming.status = Some(*to);
+                // A destination reads the capability when it emits (it may be set late).
+                if st.caps.events {
+                    ev.emit("MIGRATION", Some(json!({ "status": to.as_str() })));
+                }
             }
         });
         let result = listener.accept().map_err(|e| engine::error::report(&e)).and_then(|ch| {
