@@ -396,9 +396,13 @@ impl VmMonitor {
         let ch = match transports::connect(&uri, out.cancel()) {
             Ok(ch) => ch,
             Err(e) => {
-                // As QEMU: the migration fails from setup with the reason.
-                out.info().update(|i| i.error_desc = Some(engine::error::report(&e)));
-                let _ = out.state().transition_from_current(MigrationStatus::Failed);
+                if out.cancel().is_cancelled() {
+                    let _ = out.state().transition_from_current(MigrationStatus::Cancelled);
+                } else {
+                    // As QEMU: the migration fails from setup with the reason.
+                    out.info().update(|i| i.error_desc = Some(engine::error::report(&e)));
+                    let _ = out.state().transition_from_current(MigrationStatus::Failed);
+                }
                 return;
             }
         };
@@ -606,6 +610,8 @@ impl VmMonitor {
         let st = self.lock();
         if let Some(o) = &st.outgoing {
             if Self::outgoing_active(&st) {
+                // As QEMU 7.2: `cancelling` at once; the migration thread ends it `cancelled`.
+                let _ = o.state().transition_from_current(MigrationStatus::Cancelling);
                 o.cancel().cancel();
             }
         }
