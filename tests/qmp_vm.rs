@@ -397,6 +397,10 @@ fn refusals_until_cancel(s: &mut Qmp, d: &mut Qmp, e: &mut Qmp, d_uri: &str, e_u
     log.push(("unknown command", attempt(s, "nosuch", None)));
     log.push(("migrate from inmigrate", attempt(d, "migrate", u(d_uri))));
     log.push(("migrate-incoming after -incoming URI", attempt(e, "migrate-incoming", u(e_uri))));
+    // `cont` while inmigrate: start the guest once loaded (autostart), `stop`: do not.
+    log.push(("cont while inmigrate", attempt(e, "cont", None)));
+    log.push(("stop while inmigrate", attempt(d, "stop", None)));
+    log.push(("query-status while inmigrate", attempt(e, "query-status", None)));
     log.push(("migrate-incoming", attempt(d, "migrate-incoming", u(d_uri))));
     log.push(("migrate-incoming twice", attempt(d, "migrate-incoming", u(d_uri))));
 
@@ -489,6 +493,8 @@ fn qmp_refusals_match_qemu() {
     // The script refuses something in every state it visits.
     assert!(qmig_log.iter().filter(|(_, o)| o.is_err()).count() >= 20, "{qmig_log:?}");
     assert_eq!(qmig_log.iter().find(|(w, _)| w.starts_with("destination exit")).map(|x| &x.1), Some(&Ok(json!(1))));
+    let e_state = qmig_log.iter().find(|(w, _)| *w == "destination state").map(|x| x.1.clone());
+    assert_eq!(e_state.and_then(Result::ok).map(|v| v["status"].clone()), Some(json!("running")), "autostart");
     // The source's events over the whole script (events on from the first migration).
     // QEMU's cancel in pre-switchover races its own migration thread, which may
     // move on to `device` just before `cancelling`: that `device` is not compared.
