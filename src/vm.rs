@@ -141,8 +141,9 @@ pub struct VmMonitor {
     quit: crossbeam_channel::Sender<()>,
 }
 
-fn vm_error(e: impl std::fmt::Display) -> QmpError {
-    QmpError::generic(e.to_string())
+/// A VMM or engine failure as a `GenericError`, with its causes.
+fn vm_error(e: impl std::error::Error + 'static) -> QmpError {
+    QmpError::generic(engine::error::report(&e))
 }
 
 /// The migration's vCPU control: emits `STOP`/`RESUME` and keeps the run state,
