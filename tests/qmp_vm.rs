@@ -507,3 +507,25 @@ fn qmp_refusals_match_qemu() {
     assert_eq!(qemu_events, qmig_events, "source events (QEMU left, qmig vm right)");
     println!("source events: {qmig_events:?}");
 }
+
+#[test]
+fn qmig_vm_refuses_a_qmp_address_that_is_not_a_unix_socket() {
+    let dir = TestDir::new("qmp-vm-usage");
+    let r = common::run_qmig(&dir, &["vm", "--qmp", "tcp:127.0.0.1:4444"], Duration::from_secs(30));
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("--qmp tcp:127.0.0.1:4444: expected unix:PATH"), "{}", r.stderr);
+}
+
+#[test]
+fn qmig_vm_with_an_unusable_incoming_uri_says_so() {
+    if !testkit::kvm_or_skip("qmig_vm_with_an_unusable_incoming_uri_says_so") {
+        return;
+    }
+    let dir = TestDir::new("qmp-vm-bad-incoming");
+    let sock = format!("unix:{}", dir.join("q.sock").display());
+    let args = ["vm", "--qmp", &sock, "--ram-size", "64M", "--slots", "1", "--incoming", "bogus:x"];
+    let r = common::run_qmig(&dir, &args, Duration::from_secs(30));
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("-incoming bogus:x: Parameter 'uri' expects a valid migration protocol"), "{}", r.stderr);
+    assert!(!dir.join("q.sock").exists(), "the QMP socket is removed");
+}
