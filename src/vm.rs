@@ -237,8 +237,11 @@ fn qemu_shaped(mut v: Value) -> Value {
         }
         // QEMU 7.2 shows nothing but the status during setup, and the status and
         // the error once failed or cancelled.
-        if let Some("setup" | "failed" | "cancelled") = o.get("status").and_then(Value::as_str) {
-            o.retain(|k, _| k == "status" || k == "error-desc");
+        match o.get("status").and_then(Value::as_str) {
+            Some("setup" | "failed" | "cancelled") => o.retain(|k, _| k == "status" || k == "error-desc"),
+            // The downtime is known once the guest stopped, but QEMU shows it at completion only.
+            Some("completed") => {}
+            _ => drop(o.remove("downtime")),
         }
         if let Some(ram) = o.get_mut("ram").and_then(Value::as_object_mut) {
             for k in ["postcopy-requests", "multifd-bytes", "dirty-sync-missed-zero-copy"] {
@@ -294,8 +297,17 @@ impl VmMonitor {
         Ok(m)
     }
 
+    /// The state, with a completed migration's `postmigrate` in place: whoever saw
+    /// `completed` sees the run state that goes with it (the migration thread sets it
+    /// too, a moment later).
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        let mut st = lock(&self.state);
+        if st.run == RunState::FinishMigrate
+            && st.outgoing.as_ref().is_some_and(|o| o.state().status() == MigrationStatus::Completed)
+        {
+            st.run = RunState::Postmigrate;
+        }
+        st
     }
 
     fn query_status(&self) -> Value {
@@ -423,7 +435,8 @@ impl VmMonitor {
             out.run_vm(ch, &mut ram, &mut vcpus, &mut parts)
         })();
         match result {
-            Ok(_) => self.lock().run = RunState::Postmigrate,
+            // `lock` settles the run state to `postmigrate` (unless a `cont` already came).
+            Ok(_) => drop(self.lock()),
             Err(e) => tracing::warn!(error = %engine::error::report(&e), "qmig vm: migration failed"),
         }
     }
@@ -464,8 +477,12 @@ impl VmMonitor {
         let (st, ev) = (self.state.clone(), self.events.clone());
         incoming.state.on_notify(move |n| {
             let mut st = lock(&st);
-            if let Notification::State { to, .. } = n {
-                st.incoming.status = Some(*to);
+            // `completed` is published once the run state is final (below), as QEMU does.
+            if let Notification::State { to, .. } = *n {
+                if to == MigrationStatus::Completed {
+                    return;
+                }
+                st.incoming.status = Some(to);
                 // A destination reads the capability when it emits (it may be set late).
                 if st.caps.events {
                     ev.emit("MIGRATION", Some(json!({ "status": to.as_str() })));
@@ -492,9 +509,14 @@ impl VmMonitor {
         match result {
             Ok(report) => {
                 let mut st = self.lock();
-                st.incoming.address = None;
                 if !report.resumed && st.run == RunState::Inmigrate {
                     st.run = report.runstate.as_deref().map_or(RunState::Paused, RunState::from_globalstate);
+                }
+                // As QEMU 7.2: the run state first, then `completed` (and the address gone).
+                st.incoming.status = Some(MigrationStatus::Completed);
+                st.incoming.address = None;
+                if st.caps.events {
+                    self.events.emit("MIGRATION", Some(json!({ "status": "completed" })));
                 }
             }
             Err(e) => {
