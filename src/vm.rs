@@ -52,6 +52,15 @@ pub const QEMU_CAPABILITIES: &[&str] = &[
     "postcopy-preempt",
 ];
 
+/// The parameters QEMU 7.2 declares `uint8` (larger values are refused as such).
+const UINT8_PARAMETERS: &[&str] = &[
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-cpu-throttle",
+    "multifd-channels",
+];
+
 /// How `qmig vm` starts.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
@@ -605,19 +614,22 @@ impl VmMonitor {
             let Some(cur) = current.get(k) else {
                 return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
             };
-            let ok = match cur {
-                Value::Bool(_) => v.is_boolean(),
-                Value::Number(_) => v.is_u64(),
-                _ => true,
+            let v = match cur {
+                Value::Bool(_) => v.as_bool().ok_or_else(|| mistyped(k, "boolean"))?.into(),
+                Value::Number(_) => {
+                    // QEMU's integer visitor: a negative number wraps to uint64.
+                    let n = v
+                        .as_u64()
+                        .or_else(|| v.as_i64().map(|i| i as u64))
+                        .ok_or_else(|| QmpError::generic(format!("Parameter '{k}' expects uint64")))?;
+                    if UINT8_PARAMETERS.contains(&k.as_str()) && n > u8::MAX.into() {
+                        return Err(QmpError::generic(format!("Parameter '{k}' expects uint8_t")));
+                    }
+                    n.into()
+                }
+                _ => v.clone(),
             };
-            if !ok {
-                return Err(if cur.is_boolean() {
-                    mistyped(k, "boolean")
-                } else {
-                    QmpError::generic(format!("Parameter '{k}' expects uint64"))
-                });
-            }
-            next.insert(k.clone(), v.clone());
+            next.insert(k.clone(), v);
         }
         let p: MigrationParameters = serde_json::from_value(Value::Object(next))
             .map_err(|e| QmpError::generic(format!("Invalid parameter value: {e}")))?;

@@ -393,6 +393,16 @@ fn refusals_until_cancel(s: &mut Qmp, d: &mut Qmp, e: &mut Qmp, d_uri: &str, e_u
     log.push(("unknown parameter", attempt(s, "migrate-set-parameters", Some(json!({ "nosuch": 1 })))));
     let mct = json!({ "max-cpu-throttle": 5 });
     log.push(("max-cpu-throttle below initial", attempt(s, "migrate-set-parameters", Some(mct))));
+    for (what, p) in [
+        ("a uint8 parameter over 255", json!({ "cpu-throttle-initial": 300 })),
+        ("a string for a size", json!({ "max-bandwidth": "x" })),
+        ("a fraction for a uint64", json!({ "downtime-limit": 1.5 })),
+        ("a negative downtime-limit (wraps, out of range)", json!({ "downtime-limit": -1 })),
+        ("a number for a boolean", json!({ "cpu-throttle-tailslow": 1 })),
+        ("throttle-trigger-threshold 0", json!({ "throttle-trigger-threshold": 0 })),
+    ] {
+        log.push((what, attempt(s, "migrate-set-parameters", Some(p))));
+    }
     log.push(("query-status with an argument", attempt(s, "query-status", Some(json!({ "a": 1 })))));
     log.push(("unknown command", attempt(s, "nosuch", None)));
     log.push(("migrate from inmigrate", attempt(d, "migrate", u(d_uri))));
