@@ -179,6 +179,12 @@ enum Cmd {
         /// Seed of the working set's content and the guest's page choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The VM's name (QEMU's -name; QMP `query-name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The VM's UUID (QEMU's -uuid; QMP `query-uuid`).
+        #[arg(long, value_parser = parse_uuid)]
+        uuid: Option<String>,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -365,6 +371,19 @@ struct GuestShape {
     working_set: u64,
     dirty_rate: u64,
     seed: u64,
+    name: Option<String>,
+    uuid: Option<String>,
+}
+
+/// A UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased.
+fn parse_uuid(s: &str) -> Result<String, String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    if shape && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{s}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+    }
 }
 
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
@@ -391,6 +410,8 @@ fn vm_command(
         guest: minivmm::GuestConfig { working_set: g.working_set, dirty_rate: g.dirty_rate, seed: g.seed },
         paused,
         incoming,
+        name: g.name,
+        uuid: g.uuid,
     };
     qmig::vm::run(&opts, std::path::Path::new(path), cancel)
 }
@@ -578,9 +599,10 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
             kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
         }
-        Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed } => {
+        Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed, name, uuid } => {
             let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
-            let guest = GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed };
+            let guest =
+                GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed, name, uuid };
             vm_command(&qmp, incoming, paused, guest, cancel)?
         }
         Cmd::Recv { ram, from, stats_json } => {

@@ -213,7 +213,11 @@ impl Server {
     /// Accept clients for ever, each served on its own thread by `handler`.
     pub fn serve(&self, handler: Arc<dyn Handler>) {
         for conn in self.listener.incoming() {
-            let Ok(stream) = conn else { continue };
+            let Ok(stream) = conn else {
+                // E.g. out of descriptors: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
             let (h, ev) = (handler.clone(), self.events.clone());
             std::thread::spawn(move || serve_client(stream, &*h, &ev));
         }

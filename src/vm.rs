@@ -76,6 +76,10 @@ pub struct VmOptions {
     pub paused: bool,
     /// `-incoming`: `defer` (wait for `migrate-incoming`) or a URI to listen on now.
     pub incoming: Option<String>,
+    /// `-name`: reported by `query-name`.
+    pub name: Option<String>,
+    /// `-uuid`: reported by `query-uuid` (QEMU's default is all zeros).
+    pub uuid: Option<String>,
 }
 
 /// QEMU's run states that this VM goes through.
@@ -142,6 +146,8 @@ struct State {
 
 /// The VM and its monitor state, shared by the QMP clients and the migration threads.
 pub struct VmMonitor {
+    name: Option<String>,
+    uuid: String,
     vm: Arc<RwLock<Vm>>,
     vcpus: Vcpus,
     state: Arc<Mutex<State>>,
@@ -292,7 +298,10 @@ impl VmMonitor {
         };
         let params =
             SharedParameters::new(MigrationParameters::default()).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        let uuid = opts.uuid.clone().unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into());
         let m = Arc::new(VmMonitor {
+            name: opts.name.clone(),
+            uuid,
             vm: Arc::new(RwLock::new(vm)),
             vcpus,
             state: Arc::new(Mutex::new(state)),
@@ -726,6 +735,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate-continue",
     "migrate-start-postcopy",
     "x-qmig-query-guest",
+    "query-name",
+    "query-uuid",
 ];
 
 /// The QMP handler of one [`VmMonitor`].
@@ -763,6 +774,8 @@ impl Handler for VmHandler {
                  (qmig vm does not support postcopy-ram)",
             )),
             "x-qmig-query-guest" => m.query_guest(),
+            "query-name" => Ok(m.name.as_ref().map_or_else(|| json!({}), |n| json!({ "name": n }))),
+            "query-uuid" => Ok(json!({ "UUID": m.uuid })),
             c => Err(QmpError::not_found(format!("The command {c} has not been found"))),
         }
     }

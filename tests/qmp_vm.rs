@@ -301,8 +301,11 @@ fn qmp_migration_of_qemu_and_qmig_vm_agree() {
     let q = drive_migration(qmp_of(&mut qs), qmp_of(&mut qd), &uri, 8 << 20, &mut |_, _| {});
     drop((qs, qd));
 
-    let (mut ms, mut md) =
-        (QmigVm::start(&dir, "vm-src", &[]), QmigVm::start(&dir, "vm-dst", &["--incoming", "defer"]));
+    const UUID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let mut ms = QmigVm::start(&dir, "vm-src", &["--name", "guest1", "--uuid", UUID]);
+    let mut md = QmigVm::start(&dir, "vm-dst", &["--incoming", "defer"]);
+    assert_eq!(exec(ms.qmp(), "query-name", None), json!({ "name": "guest1" }));
+    assert_eq!(exec(ms.qmp(), "query-uuid", None), json!({ "UUID": UUID }));
     let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
     let mut at_stop = Value::Null;
     // 12 MiB at 32 MiB/s (the guest dirties its 8 MiB at 16 MiB/s: this converges).
@@ -405,6 +408,8 @@ fn refusals_until_cancel(s: &mut Qmp, d: &mut Qmp, e: &mut Qmp, d_uri: &str, e_u
     }
     log.push(("query-status with an argument", attempt(s, "query-status", Some(json!({ "a": 1 })))));
     log.push(("unknown command", attempt(s, "nosuch", None)));
+    log.push(("query-name without a name", attempt(s, "query-name", None)));
+    log.push(("query-uuid without a UUID", attempt(s, "query-uuid", None)));
     log.push(("migrate from inmigrate", attempt(d, "migrate", u(d_uri))));
     log.push(("migrate-incoming after -incoming URI", attempt(e, "migrate-incoming", u(e_uri))));
     // `cont` while inmigrate: start the guest once loaded (autostart), `stop`: do not.
