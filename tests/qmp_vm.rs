@@ -26,6 +26,7 @@ const POLL: Duration = Duration::from_millis(20);
 struct QmigVm {
     child: Child,
     qmp: Option<Qmp>,
+    sock: std::path::PathBuf,
 }
 
 impl QmigVm {
@@ -41,7 +42,7 @@ impl QmigVm {
             .stderr(stderr)
             .spawn()
             .expect("start qmig vm");
-        let mut vm = QmigVm { child, qmp: None };
+        let mut vm = QmigVm { child, qmp: None, sock: sock.clone() };
         vm.qmp = Some(Qmp::connect(&sock, T).unwrap_or_else(|e| panic!("qmig vm {name}: QMP: {e}")));
         vm
     }
@@ -306,6 +307,8 @@ fn qmp_migration_of_qemu_and_qmig_vm_agree() {
     let mut md = QmigVm::start(&dir, "vm-dst", &["--incoming", "defer"]);
     assert_eq!(exec(ms.qmp(), "query-name", None), json!({ "name": "guest1" }));
     assert_eq!(exec(ms.qmp(), "query-uuid", None), json!({ "UUID": UUID }));
+    // A second client sees the same events.
+    let mut watcher = Qmp::connect(&ms.sock, T).expect("second QMP client");
     let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
     let mut at_stop = Value::Null;
     // 12 MiB at 32 MiB/s (the guest dirties its 8 MiB at 16 MiB/s: this converges).
@@ -332,6 +335,8 @@ fn qmp_migration_of_qemu_and_qmig_vm_agree() {
     assert!(after["counter"].as_u64().unwrap_or(0) > stopped_at, "counter {stopped_at} -> {after}");
     assert_eq!(after["checksum_ok"], true, "{after}");
 
+    let watched = events_until(&mut watcher, |e| is_migration(e, "completed"));
+    assert_eq!(sequence("watcher", &watched), sequence("qmig vm", &m.src_events), "both clients get every event");
     for (side, a, b) in [("source", &q.src_events, &m.src_events), ("destination", &q.dst_events, &m.dst_events)] {
         let (qa, mb) = (sequence("QEMU", a), sequence("qmig vm", b));
         assert_eq!(qa, mb, "{side} events (QEMU left, qmig vm right)");
