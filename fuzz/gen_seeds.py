@@ -163,3 +163,22 @@ def multifd_zlib_channel():
 
 with open(os.path.join(corpus, "decode_multifd_channel", "seed-synth-zlib-channel"), "wb") as f:
     f.write(multifd_zlib_channel())
+
+
+# The whole-path targets (recv_sink, incoming_guest): streams whose blocks are the
+# harnesses' guest regions / RAM files (`a` 1 MiB, `pc.bios` 256 KiB, `mem` 8 MiB),
+# with 1 KiB, 4 KiB and 64 KiB target pages.
+whole = {
+    "synth-a-bios-1k": stream(10, [], None, [("a", 1 << 20), ("pc.bios", 256 << 10)],
+                              lambda tps: body(tps, ("a", "pc.bios"))),
+    "synth-a-bios-4k": stream(12, [], None, [("a", 1 << 20), ("pc.bios", 256 << 10)],
+                              lambda tps: body(tps, ("a", "pc.bios"))),
+    "synth-a-bios-64k": stream(16, [], None, [("a", 1 << 20), ("pc.bios", 256 << 10)],
+                               lambda tps: body(tps, ("a", "pc.bios"))),
+    "synth-mem-4k": stream(12, [], None, [("mem", 8 << 20)], lambda tps: body(tps, ("mem", "mem"))),
+}
+for t in ("recv_sink", "incoming_guest"):
+    os.makedirs(os.path.join(corpus, t), exist_ok=True)
+    for name, data in whole.items():
+        with open(os.path.join(corpus, t, "seed-" + name), "wb") as f:
+            f.write(data)

@@ -9,7 +9,10 @@
 #                          the whole file when under 600 KB (all are: ~530 KB,
 #                          so whole zlib/zstd packets get decompressed), and a
 #                          small synthetic zlib channel from gen_seeds.py
+#   decode_return_path     the return-path captures (*.rp.bin)
 #   xbzrle                 a few hand-made deltas (a real QEMU 7.2 record among them)
+#   recv_sink,             the decode_stream seeds of at most 128 KiB, and streams
+#   incoming_guest         of the harnesses' blocks with 1, 4 and 64 KiB pages
 #
 # Existing corpus files are kept (libFuzzer adds what it finds there); seeds are
 # named after their fixture, so re-running the script just overwrites them.
@@ -18,7 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 fix="$here/../tests/fixtures"
 out="$here/corpus"
 limit=600000
-mkdir -p "$out/decode_stream" "$out/decode_multifd_channel" "$out/xbzrle"
+mkdir -p "$out/decode_stream" "$out/decode_multifd_channel" "$out/xbzrle" "$out/decode_return_path"
 
 n=0
 for f in "$fix"/*.mig; do
@@ -77,7 +80,20 @@ printf '\374\037\004wxyz' >"$x/seed-page-end"
 # Round-trip material: split byte, size byte, then old bytes and patch triples.
 printf '\200\000old-page-bytes\000\001A\017\377B\010\000C' >"$x/seed-roundtrip"
 
+# Return-path seeds: the destination's messages captured from QEMU 7.2.
+mkdir -p "$out/decode_return_path"
+for f in "$fix"/*.rp.bin; do
+    cp "$f" "$out/decode_return_path/seed-$(basename "$f" .rp.bin)"
+done
+
+# The whole-path targets start from the decode_stream seeds of at most 128 KiB
+# (gen_seeds.py adds streams whose blocks are their guest's regions).
+for t in recv_sink incoming_guest; do
+    mkdir -p "$out/$t"
+    find "$out/decode_stream" -name 'seed-*' -size -129k -exec cp {} "$out/$t/" \;
+done
+
 echo "seeded from $n fixture files:"
-for t in decode_stream decode_multifd_channel xbzrle; do
+for t in decode_stream decode_multifd_channel decode_return_path xbzrle recv_sink incoming_guest; do
     echo "  $t: $(ls "$out/$t" | wc -l) files, $(du -sh "$out/$t" | cut -f1)"
 done

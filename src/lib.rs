@@ -8,6 +8,7 @@
 //! support (the `testkit` crate) are not part of it.
 
 pub mod analyze;
+pub mod control;
 mod error;
 pub mod qmp;
 pub mod ramfile;

@@ -73,6 +73,39 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
+        #[arg(long, conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// With --postcopy: switch to postcopy after SECS, or when the first pass has sent every page if sooner (0: as soon as allowed); without it, only on `qmig migrate-start-postcopy`.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
+        /// QEMU's `pause-before-switchover`: hold in `pre-switchover` (guest stopped) until `qmig migrate-continue --control unix:PATH`.
+        #[arg(long = "pause-before-switchover", requires = "control")]
+        pause_before_switchover: bool,
+        /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
+        #[arg(long, value_name = "unix:PATH")]
+        control: Option<String>,
+    },
+    /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
+    #[command(name = "migrate-continue")]
+    MigrateContinue {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Switch a `qmig send --postcopy` to postcopy at its next iteration (QEMU's `migrate-start-postcopy`).
+    #[command(name = "migrate-start-postcopy")]
+    MigrateStartPostcopy {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
+    },
+    /// Print a running `qmig send`'s `query-migrate` statistics (one JSON line).
+    #[command(name = "query-migrate")]
+    QueryMigrate {
+        /// The send's control socket.
+        #[arg(long, value_name = "unix:PATH")]
+        control: String,
     },
     /// Live-migrate a guest that keeps writing its memory (a KVM guest where /dev/kvm works, else a synthetic one), then verify the destination.
     Demo {
@@ -130,6 +163,12 @@ enum Cmd {
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
+        #[arg(long = "postcopy", conflicts_with = "no_return_path")]
+        postcopy: bool,
+        /// Start postcopy this many seconds after the migration started, or when the first pass is done if sooner.
+        #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
+        postcopy_after: Option<f64>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -149,6 +188,9 @@ enum Cmd {
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Run the KVM guest as a long-lived VM driven over QMP, like `qemu-system-x86_64 -qmp unix:PATH -incoming defer|URI [-S]`.
     Vm {
@@ -197,6 +239,12 @@ enum Cmd {
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
+        #[arg(long = "postcopy")]
+        postcopy: bool,
+        /// While postcopy is active, read pages not yet received at random (each a real fault), as a vCPU would.
+        #[arg(long = "postcopy-touch", requires = "postcopy")]
+        postcopy_touch: bool,
     },
 }
 
@@ -309,6 +357,7 @@ struct KvmArgs<'a> {
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -328,6 +377,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -346,11 +396,11 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 fn kvm_dest(
     from: &MigrationUri,
     (ram_size, slots, vcpus): (u64, u32, usize),
-    run_on: u64,
+    (run_on, postcopy): (u64, bool),
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, run_on, cancel, |bound| {
+    let report = kvm_demo::dest(ram_size, slots, vcpus, from, (run_on, postcopy), cancel, |bound| {
         print_line(&serde_json::json!({ "listening": bound.to_string() }))
     })?;
     print_line(&report);
@@ -358,7 +408,7 @@ fn kvm_dest(
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: u64, _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: (u64, bool), _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -499,7 +549,29 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let info = qmig::send::send(&ram, &to, &opts, cancel)?;
             print_line(&info.to_json());
         }
-        Cmd::Send { guest, to, max_bandwidth, timeout, timeout_action, return_path, no_return_path, stats_json } => {
+        Cmd::MigrateContinue { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
+        }
+        Cmd::MigrateStartPostcopy { control } => {
+            qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-start-postcopy", None)?;
+        }
+        Cmd::QueryMigrate { control } => {
+            print_line(&qmig::control::execute(&qmig::control::parse_control(&control)?, "query-migrate", None)?);
+        }
+        Cmd::Send {
+            guest,
+            to,
+            max_bandwidth,
+            timeout,
+            timeout_action,
+            return_path,
+            no_return_path,
+            stats_json,
+            postcopy,
+            postcopy_after,
+            pause_before_switchover,
+            control,
+        } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
             let opts = SendOptions {
@@ -515,6 +587,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                postcopy,
+                postcopy_after: postcopy_after
+                    .map(|s| {
+                        std::time::Duration::try_from_secs_f64(s)
+                            .map_err(|_| qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                    })
+                    .transpose()?,
+                pause_before_switchover,
+                control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
             let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
             let mut stats = qmig::send::stats_json(&info);
@@ -542,9 +623,19 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             dest,
             seed,
             stats_json,
+            postcopy,
+            postcopy_after,
         } => {
             let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
             let timeout = deadline(timeout, timeout_action)?;
+            let postcopy = match postcopy_after {
+                Some(s) if !(s.is_finite() && s >= 0.0) => {
+                    return Err(qmig::Error::Usage(format!("--postcopy-after {s}: expected seconds >= 0")))
+                }
+                Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+                // After the first pass (a day is "never" before that).
+                None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
+            };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
@@ -571,8 +662,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     run_on,
                     stats_json,
                     timeout,
+                    postcopy,
                     cancel,
                 });
+            }
+            if postcopy.is_some() {
+                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
             }
             let opts = demo::DemoOptions {
                 ram_size,
@@ -596,8 +691,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), run_on, cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy } => {
+            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), (run_on, postcopy), cancel)?
         }
         Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed, name, uuid } => {
             let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
@@ -605,7 +700,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed, name, uuid };
             vm_command(&qmp, incoming, paused, guest, cancel)?
         }
-        Cmd::Recv { ram, from, stats_json } => {
+        Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch } => {
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -613,7 +708,11 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
-            let st = qmig::recv::recv_with(&ram, &from, cancel, on_listening, stdout_is_terminal())?;
+            let postcopy = postcopy.then(|| engine::postcopy_dest::PostcopyOptions {
+                touch: postcopy_touch,
+                touch_seed: u64::from(std::process::id()),
+            });
+            let st = qmig::recv::recv_postcopy(&ram, &from, cancel, on_listening, stdout_is_terminal(), postcopy)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

@@ -410,6 +410,8 @@ pub struct ImageSink {
     created: Vec<PathBuf>,
     /// True once a file was opened or created.
     touched: bool,
+    /// Most bytes the stream's blocks may total (`None`: only the filesystems' free space).
+    max_total: Option<u64>,
 }
 
 impl ImageSink {
@@ -427,6 +429,53 @@ impl ImageSink {
     /// Sum of the stream's block lengths (once the block list arrived).
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// Refuse a stream whose blocks total more than `bytes`, before any file is
+    /// created (besides the free-space check every new file gets).
+    pub fn with_max_total(mut self, bytes: u64) -> Self {
+        self.max_total = Some(bytes);
+        self
+    }
+
+    /// The bounds checked before anything is created: the blocks' total against
+    /// [`ImageSink::with_max_total`], and the files to create against the free space
+    /// of their filesystems (a destination must be able to hold the whole guest; a
+    /// tiny stream cannot make it create a 16 TiB sparse file and its bookkeeping).
+    fn check_bounds(&self, blocks: &[savevm_format::RamBlock], plan: &[Option<(PathBuf, bool)>]) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let total = blocks.iter().try_fold(0u64, |t, b| t.checked_add(b.length)).unwrap_or(u64::MAX);
+        if let Some(max) = self.max_total.filter(|&m| total > m) {
+            return Err(Error::Usage(format!(
+                "the stream's RAM blocks total {total:#x} bytes, more than the {max:#x} bytes this destination accepts"
+            )));
+        }
+        // New files, grouped by the filesystem of their directory.
+        let mut need: Vec<(u64, PathBuf, u64)> = Vec::new();
+        for (b, p) in blocks.iter().zip(plan) {
+            let Some((p, false)) = p else { continue };
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dev = std::fs::metadata(&dir).map_err(|e| Error::file(&dir, e))?.dev();
+            match need.iter_mut().find(|(d, _, _)| *d == dev) {
+                Some((_, _, n)) => *n = n.saturating_add(b.length),
+                None => need.push((dev, dir, b.length)),
+            }
+        }
+        for (_, dir, n) in need {
+            let fs = nix::sys::statvfs::statvfs(&dir).map_err(|e| Error::file(&dir, e.into()))?;
+            let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+            if n > free {
+                return Err(Error::Usage(format!(
+                    "the stream's RAM blocks need {n:#x} bytes of new files in {}, whose filesystem has {free:#x} \
+                     bytes free",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn setup(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<()> {
@@ -464,6 +513,7 @@ impl ImageSink {
                 (None, false) => plan.push(None),
             }
         }
+        self.check_bounds(blocks, &plan)?;
         let mut images = Vec::with_capacity(blocks.len());
         for (b, p) in blocks.iter().zip(plan) {
             let Some((p, exists)) = p else {
@@ -512,6 +562,14 @@ impl ImageSink {
 
     fn image(&mut self, index: usize) -> Option<&mut RamImage> {
         self.images.get_mut(index)?.as_mut()
+    }
+}
+
+impl engine::postcopy_dest::PostcopySink for ImageSink {
+    /// The block's shared mapping of its file (kept until the sink is dropped).
+    fn host_memory(&self, block: &savevm_format::RamBlock) -> Option<(u64, u64)> {
+        let img = self.images.get(block.index)?.as_ref()?;
+        Some((img.map.as_ptr() as u64, img.map.len() as u64))
     }
 }
 
@@ -704,6 +762,36 @@ mod tests {
         assert!(m.blocks() * 512 < (1 << 20), "{} bytes allocated after a discard", m.blocks() * 512);
         let got = std::fs::read(&path).expect("read");
         assert!(got.iter().all(|&b| b == 0), "the discarded page is not zero");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 13: the blocks' total is bounded before any file is created: by
+    /// `with_max_total`, and new files by their filesystem's free space (a 16 TiB
+    /// block no longer makes a 16 TiB sparse file and its bookkeeping).
+    #[test]
+    fn block_totals_are_bounded_before_anything_is_created() {
+        let dir = temp("bounds");
+        let path = dir.join("mem.ram");
+        let blocks = [RamBlock::new(0, "mem", 1 << 20), RamBlock::new(1, "rom", 1 << 20)];
+        let targets = vec![("mem".to_string(), path.clone()), ("rom".to_string(), dir.join("rom.ram"))];
+        let mut sink = ImageSink::destination(targets.clone()).with_max_total((2 << 20) - 4096);
+        let e = sink.ram_blocks(&blocks).expect_err("over the bound");
+        assert!(e.contains("total 0x200000 bytes, more than the 0x1ff000 bytes"), "{e}");
+        assert!(!path.exists() && !dir.join("rom.ram").exists(), "a file was created");
+        assert_eq!(sink.abandon(), None, "nothing was touched");
+        let mut sink = ImageSink::destination(targets).with_max_total(2 << 20);
+        sink.ram_blocks(&blocks).expect("within the bound");
+        assert!(path.exists());
+        // 16 TiB: more than any test machine's free space.
+        let huge = [RamBlock::new(0, "mem", 1 << 44)];
+        let p2 = dir.join("huge.ram");
+        let mut sink = ImageSink::destination(vec![("mem".into(), p2.clone())]);
+        let e = sink.ram_blocks(&huge).expect_err("16 TiB accepted");
+        assert!(e.contains("need 0x100000000000 bytes of new files in"), "{e}");
+        assert!(!p2.exists(), "the 16 TiB file was created");
+        let mut sink = ImageSink::extract(vec![("mem".into(), p2.clone())]);
+        assert!(sink.ram_blocks(&huge).is_err(), "extraction of 16 TiB accepted");
+        assert!(!p2.exists(), "the 16 TiB file was created for an extraction");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

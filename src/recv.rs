@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ramfile::ImageSink;
 use engine::incoming::{channel_return_path, Incoming, ReturnPathReport};
 use engine::info::MigrationInfo;
+use engine::postcopy_dest::{PostcopyOptions, PostcopyReport};
 use engine::state::MigrationStatus;
 use engine::vm::{VcpuControl, VmParts};
 use std::path::PathBuf;
@@ -88,6 +89,21 @@ pub fn recv_with(
     on_listening: impl FnOnce(&MigrationUri),
     progress: bool,
 ) -> Result<Received> {
+    recv_postcopy(ram, uri, cancel, on_listening, progress, None)
+}
+
+/// [`recv_with`], with capability `postcopy-ram` on when `postcopy` is given
+/// (`qmig recv --postcopy`): the RAM files' mappings are registered with
+/// userfaultfd at POSTCOPY_LISTEN (they must be on tmpfs, as for QEMU), faults
+/// become page requests, and `touch` reads pages at random while postcopy runs.
+pub fn recv_postcopy(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    on_listening: impl FnOnce(&MigrationUri),
+    progress: bool,
+    postcopy: Option<PostcopyOptions>,
+) -> Result<Received> {
     // The load's own token (cancelled by `cancel` too): a multifd channel stops it.
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
@@ -109,9 +125,10 @@ pub fn recv_with(
     let counted = rate.clone();
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
     let mut dest = ImageSink::destination(ram.to_vec());
-    let incoming = Incoming::new(false);
+    let mut incoming = Incoming::new(false);
+    incoming.postcopy = postcopy;
     let outcome =
-        incoming.run_with_return_path(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
+        incoming.run_postcopy(&mut reader, &mut dest, &mut VmParts::default(), &mut NoGuest, open_return_path);
     let multifd = extra.as_ref().is_some_and(|x| x.multifd.load(Ordering::SeqCst));
     let loaded = outcome
         .map_err(|e| match e {
@@ -151,7 +168,7 @@ pub fn recv_with(
         mbps: if secs > 0.0 { transferred as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         ..Default::default()
     };
-    Ok(Received { info, return_path: report.return_path })
+    Ok(Received { info, return_path: report.return_path, postcopy: report.postcopy })
 }
 
 /// What `recv` reports: `query-migrate`-named statistics and the return path.
@@ -161,16 +178,20 @@ pub struct Received {
     pub info: MigrationInfo,
     /// What the return path did (all false/zero when the source asked for none).
     pub return_path: ReturnPathReport,
+    /// What postcopy did, when the source switched to it.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl Received {
     /// The destination's statistics (what a destination knows: no source-side
     /// fields such as passes or dirty rates), plus `"return-path"`: `null` when
     /// the source asked for none, else `{"requested", "opened", "pongs", "shut",
-    /// "unavailable"?, "error"?}`.
+    /// "unavailable"?, "error"?}`; after a postcopy migration also
+    /// `ram.postcopy-requests` and `"postcopy"` (see [`PostcopyReport::to_json`]:
+    /// request counts and the page-request latency in microseconds).
     pub fn to_json(&self) -> serde_json::Value {
         let i = &self.info;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "status": i.status.as_str(),
             "total-time": u64::try_from(i.total_time.as_millis()).unwrap_or(u64::MAX),
             "ram": {
@@ -183,6 +204,11 @@ impl Received {
                 "page-size": i.page_size,
             },
             "return-path": if self.return_path.requested { self.return_path.to_json() } else { serde_json::Value::Null },
-        })
+        });
+        if let Some(pc) = &self.postcopy {
+            v["ram"]["postcopy-requests"] = pc.requests.into();
+            v["postcopy"] = pc.to_json();
+        }
+        v
     }
 }

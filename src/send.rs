@@ -30,6 +30,17 @@ pub struct SendOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<crate::watch::Timeout>,
+    /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
+    pub postcopy: bool,
+    /// With `postcopy`: start postcopy after this long, or once the first pass has
+    /// sent every page if sooner (zero: as soon as allowed); `None`: only when told
+    /// (`migrate-start-postcopy` on the control socket).
+    pub postcopy_after: Option<std::time::Duration>,
+    /// Capability `pause-before-switchover`: hold in `pre-switchover` until
+    /// `migrate-continue` arrives on the control socket.
+    pub pause_before_switchover: bool,
+    /// The control socket (`--control unix:PATH`, see [`crate::control`]).
+    pub control: Option<PathBuf>,
 }
 
 impl Default for SendOptions {
@@ -41,6 +52,10 @@ impl Default for SendOptions {
             return_path: None,
             progress: false,
             timeout: None,
+            postcopy: false,
+            postcopy_after: None,
+            pause_before_switchover: false,
+            control: None,
         }
     }
 }
@@ -115,11 +130,37 @@ pub fn send_watched(
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
+    if opts.postcopy {
+        check_return_path(uri, Some(true)).map_err(|_| {
+            Error::Usage(format!("--postcopy needs a socket (tcp:, unix: or an fd: socket), not {uri}"))
+        })?;
+        if opts.return_path == Some(false) {
+            return Err(Error::Usage("--postcopy needs the return path: drop --no-return-path".into()));
+        }
+    }
+    if opts.pause_before_switchover && opts.control.is_none() {
+        return Err(Error::Usage("--pause-before-switchover needs --control unix:PATH to continue from".into()));
+    }
+    if let Some(p) = opts.control.as_deref().filter(|p| p.exists()) {
+        // Refused before connecting, so the destination never sees a stream begin.
+        return Err(Error::Usage(format!("--control {}: the file exists already", p.display())));
+    }
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let ch = connect(uri, cancel).map_err(Error::transport)?;
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
-    let caps = MigrationCapabilities { auto_converge: opts.auto_converge, return_path, ..Default::default() };
-    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
+    let caps = MigrationCapabilities {
+        auto_converge: opts.auto_converge,
+        return_path,
+        postcopy_ram: opts.postcopy,
+        pause_before_switchover: opts.pause_before_switchover,
+        ..Default::default()
+    };
+    let mut out =
+        Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
+    if let (true, Some(after)) = (opts.postcopy, opts.postcopy_after) {
+        out = out.with_postcopy_after(after);
+    }
+    let control = opts.control.as_deref().map(|p| crate::control::ControlServer::bind(p, &out)).transpose()?;
     let stop = AtomicBool::new(false);
     let progress = opts.progress.then(|| crate::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| crate::watch::Deadline::arm(&out, t));
@@ -132,6 +173,7 @@ pub fn send_watched(
         r
     });
     drop(progress);
+    drop(control);
     let timeout = deadline.map(crate::watch::Deadline::finish_json);
     match result {
         Ok(info) => Ok((info, timeout)),

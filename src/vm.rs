@@ -491,7 +491,14 @@ impl VmMonitor {
     }
 
     fn run_incoming(&self, listener: Listener) {
-        let incoming = Incoming::new(true);
+        // With capability postcopy-ram here, a source switching to postcopy is followed
+        // (guest RAM registered with userfaultfd, the vCPUs run from POSTCOPY_RUN).
+        let postcopy = lock(&self.state).caps.postcopy_ram;
+        let incoming = if postcopy {
+            Incoming::new(true).with_postcopy(engine::postcopy_dest::PostcopyOptions::default())
+        } else {
+            Incoming::new(true)
+        };
         let (st, ev) = (self.state.clone(), self.events.clone());
         incoming.state.on_notify(move |n| {
             let mut st = lock(&st);
@@ -520,9 +527,12 @@ impl VmMonitor {
             let mut parts = VmParts { devices, ..Default::default() };
             let open = channel_return_path(&ch);
             let reader = MigrationReader::new(ch, RateLimit::new(0));
-            incoming
-                .run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
-                .map_err(|e| engine::error::report(&e))
+            if postcopy {
+                incoming.run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+            } else {
+                incoming.run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+            }
+            .map_err(|e| engine::error::report(&e))
         });
         match result {
             Ok(report) => {
@@ -678,6 +688,20 @@ impl VmMonitor {
         Ok(json!({}))
     }
 
+    /// QEMU's `migrate-start-postcopy`: the capability first, then a migration started.
+    fn start_postcopy(&self) -> QmpResult {
+        let st = self.lock();
+        if !st.caps.postcopy_ram {
+            return Err(QmpError::generic("Enable postcopy with migrate_set_capability before the start of migration"));
+        }
+        match &st.outgoing {
+            Some(o) if o.state().status() != MigrationStatus::None => {
+                o.start_postcopy().map(|()| json!({})).map_err(|e| QmpError::generic(e.to_string()))
+            }
+            _ => Err(QmpError::generic("Postcopy must be started after migration has been started")),
+        }
+    }
+
     fn query_guest(&self) -> QmpResult {
         let vm =
             self.vm.try_read().map_err(|_| QmpError::generic("the guest is being loaded by an incoming migration"))?;
@@ -768,11 +792,7 @@ impl Handler for VmHandler {
             "query-migrate-parameters" => serde_json::to_value(m.params.get()).map_err(vm_error),
             "migrate_cancel" => m.migrate_cancel(),
             "migrate-continue" => m.migrate_continue(args),
-            // Postcopy cannot be turned on here (the capability is refused), so this is QEMU's refusal.
-            "migrate-start-postcopy" => Err(QmpError::generic(
-                "Enable postcopy with migrate_set_capability before the start of migration \
-                 (qmig vm does not support postcopy-ram)",
-            )),
+            "migrate-start-postcopy" => m.start_postcopy(),
             "x-qmig-query-guest" => m.query_guest(),
             "query-name" => Ok(m.name.as_ref().map_or_else(|| json!({}), |n| json!({ "name": n }))),
             "query-uuid" => Ok(json!({ "UUID": m.uuid })),

@@ -144,7 +144,11 @@ impl Progress {
                 i.dirty_pages_rate,
                 i.expected_downtime.unwrap_or(0),
                 i.cpu_throttle_percentage.map(|t| format!(" | throttle {t}%")).unwrap_or_default(),
-            )
+            ) + &if i.status == engine::state::MigrationStatus::PostcopyActive {
+                format!(" | page requests {}", i.postcopy_requests)
+            } else {
+                String::new()
+            }
         })
     }
 

@@ -156,10 +156,11 @@ fn drive_migration(
     dst: &mut Qmp,
     uri: &str,
     max_bandwidth: u64,
+    postcopy: bool,
     between: &mut dyn FnMut(&mut Qmp, &mut Qmp),
 ) -> Trace {
     for q in [&mut *src, &mut *dst] {
-        q.set_capabilities(&[("events", true)]).expect("events capability");
+        q.set_capabilities(&[("events", true), ("postcopy-ram", postcopy)]).expect("capabilities");
     }
     exec(src, "migrate-set-parameters", Some(json!({ "max-bandwidth": max_bandwidth })));
     exec(src, "cont", None);
@@ -167,6 +168,9 @@ fn drive_migration(
     exec(dst, "migrate-incoming", Some(json!({ "uri": uri })));
     dst_replies.push(exec(dst, "query-migrate", None));
     exec(src, "migrate", Some(json!({ "uri": uri })));
+    if postcopy {
+        exec(src, "migrate-start-postcopy", None);
+    }
     let mut src_replies = vec![];
     let t0 = Instant::now();
     loop {
@@ -299,7 +303,7 @@ fn qmp_migration_of_qemu_and_qmig_vm_agree() {
     let (mut qs, mut qd) = (qemu(&dir, "qemu-src", None), qemu(&dir, "qemu-dst", Some("defer")));
     let uri = format!("unix:{}", dir.join("qemu-mig.sock").display());
     // 4 MiB of data at 8 MiB/s: the source is `active` for about half a second.
-    let q = drive_migration(qmp_of(&mut qs), qmp_of(&mut qd), &uri, 8 << 20, &mut |_, _| {});
+    let q = drive_migration(qmp_of(&mut qs), qmp_of(&mut qd), &uri, 8 << 20, false, &mut |_, _| {});
     drop((qs, qd));
 
     const UUID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
@@ -312,7 +316,7 @@ fn qmp_migration_of_qemu_and_qmig_vm_agree() {
     let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
     let mut at_stop = Value::Null;
     // 12 MiB at 32 MiB/s (the guest dirties its 8 MiB at 16 MiB/s: this converges).
-    let m = drive_migration(ms.qmp.as_mut().expect("qmp"), md.qmp(), &uri, 32 << 20, &mut |src, dst| {
+    let m = drive_migration(ms.qmp.as_mut().expect("qmp"), md.qmp(), &uri, 32 << 20, false, &mut |src, dst| {
         // Stopped on both sides: the destination holds the guest exactly as the source left it.
         let (s, d) = (guest(src), guest(dst));
         assert_eq!(s["counter"], d["counter"], "counter at stop (source) and as loaded (destination)");
@@ -548,4 +552,45 @@ fn qmig_vm_with_an_unusable_incoming_uri_says_so() {
     assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("-incoming bogus:x: Parameter 'uri' expects a valid migration protocol"), "{}", r.stderr);
     assert!(!dir.join("q.sock").exists(), "the QMP socket is removed");
+}
+
+#[test]
+fn qmp_postcopy_of_qemu_and_qmig_vm_agree() {
+    let Some(_) = qemu_or_skip("qmp_postcopy_of_qemu_and_qmig_vm_agree") else { return };
+    if !testkit::kvm_or_skip("qmp_postcopy_of_qemu_and_qmig_vm_agree") {
+        return;
+    }
+    let dir = TestDir::new("qmp-vm-postcopy");
+    // Destination RAM on tmpfs (TestDir is on /dev/shm), as QEMU's postcopy needs.
+    let (mut qs, mut qd) = (qemu(&dir, "qemu-src", None), qemu(&dir, "qemu-dst", Some("defer")));
+    let uri = format!("unix:{}", dir.join("qemu-mig.sock").display());
+    let q = drive_migration(qmp_of(&mut qs), qmp_of(&mut qd), &uri, 8 << 20, true, &mut |_, _| {});
+    drop((qs, qd));
+
+    let (mut ms, mut md) =
+        (QmigVm::start(&dir, "vm-src", &[]), QmigVm::start(&dir, "vm-dst", &["--incoming", "defer"]));
+    let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
+    let mut stopped_at = u64::MAX;
+    let m = drive_migration(ms.qmp(), md.qmp(), &uri, 8 << 20, true, &mut |src, _| {
+        stopped_at = guest(src)["counter"].as_u64().unwrap_or(u64::MAX);
+    });
+    let t0 = Instant::now();
+    let after = loop {
+        let g = guest(md.qmp());
+        if g["counter"].as_u64().is_some_and(|c| c > stopped_at + 1000) || t0.elapsed() > T {
+            break g;
+        }
+        std::thread::sleep(POLL);
+    };
+    assert!(after["counter"].as_u64().unwrap_or(0) > stopped_at, "counter {stopped_at} -> {after}");
+    assert_eq!(after["checksum_ok"], true, "{after}");
+
+    for (side, a, b) in [("source", &q.src_events, &m.src_events), ("destination", &q.dst_events, &m.dst_events)] {
+        let (qa, mb) = (sequence("QEMU", a), sequence("qmig vm", b));
+        assert!(qa.iter().any(|e| e == "MIGRATION:postcopy-active"), "{side}: QEMU went through postcopy: {qa:?}");
+        assert_eq!(qa, mb, "{side} events (QEMU left, qmig vm right)");
+    }
+    compare_schemas("source", &q.src_replies, &m.src_replies, &["completed"]);
+    compare_schemas("destination", &q.dst_replies, &m.dst_replies, &["completed"]);
+    assert_eq!(q.states_after, m.states_after, "run states once completed (source, destination)");
 }

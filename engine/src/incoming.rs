@@ -17,10 +17,14 @@
 //! [`IncomingError::Unsupported`], and so with SHUT(1) when the path is open.
 
 use crate::error::Origin;
+use crate::memory::PAGE;
+use crate::postcopy_dest::uffd::MissingUffd;
+use crate::postcopy_dest::{Postcopy, PostcopyOptions, PostcopyReport, PostcopySink, Threads, TrackingSink};
 use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
-use savevm_format::{Command, Decoder, Event, PageSink, RawBody, RpMessage, SectionKind};
+use savevm_format::{Command, Decoder, Event, PageSink, PageSlot, RamBlock, RawBody, RpMessage, SectionKind};
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 
 /// Why an incoming migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,16 @@ pub enum IncomingError {
     /// A PING before any OPEN_RETURN_PATH (QEMU's wording).
     #[error("CMD_PING ({0:#x}) received with no return path")]
     PingWithoutReturnPath(u32),
+    /// The stream broke postcopy's rules (a command out of place, a page size that differs...).
+    #[error("{0}")]
+    Protocol(String),
+    /// The stream failed after POSTCOPY_LISTEN: the guest's missing pages are lost
+    /// (QEMU's `postcopy-paused` and recovery are not implemented).
+    #[error("postcopy: the stream failed while the guest's pages were still arriving (no postcopy recovery): {0}")]
+    PostcopyStream(savevm_format::Error),
+    /// Postcopy failed here (userfaultfd, the fault thread, placing a page).
+    #[error("{0}")]
+    Postcopy(String),
     /// The final SHUT(0) could not be written: the source cannot know we succeeded.
     #[error("return path: cannot send SHUT(0) to the source: {0}")]
     ReturnPath(String),
@@ -118,84 +132,125 @@ impl ReturnPathReport {
     }
 }
 
-/// The destination's end of the return path during one load.
-struct DestReturnPath<'a> {
-    open: ReturnPathOpener<'a>,
-    writer: Option<Box<dyn Write + Send>>,
-    report: ReturnPathReport,
+/// The destination's end of the return path, once open: shared by the loader, the
+/// postcopy fault thread (page requests) and the package loader (PONGs).
+#[derive(Default)]
+pub(crate) struct RpShared {
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
+    report: Mutex<ReturnPathReport>,
 }
 
-impl<'a> DestReturnPath<'a> {
-    fn new(open: ReturnPathOpener<'a>) -> Self {
-        DestReturnPath { open, writer: None, report: ReturnPathReport::default() }
+impl RpShared {
+    fn report(&self) -> ReturnPathReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
-    /// MIG_CMD_OPEN_RETURN_PATH. A second one is harmless (QEMU: "called when RP already open").
-    fn open(&mut self) {
-        if self.report.requested {
-            return;
-        }
-        self.report.requested = true;
-        match (self.open)() {
-            Ok(w) => {
-                self.writer = Some(w);
-                self.report.opened = true;
-            }
-            Err(why) => self.report.unavailable = Some(why),
+    fn update(&self, f: impl FnOnce(&mut ReturnPathReport)) {
+        if let Ok(mut r) = self.report.lock() {
+            f(&mut r);
         }
     }
 
     /// Write `m`; a failed write is recorded and closes the path (QEMU ignores it too:
     /// the main stream fails soon after when the source is gone).
-    fn send(&mut self, m: RpMessage) -> Result<(), String> {
-        let Some(w) = self.writer.as_mut() else {
+    pub(crate) fn send(&self, m: RpMessage) -> Result<(), String> {
+        let Ok(mut w) = self.writer.lock() else { return Err("return path lock poisoned".into()) };
+        let Some(out) = w.as_mut() else {
             return Ok(());
         };
-        if let Err(e) = m.write_to(w) {
+        if let Err(e) = m.write_to(out) {
             let why = format!("{}: {e}", m.name());
-            self.report.error.get_or_insert_with(|| why.clone());
-            self.writer = None;
+            self.update(|r| {
+                r.error.get_or_insert_with(|| why.clone());
+            });
+            *w = None;
             return Err(why);
         }
         Ok(())
     }
 
-    fn ping(&mut self, v: u32) -> Result<(), IncomingError> {
-        if !self.report.requested {
+    fn is_open(&self) -> bool {
+        self.writer.lock().is_ok_and(|w| w.is_some())
+    }
+
+    fn ping(&self, v: u32) -> Result<(), IncomingError> {
+        if !self.report().requested {
             return Err(IncomingError::PingWithoutReturnPath(v));
         }
-        if self.send(RpMessage::Pong(v)).is_ok() && self.writer.is_some() {
-            self.report.pongs += 1;
+        if self.send(RpMessage::Pong(v)).is_ok() && self.is_open() {
+            self.update(|r| r.pongs += 1);
         }
         Ok(())
     }
 
     /// SHUT(status), then close the path. Whether it reached the channel.
-    fn shut(&mut self, status: u32) -> Result<(), String> {
-        if self.writer.is_none() {
-            return match &self.report.error {
-                Some(e) if self.report.opened => Err(e.clone()),
+    fn shut(&self, status: u32) -> Result<(), String> {
+        if !self.is_open() {
+            let r = self.report();
+            return match r.error {
+                Some(e) if r.opened => Err(e),
                 _ => Ok(()),
             };
         }
         let r = self.send(RpMessage::Shut(status));
         if r.is_ok() {
-            self.report.shut = Some(status);
+            self.update(|rep| rep.shut = Some(status));
         }
-        self.writer = None;
+        if let Ok(mut w) = self.writer.lock() {
+            *w = None;
+        }
         r
     }
 }
 
-/// What this destination refuses among the commands (QEMU's wording first where it has one).
-fn unsupported_command(c: &Command) -> Option<String> {
-    let why = match c {
-        Command::PostcopyAdvise(Some(_)) => {
-            "RAM postcopy is disabled but have 16 byte advise: the source has capability postcopy-ram, \
-             which this destination does not implement"
+/// The destination's end of the return path during one load.
+struct DestReturnPath<'a> {
+    open: ReturnPathOpener<'a>,
+    shared: Arc<RpShared>,
+}
+
+impl<'a> DestReturnPath<'a> {
+    fn new(open: ReturnPathOpener<'a>) -> Self {
+        DestReturnPath { open, shared: Arc::new(RpShared::default()) }
+    }
+
+    /// MIG_CMD_OPEN_RETURN_PATH. A second one is harmless (QEMU: "called when RP already open").
+    fn open(&mut self) {
+        if self.shared.report().requested {
+            return;
         }
-        Command::PostcopyListen | Command::PostcopyRun | Command::PostcopyRamDiscard { .. } => {
-            "postcopy is not implemented by this destination"
+        self.shared.update(|r| r.requested = true);
+        match (self.open)() {
+            Ok(w) => {
+                if let Ok(mut g) = self.shared.writer.lock() {
+                    *g = Some(w);
+                }
+                self.shared.update(|r| r.opened = true);
+            }
+            Err(why) => self.shared.update(|r| r.unavailable = Some(why)),
+        }
+    }
+
+    fn ping(&mut self, v: u32) -> Result<(), IncomingError> {
+        self.shared.ping(v)
+    }
+
+    fn shut(&mut self, status: u32) -> Result<(), String> {
+        self.shared.shut(status)
+    }
+}
+
+/// What this destination refuses among the commands (QEMU's wording first where it has one).
+fn unsupported_command(c: &Command, postcopy: bool) -> Option<String> {
+    let why = match c {
+        Command::PostcopyAdvise(Some(_)) if !postcopy => {
+            "RAM postcopy is disabled but have 16 byte advise: the source has capability postcopy-ram, \
+             which is off on this destination (qmig recv --postcopy turns it on)"
+        }
+        Command::PostcopyListen | Command::PostcopyRun | Command::PostcopyRamDiscard { .. } | Command::Packaged(_)
+            if !postcopy =>
+        {
+            "postcopy-ram is off on this destination"
         }
         Command::PostcopyResume | Command::RecvBitmap(_) => "postcopy recovery is not implemented by this destination",
         Command::EnableColo => "COLO (x-colo) is not implemented by this destination",
@@ -236,6 +291,12 @@ impl IncomingError {
             IncomingError::Vmm(_) | IncomingError::PageNotPlaced { .. } => Origin::Vmm,
             IncomingError::State(_) => Origin::Local,
             IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
+            IncomingError::Protocol(_) => Origin::Peer,
+            IncomingError::PostcopyStream(e) => match &e.kind {
+                savevm_format::ErrorKind::Io(io) if transports::is_cancelled(io) => Origin::Cancel,
+                _ => Origin::Peer,
+            },
+            IncomingError::Postcopy(_) => Origin::Vmm,
             // The source's end of the return path went away under our SHUT(0).
             IncomingError::ReturnPath(_) => Origin::Peer,
         }
@@ -259,6 +320,8 @@ pub struct IncomingReport {
     pub live_sections: u64,
     /// The return path, if the source asked for one.
     pub return_path: ReturnPathReport,
+    /// What postcopy did, when the source switched to it.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 /// A loader's outcome: the stream's own failure under it (input ended, reader
@@ -282,12 +345,20 @@ pub struct Incoming {
     pub state: StateMachine,
     /// Start the guest after loading if the source was running (QEMU without `-S`).
     pub autostart: bool,
+    /// Capability `postcopy-ram` on this side (`None`: off, POSTCOPY_ADVISE is refused).
+    pub postcopy: Option<PostcopyOptions>,
 }
 
 impl Incoming {
     /// An incoming migration in state `none`.
     pub fn new(autostart: bool) -> Self {
-        Incoming { state: StateMachine::new(Role::Destination), autostart }
+        Incoming { state: StateMachine::new(Role::Destination), autostart, postcopy: None }
+    }
+
+    /// Turn capability `postcopy-ram` on for this destination (see [`Incoming::run_postcopy`]).
+    pub fn with_postcopy(mut self, options: PostcopyOptions) -> Self {
+        self.postcopy = Some(options);
+        self
     }
 
     /// Load the stream from `reader` into `ram` and `vm`'s devices, then finish the
@@ -316,10 +387,40 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
     ) -> Result<IncomingReport, IncomingError> {
+        let mut plain = PlainSink(ram);
+        // Without host memory postcopy cannot run: the capability stays off.
+        self.run_inner(reader, &mut TrackingSink::new(&mut plain), vm, vcpus, open_return_path, None)
+    }
+
+    /// [`Incoming::run_with_return_path`] for a destination with capability
+    /// `postcopy-ram` ([`Incoming::with_postcopy`]): `ram`'s blocks are host memory
+    /// the postcopy phase registers with userfaultfd (module [`crate::postcopy_dest`]).
+    /// A stream without postcopy loads as with `run_with_return_path`.
+    pub fn run_postcopy<R: Read, P: PostcopySink>(
+        &self,
+        reader: R,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+    ) -> Result<IncomingReport, IncomingError> {
+        let postcopy = self.postcopy.as_ref();
+        self.run_inner(reader, &mut TrackingSink::new(ram), vm, vcpus, open_return_path, postcopy)
+    }
+
+    fn run_inner<R: Read, P: PostcopySink + ?Sized>(
+        &self,
+        reader: R,
+        ram: &mut TrackingSink<'_, P>,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+        postcopy: Option<&PostcopyOptions>,
+    ) -> Result<IncomingReport, IncomingError> {
         let _span = tracing::info_span!("incoming", autostart = self.autostart).entered();
         self.state.transition(S::None, S::Active)?;
         let mut rp = DestReturnPath::new(open_return_path);
-        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp));
+        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp, postcopy));
         match &loaded {
             Ok(r) => tracing::info!(
                 normal = r.normal,
@@ -338,8 +439,8 @@ impl Incoming {
                     let _ = self.state.transition_from_current(S::Failed);
                     return Err(IncomingError::ReturnPath(e));
                 }
-                let _ = self.state.transition(S::Active, S::Completed);
-                r.return_path = rp.report;
+                let _ = self.state.transition_from_current(S::Completed);
+                r.return_path = rp.shared.report();
                 Ok(r)
             }
             Err(e) => {
@@ -352,13 +453,14 @@ impl Incoming {
         }
     }
 
-    fn load<R: Read, P: PageSink>(
+    fn load<R: Read, P: PostcopySink + ?Sized>(
         &self,
         reader: R,
-        ram: &mut P,
+        ram: &mut TrackingSink<'_, P>,
         vm: &mut VmParts<'_>,
         vcpus: &mut dyn VcpuControl,
         rp: &mut DestReturnPath<'_>,
+        postcopy: Option<&PostcopyOptions>,
     ) -> Result<IncomingReport, IncomingError> {
         let mut d = Decoder::new(reader);
         // As QEMU: the trailing vmdesc is not interpreted on the destination.
@@ -375,6 +477,7 @@ impl Incoming {
         let mut report = IncomingReport::default();
         let (mut section, mut eof) = (None, false);
         let mut refusal: Option<String> = None;
+        let mut advised = false;
         loop {
             let ev = match d.next_with(ram) {
                 Ok(Some(ev)) => ev,
@@ -407,73 +510,48 @@ impl Incoming {
                     continue;
                 }
                 Event::Command(c) => {
-                    if let Some(why) = unsupported_command(&c) {
+                    if let Some(why) = unsupported_command(&c, postcopy.is_some()) {
                         return Err(IncomingError::Unsupported(why));
                     }
                     match c {
                         Command::OpenReturnPath => rp.open(),
                         Command::Ping(v) => rp.ping(v)?,
+                        Command::PostcopyAdvise(Some((summary, tps))) => {
+                            check_advise(summary, tps, d.page_size())?;
+                            advised = true;
+                            ram.advised = true;
+                        }
+                        Command::Packaged(_) if advised => {
+                            let pkg = d.take_package()?;
+                            let opts = postcopy.cloned().unwrap_or_default();
+                            let pc = self.postcopy_phase(&mut d, pkg, ram, vm, vcpus, rp, &mut report, opts)?;
+                            report.postcopy = Some(pc);
+                            eof = true;
+                            break;
+                        }
+                        Command::Packaged(_) => {
+                            return Err(IncomingError::Protocol("PACKAGED without POSTCOPY_ADVISE".into()))
+                        }
+                        Command::PostcopyListen | Command::PostcopyRun => {
+                            return Err(IncomingError::Protocol(format!(
+                                "{} outside the PACKAGED blob (wrong postcopy state)",
+                                c.name()
+                            )))
+                        }
                         _ => {}
                     }
                 }
-                Event::SectionStart(h) => section = Some((h.idstr, h.instance_id, h.version)),
-                Event::Page { block, offset, data: Some(_) }
-                | Event::CompressedPage { block, offset, data: Some(_) } => {
-                    return Err(IncomingError::PageNotPlaced { block: block.name.clone(), offset });
-                }
-                Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => report.normal += 1,
-                Event::ZeroPage { .. } => report.duplicate += 1,
-                Event::Device { state, .. } => {
-                    let Some((idstr, inst, version)) = section.clone() else { continue };
-                    match idstr.as_str() {
-                        "timer" => {}
-                        "globalstate" => {
-                            if let Some(savevm_format::vmstate::Value::Text(r)) = state.get("runstate") {
-                                report.runstate = Some(r.clone());
-                            }
-                        }
-                        _ => {
-                            let dev = vm
-                                .devices
-                                .iter_mut()
-                                .find(|x| x.idstr() == idstr && x.instance_id() == inst)
-                                .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
-                            dev.load(version, state).map_err(|e| device_error(&idstr, inst, e))?;
-                            report.devices += 1;
-                        }
-                    }
-                }
-                Event::RawBody(mut body) => {
-                    let h = body.header().clone();
-                    let (idstr, inst) = (h.idstr.as_str(), h.instance_id);
-                    let unknown = || IncomingError::UnknownDevice(h.idstr.clone(), inst);
-                    let loaded = if h.kind == SectionKind::Full {
-                        let dev = vm
-                            .raw_devices
-                            .iter_mut()
-                            .find(|x| x.idstr() == idstr && x.instance_id() == inst)
-                            .ok_or_else(unknown)?;
-                        report.devices += 1;
-                        dev.load_state(h.version, &mut body)
-                    } else {
-                        let dev = vm
-                            .live_devices
-                            .iter_mut()
-                            .find(|x| x.idstr() == idstr && x.instance_id() == inst)
-                            .ok_or_else(unknown)?;
-                        report.live_sections += 1;
-                        dev.load_state(h.kind, h.version, &mut body)
-                    };
-                    body_outcome(&body, loaded)?;
-                }
-                Event::Eof => eof = true,
-                _ => {}
+                other => handle_event(other, &mut section, vm, &mut report, &mut eof)?,
             }
         }
         if !eof {
             return Err(IncomingError::Incomplete);
         }
         ram.loaded().map_err(|e| IncomingError::Vmm(VmmError::from(format!("destination RAM: {e}"))))?;
+        if report.postcopy.is_some() {
+            // Block devices were activated and the guest resumed at RUN.
+            return Ok(report);
+        }
         // All state is in: the images the source wrote become ours before anything runs.
         for b in vm.blocks.iter_mut() {
             b.invalidate_cache().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
@@ -483,5 +561,333 @@ impl Incoming {
             report.resumed = true;
         }
         Ok(report)
+    }
+
+    /// From PACKAGED to EOF: LISTEN (userfaultfd, fault thread, `postcopy-active`),
+    /// the package's devices loaded and RUN on a thread of their own while this one
+    /// reads the rest of the stream and places its pages.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy_phase<R: Read, P: PostcopySink + ?Sized>(
+        &self,
+        d: &mut Decoder<R>,
+        mut pkg: Decoder<std::io::Cursor<Vec<u8>>>,
+        ram: &mut TrackingSink<'_, P>,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        rp: &mut DestReturnPath<'_>,
+        report: &mut IncomingReport,
+        opts: PostcopyOptions,
+    ) -> Result<PostcopyReport, IncomingError> {
+        match pkg.next()? {
+            Some(Event::Command(Command::PostcopyListen)) => {}
+            _ => return Err(IncomingError::Protocol("the PACKAGED blob does not start with POSTCOPY_LISTEN".into())),
+        }
+        // What the sink buffered lands now: from here on pages go in through userfaultfd.
+        ram.loaded().map_err(|e| IncomingError::Vmm(VmmError::from(format!("destination RAM: {e}"))))?;
+        let pc = Postcopy::listen(ram, d.ram_blocks(), rp.shared.clone())
+            .map_err(|e| IncomingError::Postcopy(e.to_string()))?;
+        let mut threads = Threads::start(&pc).map_err(|e| IncomingError::Postcopy(e.to_string()))?;
+        self.state.transition(S::Active, S::PostcopyActive)?;
+        tracing::info!(discarded = ram.discarded, "postcopy: listening");
+        let shared = rp.shared.clone();
+        let autostart = self.autostart;
+        let run_seen = std::sync::atomic::AtomicBool::new(false);
+        let resumed = std::sync::atomic::AtomicBool::new(false);
+        let (listened, packaged) = std::thread::scope(|s| {
+            let (pc2, run_seen, resumed) = (pc.clone(), &run_seen, &resumed);
+            let (vm, vcpus) = (&mut *vm, &mut *vcpus);
+            let touch = opts.touch.then_some(opts.touch_seed);
+            let package = std::thread::Builder::new().name("postcopy package".into()).spawn_scoped(s, move || {
+                let r = load_package(pkg, vm, vcpus, &shared, autostart, &pc2, touch, run_seen);
+                if r.as_ref().is_ok_and(|p| p.resumed) {
+                    resumed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
+            });
+            let package = match package {
+                Ok(h) => h,
+                Err(e) => return (Err(IncomingError::Postcopy(format!("cannot start the package loader: {e}"))), None),
+            };
+            let listened = listen_loop(d, &pc, rp, &mut threads, report);
+            if listened.is_err() {
+                // Nothing more will come: blocked faulting threads (a device load) wake.
+                threads.stop();
+            }
+            let packaged =
+                package.join().unwrap_or_else(|_| Err(IncomingError::Postcopy("package loader panicked".into())));
+            (listened, Some(packaged))
+        });
+        let stopped = threads.stop();
+        let checked = (|| {
+            listened?;
+            let pkg_report = packaged.unwrap_or_else(|| Err(IncomingError::Postcopy("no package loader".into())))?;
+            if let Some(e) = stopped {
+                return Err(IncomingError::Postcopy(e));
+            }
+            if !run_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(IncomingError::Protocol("the PACKAGED blob ended without POSTCOPY_RUN".into()));
+            }
+            Ok(pkg_report)
+        })();
+        let pkg_report = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                // A guest started at RUN must not run on with the pages that never came
+                // (the userfaultfd is gone: they read as zeros). QEMU 7.2 exits here.
+                if resumed.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(stop) = vcpus.stop() {
+                        tracing::warn!(error = %stop, "postcopy failed and the guest could not be stopped");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        report.devices += pkg_report.devices;
+        report.live_sections += pkg_report.live_sections;
+        report.runstate = pkg_report.runstate.or(report.runstate.take());
+        report.resumed = pkg_report.resumed;
+        let r = pc.report(ram.discarded);
+        tracing::info!(
+            requests = r.requests,
+            placed = r.placed,
+            p99_us = r.latency_quantile(0.99),
+            "postcopy: stream complete"
+        );
+        Ok(r)
+    }
+}
+
+/// The checks of POSTCOPY_ADVISE (QEMU 7.2's `loadvm_postcopy_handle_advise`):
+/// userfaultfd works here, and both page sizes are ours.
+fn check_advise(summary: u64, tps: u64, stream_tps: u64) -> Result<(), IncomingError> {
+    MissingUffd::probe().map_err(|e| IncomingError::Postcopy(format!("postcopy is not supported here: {e}")))?;
+    if summary != PAGE as u64 {
+        return Err(IncomingError::Protocol(format!(
+            "Postcopy needs matching RAM page sizes (s={summary:#x} d={:#x})",
+            PAGE
+        )));
+    }
+    if tps != PAGE as u64 || tps != stream_tps {
+        return Err(IncomingError::Protocol(format!("Postcopy needs matching target page sizes (s={tps} d={PAGE})")));
+    }
+    Ok(())
+}
+
+/// The listen role: the rest of the main stream after the package, pages placed
+/// through userfaultfd, until EOF.
+fn listen_loop<R: Read>(
+    d: &mut Decoder<R>,
+    pc: &Postcopy,
+    rp: &mut DestReturnPath<'_>,
+    threads: &mut Threads,
+    report: &mut IncomingReport,
+) -> Result<(), IncomingError> {
+    let placing = |e: crate::postcopy_dest::uffd::UffdError| IncomingError::Postcopy(format!("placing a page: {e}"));
+    loop {
+        if let Some(e) = threads.fault_error() {
+            return Err(IncomingError::Postcopy(e));
+        }
+        let ev = d.next_with(&mut savevm_format::NoSink).map_err(IncomingError::PostcopyStream)?;
+        let ev = ev.ok_or(IncomingError::Incomplete)?;
+        match ev {
+            Event::Page { block, offset, data: Some(data) }
+            | Event::CompressedPage { block, offset, data: Some(data) } => {
+                pc.place(block.index, offset, Some(data), 0).map_err(placing)?;
+                report.normal += 1;
+            }
+            Event::ZeroPage { block, offset, fill } => {
+                pc.place(block.index, offset, None, fill).map_err(placing)?;
+                report.duplicate += 1;
+            }
+            Event::XbzrlePage { block, offset, .. } => {
+                return Err(IncomingError::Protocol(format!(
+                    "XBZRLE page at {offset:#x} of '{}' during postcopy",
+                    block.name
+                )))
+            }
+            Event::Command(Command::Ping(v)) => rp.ping(v)?,
+            Event::Command(c) => {
+                return Err(IncomingError::Protocol(format!("{} after POSTCOPY_LISTEN", c.name())));
+            }
+            Event::SectionStart(h) if h.idstr == "ram" => {}
+            Event::SectionStart(h) => {
+                return Err(IncomingError::Protocol(format!(
+                    "section '{}' at byte {} after POSTCOPY_LISTEN: only RAM may follow the package",
+                    h.idstr, h.offset
+                )))
+            }
+            Event::Eof => return Ok(()),
+            Event::RamBlocks(_) | Event::RawBody(_) | Event::Device { .. } => {
+                return Err(IncomingError::Protocol(format!(
+                    "unexpected record at byte {} after POSTCOPY_LISTEN",
+                    d.offset()
+                )))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What the package loader did.
+#[derive(Default)]
+struct PackageReport {
+    devices: usize,
+    live_sections: u64,
+    runstate: Option<String>,
+    resumed: bool,
+}
+
+/// The package after LISTEN: devices, PINGs, RUN (block devices activated, the
+/// guest resumed when autostarting, the touch thread started), then its end.
+#[allow(clippy::too_many_arguments)]
+fn load_package(
+    mut pkg: Decoder<std::io::Cursor<Vec<u8>>>,
+    vm: &mut VmParts<'_>,
+    vcpus: &mut dyn VcpuControl,
+    rp: &RpShared,
+    autostart: bool,
+    pc: &Arc<Postcopy>,
+    touch: Option<u64>,
+    run_seen: &std::sync::atomic::AtomicBool,
+) -> Result<PackageReport, IncomingError> {
+    let mut report = IncomingReport::default();
+    let (mut section, mut eof) = (None, false);
+    let mut resumed = false;
+    loop {
+        let ev = pkg.next()?.ok_or(IncomingError::Incomplete)?;
+        match ev {
+            Event::PackageEnd => break,
+            Event::Command(Command::Ping(v)) => rp.ping(v)?,
+            Event::Command(Command::PostcopyRun) => {
+                run_seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                for b in vm.blocks.iter_mut() {
+                    b.invalidate_cache()
+                        .map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
+                }
+                // QEMU 7.2 (loadvm_postcopy_handle_run_bh): start if autostart, else paused.
+                if autostart {
+                    vcpus.resume().map_err(|e| e.on(VmmPart::Vcpu("resume")))?;
+                    resumed = true;
+                }
+                if let Some(seed) = touch {
+                    pc.start_touching(seed).map_err(|e| IncomingError::Postcopy(e.to_string()))?;
+                }
+                // QEMU stops reading the package here.
+                break;
+            }
+            Event::Command(c) => {
+                return Err(IncomingError::Protocol(format!("{} inside the PACKAGED blob", c.name())));
+            }
+            Event::Page { block, offset, .. } | Event::ZeroPage { block, offset, .. } => {
+                return Err(IncomingError::Protocol(format!(
+                    "page at {offset:#x} of '{}' inside the PACKAGED blob",
+                    block.name
+                )))
+            }
+            other => handle_event(other, &mut section, vm, &mut report, &mut eof)?,
+        }
+        if eof {
+            return Err(IncomingError::Protocol("EOF inside the PACKAGED blob".into()));
+        }
+    }
+    Ok(PackageReport {
+        devices: report.devices,
+        live_sections: report.live_sections,
+        runstate: report.runstate,
+        resumed,
+    })
+}
+
+/// Events other than commands: sections, pages outside postcopy, devices, EOF.
+fn handle_event(
+    ev: Event<'_>,
+    section: &mut Option<(String, u32, u32)>,
+    vm: &mut VmParts<'_>,
+    report: &mut IncomingReport,
+    eof: &mut bool,
+) -> Result<(), IncomingError> {
+    match ev {
+        Event::SectionStart(h) => *section = Some((h.idstr, h.instance_id, h.version)),
+        Event::Page { block, offset, data: Some(_) } | Event::CompressedPage { block, offset, data: Some(_) } => {
+            return Err(IncomingError::PageNotPlaced { block: block.name.clone(), offset });
+        }
+        Event::Page { .. } | Event::CompressedPage { .. } | Event::XbzrlePage { .. } => report.normal += 1,
+        Event::ZeroPage { .. } => report.duplicate += 1,
+        Event::Device { state, .. } => {
+            let Some((idstr, inst, version)) = section.clone() else { return Ok(()) };
+            match idstr.as_str() {
+                "timer" => {}
+                "globalstate" => {
+                    if let Some(savevm_format::vmstate::Value::Text(r)) = state.get("runstate") {
+                        report.runstate = Some(r.clone());
+                    }
+                }
+                _ => {
+                    let dev = vm
+                        .devices
+                        .iter_mut()
+                        .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                        .ok_or_else(|| IncomingError::UnknownDevice(idstr.clone(), inst))?;
+                    dev.load(version, state).map_err(|e| device_error(&idstr, inst, e))?;
+                    report.devices += 1;
+                }
+            }
+        }
+        Event::RawBody(mut body) => {
+            let h = body.header().clone();
+            let (idstr, inst) = (h.idstr.as_str(), h.instance_id);
+            let unknown = || IncomingError::UnknownDevice(h.idstr.clone(), inst);
+            let loaded = if h.kind == SectionKind::Full {
+                let dev = vm
+                    .raw_devices
+                    .iter_mut()
+                    .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                    .ok_or_else(unknown)?;
+                report.devices += 1;
+                dev.load_state(h.version, &mut body)
+            } else {
+                let dev = vm
+                    .live_devices
+                    .iter_mut()
+                    .find(|x| x.idstr() == idstr && x.instance_id() == inst)
+                    .ok_or_else(unknown)?;
+                report.live_sections += 1;
+                dev.load_state(h.kind, h.version, &mut body)
+            };
+            body_outcome(&body, loaded)?;
+        }
+        Event::Eof => *eof = true,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A sink without host memory for userfaultfd (pre-copy only).
+struct PlainSink<'a, P: ?Sized>(&'a mut P);
+
+impl<P: PageSink + ?Sized> PageSink for PlainSink<'_, P> {
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<PageSlot<'_>> {
+        self.0.page_mut(block, offset)
+    }
+    fn ram_blocks(&mut self, blocks: &[RamBlock]) -> Result<(), String> {
+        self.0.ram_blocks(blocks)
+    }
+    fn target_page_size(&mut self, tps: u64) -> Result<(), String> {
+        self.0.target_page_size(tps)
+    }
+    fn fill_page(&mut self, block: &RamBlock, offset: u64, fill: u8) {
+        self.0.fill_page(block, offset, fill)
+    }
+    fn discard(&mut self, block: &RamBlock, start: u64, len: u64) {
+        self.0.discard(block, start, len)
+    }
+    fn loaded(&mut self) -> Result<(), String> {
+        self.0.loaded()
+    }
+}
+
+impl<P: PageSink + ?Sized> PostcopySink for PlainSink<'_, P> {
+    fn host_memory(&self, _: &RamBlock) -> Option<(u64, u64)> {
+        None
     }
 }

@@ -44,6 +44,10 @@ pub struct MigrationInfo {
     pub precopy_bytes: u64,
     /// `ram.downtime-bytes`: stream bytes sent with the guest stopped.
     pub downtime_bytes: u64,
+    /// `ram.postcopy-bytes`: stream bytes sent while the guest ran on the destination.
+    pub postcopy_bytes: u64,
+    /// `ram.postcopy-requests`: page requests received from the destination.
+    pub postcopy_requests: u64,
     /// `error-desc` when failed.
     pub error_desc: Option<String>,
     /// The return path, when capability `return-path` opened one (not a QEMU field).
@@ -92,6 +96,8 @@ impl Default for MigrationInfo {
             page_size: savevm_format::TARGET_PAGE_SIZE as u64,
             precopy_bytes: 0,
             downtime_bytes: 0,
+            postcopy_bytes: 0,
+            postcopy_requests: 0,
             error_desc: None,
             return_path: None,
         }
@@ -146,9 +152,10 @@ struct QueryRam {
     precopy_bytes: u64,
     #[serde(default)]
     downtime_bytes: u64,
-    /// Postcopy is not implemented: always 0 (QEMU 7.2 reports it).
     #[serde(default)]
     postcopy_bytes: u64,
+    #[serde(default)]
+    postcopy_requests: u64,
     /// Pages skipped: always 0, as in QEMU 7.2 (deprecated there, kept for its users).
     #[serde(default)]
     skipped: u64,
@@ -197,7 +204,8 @@ impl From<MigrationInfo> for QueryMigrate {
                 page_size: i.page_size,
                 precopy_bytes: i.precopy_bytes,
                 downtime_bytes: i.downtime_bytes,
-                postcopy_bytes: 0,
+                postcopy_bytes: i.postcopy_bytes,
+                postcopy_requests: i.postcopy_requests,
                 skipped: 0,
             }),
         }
@@ -230,6 +238,8 @@ impl From<QueryMigrate> for MigrationInfo {
             i.page_size = r.page_size;
             i.precopy_bytes = r.precopy_bytes;
             i.downtime_bytes = r.downtime_bytes;
+            i.postcopy_bytes = r.postcopy_bytes;
+            i.postcopy_requests = r.postcopy_requests;
         }
         i
     }

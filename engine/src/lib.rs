@@ -35,6 +35,9 @@
 //!   pending bytes counted against the downtime limit).
 //! - [`incoming`]: the destination: load RAM and devices, invalidate block caches,
 //!   then resume or stay paused.
+//! - [`sink`]: the destination's guest memory ([`GuestSink`](sink::GuestSink)): the
+//!   stream's blocks checked against the guest's regions, pages placed at the
+//!   stream's target page size.
 //! - [`return_path`]: the source's return-path reader (a thread turning the
 //!   destination's PONG, page requests and SHUT into events), standalone for now.
 //! - [`error`]: who caused a failure ([`Origin`](error::Origin): local, peer, VMM,
@@ -75,8 +78,10 @@ pub mod memory;
 #[cfg(feature = "vm-memory")]
 pub mod mmap;
 pub mod params;
+pub mod postcopy_dest;
 pub mod precopy;
 pub mod return_path;
+pub mod sink;
 pub mod source;
 pub mod state;
 pub mod vm;

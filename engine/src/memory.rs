@@ -56,6 +56,19 @@ impl GuestRegion {
         (self.len / PAGE) as u64
     }
 
+    /// `len` bytes at `offset` as a volatile view, or `None` when the range is not
+    /// inside the region.
+    pub fn slice(&self, offset: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        let off = usize::try_from(offset).ok()?;
+        if off.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: `off + len <= self.len` (checked above), so the view lies inside the
+        // range `new`'s contract keeps mapped for the region's lifetime; VolatileSlice
+        // only accesses it with volatile reads and writes.
+        Some(unsafe { VolatileSlice::new(self.ptr.as_ptr().add(off), len) })
+    }
+
     /// Page `p` (clamped to the last page) as a volatile view: its bytes may change
     /// under the reader while the guest runs.
     pub fn page(&self, p: u64) -> VolatileSlice<'_> {

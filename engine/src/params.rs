@@ -22,6 +22,9 @@ pub struct MigrationParameters {
     pub cpu_throttle_tailslow: bool,
     /// `max-cpu-throttle`: cap %. Default 99 (initial..=99).
     pub max_cpu_throttle: u8,
+    /// `max-postcopy-bandwidth`: bytes/s of the background pages in postcopy, 0 =
+    /// unlimited (QEMU's default).
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for MigrationParameters {
@@ -34,6 +37,7 @@ impl Default for MigrationParameters {
             cpu_throttle_increment: 10,
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
@@ -85,6 +89,17 @@ pub struct MigrationCapabilities {
     /// `return-path`: open the destination's return path (MIG_CMD_OPEN_RETURN_PATH,
     /// PING 1) and report `completed` only after its SHUT(0); needs a socket channel.
     pub return_path: bool,
+    /// `postcopy-ram`: allow switching to postcopy (`migrate-start-postcopy`);
+    /// opens the return path as `return-path` does (page requests come back on it).
+    pub postcopy_ram: bool,
+}
+
+impl MigrationCapabilities {
+    /// Whether the return path is opened: `return-path`, or `postcopy-ram` which
+    /// needs it for page requests (QEMU 7.2's migration_thread opens it for either).
+    pub fn uses_return_path(&self) -> bool {
+        self.return_path || self.postcopy_ram
+    }
 }
 
 /// Parameters shared between the migration thread and whoever tunes it.
@@ -141,5 +156,8 @@ mod tests {
         assert!(c.auto_converge && !c.pause_before_switchover);
         let v = serde_json::to_value(c).expect("serialize");
         assert_eq!(v["pause-before-switchover"], false);
+        assert_eq!(v["postcopy-ram"], false);
+        let c: MigrationCapabilities = serde_json::from_str(r#"{"postcopy-ram": true}"#).expect("postcopy caps");
+        assert!(c.postcopy_ram && !c.return_path && c.uses_return_path(), "postcopy-ram opens the return path");
     }
 }

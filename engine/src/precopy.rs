@@ -13,6 +13,12 @@
 //! - [`Action::Nap`]: nothing is worth sending yet (a live device waiting for its
 //!   state to settle): wait until the given time;
 //! - [`Action::Switchover`]: stop the guest and send the rest.
+//! - [`Action::StartPostcopy`] (after [`PrecopyCore::request_postcopy`], QEMU's
+//!   `migrate-start-postcopy`): stop the guest, final sync, discard what is still
+//!   to send, send the device state and let the guest run on the destination; then
+//!   [`Action::Iterate`] sends the rest in the background, pages the destination
+//!   asked for ([`PrecopyCore::queue_request`]) first ([`PrecopyCore::take_page`]),
+//!   until [`Action::CompletePostcopy`].
 //!
 //! The rules are QEMU 7.2's (`migration_iteration_run`, `ram_save_pending`,
 //! `migration_update_counters`, `migration_trigger_throttle`), with one deliberate
@@ -87,6 +93,53 @@ impl PageSet {
         self.pending.saturating_sub(before)
     }
 
+    /// Whether page `page` of region `r` is still to send.
+    pub fn contains(&self, r: usize, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        self.maps.get(r).and_then(|m| m.get(w)).is_some_and(|word| word & (1 << b) != 0)
+    }
+
+    /// Take page `page` of region `r` if it is still to send, and go on scanning from
+    /// there (QEMU's scan jumps to a requested page, so its neighbours follow).
+    pub fn take_at(&mut self, r: usize, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        let Some(word) = self.maps.get_mut(r).and_then(|m| m.get_mut(w)) else {
+            return false;
+        };
+        if *word & (1 << b) == 0 {
+            return false;
+        }
+        *word &= !(1 << b);
+        self.pending -= 1;
+        self.taken += 1;
+        self.cursor = (r, w);
+        true
+    }
+
+    /// The runs of pages still to send in region `r`, as `(first page, pages)`
+    /// (what a postcopy switch discards on the destination).
+    pub fn runs(&self, r: usize) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let Some(map) = self.maps.get(r) else {
+            return out;
+        };
+        for (w, &word) in map.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let start = w as u64 * 64 + u64::from(word.trailing_zeros());
+                // The run of ones from the lowest set bit.
+                let ones = u64::from((!(word >> word.trailing_zeros())).trailing_zeros()).min(64);
+                match out.last_mut() {
+                    Some((s, n)) if *s + *n == start => *n += ones,
+                    _ => out.push((start, ones)),
+                }
+                let shift = word.trailing_zeros() as u64 + ones;
+                word = if shift >= 64 { 0 } else { word & !((1u64 << shift) - 1) };
+            }
+        }
+        out
+    }
+
     /// Take the next page to send as `(region, page)`, clearing its bit.
     pub fn take(&mut self) -> Option<(usize, u64)> {
         if self.pending == 0 {
@@ -140,6 +193,14 @@ pub enum Action {
     },
     /// Stop the guest and send the rest: it fits in the downtime limit.
     Switchover,
+    /// Switch to postcopy now ([`PrecopyCore::request_postcopy`] was called and
+    /// the live devices' must-precopy bytes fit): stop the guest, final sync
+    /// ([`PrecopyCore::final_synced`]), discard [`PageSet::runs`] on the
+    /// destination, send the device state, then call [`PrecopyCore::postcopy_started`].
+    StartPostcopy,
+    /// In postcopy, what is left fits the threshold (or nothing is): send it in
+    /// RAM's END section and end the stream.
+    CompletePostcopy,
 }
 
 /// The inputs of one step.
@@ -199,6 +260,38 @@ pub struct PrecopyCore {
     synced_this_round: bool,
     nap_due: bool,
     forced: bool,
+    postcopy: Postcopy,
+    urgent: std::collections::VecDeque<Request>,
+}
+
+/// Where a migration stands with postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Postcopy {
+    /// Pre-copy, no start asked for.
+    No,
+    /// `migrate-start-postcopy` was called: switch at the next step that allows it.
+    Requested,
+    /// The guest runs on the destination; pages go in the background, requested first.
+    Active,
+}
+
+/// A page request from the destination, in pages, still to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Request {
+    region: usize,
+    page: u64,
+    pages: u64,
+}
+
+/// A page to send, taken by [`PrecopyCore::take_page`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenPage {
+    /// Region index.
+    pub region: usize,
+    /// Page index in the region.
+    pub page: u64,
+    /// Whether a page request of the destination asked for it.
+    pub requested: bool,
 }
 
 impl PrecopyCore {
@@ -220,6 +313,8 @@ impl PrecopyCore {
             synced_this_round: false,
             nap_due: false,
             forced: false,
+            postcopy: Postcopy::No,
+            urgent: Default::default(),
         }
     }
 
@@ -239,10 +334,10 @@ impl PrecopyCore {
     /// What to do next, given the time, the bytes sent and the live devices'
     /// pending bytes (asked just before).
     pub fn step(&mut self, t: Tick, device_pending: u64, p: &MigrationParameters) -> Action {
-        if self.forced {
+        if self.forced && self.postcopy != Postcopy::Active {
             return Action::Switchover;
         }
-        if std::mem::take(&mut self.nap_due) {
+        if self.postcopy != Postcopy::Active && std::mem::take(&mut self.nap_due) {
             return Action::Nap { until: t.now + IDLE_NAP };
         }
         if let Some(bw) = self.meter.update(t.now, t.bytes_sent) {
@@ -259,6 +354,14 @@ impl PrecopyCore {
         let pending = self.pages.pending_pages() * PAGE as u64;
         // The bulk pass is over once every page of the initial set went out.
         self.stats.bulk_done |= pending == 0;
+        if self.postcopy == Postcopy::Active {
+            // QEMU 7.2's migration_iteration_run in postcopy: complete once the
+            // rest fits the threshold; there is no sync (the guest runs elsewhere).
+            if (pending == 0 || pending < self.stats.threshold) && self.urgent.is_empty() {
+                return Action::CompletePostcopy;
+            }
+            return Action::Iterate { ram: true, until: t.now + PART_MAX };
+        }
         // RAM syncs on its own estimate (QEMU's ram_save_pending); the decision takes
         // every live handler's pending bytes too.
         if self.stats.bulk_done && !self.synced_this_round && convergence::should_sync(pending, self.stats.threshold) {
@@ -268,6 +371,11 @@ impl PrecopyCore {
         let total = pending.saturating_add(device_pending);
         if convergence::decide_precopy(self.stats.bulk_done, total, self.stats.threshold) == Decision::Complete {
             return Action::Switchover;
+        }
+        // QEMU 7.2: with postcopy-ram all of RAM is postcopiable, so only the live
+        // devices' bytes must go before the switch, and they must fit the threshold.
+        if self.postcopy == Postcopy::Requested && device_pending <= self.stats.threshold {
+            return Action::StartPostcopy;
         }
         // A RAM PART every iteration, unless only live devices have something to send.
         Action::Iterate { ram: pending > 0 || device_pending == 0, until: t.now + PART_MAX }
@@ -307,6 +415,61 @@ impl PrecopyCore {
     /// however long that takes).
     pub fn force_switchover(&mut self) {
         self.forced = true;
+    }
+
+    /// `migrate-start-postcopy`: switch to postcopy at the next step (QEMU's next
+    /// iteration: after the RAM PART under way, at most [`PART_MAX`] later) unless
+    /// pre-copy completes first. No effect once in postcopy.
+    pub fn request_postcopy(&mut self) {
+        if self.postcopy == Postcopy::No {
+            self.postcopy = Postcopy::Requested;
+        }
+    }
+
+    /// Whether the guest runs on the destination (the switch was made).
+    pub fn in_postcopy(&self) -> bool {
+        self.postcopy == Postcopy::Active
+    }
+
+    /// The switch asked for by [`Action::StartPostcopy`] is done: from now on the
+    /// pages left go in the background, requested ones first.
+    pub fn postcopy_started(&mut self) {
+        self.postcopy = Postcopy::Active;
+        self.forced = false;
+        self.nap_due = false;
+    }
+
+    /// A page request of the destination: `pages` pages from `page` of `region`
+    /// (checked against the regions by the return-path reader). Requests are
+    /// served in arrival order, all of them before any background page (QEMU's
+    /// `src_page_requests` queue); pages already sent are skipped.
+    pub fn queue_request(&mut self, region: usize, page: u64, pages: u64) {
+        if pages > 0 {
+            self.urgent.push_back(Request { region, page, pages });
+        }
+    }
+
+    /// Requests not yet served, in pages.
+    pub fn urgent_pages(&self) -> u64 {
+        self.urgent.iter().map(|r| r.pages).sum()
+    }
+
+    /// The next page to send: the first still-unsent page of the oldest request
+    /// (the background scan then goes on from it, as QEMU's does), else the next
+    /// page of the background scan ([`PageSet::take`]).
+    pub fn take_page(&mut self) -> Option<TakenPage> {
+        while let Some(req) = self.urgent.front_mut() {
+            let (region, page) = (req.region, req.page);
+            req.page += 1;
+            req.pages -= 1;
+            if req.pages == 0 {
+                self.urgent.pop_front();
+            }
+            if self.pages.take_at(region, page) {
+                return Some(TakenPage { region, page, requested: true });
+            }
+        }
+        self.pages.take().map(|(region, page)| TakenPage { region, page, requested: false })
     }
 
     /// The final sync at switchover (guest stopped) is done; returns its pass number.

@@ -21,6 +21,19 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `postcopy-ram` (which opens the return path too) the source
+//! sends POSTCOPY_ADVISE after PING 1, and [`Outgoing::start_postcopy`] (QEMU's
+//! `migrate-start-postcopy`) or [`Outgoing::with_postcopy_after`] switches at the
+//! next iteration as QEMU 7.2's `postcopy_start` does: `postcopy-active` (through
+//! `pre-switchover` with `pause-before-switchover`), the guest stopped, block
+//! devices inactivated, the live devices' END sections, a final sync,
+//! POSTCOPY_RAM_DISCARD of every page still to send, PING 2, the PACKAGED device
+//! state (LISTEN, FULL sections, PING 3, RUN), PING 4; then RAM PARTs in the
+//! background (`max-postcopy-bandwidth`) with the destination's page requests
+//! served first, RAM's END, EOF without vmdesc, and `completed` after SHUT(0).
+//! Once the package may have gone out the guest is never resumed here: a failure
+//! ends `failed` with [`EngineError::Postcopy`] saying so.
+//!
 //! Every decision is the clock-free [`PrecopyCore`](crate::precopy::PrecopyCore)'s;
 //! this module is its driver: it reads the clock, does the I/O through a
 //! [`PageWriter`] (a channel's [`MigrationWriter`], or memory in tests) and keeps
@@ -51,6 +64,10 @@ const FIRST_DEVICE_ID: u32 = 5;
 /// destination's SHUT before it fails (QEMU 7.2 waits forever); see
 /// [`Outgoing::with_shut_timeout`].
 pub const DEFAULT_SHUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pages queued at most in postcopy before they are sent (a page request waits
+/// behind them).
+const POSTCOPY_BATCH: u64 = 16;
 
 /// How long a failed channel waits for the destination's reason on the return path.
 const REASON_WAIT: Duration = Duration::from_millis(500);
@@ -103,6 +120,11 @@ pub enum EngineError {
     /// `file:`, a pipe, a [`PageWriter`] of its own): refused at start.
     #[error("capability return-path: {0}")]
     NoReturnPath(String),
+    /// The migration failed after the switch to postcopy. The guest's newest state
+    /// is on the destination, so it is not resumed here (QEMU 7.2 would wait in
+    /// `postcopy-paused` for a recovery, which this engine does not implement).
+    #[error("{0}; in postcopy the guest runs on the destination and cannot resume on the source: it stays stopped")]
+    Postcopy(Box<EngineError>),
     /// The destination's return path ended the migration: SHUT with an error, the
     /// path closed or broken before SHUT(0), or no SHUT in time after EOF.
     #[error(
@@ -145,6 +167,7 @@ impl EngineError {
             EngineError::DirtyStart { .. } | EngineError::DirtySync { .. } => Origin::Vmm,
             // The destination said no, went away or never confirmed.
             EngineError::ReturnPath { .. } => Origin::Peer,
+            EngineError::Postcopy(e) => e.origin(),
             _ => Origin::Local,
         }
     }
@@ -154,6 +177,7 @@ impl EngineError {
             EngineError::Cancelled => true,
             EngineError::Io(e) => transports::is_cancelled(e),
             EngineError::Transport(t) => t.is_cancelled(),
+            EngineError::Postcopy(e) => e.is_cancel(),
             _ => false,
         }
     }
@@ -233,6 +257,23 @@ pub struct Outgoing {
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     /// Set by [`begin_setup`](Self::begin_setup): the run starts from `setup`.
     begun: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by [`start_postcopy`](Self::start_postcopy).
+    postcopy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why [`Outgoing::start_postcopy`] refused (QEMU's `migrate-start-postcopy` errors).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartPostcopyError {
+    /// Capability `postcopy-ram` is off.
+    #[error("Enable postcopy with migrate_set_capability before the start of migration")]
+    NoCapability,
+    /// The migration has not started (state `none`).
+    #[error("Postcopy must be started after migration has been started")]
+    NotStarted,
+    /// The migration failed or was cancelled: nothing to switch.
+    #[error("the migration has ended ({0}): nothing to switch to postcopy")]
+    Ended(S),
 }
 
 /// What is set once, before the migration is shared.
@@ -241,6 +282,7 @@ struct Fixed {
     caps: MigrationCapabilities,
     runstate: String,
     shut_timeout: Duration,
+    postcopy_after: Option<Duration>,
 }
 
 /// Refuse two devices with the same idstr and instance among `ids`.
@@ -282,6 +324,8 @@ struct Undo {
     live_setup: usize,
     /// Regions whose dirty sources were started (a prefix of the list).
     dirty_started: usize,
+    /// The package went out: the guest may run on the destination, never resume here.
+    postcopy: bool,
 }
 
 /// The return path of a run with capability `return-path`: the reader thread and
@@ -289,6 +333,7 @@ struct Undo {
 struct RpState {
     reader: SourceReturnPath,
     pongs: u64,
+    requests: u64,
 }
 
 /// The return path opened on the channel (its reads woken by a token of its own),
@@ -296,27 +341,43 @@ struct RpState {
 type RpOpen = Result<(ReturnPath, CancelToken), EngineError>;
 
 impl RpState {
-    /// Count what arrived; fail with the destination's reason if the path ended badly.
-    fn check(&mut self, info: &InfoHandle) -> Result<(), EngineError> {
-        self.drain(info);
+    /// Count what arrived (page requests go to `core`'s urgent queue); fail with the
+    /// destination's reason if the path ended badly.
+    fn check(&mut self, info: &InfoHandle, core: Option<&mut PrecopyCore>) -> Result<(), EngineError> {
+        self.drain(info, core);
         match self.reader.end() {
             Some(Err(error)) => Err(EngineError::ReturnPath { error, after_eof: false, resumed: false }),
             _ => Ok(()),
         }
     }
 
-    fn drain(&mut self, info: &InfoHandle) {
-        let before = self.pongs;
+    /// Take what arrived; returns the number of page requests queued.
+    fn drain(&mut self, info: &InfoHandle, mut core: Option<&mut PrecopyCore>) -> u64 {
+        let (pongs, requests) = (self.pongs, self.requests);
         for ev in self.reader.events().try_iter() {
-            // Page requests only come in postcopy, which this source does not start.
-            if let RpEvent::Pong(_) = ev {
-                self.pongs += 1;
+            match ev {
+                RpEvent::Pong(_) => self.pongs += 1,
+                // QEMU's ram_save_queue_pages: counted, then queued for the sender.
+                RpEvent::PageRequest(r) => {
+                    self.requests += 1;
+                    tracing::trace!(block = %r.block, start = r.start, len = r.len, "page request");
+                    if let Some(c) = core.as_deref_mut() {
+                        c.queue_request(r.index, r.start / PAGE as u64, r.len / PAGE as u64);
+                    }
+                }
+                _ => {}
             }
         }
-        if self.pongs != before {
+        if self.pongs != pongs {
             let pongs = self.pongs;
             info.update(|i| i.return_path.get_or_insert_with(Default::default).pongs = pongs);
         }
+        let new = self.requests - requests;
+        if new > 0 {
+            let requests = self.requests;
+            info.update(|i| i.postcopy_requests = requests);
+        }
+        new
     }
 
     /// After EOF: wait for the destination's SHUT (QEMU 7.2's
@@ -324,7 +385,7 @@ impl RpState {
     fn await_shut(&mut self, info: &InfoHandle, cancel: &CancelToken, timeout: Duration) -> Result<(), EngineError> {
         let t0 = Instant::now();
         loop {
-            self.drain(info);
+            self.drain(info, None);
             if cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
@@ -343,7 +404,7 @@ impl RpState {
 
     /// Stop the reader; the figures for `query-migrate`.
     fn finish(mut self, info: &InfoHandle) -> ReturnPathInfo {
-        self.drain(info);
+        self.drain(info, None);
         let end = self.reader.stop();
         let shut = match &end {
             Ok(()) => Some(0),
@@ -364,6 +425,8 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
     start: Instant,
     w: StreamWriter<W>,
     core: PrecopyCore,
+    /// Bytes sent when the guest started running on the destination (postcopy).
+    postcopy_from: Option<u64>,
     _g: std::marker::PhantomData<&'g ()>,
 }
 
@@ -378,6 +441,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
+        let postcopy_from = self.postcopy_from;
         self.out.info.update(|i| {
             i.total_time = total_time;
             i.normal = st.normal;
@@ -391,6 +455,9 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             }
             i.expected_downtime = c.expected_downtime.or(i.expected_downtime);
             i.cpu_throttle_percentage = (c.throttle > 0).then_some(c.throttle);
+            if let Some(from) = postcopy_from {
+                i.postcopy_bytes = transferred.saturating_sub(from);
+            }
         });
     }
 
@@ -409,14 +476,29 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
 
     /// One RAM PART (or the END when `until` is `None`): pages from the set until it
     /// is empty or `until` has passed (checked every 64 pages), then EOS and footer.
-    fn send_pages(&mut self, ram: &[RamRegion<'g>], until: Option<Duration>) -> Result<(), EngineError> {
+    /// Requested pages go first; in postcopy the return path is read after every
+    /// page and a requested page is sent at once (not left queued).
+    fn send_pages(
+        &mut self,
+        ram: &[RamRegion<'g>],
+        until: Option<Duration>,
+        rp: &mut Option<RpState>,
+    ) -> Result<(), EngineError> {
         let id = section_ids::RAM;
         match until {
             None => self.w.section_end(id)?,
             Some(_) => self.w.section_part(id)?,
         }
         let mut n = 0u64;
-        while let Some((r, p)) = self.core.pages_mut().take() {
+        let postcopy = self.core.in_postcopy();
+        loop {
+            if postcopy {
+                if let Some(r) = rp.as_mut() {
+                    r.drain(&self.out.info, Some(&mut self.core));
+                }
+            }
+            let Some(t) = self.core.take_page() else { break };
+            let (r, p) = (t.region, t.page);
             let memory = ram[r].memory();
             let page = memory.page(p);
             let off = p * PAGE as u64;
@@ -427,6 +509,11 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                 self.w.get_mut().write_page(page)?;
             }
             n += 1;
+            // In postcopy a request waits behind what is queued: keep the queue short
+            // (QEMU's buffer holds about as much), and send a requested page at once.
+            if postcopy && (t.requested || n.is_multiple_of(POSTCOPY_BATCH)) {
+                self.w.get_mut().flush_now()?;
+            }
             if n.is_multiple_of(64) {
                 if self.out.cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
@@ -464,12 +551,27 @@ impl Outgoing {
             state,
             rate: RateLimit::new(params.get().max_bandwidth),
             params,
-            fixed: Arc::new(Fixed { caps, runstate: "running".into(), shut_timeout: DEFAULT_SHUT_TIMEOUT }),
+            fixed: Arc::new(Fixed {
+                caps,
+                runstate: "running".into(),
+                shut_timeout: DEFAULT_SHUT_TIMEOUT,
+                postcopy_after: None,
+            }),
             cancel: CancelToken::new()?,
             force: Default::default(),
             go_on: Default::default(),
             begun: Default::default(),
+            postcopy: Default::default(),
         })
+    }
+
+    /// With capability `postcopy-ram`: start postcopy by itself once `after` has
+    /// passed since the migration became active, or when the first pass has sent
+    /// every page if that is sooner (`qmig send --postcopy-after`; zero: as soon as
+    /// allowed). Set before the migration is shared.
+    pub fn with_postcopy_after(mut self, after: Duration) -> Self {
+        Arc::make_mut(&mut self.fixed).postcopy_after = Some(after);
+        self
     }
 
     /// The runstate written in `globalstate` (`running` for a live guest, the
@@ -551,6 +653,26 @@ impl Outgoing {
         Ok(())
     }
 
+    /// QEMU's `migrate-start-postcopy`: switch to postcopy at the next iteration
+    /// boundary (after the RAM PART under way), unless pre-copy completes first.
+    /// Allowed from `setup` on (also once completed, where it does nothing, as QEMU);
+    /// refused without capability `postcopy-ram`, before the migration started, or
+    /// after it failed or was cancelled.
+    pub fn start_postcopy(&self) -> Result<(), StartPostcopyError> {
+        if !self.fixed.caps.postcopy_ram {
+            return Err(StartPostcopyError::NoCapability);
+        }
+        match self.state.status() {
+            S::None => Err(StartPostcopyError::NotStarted),
+            st @ (S::Failed | S::Cancelling | S::Cancelled) => Err(StartPostcopyError::Ended(st)),
+            _ => {
+                self.postcopy.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!("postcopy requested");
+                Ok(())
+            }
+        }
+    }
+
     /// Stop the guest and complete at the next decision, whatever is still to send
     /// (the downtime is then what the rest takes): what virsh's `--timeout` with
     /// `--timeout-action suspend` amounts to. Any thread, any time while running.
@@ -596,7 +718,7 @@ impl Outgoing {
     ) -> Result<MigrationInfo, EngineError> {
         // Our cancel must wake the channel's blocked reads, writes and rate-limit sleeps.
         self.cancel.link_to(ch.cancel_token());
-        let rp = self.fixed.caps.return_path.then(|| open_return_path(&ch));
+        let rp = self.fixed.caps.uses_return_path().then(|| open_return_path(&ch));
         self.run_inner(MigrationWriter::new(ch, self.rate.clone()), rp, ram, vcpus, vm)
     }
 
@@ -609,7 +731,7 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
-        let rp = self.fixed.caps.return_path.then(|| {
+        let rp = self.fixed.caps.uses_return_path().then(|| {
             Err(EngineError::NoReturnPath("a stream written to a PageWriter has no reverse direction".into()))
         });
         self.run_inner(w, rp, ram, vcpus, vm)
@@ -671,7 +793,8 @@ impl Outgoing {
         // cancelled one, whose guest runs on unthrottled, drops it.
         if result.is_err() {
             self.info.update(|i| i.cpu_throttle_percentage = None);
-            for b in vm.blocks.iter_mut().take(undo.inactivated) {
+            // In postcopy the destination owns the block devices now.
+            for b in vm.blocks.iter_mut().take(if undo.postcopy { 0 } else { undo.inactivated }) {
                 let _ = b.activate();
             }
         }
@@ -692,7 +815,7 @@ impl Outgoing {
             }
             Err(e) => {
                 let cancelled = e.is_cancel() || self.cancel.is_cancelled();
-                let resumed = if undo.stopped {
+                let resumed = if undo.stopped && !undo.postcopy {
                     vcpus.resume().map_err(|e| EngineError::Vmm(e.on(VmmPart::Vcpu("resume"))))
                 } else {
                     Ok(())
@@ -701,6 +824,9 @@ impl Outgoing {
                 if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
                     *said = undo.stopped && resumed.is_ok();
                 }
+                // After the package the destination may run the guest: it was not
+                // resumed here, and the error says why (a cancel stays a cancel).
+                let e = if undo.postcopy { EngineError::Postcopy(Box::new(e)) } else { e };
                 self.info.update(|i| {
                     i.total_time = start.elapsed();
                     if !cancelled {
@@ -759,9 +885,15 @@ impl Outgoing {
         let mut commands = Vec::new();
         if let Some((path, token)) = rp {
             let r = SourceReturnPath::spawn(path, blocks.clone(), PAGE as u64, token)?;
-            *reader = Some(RpState { reader: r, pongs: 0 });
+            *reader = Some(RpState { reader: r, pongs: 0, requests: 0 });
             self.info.update(|i| i.return_path = Some(ReturnPathInfo::default()));
             commands = vec![Command::OpenReturnPath, Command::Ping(1)];
+        }
+        // QEMU 7.2 advises postcopy right after the return path: the OR of the
+        // blocks' page sizes, then the target page size.
+        if self.fixed.caps.postcopy_ram {
+            let summary = blocks.iter().fold(0u64, |a, b| a | b.page_size.unwrap_or(PAGE as u64));
+            commands.push(Command::PostcopyAdvise(Some((summary, PAGE as u64))));
         }
         write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?;
         // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
@@ -783,7 +915,14 @@ impl Outgoing {
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
         let t0 = Tick { now: start.elapsed(), bytes_sent: w.get_mut().bytes_sent() };
-        let mut run = Run { out: self, start, core: PrecopyCore::new(&pages, t0), w, _g: std::marker::PhantomData };
+        let mut run = Run {
+            out: self,
+            start,
+            core: PrecopyCore::new(&pages, t0),
+            w,
+            postcopy_from: None,
+            _g: std::marker::PhantomData,
+        };
         self.state.announce(Notification::Pass { pass: 1 });
         let setup_time = start.elapsed();
         self.info.update(|i| {
@@ -797,16 +936,30 @@ impl Outgoing {
         drop(setup_span);
 
         let mut pass_span = Some(tracing::info_span!("pass", n = 1u64).entered());
+        // Whether the loop ended in postcopy (else: the pre-copy switchover), and the
+        // downtime and bytes of the postcopy switch.
+        let mut switched: Option<(Duration, u64)> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
             if let Some(r) = reader.as_mut() {
-                r.check(&self.info)?;
+                r.check(&self.info, Some(&mut run.core))?;
             }
             let params = self.params.get();
-            self.rate.set_max_bandwidth(params.max_bandwidth);
-            let dev_pending: Vec<u64> = vm.live_devices.iter_mut().map(|d| d.pending()).collect();
+            let in_postcopy = run.core.in_postcopy();
+            self.rate.set_max_bandwidth(if in_postcopy { params.max_postcopy_bandwidth } else { params.max_bandwidth });
+            if self.fixed.caps.postcopy_ram && !in_postcopy {
+                let due = self.fixed.postcopy_after.is_some_and(|after| {
+                    start.elapsed().saturating_sub(setup_time) >= after || run.core.stats().bulk_done
+                });
+                if due || self.postcopy.load(std::sync::atomic::Ordering::SeqCst) {
+                    run.core.request_postcopy();
+                }
+            }
+            // After the postcopy switch the live devices have sent their END sections.
+            let dev_pending: Vec<u64> =
+                vm.live_devices.iter_mut().map(|d| if in_postcopy { 0 } else { d.pending() }).collect();
             let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
             if self.force.load(std::sync::atomic::Ordering::SeqCst) {
                 run.core.force_switchover();
@@ -859,9 +1012,15 @@ impl Outgoing {
                     );
                     break;
                 }
+                Action::StartPostcopy => {
+                    drop(pass_span.take());
+                    switched = Some(self.postcopy_switch(&mut run, ram, vcpus, vm, undo, reader, live_base)?);
+                    pass_span = Some(tracing::info_span!("postcopy").entered());
+                }
+                Action::CompletePostcopy => break,
                 Action::Iterate { ram: send_ram, until } => {
                     if send_ram {
-                        run.send_pages(ram, Some(until))?;
+                        run.send_pages(ram, Some(until), reader)?;
                     }
                     let mut dev_sent = 0u64;
                     for (k, d) in vm.live_devices.iter_mut().enumerate() {
@@ -887,6 +1046,9 @@ impl Outgoing {
         }
 
         drop(pass_span);
+        if let Some((downtime, downtime_bytes)) = switched {
+            return self.postcopy_complete(run, ram, reader, downtime, downtime_bytes);
+        }
         // Switchover: stop the guest, final sync, everything left without a limit.
         // Downtime starts when we ask the vCPUs to stop (QEMU's downtime_start).
         let switchover_span = tracing::info_span!("switchover").entered();
@@ -902,13 +1064,13 @@ impl Outgoing {
         }
         self.rate.set_max_bandwidth(0);
         if let Some(r) = reader.as_mut() {
-            r.check(&self.info)?;
+            r.check(&self.info, None)?;
         }
         run.harvest(ram)?;
         let pass = run.core.final_synced();
         self.state.announce(Notification::Pass { pass });
         run.publish();
-        run.send_pages(ram, None)?;
+        run.send_pages(ram, None, reader)?;
         tracing::debug!(pass, pages_at_stop = run.w.ram_stats().normal + run.w.ram_stats().duplicate, "RAM END sent");
         let device_span = tracing::info_span!(
             "devices",
@@ -968,6 +1130,173 @@ impl Outgoing {
         });
         tracing::info!(downtime_ms = stop_time.elapsed().as_millis() as u64, transferred, "stream complete");
         drop(switchover_span);
+        Ok(())
+    }
+
+    /// The FULL device sections of the stopped guest in QEMU's order (`timer`, the
+    /// vmstate devices, the hand-written ones, `globalstate`): the postcopy package's.
+    fn save_device_state<V: Write>(
+        &self,
+        w: &mut StreamWriter<V>,
+        vm: &mut VmParts<'_>,
+        raw_base: u32,
+    ) -> Result<(), EngineError> {
+        let timer = savevm_format::builtin::timer();
+        w.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0))?;
+        for (k, d) in vm.devices.iter_mut().enumerate() {
+            let state = d.save().map_err(|e| device_error(d.idstr(), d.instance_id(), e))?;
+            let vmsd = d.vmsd();
+            w.device(FIRST_DEVICE_ID + k as u32, d.idstr(), d.instance_id(), &vmsd, &state)?;
+        }
+        for (k, d) in vm.raw_devices.iter_mut().enumerate() {
+            let (id, idstr, inst) = (raw_base + k as u32, d.idstr().to_owned(), d.instance_id());
+            w.section_full(id, &idstr, inst, d.version())?;
+            save_body(w, &idstr, inst, |out| d.save_state(out))?;
+            w.footer(id)?;
+        }
+        let gs = savevm_format::builtin::globalstate();
+        let gs_state = savevm_format::builtin::globalstate_state(&self.fixed.runstate);
+        w.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &gs_state)?;
+        Ok(())
+    }
+
+    /// The switch to postcopy, as QEMU 7.2's `postcopy_start`: `postcopy-active`
+    /// (with `pause-before-switchover`: `pre-switchover` first, waiting for
+    /// [`continue_switchover`](Self::continue_switchover)), the guest stopped, block
+    /// devices inactivated, the live devices' END sections, the rate limit lifted,
+    /// the final sync, POSTCOPY_RAM_DISCARD of every page still to send (per block,
+    /// at most 12 ranges a command), PING 2, the PACKAGED blob (LISTEN, the device
+    /// sections, PING 3, RUN), PING 4. Returns the downtime (stop to package sent)
+    /// and the bytes sent meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy_switch<'g, W: PageWriter<'g>>(
+        &self,
+        run: &mut Run<'_, 'g, W>,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+        undo: &mut Undo,
+        reader: &mut Option<RpState>,
+        live_base: u32,
+    ) -> Result<(Duration, u64), EngineError> {
+        let _span = tracing::info_span!("postcopy switch").entered();
+        let c = run.core.stats();
+        tracing::info!(remaining = c.remaining, threshold = c.threshold, "switching to postcopy");
+        let pause = self.fixed.caps.pause_before_switchover;
+        if !pause {
+            self.state.transition(S::Active, S::PostcopyActive)?;
+        }
+        let stop_time = Instant::now();
+        let precopy_bytes = run.w.get_mut().bytes_sent();
+        self.info.update(|i| i.precopy_bytes = precopy_bytes);
+        vcpus.stop().map_err(|e| e.on(VmmPart::Vcpu("stop")))?;
+        undo.stopped = true;
+        if pause {
+            self.state.transition(S::Active, S::PreSwitchover)?;
+            self.wait_for_continue()?;
+            self.state.transition(S::PreSwitchover, S::PostcopyActive)?;
+        }
+        for b in vm.blocks.iter_mut() {
+            b.inactivate().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "inactivate" }))?;
+            undo.inactivated += 1;
+        }
+        let raw_base = FIRST_DEVICE_ID + vm.devices.len() as u32;
+        // The live devices cannot go on after the switch: their END sections now.
+        for (k, d) in vm.live_devices.iter_mut().enumerate() {
+            let id = live_base + k as u32;
+            run.w.section_end(id)?;
+            let (idstr, inst) = (d.idstr().to_owned(), d.instance_id());
+            save_body(&mut run.w, &idstr, inst, |out| d.save_complete(out))?;
+            run.w.footer(id)?;
+        }
+        self.rate.set_max_bandwidth(0);
+        if let Some(r) = reader.as_mut() {
+            r.check(&self.info, Some(&mut run.core))?;
+        }
+        run.harvest(ram)?;
+        let pass = run.core.final_synced();
+        self.state.announce(Notification::Pass { pass });
+        run.publish();
+        // Every page still to send (dirtied since it was sent, or never sent) is
+        // dropped on the destination, which will ask for it or get it in the background.
+        run.w.reset_continue();
+        let mut discarded = 0u64;
+        for (r, region) in ram.iter().enumerate() {
+            let runs = run.core.pages_mut().runs(r);
+            for chunk in runs.chunks(savevm_format::command::MAX_DISCARD_RANGES) {
+                let ranges: Vec<(u64, u64)> = chunk.iter().map(|&(p, n)| (p * PAGE as u64, n * PAGE as u64)).collect();
+                discarded += chunk.iter().map(|&(_, n)| n).sum::<u64>();
+                run.w.command(&Command::PostcopyRamDiscard { block: region.memory().name().to_string(), ranges })?;
+            }
+        }
+        run.w.command(&Command::Ping(2))?;
+        let mut pkg = run.w.nested(Vec::new());
+        pkg.command(&Command::PostcopyListen)?;
+        self.save_device_state(&mut pkg, vm, raw_base)?;
+        pkg.command(&Command::Ping(3))?;
+        pkg.command(&Command::PostcopyRun)?;
+        let blob = pkg.finish()?;
+        // The last point where the source can still take the guest back.
+        if let Some(r) = reader.as_mut() {
+            r.check(&self.info, Some(&mut run.core))?;
+        }
+        if self.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        // From here the destination may run the guest: it never resumes here again.
+        undo.postcopy = true;
+        run.w.packaged(&blob)?;
+        run.w.get_mut().flush_now()?;
+        let downtime = stop_time.elapsed();
+        run.w.command(&Command::Ping(4))?;
+        run.w.get_mut().flush_now()?;
+        let sent = run.w.get_mut().bytes_sent();
+        let downtime_bytes = sent.saturating_sub(precopy_bytes);
+        run.postcopy_from = Some(sent);
+        run.core.postcopy_started();
+        self.rate.set_max_bandwidth(self.params.get().max_postcopy_bandwidth);
+        // `downtime` shows once completed, as QEMU 7.2 reports it.
+        self.info.update(|i| i.downtime_bytes = downtime_bytes);
+        run.publish();
+        tracing::info!(
+            pass,
+            discarded_pages = discarded,
+            package_bytes = blob.len(),
+            downtime_ms = downtime.as_millis() as u64,
+            "postcopy: the guest runs on the destination"
+        );
+        Ok((downtime, downtime_bytes))
+    }
+
+    /// The end of a postcopy migration: what is left in RAM's END section, EOF (no
+    /// vmdesc in postcopy, as QEMU 7.2), then the destination's SHUT(0).
+    fn postcopy_complete<'g, W: PageWriter<'g>>(
+        &self,
+        mut run: Run<'_, 'g, W>,
+        ram: &mut [RamRegion<'g>],
+        reader: &mut Option<RpState>,
+        downtime: Duration,
+        downtime_bytes: u64,
+    ) -> Result<(), EngineError> {
+        let _span = tracing::info_span!("postcopy complete").entered();
+        run.send_pages(ram, None, reader)?;
+        run.w.eof()?;
+        let postcopy_from = run.postcopy_from.unwrap_or(0);
+        let mut inner = run.w.finish()?;
+        let transferred = inner.bytes_sent();
+        inner.flush_now()?;
+        let transferred = transferred.max(inner.bytes_sent());
+        inner.close()?;
+        if let Some(r) = reader.as_mut() {
+            r.await_shut(&self.info, &self.cancel, self.fixed.shut_timeout)?;
+        }
+        self.info.update(|i| {
+            i.downtime = Some(downtime);
+            i.transferred = transferred;
+            i.downtime_bytes = downtime_bytes;
+            i.postcopy_bytes = transferred.saturating_sub(postcopy_from);
+        });
+        tracing::info!(transferred, "postcopy complete");
         Ok(())
     }
 }

@@ -230,6 +230,7 @@ impl Sim {
                     o.naps += 1;
                     self.advance(until - self.now);
                 }
+                Action::StartPostcopy | Action::CompletePostcopy => panic!("no postcopy was requested"),
                 Action::Switchover => {
                     o.switchover = Some(self.now);
                     o.bulk_before_switchover = self.sent_once.iter().all(|&s| s);

@@ -601,7 +601,8 @@ fn pending_device_bytes_hold_off_the_switchover() {
     assert_eq!(status, MigrationStatus::Active, "no switchover while 1 GiB is pending");
     assert!(done > released && released - start >= Duration::from_millis(1500));
     assert!(done - released < Duration::from_secs(3), "switchover {:?} after the release", done - released);
-    assert!(info.total_time >= Duration::from_millis(1500));
+    // The migration started after `start` (setup under load may take a while), so only an upper bound holds.
+    assert!(info.total_time <= done - start, "total-time {:?} longer than the run", info.total_time);
     assert!(r.src_mem == r.dst_mem, "device memory differs at the destination");
     assert!(r.stats.parts.load(Ordering::SeqCst) >= 5);
 }

@@ -14,37 +14,8 @@ mod alloc_guard;
 static GUARD: alloc_guard::AllocGuard = alloc_guard::AllocGuard::new(128 << 20, 1 << 30);
 
 use libfuzzer_sys::fuzz_target;
-use savevm_format::{RpMessage, RpReader};
 
-fuzz_target!(|data: &[u8]| {
-    let mut r = RpReader::new(data);
-    loop {
-        let before = r.offset();
-        match r.next() {
-            Ok(Some(m)) => {
-                assert!(r.offset() > before, "no progress");
-                // Names that are not UTF-8 decode lossily and may re-encode longer
-                // (then cut at 255 bytes): compare only same-length encodings.
-                let bytes = m.encode();
-                if bytes.len() as u64 == r.offset() - before {
-                    let again = RpReader::new(&bytes[..]).next().expect("re-encoded message decodes");
-                    assert_eq!(again.as_ref(), Some(&m));
-                }
-                if let RpMessage::RecvBitmap(_) = m {
-                    if let Err(e) = r.read_recv_bitmap(1 << 20) {
-                        assert!(e.offset <= data.len() as u64);
-                        break;
-                    }
-                }
-            }
-            Ok(None) => {
-                assert_eq!(r.offset(), data.len() as u64);
-                break;
-            }
-            Err(e) => {
-                assert!(e.offset <= data.len() as u64, "{e}");
-                break;
-            }
-        }
-    }
-});
+#[path = "../harness/decode_return_path.rs"]
+mod harness;
+
+fuzz_target!(|data: &[u8]| harness::run(data));

@@ -21,6 +21,7 @@ use crate::vm::Vm;
 use engine::incoming::{channel_return_path, Incoming, IncomingError, IncomingReport};
 use engine::info::MigrationInfo;
 use engine::memory::RamRegion;
+use engine::postcopy_dest::PostcopyOptions;
 use engine::source::{EngineError, Outgoing};
 use engine::vm::{DeviceHandler, VmParts, VmmError};
 use transports::{Channel, MigrationReader, RateLimit};
@@ -50,4 +51,25 @@ pub fn migrate_in(vm: &mut Vm, ch: Channel, autostart: bool) -> Result<IncomingR
     let open = channel_return_path(&ch);
     let reader = MigrationReader::new(ch, RateLimit::new(0));
     Incoming::new(autostart).run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+}
+
+/// [`migrate_in`] with capability `postcopy-ram` on this side: when the source
+/// switches to postcopy, guest RAM (anonymous memory) is registered with
+/// userfaultfd at POSTCOPY_LISTEN, the vCPUs resume at POSTCOPY_RUN (with
+/// `autostart`) and run while the rest of the pages arrive: a vCPU touching a page
+/// not there yet faults through KVM into the userfaultfd, which asks the source for
+/// it. A stream without postcopy loads as with `migrate_in`.
+pub fn migrate_in_postcopy(
+    vm: &mut Vm,
+    ch: Channel,
+    autostart: bool,
+    options: PostcopyOptions,
+) -> Result<IncomingReport, IncomingError> {
+    let mut vcpus = vm.vcpus();
+    let mut cpus = vm.cpu_devices();
+    let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+    let mut parts = VmParts { devices, ..Default::default() };
+    let open = channel_return_path(&ch);
+    let reader = MigrationReader::new(ch, RateLimit::new(0));
+    Incoming::new(autostart).with_postcopy(options).run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
 }

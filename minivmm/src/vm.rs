@@ -829,7 +829,7 @@ impl Vm {
         let known_zero = pristine.then(|| vec![u64::MAX; pages.div_ceil(64) as usize]);
         // Guest memory is only ever reached through volatile views (the vCPU may run
         // again while the sink lives, as it does in postcopy).
-        RamSink { ram: vm_memory::VolatileMemory::as_volatile_slice(&*self.ram), known_zero }
+        RamSink { ram: vm_memory::VolatileMemory::as_volatile_slice(&*self.ram), known_zero, tps: 4096 }
     }
 
     /// vCPU 0's control block now.
@@ -962,43 +962,104 @@ impl Drop for Vm {
     }
 }
 
-/// Writes incoming pages of `pc.ram` into guest RAM.
+/// Writes incoming pages of `pc.ram` into guest RAM, at the stream's target page
+/// size (`configuration/target-page-bits`: 1 KiB to 64 KiB; 4 KiB unless it says).
 pub struct RamSink<'a> {
     ram: vm_memory::VolatileSlice<'a, ()>,
-    /// One bit per page still zero since the VM was created (a fresh anonymous
+    /// One bit per 4 KiB page still zero since the VM was created (a fresh anonymous
     /// mapping): a ZERO record for it needs no access (reading would fault it in).
     known_zero: Option<Vec<u64>>,
+    /// The stream's target page size.
+    tps: usize,
+}
+
+impl RamSink<'_> {
+    /// The 4 KiB pages a target page at `offset` overlaps.
+    fn small_pages(&self, offset: u64) -> std::ops::Range<usize> {
+        let first = usize::try_from(offset / 4096).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(self.tps as u64).div_ceil(4096);
+        first..usize::try_from(end).unwrap_or(usize::MAX)
+    }
+
+    /// True when every 4 KiB page under the target page at `offset` is known zero.
+    fn is_known_zero(&self, offset: u64) -> bool {
+        let Some(k) = &self.known_zero else { return false };
+        self.small_pages(offset).all(|p| k.get(p / 64).is_some_and(|w| w & (1u64 << (p % 64)) != 0))
+    }
 }
 
 impl savevm_format::PageSink for RamSink<'_> {
+    fn target_page_size(&mut self, tps: u64) -> Result<(), String> {
+        // The decoder bounds it to 1 KiB..64 KiB, and `ram_blocks` checks the block
+        // (a multiple of it) against this VM's RAM.
+        self.tps = usize::try_from(tps).map_err(|_| format!("target page size {tps} bytes"))?;
+        Ok(())
+    }
+
     fn ram_blocks(&mut self, blocks: &[savevm_format::RamBlock]) -> Result<(), String> {
         match blocks {
             [b] if b.name == RAM_BLOCK && b.length == self.ram.len() as u64 => Ok(()),
             _ => Err(format!(
                 "this VM has one RAM block '{RAM_BLOCK}' of {} bytes; the stream has {}",
                 self.ram.len(),
-                blocks.iter().map(|b| format!("'{}' ({} bytes)", b.name, b.length)).collect::<Vec<_>>().join(", ")
+                blocks
+                    .iter()
+                    .map(|b| format!("'{}' ({} bytes)", b.name.escape_debug(), b.length))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
 
     fn page_mut(&mut self, _block: &savevm_format::RamBlock, offset: u64) -> Option<savevm_format::PageSlot<'_>> {
-        let p = (offset / 4096) as usize;
-        if let Some(w) = self.known_zero.as_mut().and_then(|k| k.get_mut(p / 64)) {
-            *w &= !(1u64 << (p % 64));
+        let pages = self.small_pages(offset);
+        if let Some(k) = self.known_zero.as_mut() {
+            for p in pages {
+                if let Some(w) = k.get_mut(p / 64) {
+                    *w &= !(1u64 << (p % 64));
+                }
+            }
         }
-        self.ram.subslice(usize::try_from(offset).ok()?, 4096).ok().map(savevm_format::PageSlot::Guest)
+        self.ram.subslice(usize::try_from(offset).ok()?, self.tps).ok().map(savevm_format::PageSlot::Guest)
     }
 
     fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
-        let p = (offset / 4096) as usize;
-        let zero = self.known_zero.as_ref().and_then(|k| k.get(p / 64)).is_some_and(|w| w & (1u64 << (p % 64)) != 0);
-        if fill == 0 && zero {
+        if fill == 0 && self.is_known_zero(offset) {
             return;
         }
         if let Some(mut page) = self.page_mut(block, offset) {
             page.fill(fill);
         }
+    }
+
+    /// Drop the pages (QEMU's `ram_block_discard_range` on anonymous memory:
+    /// `MADV_DONTNEED`, after turning transparent huge pages off for them as its
+    /// postcopy does): they read as zero, and under postcopy's userfaultfd they fault.
+    fn discard(&mut self, _block: &savevm_format::RamBlock, start: u64, len: u64) {
+        let (Ok(s), Ok(l)) = (usize::try_from(start), usize::try_from(len)) else { return };
+        let Ok(range) = self.ram.subslice(s, l) else { return };
+        let ptr = range.ptr_guard_mut().as_ptr();
+        // SAFETY: `ptr..ptr+l` is inside this VM's anonymous RAM mapping (a checked
+        // subslice); the advice only drops page contents (the guest reads zeros,
+        // which is what a discard means) and never unmaps anything.
+        unsafe {
+            libc::madvise(ptr.cast(), l, libc::MADV_NOHUGEPAGE);
+            libc::madvise(ptr.cast(), l, libc::MADV_DONTNEED);
+        }
+        if let Some(k) = self.known_zero.as_mut() {
+            for p in start / 4096..start.saturating_add(len).div_ceil(4096) {
+                if let Some(w) = k.get_mut((p / 64) as usize) {
+                    *w |= 1u64 << (p % 64);
+                }
+            }
+        }
+    }
+}
+
+impl engine::postcopy_dest::PostcopySink for RamSink<'_> {
+    /// Guest RAM: one anonymous private mapping (the KVM slots are views of it).
+    fn host_memory(&self, _block: &savevm_format::RamBlock) -> Option<(u64, u64)> {
+        Some((self.ram.ptr_guard().as_ptr() as u64, self.ram.len() as u64))
     }
 }
 

@@ -587,6 +587,52 @@ impl<R: Read> Decoder<R> {
         &self.blocks
     }
 
+    /// Right after [`Event::Command`]`(`[`Command::Packaged`]`)`: read the package's
+    /// bytes off this stream in one go (as QEMU does, so the main channel is free
+    /// for pages while the package's devices load) and return a decoder over them
+    /// that knows this stream's configuration, RAM blocks, sections and registered
+    /// descriptions. It yields the package's records, then [`Event::PackageEnd`];
+    /// its offsets are this stream's. This decoder goes on after the package, where
+    /// discards are no longer accepted (the package carries POSTCOPY_LISTEN). The
+    /// buffer grows only as bytes arrive. Without this call the package is decoded
+    /// inline instead.
+    pub fn take_package(&mut self) -> Result<Decoder<std::io::Cursor<Vec<u8>>>> {
+        let start = self.input.offset();
+        let end = self.package_end.ok_or_else(|| Error::at(start, ErrorKind::NotInPackage("a package read")))?;
+        let blob = self.input.read_vec(end - start, "a PACKAGED blob").map_err(|kind| {
+            self.phase = Phase::Done;
+            Error { offset: self.input.offset(), section: None, kind }
+        })?;
+        self.package_end = None;
+        self.postcopy_listening = true;
+        self.last_block = None;
+        Ok(Decoder {
+            input: Input::at_offset(std::io::Cursor::new(blob), start),
+            phase: Phase::TopLevel,
+            limits: self.limits.clone(),
+            tps: self.tps,
+            config: self.config.clone(),
+            sections: self.sections.clone(),
+            current: None,
+            current_name: None,
+            blocks: self.blocks.clone(),
+            block_index: self.block_index.clone(),
+            last_block: None,
+            postcopy_advised: self.postcopy_advised,
+            postcopy_listening: self.postcopy_listening,
+            skip_vmdesc: self.skip_vmdesc,
+            package_end: Some(end),
+            item_start: start,
+            page_buf: vec![0; self.page_buf.len()],
+            xbz_buf: Vec::new(),
+            descriptions: self.descriptions.clone(),
+            vmdesc: self.vmdesc.clone(),
+            old_style: self.old_style.clone(),
+            raw: self.raw.clone(),
+            raw_section: None,
+        })
+    }
+
     /// The reader back.
     pub fn into_inner(self) -> R {
         self.input.into_inner()

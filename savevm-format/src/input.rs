@@ -25,6 +25,12 @@ impl<R: Read> Input<R> {
         Input { inner, offset: 0, peek: Vec::new(), peek_pos: 0 }
     }
 
+    /// A reader whose first byte is byte `offset` of some larger stream (a package
+    /// cut out of it), so errors keep naming offsets in that stream.
+    pub(crate) fn at_offset(inner: R, offset: u64) -> Self {
+        Input { inner, offset, peek: Vec::new(), peek_pos: 0 }
+    }
+
     pub(crate) fn offset(&self) -> u64 {
         self.offset
     }

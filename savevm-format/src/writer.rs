@@ -267,6 +267,34 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.put(&c.encode())?)
     }
 
+    /// MIG_CMD_PACKAGED followed by `blob`, a nested stream (QEMU's postcopy
+    /// package: LISTEN, the device sections, RUN).
+    pub fn packaged(&mut self, blob: &[u8]) -> Result<(), EncodeError> {
+        let len = u32::try_from(blob.len()).map_err(|_| EncodeError::TooLong { what: "package", len: blob.len() })?;
+        self.command(&Command::Packaged(len))?;
+        Ok(self.put(blob)?)
+    }
+
+    /// Forget the last RAM block written, so the next record names its block (QEMU
+    /// resets it after the postcopy discards).
+    pub fn reset_continue(&mut self) {
+        self.last_block = None;
+    }
+
+    /// A writer with the same RAM blocks, target page size and CONTINUE state over
+    /// another `Write` (e.g. the postcopy package), for sections only.
+    pub fn nested<V: Write>(&self, w: V) -> StreamWriter<V> {
+        StreamWriter {
+            w,
+            written: 0,
+            tps: self.tps,
+            blocks: self.blocks.clone(),
+            last_block: None,
+            devices: vec![],
+            stats: RamStats::default(),
+        }
+    }
+
     /// A whole FULL device section (header, body, footer), remembered for the vmdesc.
     pub fn device(
         &mut self,

@@ -7,6 +7,7 @@
 //! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
 //! - [`rng`] holds the SplitMix64 generator.
+//! - [`streams`]: hand-built streams (any target page size) for destination tests.
 //! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
 
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ pub mod pattern;
 pub mod qemu;
 pub mod rng;
 pub mod state;
+pub mod streams;
 pub mod synthetic;
 
 pub use alloc_guard::AllocGuard;

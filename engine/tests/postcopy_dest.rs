@@ -1,0 +1,373 @@
+//! The postcopy destination in process (`Incoming::run_postcopy`), on both memory
+//! kinds: anonymous private memory (what minivmm's vm-memory mapping is) and a
+//! shared shmem file mapping (what `qmig recv` maps). The stream is QEMU 7.2's
+//! postcopy shape, written with `StreamWriter`; it is fed through a pipe that holds
+//! back the pages after the package until the destination asked for one, so the
+//! touch thread's reads are real userfaultfd faults and their requests are timed.
+//!
+//! Checked: the final memory equals the source's; discarded pages come again and
+//! are counted; a page arriving twice after LISTEN is placed once; requests go
+//! out as REQ_PAGES_ID then REQ_PAGES; a latency is recorded; states
+//! `postcopy-active` then `completed`; a source that dies in postcopy fails the
+//! destination quickly, with every thread gone; postcopy off refuses ADVISE.
+
+use engine::incoming::{Incoming, IncomingError, ReturnPathOpener};
+use engine::postcopy_dest::{PostcopyOptions, PostcopySink};
+use engine::state::MigrationStatus;
+use engine::vm::{VcpuControl, VmParts};
+use savevm_format::{
+    section_ids, write_guest_prologue_with, Command, PageSink, PageSlot, RamBlock, RpMessage, RpReader, StoppedGuest,
+    StreamWriter,
+};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::VolatileSlice;
+
+const PAGE: usize = 4096;
+const PAGES: usize = 256;
+const LEN: usize = PAGE * PAGES;
+const LIMIT: Duration = Duration::from_secs(30);
+/// One test at a time: the thread-count check must not see another test's threads.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct NoVcpus;
+impl VcpuControl for NoVcpus {}
+
+/// Guest memory of one block "mem": anonymous private, or a shared memfd (shmem).
+struct Mem {
+    ptr: *mut u8,
+    file: Option<std::fs::File>,
+}
+
+// SAFETY: the mapping is plain memory owned by this struct until drop; the test
+// touches it only through the engine (volatile) and after the load returns.
+unsafe impl Send for Mem {}
+
+impl Mem {
+    fn new(shared: bool) -> Mem {
+        let file = shared.then(|| {
+            // SAFETY: memfd_create with a static C string and flags; returns a new fd or -1.
+            let fd = unsafe { libc::memfd_create(c"qmig-postcopy-test".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor we own.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.set_len(LEN as u64).expect("size the memfd");
+            f
+        });
+        let (flags, fd) = match &file {
+            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a new mapping of LEN bytes, not overlapping anything (addr null).
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), LEN, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Mem { ptr: p.cast(), file }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut v = vec![0u8; LEN];
+        // SAFETY: the mapping is LEN bytes and the load (and its userfaultfd) is over.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, v.as_mut_ptr(), LEN) };
+        v
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping once.
+        unsafe { libc::munmap(self.ptr.cast(), LEN) };
+    }
+}
+
+impl PageSink for Mem {
+    fn page_mut(&mut self, _: &RamBlock, offset: u64) -> Option<PageSlot<'_>> {
+        let o = usize::try_from(offset).ok().filter(|o| o + PAGE <= LEN)?;
+        // SAFETY: inside our LEN-byte mapping, accessed only with volatile copies.
+        Some(PageSlot::Guest(unsafe { VolatileSlice::new(self.ptr.add(o), PAGE) }))
+    }
+
+    fn ram_blocks(&mut self, blocks: &[RamBlock]) -> Result<(), String> {
+        match blocks {
+            [b] if b.name == "mem" && b.length == LEN as u64 => Ok(()),
+            _ => Err(format!("unexpected blocks {blocks:?}")),
+        }
+    }
+
+    fn discard(&mut self, _: &RamBlock, start: u64, len: u64) {
+        // QEMU's ram_block_discard_range: punch the file, or drop anonymous pages.
+        let r = match &self.file {
+            Some(f) => {
+                // SAFETY: fallocate on our memfd within its size.
+                unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        start as i64,
+                        len as i64,
+                    )
+                }
+            }
+            // SAFETY: inside our mapping; MADV_DONTNEED drops the pages (they read as zero).
+            None => unsafe { libc::madvise(self.ptr.add(start as usize).cast(), len as usize, libc::MADV_DONTNEED) },
+        };
+        assert_eq!(r, 0, "discard: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl PostcopySink for Mem {
+    fn host_memory(&self, _: &RamBlock) -> Option<(u64, u64)> {
+        Some((self.ptr as u64, LEN as u64))
+    }
+}
+
+fn page(p: usize, round: u8) -> Vec<u8> {
+    (0..PAGE).map(|i| (p * 7 + i * 13) as u8 ^ round).collect()
+}
+
+/// The source's stream, cut where the postcopy pages begin (after PING 4), and the
+/// final RAM. Pre-copy: pages 0..PAGES/2 (even pages data, odd ones zero), then a
+/// discard of pages 32..96 (dirtied); postcopy: the discarded pages (new data), the
+/// never-sent pages, and page 200 a second time.
+fn stream() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let blocks = [RamBlock::new(0, "mem", LEN as u64)];
+    let mut ram = vec![0u8; LEN];
+    let mut s = StreamWriter::new(Vec::new());
+    let pre = [Command::OpenReturnPath, Command::Ping(1), Command::PostcopyAdvise(Some((4096, 4096)))];
+    write_guest_prologue_with(&mut s, &blocks, &StoppedGuest::default(), &pre).unwrap();
+    s.section_part(section_ids::RAM).unwrap();
+    for p in 0..PAGES / 2 {
+        if p % 2 == 0 {
+            let d = page(p, 0);
+            s.ram_page(0, (p * PAGE) as u64, &d).unwrap();
+            ram[p * PAGE..(p + 1) * PAGE].copy_from_slice(&d);
+        } else {
+            s.ram_zero(0, (p * PAGE) as u64).unwrap();
+        }
+    }
+    s.ram_eos().unwrap();
+    s.footer(section_ids::RAM).unwrap();
+    s.command(&Command::PostcopyRamDiscard {
+        block: "mem".into(),
+        ranges: vec![((32 * PAGE) as u64, (64 * PAGE) as u64)],
+    })
+    .unwrap();
+    s.reset_continue();
+    s.command(&Command::Ping(2)).unwrap();
+    let mut pkg = s.nested(Vec::new());
+    pkg.command(&Command::PostcopyListen).unwrap();
+    let timer = savevm_format::builtin::timer();
+    pkg.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0)).unwrap();
+    let gs = savevm_format::builtin::globalstate();
+    pkg.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &savevm_format::builtin::globalstate_state("running"))
+        .unwrap();
+    pkg.command(&Command::Ping(3)).unwrap();
+    pkg.command(&Command::PostcopyRun).unwrap();
+    let blob = pkg.finish().unwrap();
+    s.packaged(&blob).unwrap();
+    s.command(&Command::Ping(4)).unwrap();
+    let cut = s.get_mut().len();
+    s.section_part(section_ids::RAM).unwrap();
+    let mut post: Vec<usize> = (32..96).chain(PAGES / 2..PAGES).collect();
+    post.push(200);
+    let mut seen = std::collections::HashSet::new();
+    for &p in &post {
+        let first = seen.insert(p);
+        if p % 5 == 3 {
+            s.ram_zero(0, (p * PAGE) as u64).unwrap();
+            ram[p * PAGE..(p + 1) * PAGE].fill(0);
+        } else {
+            // Page 200's second copy carries other bytes: it must not land.
+            let d = page(p, if first { 1 } else { 2 });
+            s.ram_page(0, (p * PAGE) as u64, &d).unwrap();
+            if first {
+                ram[p * PAGE..(p + 1) * PAGE].copy_from_slice(&d);
+            }
+        }
+    }
+    s.ram_eos().unwrap();
+    s.footer(section_ids::RAM).unwrap();
+    s.section_end(section_ids::RAM).unwrap();
+    s.ram_eos().unwrap();
+    s.footer(section_ids::RAM).unwrap();
+    s.eof().unwrap();
+    let bytes = s.finish().unwrap();
+    (bytes[..cut].to_vec(), bytes[cut..].to_vec(), ram)
+}
+
+/// A return path recording what the destination wrote, with a condition for waiters.
+#[derive(Clone, Default)]
+struct Wire(Arc<(Mutex<Vec<u8>>, Condvar)>);
+
+impl Write for Wire {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 .0.lock().unwrap().extend_from_slice(b);
+        self.0 .1.notify_all();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Wire {
+    fn opener(&self) -> ReturnPathOpener<'static> {
+        let w = self.clone();
+        Box::new(move || Ok(Box::new(w.clone()) as Box<dyn Write + Send>))
+    }
+    fn messages(&self) -> Vec<RpMessage> {
+        let bytes = self.0 .0.lock().unwrap().clone();
+        let mut r = RpReader::new(&bytes[..]);
+        let mut v = Vec::new();
+        while let Ok(Some(m)) = r.next() {
+            v.push(m);
+        }
+        v
+    }
+    /// Wait (up to LIMIT) for a page request.
+    fn wait_request(&self) -> bool {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if self.messages().iter().any(|m| matches!(m, RpMessage::ReqPagesId { .. })) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let g = self.0 .0.lock().unwrap();
+            let _ = self.0 .1.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap();
+        }
+    }
+}
+
+/// Feeds `head`, then (after a page request, or `die` right away) `tail` or nothing.
+fn feeder(head: Vec<u8>, tail: Vec<u8>, wire: Wire, die: bool) -> (std::fs::File, std::thread::JoinHandle<()>) {
+    let (r, mut w) = std::io::pipe().map(|(r, w)| (std::fs::File::from(std::os::fd::OwnedFd::from(r)), w)).unwrap();
+    let t = std::thread::spawn(move || {
+        if w.write_all(&head).is_err() {
+            return;
+        }
+        let asked = wire.wait_request();
+        if die {
+            return; // the pipe closes: the source died in postcopy
+        }
+        assert!(asked, "no page request within {LIMIT:?}");
+        let _ = w.write_all(&tail);
+    });
+    (r, t)
+}
+
+fn run(shared: bool) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (head, tail, want) = stream();
+    let mut mem = Mem::new(shared);
+    let wire = Wire::default();
+    let (reader, feed) = feeder(head, tail, wire.clone(), false);
+    let inc = Incoming::new(true).with_postcopy(PostcopyOptions { touch: true, touch_seed: 7 });
+    let notes = inc.state.subscribe();
+    struct Resume(Arc<Mutex<bool>>);
+    impl VcpuControl for Resume {
+        fn resume(&mut self) -> Result<(), engine::vm::VmmError> {
+            *self.0.lock().unwrap() = true;
+            Ok(())
+        }
+    }
+    let resumed = Arc::new(Mutex::new(false));
+    let r = inc
+        .run_postcopy(reader, &mut mem, &mut VmParts::default(), &mut Resume(resumed.clone()), wire.opener())
+        .unwrap_or_else(|e| panic!("postcopy load failed: {}", engine::error::report(&e)));
+    feed.join().unwrap();
+    assert!(*resumed.lock().unwrap(), "the guest resumes at RUN (autostart)");
+    assert!(r.resumed);
+    let pc = r.postcopy.clone().expect("postcopy report");
+    assert_eq!(pc.discarded_pages, 64, "pages 32..96, all received before (data or zero), are dropped");
+    assert_eq!(pc.duplicates, 1, "page 200 came twice after LISTEN and was placed once: {pc:?}");
+    assert_eq!(pc.placed, 64 + (PAGES / 2) as u64, "{pc:?}");
+    assert!(pc.requests >= 1 && !pc.latencies_us.is_empty(), "a timed page request: {pc:?}");
+    assert_eq!(pc.rewritten, 0, "{pc:?}");
+    let msgs = wire.messages();
+    let reqs: Vec<&RpMessage> =
+        msgs.iter().filter(|m| matches!(m, RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })).collect();
+    assert!(matches!(reqs.first(), Some(RpMessage::ReqPagesId { block, len: 4096, .. }) if block == "mem"), "{msgs:?}");
+    assert!(reqs[1..].iter().all(|m| matches!(m, RpMessage::ReqPages { len: 4096, .. })), "{msgs:?}");
+    assert_eq!(reqs.len() as u64, pc.requests);
+    assert_eq!(msgs.last(), Some(&RpMessage::Shut(0)));
+    assert_eq!(msgs.iter().filter(|m| matches!(m, RpMessage::Pong(_))).count(), 4);
+    let got = mem.bytes();
+    for p in 0..PAGES {
+        assert!(got[p * PAGE..(p + 1) * PAGE] == want[p * PAGE..(p + 1) * PAGE], "page {p} differs");
+    }
+    assert_eq!(inc.state.status(), MigrationStatus::Completed);
+    let states: Vec<MigrationStatus> = notes
+        .try_iter()
+        .filter_map(|n| match n {
+            engine::state::Notification::State { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(states, vec![MigrationStatus::Active, MigrationStatus::PostcopyActive, MigrationStatus::Completed]);
+}
+
+#[test]
+fn postcopy_into_anonymous_memory() {
+    run(false);
+}
+
+#[test]
+fn postcopy_into_shared_file_memory() {
+    run(true);
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn source_dying_in_postcopy_fails_fast_and_leaves_no_thread() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (head, tail, _) = stream();
+    let before = threads();
+    let mut mem = Mem::new(true);
+    let wire = Wire::default();
+    let (reader, feed) = feeder(head, tail, wire.clone(), true);
+    let inc = Incoming::new(false).with_postcopy(PostcopyOptions { touch: true, touch_seed: 3 });
+    let t = Instant::now();
+    let r = inc.run_postcopy(reader, &mut mem, &mut VmParts::default(), &mut NoVcpus, wire.opener());
+    let took = t.elapsed();
+    feed.join().unwrap();
+    let e = r.expect_err("the stream ended in postcopy");
+    assert!(matches!(e, IncomingError::PostcopyStream(_)), "{e:?}");
+    assert!(e.to_string().contains("no postcopy recovery"), "{e}");
+    assert_eq!(inc.state.status(), MigrationStatus::Failed);
+    assert_eq!(wire.messages().last(), Some(&RpMessage::Shut(1)));
+    assert!(took < LIMIT, "took {took:?}");
+    eprintln!("failed in {took:?}: {}", engine::error::report(&e));
+    // The fault and touch threads are joined (the toucher woken by the unregistration).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(threads() <= before, "threads left: {} > {before}", threads());
+}
+
+#[test]
+fn advise_with_postcopy_off_is_refused_and_on_is_accepted() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (head, tail, _) = stream();
+    let all = [head, tail].concat();
+    let mut mem = Mem::new(false);
+    let e = Incoming::new(false)
+        .run_with_return_path(&all[..], &mut mem, &mut VmParts::default(), &mut NoVcpus, Wire::default().opener())
+        .expect_err("postcopy-ram off here");
+    assert!(e.to_string().contains("RAM postcopy is disabled but have 16 byte advise"), "{e}");
+    // The whole stream at once (no gate): nothing faults, every page arrives in the background.
+    let mut mem = Mem::new(false);
+    let r = Incoming::new(false)
+        .with_postcopy(PostcopyOptions::default())
+        .run_postcopy(&all[..], &mut mem, &mut VmParts::default(), &mut NoVcpus, Wire::default().opener())
+        .unwrap_or_else(|e| panic!("{}", engine::error::report(&e)));
+    let pc = r.postcopy.expect("postcopy report");
+    assert_eq!((pc.requests, pc.touches, pc.duplicates), (0, 0, 1), "{pc:?}");
+}

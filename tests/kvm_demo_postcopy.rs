@@ -1,0 +1,58 @@
+//! `qmig demo --kvm --postcopy`: the KVM guest dirties faster than `--max-bandwidth`
+//! lets pre-copy converge; after the first pass the source switches to postcopy
+//! and kvm-dest runs the guest while its pages arrive (its vCPU faults through KVM
+//! into the userfaultfd): page requests > 0, the counter continued, the guest's
+//! checksum over its whole working set intact.
+
+#![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+
+mod common;
+
+use common::TestDir;
+use std::process::Command;
+
+#[test]
+fn kvm_demo_switches_to_postcopy_and_runs_on() {
+    if !testkit::kvm_or_skip("kvm_demo_switches_to_postcopy_and_runs_on") {
+        return;
+    }
+    let dir = TestDir::new("kvm-demo-postcopy");
+    let stats = dir.join("stats.json");
+    let args = [
+        "demo",
+        "--kvm",
+        "--postcopy",
+        "--ram-size",
+        "128M",
+        "--working-set",
+        "32M",
+        "--dirty-rate",
+        "128",
+        "--max-bandwidth",
+        "16M",
+        "--seed",
+        "5",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(args)
+        .args(["--stats-json", &stats.to_string_lossy()])
+        .output()
+        .expect("run qmig demo --kvm --postcopy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo {args:?} failed: {err}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats JSON");
+    let g = &s["guest"];
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(g["checksum_ok"], true, "{s}");
+    let (n, m) = (g["counter_at_stop"].as_u64().unwrap_or(0), g["counter_on_destination"].as_u64().unwrap_or(0));
+    assert!(n > 0 && m > n, "the guest ran on the destination: {n} -> {m}");
+    assert!(s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0, "the vCPU faulted pages in: {s}");
+    assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{s}");
+    let pc = &s["destination"]["postcopy"];
+    assert!(pc["requests"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert!(pc["request-latency-us"]["count"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert!(g["ram_equal_at_stop"].is_null(), "no common stop point in postcopy: {s}");
+    assert_eq!(s["destination"]["return-path"]["shut"], 0, "{s}");
+}

@@ -1,0 +1,58 @@
+//! qmig -> qmig postcopy: `qmig send --postcopy --postcopy-after 0` into
+//! `qmig recv --postcopy --postcopy-touch` over a unix socket: both complete, the
+//! page requests recv sent are the ones send served, and the RAM is exact.
+
+mod common;
+
+use common::{assert_same_ram, run_qmig_ok, utf8, TestDir};
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use testkit::pattern::{self, Pattern};
+
+const RAM_LEN: usize = 16 << 20;
+
+#[test]
+fn qmig_send_postcopy_into_qmig_recv_postcopy() {
+    let dir = TestDir::new("postcopy-qmig");
+    let (src, dst, sock) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"));
+    let ram = pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0003, RAM_LEN);
+    std::fs::write(&src, &ram).expect("write source RAM");
+    let uri = format!("unix:{}", utf8(&sock));
+    let recv_out = std::fs::File::create(dir.join("recv.out")).expect("recv stdout file");
+    let recv_err = std::fs::File::create(dir.join("recv.err")).expect("recv stderr file");
+    let ram_arg = format!("mem={}", utf8(&dst));
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["recv", "--ram", &ram_arg, "--from", &uri, "--postcopy", "--postcopy-touch"])
+        .stdin(Stdio::null())
+        .stdout(recv_out)
+        .stderr(recv_err)
+        .spawn()
+        .expect("run qmig recv");
+    // recv binds before it prints; wait for the socket file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Postcopy from the start: nearly every page comes after RUN, while the touch thread faults.
+    let src_arg = format!("mem={}", utf8(&src));
+    let send = run_qmig_ok(
+        &dir,
+        &["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0", "--max-bandwidth", "4M"],
+        Duration::from_secs(60),
+    );
+    let status = recv.wait().expect("wait for recv");
+    let recv_err = std::fs::read_to_string(dir.join("recv.err")).unwrap_or_default();
+    assert!(status.success(), "recv: {status} {recv_err}");
+    let sent: Value = serde_json::from_str(send.stdout.lines().last().expect("send stats")).expect("send JSON");
+    let out = std::fs::read_to_string(dir.join("recv.out")).expect("recv stdout");
+    let got: Value = serde_json::from_str(out.lines().last().expect("recv stats")).expect("recv JSON");
+    assert_eq!(sent["status"], "completed", "{sent}");
+    assert_eq!(got["status"], "completed", "{got}");
+    let requests = got["postcopy"]["requests"].as_u64().unwrap_or(0);
+    assert!(requests > 0, "recv's touch thread faulted: {got}");
+    assert_eq!(sent["ram"]["postcopy-requests"].as_u64(), Some(requests), "send {sent}\nrecv {got}");
+    assert!(sent["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{sent}");
+    assert_eq!(got["return-path"]["shut"], 0, "{got}");
+    assert_same_ram("qmig -> qmig postcopy", &std::fs::read(&dst).expect("read received RAM"), &ram);
+}
