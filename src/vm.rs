@@ -9,6 +9,8 @@
 //! capability `events` (and `MIGRATION` `setup` on `migrate-incoming` always, as
 //! 7.2 does), `SHUTDOWN` on `quit`. Every refusal is QEMU's class and wording.
 //! A failed incoming load ends the process with status 1, as QEMU's does.
+//! Postcopy (`postcopy-ram`, `migrate-start-postcopy`) is the engine's: the
+//! destination takes guest RAM's missing pages through userfaultfd.
 //!
 //! `x-qmig-query-guest` (ours) reads the guest program's counters and checks its
 //! checksums as `qmig kvm-dest` does: the vCPUs stopped where no write is in
