@@ -22,6 +22,8 @@ fn kvm_demo_switches_to_postcopy_and_runs_on() {
         "demo",
         "--kvm",
         "--postcopy",
+        "--slots",
+        "1",
         "--ram-size",
         "128M",
         "--working-set",

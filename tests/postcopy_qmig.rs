@@ -12,9 +12,10 @@ use testkit::pattern::{self, Pattern};
 
 const RAM_LEN: usize = 16 << 20;
 
-#[test]
-fn qmig_send_postcopy_into_qmig_recv_postcopy() {
-    let dir = TestDir::new("postcopy-qmig");
+/// Runs send (`--postcopy` plus `extra`) into `recv --postcopy --postcopy-touch`;
+/// returns both statistics lines after checking both completed and the RAM.
+fn migrate(name: &str, extra: &[&str]) -> (Value, Value) {
+    let dir = TestDir::new(name);
     let (src, dst, sock) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"));
     let ram = pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0003, RAM_LEN);
     std::fs::write(&src, &ram).expect("write source RAM");
@@ -36,11 +37,9 @@ fn qmig_send_postcopy_into_qmig_recv_postcopy() {
     }
     // Postcopy from the start: nearly every page comes after RUN, while the touch thread faults.
     let src_arg = format!("mem={}", utf8(&src));
-    let send = run_qmig_ok(
-        &dir,
-        &["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0", "--max-bandwidth", "4M"],
-        Duration::from_secs(60),
-    );
+    let mut args = vec!["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--max-bandwidth", "4M"];
+    args.extend_from_slice(extra);
+    let send = run_qmig_ok(&dir, &args, Duration::from_secs(60));
     let status = recv.wait().expect("wait for recv");
     let recv_err = std::fs::read_to_string(dir.join("recv.err")).unwrap_or_default();
     assert!(status.success(), "recv: {status} {recv_err}");
@@ -49,10 +48,24 @@ fn qmig_send_postcopy_into_qmig_recv_postcopy() {
     let got: Value = serde_json::from_str(out.lines().last().expect("recv stats")).expect("recv JSON");
     assert_eq!(sent["status"], "completed", "{sent}");
     assert_eq!(got["status"], "completed", "{got}");
+    assert_eq!(got["return-path"]["shut"], 0, "{got}");
+    assert_same_ram(name, &std::fs::read(&dst).expect("read received RAM"), &ram);
+    (sent, got)
+}
+
+#[test]
+fn qmig_send_postcopy_into_qmig_recv_postcopy() {
+    let (sent, got) = migrate("postcopy-qmig", &["--postcopy-after", "0"]);
     let requests = got["postcopy"]["requests"].as_u64().unwrap_or(0);
     assert!(requests > 0, "recv's touch thread faulted: {got}");
     assert_eq!(sent["ram"]["postcopy-requests"].as_u64(), Some(requests), "send {sent}\nrecv {got}");
     assert!(sent["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{sent}");
-    assert_eq!(got["return-path"]["shut"], 0, "{got}");
-    assert_same_ram("qmig -> qmig postcopy", &std::fs::read(&dst).expect("read received RAM"), &ram);
+}
+
+/// `postcopy-ram` on both ends but never started: pre-copy completes as usual.
+#[test]
+fn postcopy_capability_without_the_switch_completes_by_precopy() {
+    let (sent, got) = migrate("postcopy-qmig-nostart", &[]);
+    assert!(got["postcopy"].is_null(), "{got}");
+    assert_eq!(sent["ram"]["postcopy-bytes"], 0, "{sent}");
 }

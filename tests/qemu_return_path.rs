@@ -5,7 +5,7 @@
 //! - `return-path` over unix and tcp: a paused 32 MiB `-machine none` guest; both
 //!   ends `completed`, recv's stats show PONG 1 and SHUT 0, RAM exact.
 //! - `postcopy-ram` (which opens the return path and sends POSTCOPY_ADVISE): recv
-//!   does not implement postcopy, so both ends fail: recv exits 1 naming
+//!   without --postcopy refuses it (as QEMU 7.2 without the capability), so both ends fail: recv exits 1 naming
 //!   postcopy-ram, QEMU's `query-migrate` says `failed`.
 //! - A destination load failure (recv's RAM file of another size) with
 //!   `return-path`: recv exits 1 with QEMU's "Size mismatch", QEMU ends `failed`;

@@ -12,9 +12,14 @@
 //! through the caller's [`ReturnPathOpener`]; every PING is answered with
 //! PONG(same value); at the end SHUT(0) goes out once everything loaded (after the
 //! guest was resumed, as QEMU does), SHUT(1) when loading failed, so the source
-//! fails too. What this destination cannot honour (postcopy, COLO, a capability in
-//! the configuration, a multifd channel) fails the load with
+//! fails too. What this destination cannot honour (postcopy when capability
+//! `postcopy-ram` is off here, postcopy recovery, COLO, a capability in the
+//! configuration, a multifd channel) fails the load with
 //! [`IncomingError::Unsupported`], and so with SHUT(1) when the path is open.
+//!
+//! Postcopy ([`Incoming::with_postcopy`] and [`Incoming::run_postcopy`]): from
+//! PACKAGED on, module [`crate::postcopy_dest`] takes over (userfaultfd, page
+//! requests, the package loaded on its own thread while this one reads the pages).
 
 use crate::error::Origin;
 use crate::memory::PAGE;

@@ -400,8 +400,17 @@ impl Postcopy {
         Ok(Some((b, offset)))
     }
 
-    /// The fault thread's loop: until [`Postcopy::finish`] (or an error, which it returns).
+    /// The fault thread's loop: until [`Postcopy::finish`] (or an error, which it
+    /// returns). An error racing with `finish` (the memory just unregistered) is not one.
     fn fault_loop(&self, stop_fd: i32) -> Result<(), String> {
+        let r = self.fault_loop_inner(stop_fd);
+        if self.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        r
+    }
+
+    fn fault_loop_inner(&self, stop_fd: i32) -> Result<(), String> {
         let mut faults = Vec::with_capacity(64);
         let mut last_block: Option<usize> = None;
         while !self.stop.load(Ordering::Acquire) {
