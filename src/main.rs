@@ -239,6 +239,42 @@ enum Cmd {
         #[arg(long)]
         postcopy: bool,
     },
+    /// Run the KVM guest as a long-lived VM driven over QMP, like `qemu-system-x86_64 -qmp unix:PATH -incoming defer|URI [-S]`.
+    Vm {
+        /// The QMP socket: unix:PATH (QEMU's `,server=on,wait=off` options are accepted and implied).
+        #[arg(long, value_name = "unix:PATH")]
+        qmp: String,
+        /// Wait for an incoming migration: `defer` (start it with QMP `migrate-incoming`) or a URI to listen on now.
+        #[arg(long, value_name = "defer|URI")]
+        incoming: Option<String>,
+        /// Do not start the vCPUs until QMP `cont` (QEMU's -S); with --incoming, do not start the guest after loading.
+        #[arg(short = 'S')]
+        paused: bool,
+        /// Guest RAM, suffixes K, M, G.
+        #[arg(long = "ram-size", default_value = "1G", value_parser = parse_size)]
+        ram_size: u64,
+        /// Memory slots, 1 or 2 (2 splits RAM around a PCI hole, scaled down).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+        slots: u32,
+        /// vCPUs, each running the guest program on its own slice of the working set.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Bytes of the guest's working set (suffixes K, M, G; default a quarter of the RAM, at most 256M).
+        #[arg(long = "working-set", value_parser = parse_size)]
+        working_set: Option<u64>,
+        /// MiB/s the guest writes into its working set.
+        #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
+        dirty_rate: u64,
+        /// Seed of the working set's content and the guest's page choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The VM's name (QEMU's -name; QMP `query-name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The VM's UUID (QEMU's -uuid; QMP `query-uuid`).
+        #[arg(long, value_parser = parse_uuid)]
+        uuid: Option<String>,
+    },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
         /// RAM block NAME goes to file PATH (created if missing, else its length must match). Repeatable.
@@ -499,6 +535,65 @@ fn kvm_dest(
     _: Option<transports::TlsParams>,
     _: &transports::CancelToken,
 ) -> qmig::Result<()> {
+    Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
+}
+
+/// `qmig vm`'s guest.
+#[cfg_attr(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
+struct GuestShape {
+    ram_size: u64,
+    slots: u32,
+    vcpus: usize,
+    working_set: u64,
+    dirty_rate: u64,
+    seed: u64,
+    name: Option<String>,
+    uuid: Option<String>,
+}
+
+/// A UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased.
+fn parse_uuid(s: &str) -> Result<String, String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    if shape && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{s}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+    }
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn vm_command(
+    qmp: &str,
+    incoming: Option<String>,
+    paused: bool,
+    g: GuestShape,
+    cancel: &transports::CancelToken,
+) -> qmig::Result<()> {
+    // QEMU's `-qmp unix:PATH,server=on,wait=off`: the options are what qmig does anyway.
+    let path = qmp
+        .strip_prefix("unix:")
+        .map(|p| p.split(',').next().unwrap_or(p))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| qmig::Error::Usage(format!("--qmp {qmp}: expected unix:PATH")))?;
+    if let Some(why) = kvm_unavailable() {
+        return Err(qmig::Error::Usage(format!("qmig vm needs KVM: {why}")));
+    }
+    let opts = qmig::vm::VmOptions {
+        ram_size: g.ram_size,
+        slots: g.slots,
+        vcpus: g.vcpus,
+        guest: minivmm::GuestConfig { working_set: g.working_set, dirty_rate: g.dirty_rate, seed: g.seed },
+        paused,
+        incoming,
+        name: g.name,
+        uuid: g.uuid,
+    };
+    qmig::vm::run(&opts, std::path::Path::new(path), cancel)
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn vm_command(_: &str, _: Option<String>, _: bool, _: GuestShape, _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -785,6 +880,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 tls.params()?,
                 cancel,
             )?
+        }
+        Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed, name, uuid } => {
+            let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
+            let guest =
+                GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed, name, uuid };
+            vm_command(&qmp, incoming, paused, guest, cancel)?
         }
         Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd, tls } => {
             let tls = tls.params()?;

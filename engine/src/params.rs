@@ -76,7 +76,7 @@ impl MigrationParameters {
     pub fn validate(&self) -> Result<(), ParameterError> {
         let bad = |name, expects| Err(ParameterError { name, expects });
         if self.downtime_limit > 2_000_000 {
-            return bad("downtime_limit", "an integer in the range of 0 to 2000000 milliseconds");
+            return bad("downtime_limit", "an integer in the range of 0 to (2000 * 1000) ms");
         }
         if !(1..=100).contains(&self.throttle_trigger_threshold) {
             return bad("throttle_trigger_threshold", "an integer in the range of 1 to 100");

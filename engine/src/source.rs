@@ -280,6 +280,8 @@ pub struct Outgoing {
     force: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`continue_switchover`](Self::continue_switchover).
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    /// Set by [`begin_setup`](Self::begin_setup): the run starts from `setup`.
+    begun: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`start_postcopy`](Self::start_postcopy).
     postcopy: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -634,6 +636,7 @@ impl Outgoing {
             cancel: CancelToken::new()?,
             force: Default::default(),
             go_on: Default::default(),
+            begun: Default::default(),
             postcopy: Default::default(),
         })
     }
@@ -713,6 +716,16 @@ impl Outgoing {
         let (m, cv) = &*self.go_on;
         *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
+        Ok(())
+    }
+
+    /// Move `none -> setup` now, before the channel is even connected, as QEMU 7.2's
+    /// `migrate` command does before it returns (so `query-migrate` never shows
+    /// `none` after it); the run then goes on from `setup`. A channel that cannot
+    /// be opened then ends it `setup -> failed`.
+    pub fn begin_setup(&self) -> Result<(), IllegalTransition> {
+        self.state.transition(S::None, S::Setup)?;
+        self.begun.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -843,7 +856,9 @@ impl Outgoing {
         let start = Instant::now();
         let pages: u64 = ram.iter().map(|r| r.memory().pages()).sum();
         let _span = tracing::info_span!("migration", role = "source", regions = ram.len(), pages).entered();
-        self.state.transition(S::None, S::Setup)?;
+        if !self.begun.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.state.transition(S::None, S::Setup)?;
+        }
         let mut undo = Undo::default();
         let mut reader: Option<RpState> = None;
         let result = match (vm.blockers.first(), rp, channels) {

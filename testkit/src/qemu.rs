@@ -243,6 +243,20 @@ impl Qmp {
         }
     }
 
+    /// The next asynchronous event: one already received, else the next message,
+    /// waiting at most `timeout` (a reply with no command pending is a protocol error).
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Value, QemuError> {
+        if !self.events.is_empty() {
+            return Ok(self.events.remove(0));
+        }
+        let msg = self.read_message_within(timeout, "an event")?;
+        if msg.get("event").is_some() {
+            Ok(msg)
+        } else {
+            Err(QemuError::Protocol(format!("expected an event, got {msg}")))
+        }
+    }
+
     fn read_message(&mut self) -> Result<Value, QemuError> {
         let t = self.timeout;
         self.read_message_within(t, "the QMP greeting")
