@@ -297,15 +297,17 @@ fn qemu_return_path_failure_after_the_whole_stream_fails_the_source() {
     if qemu_or_skip(NAME).is_none() {
         return;
     }
-    // The destination file lives on a 4 MiB tmpfs: the guest's 8 MiB of data pages
-    // cannot all land, which recv learns when it flushes the file after EOF, with the
-    // whole stream read and QEMU waiting on the return path: only SHUT(1) tells it.
+    // The destination file lives on a 4 MiB tmpfs, created beforehand as a sparse file
+    // of the guest's length (a file recv would create itself is refused up front by its
+    // free-space check): the guest's 8 MiB of data pages cannot all land, which recv
+    // learns from its writes, possibly only when it flushes the file after EOF with the
+    // whole stream read and QEMU waiting on the return path: SHUT(1) tells it.
     let Some(fs_small) = SmallTmpfs::mount(NAME, "4m") else {
         eprintln!("SKIP {NAME}: cannot mount a tmpfs (not root?)");
         return;
     };
     let sock = |d: &TestDir| format!("unix:{}", utf8(&d.join("mig.sock")));
-    let o = migrate_to(NAME, 0x7e7_0005, &["return-path"], sock, None, Some(fs_small.0.join("dst.ram")));
+    let o = migrate_to(NAME, 0x7e7_0005, &["return-path"], sock, Some(RAM_LEN), Some(fs_small.0.join("dst.ram")));
     both_fail(NAME, &o, "No space left on device");
 }
 
