@@ -85,10 +85,10 @@ impl<'g> MigrationWriter<'g> {
         self.paced = on;
     }
 
-    /// When this window's budget is spent: the end of the window (QEMU's
-    /// `qemu_file_rate_limit`); `None` when more may be sent now.
+    /// When this window's budget is spent, counting what is queued as sent: the end
+    /// of the window (QEMU's `qemu_file_rate_limit`); `None` when more may be sent now.
     pub fn rate_limited_until(&mut self) -> Option<std::time::Instant> {
-        self.window.blocked_until(&self.rate)
+        self.window.blocked_with(&self.rate, self.pending as u64)
     }
 
     /// Send everything queued now (borrowed slices must not outlive their memory).
