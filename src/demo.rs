@@ -51,6 +51,10 @@ pub struct DemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// Capability `postcopy-ram` on both ends (qmig destination only), with the
+    /// switch after this long or at the end of the first pass if sooner; the
+    /// destination reads pages at random while postcopy is active (`--postcopy-touch`).
+    pub postcopy: Option<Duration>,
 }
 
 /// Work files, removed on drop.
@@ -81,6 +85,9 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(pattern::PAGE_SIZE as u64) {
         return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
     }
+    if opts.postcopy.is_some() && opts.dest == Destination::Qemu {
+        return Err(Error::Usage("--postcopy: the synthetic guest's demo postcopy runs into qmig recv".into()));
+    }
     let dir = work_dir()?;
     let dst_ram = dir.0.join("dst-ram");
     let uri: MigrationUri = match &opts.uri {
@@ -106,7 +113,7 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
-        Destination::Qmig => start_qmig_recv(&dst_ram, &uri)?,
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts.postcopy.is_some())?,
         Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
     };
 
@@ -114,9 +121,13 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
-    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
+    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
+    if let Some(after) = opts.postcopy {
+        out = out.with_postcopy_after(after);
+    }
     let ch = connect_retry(&uri, out.cancel())?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
@@ -130,7 +141,8 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
     let dest_report = finish_dest(&mut dest)?;
 
-    // The source is stopped: compare its RAM now with the destination's.
+    // The source is stopped (in postcopy since the switch): compare what it last
+    // wrote with the destination's RAM.
     let (verified, differing) = verify(&guest, &dst_ram)?;
     guest.shutdown();
     let mut stats = qmig::send::stats_json(&info);
@@ -146,10 +158,14 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-fn start_qmig_recv(dst: &Path, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+fn start_qmig_recv(dst: &Path, uri: &MigrationUri, postcopy: bool) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
+    if postcopy {
+        // No vCPU faults in `qmig recv`: its touch thread stands in for one.
+        cmd.args(["--postcopy", "--postcopy-touch"]);
+    }
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }

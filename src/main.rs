@@ -571,9 +571,6 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     cancel,
                 });
             }
-            if postcopy.is_some() {
-                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
-            }
             let opts = demo::DemoOptions {
                 ram_size,
                 dirty_rate: dirty_rate << 20,
@@ -586,6 +583,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
+                postcopy,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
