@@ -885,7 +885,7 @@ impl Outgoing {
                 };
                 let mut e = if cancelled { EngineError::Cancelled } else { e };
                 if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
-                    *said = undo.stopped && resumed.is_ok();
+                    *said = undo.stopped && !undo.postcopy && resumed.is_ok();
                 }
                 // After the package the destination may run the guest: it was not
                 // resumed here, and the error says why (a cancel stays a cancel).
