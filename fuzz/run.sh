@@ -9,10 +9,11 @@
 # Runs `cargo fuzz run --sanitizer none` (stable Rust: no sanitizer), one process
 # with debug assertions (overflow checks) on. New inputs go to fuzz/work/TARGET/
 # (git-ignored); the committed corpus fuzz/corpus/TARGET/ and the reproducers in
-# fuzz/regressions/TARGET/ are read as seeds. With --merge the committed corpus
+# fuzz/regressions/TARGET/ (and fuzz/regressions/streams/ for the targets that
+# take a whole stream) are read as seeds. With --merge the committed corpus
 # is then replaced by a minimised merge (libFuzzer -merge=1, what `cargo fuzz
-# cmin` does) of itself and the work corpus, keeping inputs of at most 64 KiB
-# (the large fixture seeds come back from fuzz/seed.sh). The log of the run is
+# cmin` does) of its own and the work corpus's small inputs (4 to 64 KiB, see
+# `keep`; the large fixture seeds come back from fuzz/seed.sh). The log of the run is
 # fuzz/work/TARGET.log. Exits 1 when a run left a new finding.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,6 +48,17 @@ options() {
     esac
 }
 
+# Largest input (KiB) kept in the committed corpus: the corpora stay small (about
+# 2 MB in all; the big fixture seeds come back from seed.sh).
+keep() {
+    case "$1" in
+    decode_stream | incoming_guest) echo 16 ;;
+    decode_multifd_channel) echo 5 ;;
+    recv_sink) echo 4 ;;
+    *) echo 64 ;;
+    esac
+}
+
 run_one() {
     t=$1
     targets | grep -qx "$t" || usage
@@ -59,10 +71,12 @@ run_one() {
         cargo fuzz build --sanitizer none --debug-assertions "$t" >"work/$t.build.log" 2>&1
         bin=$(ls -d target/*/release/"$t" | head -n 1)
         new=$(mktemp -d)
+        small=$(mktemp -d)
+        cap=$(keep "$t")
+        find "corpus/$t" "work/$t" -type f -size -$((cap + 1))k -exec cp {} "$small/" \;
         # shellcheck disable=SC2046
-        "$bin" -merge=1 -timeout=10 $(options "$t") "$new" "corpus/$t" "work/$t" >"work/$t.merge.log" 2>&1
-        find "$new" -type f -size +64k -delete
-        rm -rf "corpus/$t"
+        "$bin" -merge=1 -timeout=10 $(options "$t") "$new" "$small" >"work/$t.merge.log" 2>&1
+        rm -rf "corpus/$t" "$small"
         mv "$new" "corpus/$t"
         chmod 755 "corpus/$t"
         echo "  corpus merged: $(ls "corpus/$t" | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
@@ -74,7 +88,10 @@ fuzz_one() {
     log="work/$t.log"
     echo "== $t: fuzzing for $secs s (log: fuzz/$log)"
     # shellcheck disable=SC2046 # options are words on purpose
-    cargo fuzz run --sanitizer none --debug-assertions "$t" "work/$t" "corpus/$t" "regressions/$t" -- \
+    extra=
+    case "$t" in decode_stream | recv_sink | incoming_guest) extra=regressions/streams ;; esac
+    # shellcheck disable=SC2086 # $extra is empty or one directory
+    cargo fuzz run --sanitizer none --debug-assertions "$t" "work/$t" "corpus/$t" "regressions/$t" $extra -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" $(options "$t") >"$log" 2>&1 || true
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)

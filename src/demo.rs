@@ -8,14 +8,14 @@ use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameter
 use engine::source::Outgoing;
 use qmig::{Error, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testkit::pattern::{self, Pattern};
 use testkit::qemu::{QemuConfig, QemuProcess};
 use testkit::synthetic::SyntheticGuest;
-use transports::{connect, MigrationUri};
+use transports::{connect_with, ChannelOptions, MigrationUri};
 
 /// Where the demo migrates to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub struct DemoOptions {
     pub auto_converge: bool,
     /// Capability `return-path`: the source completes only after the destination's SHUT(0).
     pub return_path: bool,
+    /// Capability `xbzrle` (cache size in `params`).
+    pub xbzrle: bool,
+    /// Also write the stream sent to this file (the return path is then off).
+    pub capture: Option<PathBuf>,
     /// The destination.
     pub dest: Destination,
     /// Seed of the guest's content and writes.
@@ -55,6 +59,15 @@ pub struct DemoOptions {
     /// switch after this long or at the end of the first pass if sooner; the
     /// destination reads pages at random while postcopy is active (`--postcopy-touch`).
     pub postcopy: Option<Duration>,
+    /// The channel's io timeout (`--io-timeout`), on both ends.
+    pub channel: transports::ChannelOptions,
+    /// Where the source connects, when not to the URI the destination listens on
+    /// (`--connect`: a proxy or tunnel in between).
+    pub connect: Option<String>,
+    /// Capability `multifd` with this many channels (compression in `params`).
+    pub multifd: Option<u8>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`; qmig destination only).
+    pub tls: Option<transports::TlsParams>,
 }
 
 /// Work files, removed on drop.
@@ -111,16 +124,21 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     let region = guest.region("mem").ok_or_else(|| Error::Usage("guest RAM".into()))?;
     guest.start(opts.vcpus, opts.dirty_rate, opts.seed);
 
+    if opts.tls.is_some() && opts.dest == Destination::Qemu {
+        return Err(Error::Usage("--tls-creds: the demo runs TLS with a qmig destination only".into()));
+    }
     // The destination, listening before we connect.
     let (mut dest, uri) = match opts.dest {
-        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts.postcopy.is_some())?,
-        Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri)?,
+        Destination::Qmig => start_qmig_recv(&dst_ram, &uri, opts)?,
+        Destination::Qemu => start_qemu(&dst_ram, opts.ram_size, &uri, opts)?,
     };
 
     let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
-        return_path: opts.return_path,
+        return_path: opts.return_path && opts.capture.is_none(),
+        multifd: opts.multifd.is_some(),
+        xbzrle: opts.xbzrle,
         postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
@@ -128,11 +146,26 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     if let Some(after) = opts.postcopy {
         out = out.with_postcopy_after(after);
     }
-    let ch = connect_retry(&uri, out.cancel())?;
+    let to = connect_uri(opts.connect.as_deref(), &uri)?;
+    let ch = connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref())?;
+    let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref())?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
-    let res = out.run(ch, &mut [RamRegion::new(&region).with_dirty(guest.dirty())], &mut vcpus);
+    let mut ram = [RamRegion::new(&region).with_dirty(guest.dirty())];
+    let res = match (channels, &opts.capture) {
+        (Some(c), None) => out.run_multifd(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage("--capture records the main channel only: it refuses --multifd".into()))
+        }
+        (None, None) => out.run(ch, &mut ram, &mut vcpus),
+        (None, Some(path)) => {
+            let file = std::fs::File::create(path).map_err(|e| Error::file(path, e))?;
+            let file = std::io::BufWriter::with_capacity(1 << 20, file);
+            let w = Tee { ch: transports::MigrationWriter::new(ch, out.rate().clone()), file, page: vec![0u8; 4096] };
+            out.run_on(w, &mut ram, &mut vcpus, &mut engine::vm::VmParts::default())
+        }
+    };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
@@ -158,11 +191,46 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     Ok((stats, verified))
 }
 
-fn start_qmig_recv(dst: &Path, uri: &MigrationUri, postcopy: bool) -> Result<(Dest, MigrationUri)> {
+/// The `multifd-channels` extra connections, after the main one (QEMU 7.2's order);
+/// over TLS each runs its own handshake, as in 7.2.
+pub(crate) fn multifd_channels(
+    uri: &MigrationUri,
+    n: Option<u8>,
+    cancel: &transports::CancelToken,
+    channel: &ChannelOptions,
+    tls: Option<&transports::TlsParams>,
+) -> Result<Option<Vec<transports::Channel>>> {
+    let Some(n) = n else { return Ok(None) };
+    engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+    let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
+    let open = || match &client {
+        Some(t) => t.connect_with(uri, cancel, channel),
+        None => connect_with(uri, cancel, channel),
+    };
+    (0..n).map(|_| open().map_err(Error::transport)).collect::<Result<Vec<_>>>().map(Some)
+}
+
+/// `--multifd N --multifd-compression C` for a destination qmig process.
+pub(crate) fn multifd_args(n: Option<u8>, p: &MigrationParameters) -> Vec<String> {
+    match n {
+        Some(n) => vec![
+            "--multifd".into(),
+            n.to_string(),
+            "--multifd-compression".into(),
+            p.multifd_compression.as_str().into(),
+        ],
+        None => vec![],
+    }
+}
+
+fn start_qmig_recv(dst: &Path, uri: &MigrationUri, opts: &DemoOptions) -> Result<(Dest, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
     cmd.args(["recv", "--ram", &format!("mem={}", dst.display()), "--from", &uri.to_string()]);
-    if postcopy {
+    cmd.args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
+    cmd.args(multifd_args(opts.multifd, &opts.params));
+    cmd.args(crate::tls_args::dest_args(opts.tls.as_ref()));
+    if opts.postcopy.is_some() {
         // No vCPU faults in `qmig recv`: its touch thread stands in for one.
         cmd.args(["--postcopy", "--postcopy-touch"]);
     }
@@ -213,7 +281,7 @@ pub(crate) fn wait_report(child: &mut Child, what: &str) -> Result<Value> {
         .ok_or_else(|| Error::Usage(format!("{what} printed no report")))
 }
 
-fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, MigrationUri)> {
+fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri, opts: &DemoOptions) -> Result<(Dest, MigrationUri)> {
     let uri = match uri {
         MigrationUri::Tcp { host, port: 0 } => {
             // QEMU needs a concrete port: take a free one.
@@ -225,15 +293,57 @@ fn start_qemu(dst: &Path, len: u64, uri: &MigrationUri) -> Result<(Dest, Migrati
     };
     let qemu_err = |e: testkit::qemu::QemuError| Error::Usage(format!("QEMU: {}", engine::error::report(&e)));
     let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", dst, len).incoming(true)).map_err(qemu_err)?;
+    if let Some(n) = opts.multifd {
+        q.qmp().and_then(|m| m.set_capabilities(&[("multifd", true)])).map_err(qemu_err)?;
+        let args = serde_json::json!({
+            "multifd-channels": n,
+            "multifd-compression": opts.params.multifd_compression.as_str(),
+        });
+        q.execute("migrate-set-parameters", Some(args)).map_err(qemu_err)?;
+    }
     q.migrate_incoming(&uri.to_string()).map_err(qemu_err)?;
     Ok((Dest::Qemu(Box::new(q)), uri))
 }
 
-pub(crate) fn connect_retry(uri: &MigrationUri, cancel: &transports::CancelToken) -> Result<transports::Channel> {
+/// The URI the source connects to: `connect` when given, else where the destination listens.
+pub(crate) fn connect_uri(connect: Option<&str>, listening: &MigrationUri) -> Result<MigrationUri> {
+    match connect {
+        Some(c) => c.parse().map_err(|e: transports::UriError| Error::Transport(e.into())),
+        None => Ok(listening.clone()),
+    }
+}
+
+/// `--io-timeout`'s value for a destination process with these options (0: none).
+pub(crate) fn io_timeout_arg(channel: &ChannelOptions) -> String {
+    channel.io_timeout.map_or(0.0, |t| t.as_secs_f64()).to_string()
+}
+
+/// Connect to a destination that may still be starting (retrying for 5 s), then
+/// run the TLS handshake once when `tls` is given.
+pub(crate) fn connect_retry(
+    uri: &MigrationUri,
+    cancel: &transports::CancelToken,
+    channel: &ChannelOptions,
+    tls: Option<&transports::TlsParams>,
+) -> Result<transports::Channel> {
+    // Both ends' flags come together here: the allow-list is the destination's.
+    let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
+    let creds = client.map(|t| t.client()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    let name = match tls {
+        Some(t) => {
+            Some(transports::tls::server_name(uri, t.hostname.as_deref()).map_err(|e| Error::Transport(e.into()))?)
+        }
+        None => None,
+    };
     let t0 = Instant::now();
     loop {
-        match connect(uri, cancel) {
-            Ok(c) => return Ok(c),
+        match connect_with(uri, cancel, channel) {
+            Ok(c) => {
+                return match (&creds, &name) {
+                    (Some(creds), Some(name)) => c.tls_client(creds, name).map_err(Error::transport),
+                    _ => Ok(c),
+                }
+            }
             Err(e) if t0.elapsed() < Duration::from_secs(5) && !e.is_cancelled() => {
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));
@@ -275,4 +385,44 @@ fn verify(guest: &SyntheticGuest, dst: &Path) -> Result<(bool, u64)> {
         }
     }
     Ok((differing == 0, differing))
+}
+
+/// The stream to the channel and, copied, to a capture file (`--capture`). A page's
+/// copy is read when it is queued: if the guest writes it before the channel sends
+/// it, the capture holds the earlier bytes (the page is dirty and sent again); the
+/// records are the same.
+struct Tee<'g> {
+    ch: transports::MigrationWriter<'g>,
+    file: std::io::BufWriter<std::fs::File>,
+    page: Vec<u8>,
+}
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.ch.write(buf)?;
+        self.file.write_all(&buf[..n])?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.ch.flush()
+    }
+}
+
+impl<'g> engine::source::PageWriter<'g> for Tee<'g> {
+    fn write_page(&mut self, page: vm_memory::VolatileSlice<'g>) -> std::io::Result<()> {
+        self.page.resize(page.len(), 0);
+        page.copy_to(&mut self.page[..]);
+        self.file.write_all(&self.page)?;
+        self.ch.write_volatile(page)
+    }
+    fn flush_now(&mut self) -> std::io::Result<()> {
+        self.ch.flush_now()
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.ch.rate_limit().total_bytes()
+    }
+    fn close(mut self) -> std::result::Result<(), engine::source::EngineError> {
+        self.file.flush()?;
+        Ok(self.ch.close()?)
+    }
 }

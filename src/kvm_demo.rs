@@ -5,7 +5,9 @@
 //! later, each vCPU's counter and whether its own checksum over its slice of the
 //! working set still holds.
 
-use crate::demo::{connect_retry, spawn_listening, wait_report, work_dir};
+use crate::demo::{
+    connect_retry, connect_uri, io_timeout_arg, multifd_args, multifd_channels, spawn_listening, wait_report, work_dir,
+};
 use engine::params::{MigrationCapabilities, MigrationParameters, SharedParameters};
 use engine::source::Outgoing;
 use engine::vm::VcpuControl;
@@ -38,6 +40,10 @@ pub struct KvmDemoOptions {
     pub auto_converge: bool,
     /// Capability `return-path`: the source completes only after the destination's SHUT(0).
     pub return_path: bool,
+    /// Capability `xbzrle` (cache size in `params`).
+    pub xbzrle: bool,
+    /// Guest RAM on transparent huge pages where offered (both VMs).
+    pub huge_pages: bool,
     /// Seed of the working set and the guest's page choice.
     pub seed: u64,
     /// How long the guest runs on the destination before it is read (≥ 1 s).
@@ -46,6 +52,15 @@ pub struct KvmDemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// The channel's io timeout (`--io-timeout`), on both ends.
+    pub channel: transports::ChannelOptions,
+    /// Where the source connects, when not to the URI the destination listens on
+    /// (`--connect`: a proxy or tunnel in between).
+    pub connect: Option<String>,
+    /// Capability `multifd` with this many channels (compression in `params`).
+    pub multifd: Option<u8>,
+    /// TLS on both ends (QEMU's `tls-creds`, `tls-hostname`, `tls-authz`).
+    pub tls: Option<transports::TlsParams>,
     /// Capability `postcopy-ram` on both ends, with the switch after this long (or
     /// after the first pass if sooner): the guest runs on the destination while its
     /// pages arrive (`qmig demo --postcopy [--postcopy-after SECS]`).
@@ -69,7 +84,9 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         return Err(Error::Usage("the demo migrates over tcp: or unix: URIs".into()));
     }
 
-    let mut vm = Vm::with_vcpus(layout, opts.vcpus).map_err(vm_err)?;
+    let vm_options = minivmm::VmOptions { huge_pages: opts.huge_pages };
+    let mut vm = Vm::with_options(layout, opts.vcpus, vm_options).map_err(vm_err)?;
+    let huge_pages = vm.huge_pages();
     vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
         .map_err(vm_err)?;
     vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
@@ -80,6 +97,8 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path: opts.return_path,
+        multifd: opts.multifd.is_some(),
+        xbzrle: opts.xbzrle,
         postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
@@ -89,7 +108,8 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     }
     // Let the guest get going before the migration starts.
     std::thread::sleep(Duration::from_millis(200).saturating_sub(booted.elapsed()));
-    let ch = match connect_retry(&uri, out.cancel()) {
+    let to = connect_uri(opts.connect.as_deref(), &uri)?;
+    let ch = match connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -99,7 +119,18 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     };
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
-    let res = minivmm::migrate::migrate_out(&vm, &out, ch);
+    let channels = match multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let res = match channels {
+        Some(c) => minivmm::migrate::migrate_out_multifd(&vm, &out, ch, c),
+        None => minivmm::migrate::migrate_out(&vm, &out, ch),
+    };
     drop(progress);
     let timeout = deadline.map(qmig::watch::Deadline::finish_json);
     let info = match res {
@@ -169,6 +200,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     stats["guest"] = json!({
         "kind": "kvm",
         "slots": opts.slots,
+        "huge-pages": huge_pages,
         "working-set": opts.working_set,
         "dirty-rate": opts.dirty_rate,
         "dirty-rate-achieved": achieved,
@@ -191,7 +223,13 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     cmd.args(["kvm-dest", "--from", &uri.to_string()])
         .args(["--ram-size", &opts.ram_size.to_string(), "--slots", &opts.slots.to_string()])
         .args(["--vcpus", &opts.vcpus.to_string()])
-        .args(["--run-on", &opts.run_on.as_millis().to_string()]);
+        .args(["--run-on", &opts.run_on.as_millis().to_string()])
+        .args(["--io-timeout", &io_timeout_arg(&opts.channel)])
+        .args(multifd_args(opts.multifd, &opts.params))
+        .args(crate::tls_args::dest_args(opts.tls.as_ref()));
+    if !opts.huge_pages {
+        cmd.arg("--no-huge-pages");
+    }
     if opts.postcopy.is_some() {
         cmd.arg("--postcopy");
     }
@@ -199,30 +237,50 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
 }
 
 /// `qmig kvm-dest`: an empty VM with `ram_size`/`slots` and `vcpus` vCPUs listens
-/// on `uri` (`on_listening` gets the bound URI), loads the incoming guest, takes a
+/// on `uri` (over TLS with `tls`; `on_listening` gets the bound URI), loads the incoming guest, takes a
 /// digest of its RAM, resumes it, lets it run `run_on`, stops it at a point where
 /// no write is in progress and reports each vCPU's counter and whether its
 /// checksum holds (`vcpus`), and vCPU 0's counter and all checksums at the top.
+/// The listener takes `channel`'s options (the io timeout).
+/// With `multifd` (`multifd-channels`, `multifd-compression`) the channels are
+/// accepted after the main one and place pages straight into guest memory.
+#[allow(clippy::too_many_arguments)]
 pub fn dest(
-    ram_size: u64,
-    slots: u32,
-    vcpus: usize,
-    uri: &MigrationUri,
-    (run_on, postcopy): (Duration, bool),
+    (ram_size, slots, vcpus): (u64, u32, usize),
+    vm_options: minivmm::VmOptions,
+    (uri, channel): (&MigrationUri, &transports::ChannelOptions),
+    (run_on, postcopy, multifd): (Duration, bool, Option<(u8, savevm_format::multifd::Compression)>),
+    tls: Option<&transports::TlsParams>,
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
+    let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut vm = Vm::with_vcpus(layout, vcpus).map_err(vm_err)?;
-    let listener = Listener::bind(uri, cancel).map_err(Error::transport)?;
+    let mut vm = Vm::with_options(layout, vcpus, vm_options).map_err(vm_err)?;
+    let mut listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
+    if let Some(creds) = creds {
+        listener = listener.with_tls(creds).map_err(Error::transport)?;
+    }
     on_listening(listener.local_uri());
-    let ch = listener.accept().map_err(Error::transport)?;
     let start = Instant::now();
-    let report = if postcopy {
+    let report = if let Some((n, compression)) = multifd {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if postcopy {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
+        let ch = listener.accept_another().map_err(Error::transport)?;
+        let expect = savevm_format::multifd::ChannelExpect { uuid: [0; 16], channels: n, compression };
+        let rate = transports::RateLimit::new(0);
+        let channels = engine::multifd::IncomingChannels::accept(expect, &rate, || listener.accept_another())
+            .map_err(|e| Error::incoming(e.into()))?;
+        minivmm::migrate::migrate_in_multifd(&mut vm, ch, channels, false).map_err(Error::incoming)?
+    } else if postcopy {
+        let ch = listener.accept().map_err(Error::transport)?;
         // Autostart: in postcopy the guest runs from POSTCOPY_RUN on, faulting in its pages.
         let opts = engine::postcopy_dest::PostcopyOptions::default();
         minivmm::migrate::migrate_in_postcopy(&mut vm, ch, true, opts).map_err(Error::incoming)?
     } else {
+        let ch = listener.accept().map_err(Error::transport)?;
         minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?
     };
     let loaded_ms = start.elapsed().as_millis() as u64;
@@ -251,6 +309,7 @@ pub fn dest(
     let first = now.first().map(|(c, _)| *c).unwrap_or_default();
     Ok(json!({
         "ram_digest": format!("{digest:016x}"),
+        "huge_pages": vm.huge_pages(),
         "counter_loaded": loaded.first().map(|c| c.counter),
         "counter": first.counter,
         "writes": now.iter().map(|(c, _)| c.writes).sum::<u64>(),

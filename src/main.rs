@@ -3,6 +3,7 @@
 mod demo;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 mod kvm_demo;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 use qmig::analyze::{analyze, AnalyzeOptions};
@@ -47,6 +48,9 @@ enum Cmd {
         /// The stream file to write.
         #[arg(long = "out", value_name = "STREAM")]
         out: PathBuf,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); `recv --from file:` reads it.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
     },
     /// Send a stopped `-machine none` guest to a destination URI (tcp:, unix:, fd:, exec:, file:). The guest never runs, so there is nothing to converge: no --downtime-limit or --auto-converge here (`demo` migrates a live guest).
     Send {
@@ -70,9 +74,20 @@ enum Cmd {
         /// No return path: complete once EOF is written, whatever the destination makes of it.
         #[arg(long = "no-return-path")]
         no_return_path: bool,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// Write the stream as one zstd frame (`zstd -dc` gives it back), LEVEL 1..19 (default 1); file: and exec: only.
+        #[arg(long, value_name = "zstd[:LEVEL]")]
+        compress: Option<qmig::compress::Compression>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// QEMU's `postcopy-ram` (needs the return path, so a socket): allow switching to postcopy (the destination must have it too).
         #[arg(long, conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -88,6 +103,8 @@ enum Cmd {
         /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
         #[arg(long, value_name = "unix:PATH")]
         control: Option<String>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
     },
     /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
     #[command(name = "migrate-continue")]
@@ -139,6 +156,9 @@ enum Cmd {
         /// Transport: unix:PATH or tcp:HOST:PORT (default: a unix socket in a temporary directory).
         #[arg(long)]
         uri: Option<String>,
+        /// Connect the source to this URI instead of --uri (where the destination listens): through a proxy or tunnel.
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
         /// QEMU's `downtime-limit` in ms.
         #[arg(long = "downtime-limit", value_name = "MS", default_value_t = 300)]
         downtime_limit: u64,
@@ -163,9 +183,25 @@ enum Cmd {
         /// Seed of the guest's content and writes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics (and "verified") to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
+        #[command(flatten)]
+        xbzrle: XbzrleArgs,
+        /// KVM guest: 4 KiB pages only (by default guest RAM uses transparent huge pages where the kernel offers them, MADV_HUGEPAGE).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
+        /// Synthetic guest: also write the stream sent to this file (for `qmig analyze`); implies --no-return-path.
+        #[arg(long, value_name = "PATH")]
+        capture: Option<PathBuf>,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// KVM guest: capability postcopy-ram on both ends; the switch to postcopy comes after the first pass, or --postcopy-after.
         #[arg(long = "postcopy", conflicts_with = "no_return_path")]
         postcopy: bool,
@@ -188,12 +224,59 @@ enum Cmd {
         /// vCPUs (as the source's).
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// ms the guest runs before it is read.
         #[arg(long = "run-on", value_name = "MS", default_value_t = 1000)]
         run_on: u64,
+        #[command(flatten)]
+        multifd: MultifdArgs,
+        /// 4 KiB pages only (no MADV_HUGEPAGE on guest RAM).
+        #[arg(long = "no-huge-pages")]
+        no_huge_pages: bool,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
         #[arg(long)]
         postcopy: bool,
+    },
+    /// Run the KVM guest as a long-lived VM driven over QMP, like `qemu-system-x86_64 -qmp unix:PATH -incoming defer|URI [-S]`.
+    Vm {
+        /// The QMP socket: unix:PATH (QEMU's `,server=on,wait=off` options are accepted and implied).
+        #[arg(long, value_name = "unix:PATH")]
+        qmp: String,
+        /// Wait for an incoming migration: `defer` (start it with QMP `migrate-incoming`) or a URI to listen on now.
+        #[arg(long, value_name = "defer|URI")]
+        incoming: Option<String>,
+        /// Do not start the vCPUs until QMP `cont` (QEMU's -S); with --incoming, do not start the guest after loading.
+        #[arg(short = 'S')]
+        paused: bool,
+        /// Guest RAM, suffixes K, M, G.
+        #[arg(long = "ram-size", default_value = "1G", value_parser = parse_size)]
+        ram_size: u64,
+        /// Memory slots, 1 or 2 (2 splits RAM around a PCI hole, scaled down).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+        slots: u32,
+        /// vCPUs, each running the guest program on its own slice of the working set.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Bytes of the guest's working set (suffixes K, M, G; default a quarter of the RAM, at most 256M).
+        #[arg(long = "working-set", value_parser = parse_size)]
+        working_set: Option<u64>,
+        /// MiB/s the guest writes into its working set.
+        #[arg(long = "dirty-rate", value_name = "MIB_PER_S", default_value_t = 64)]
+        dirty_rate: u64,
+        /// Seed of the working set's content and the guest's page choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The VM's name (QEMU's -name; QMP `query-name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The VM's UUID (QEMU's -uuid; QMP `query-uuid`).
+        #[arg(long, value_parser = parse_uuid)]
+        uuid: Option<String>,
     },
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
@@ -203,9 +286,17 @@ enum Cmd {
         /// Source: tcp:HOST:PORT (port 0 picks one), unix:PATH, fd:N, exec:COMMAND or file:PATH[,offset=N].
         #[arg(long = "from", value_name = "URI")]
         from: String,
+        /// Fail when a socket read or write makes no progress for this many seconds (TCP keepalive and TCP_USER_TIMEOUT too, on tcp); 0 waits for ever, as QEMU does. On tcp: and unix:, a connection that sends nothing within it (or starts with anything but QEMU's magic) is dropped with a line on stderr and recv waits for another.
+        #[arg(long = "io-timeout", value_name = "SECS", default_value = "30")]
+        io_timeout: f64,
         /// Also write the final statistics to this file.
         #[arg(long = "stats-json", value_name = "PATH")]
         stats_json: Option<PathBuf>,
+        #[command(flatten)]
+        multifd: MultifdArgs,
+        /// TLS.
+        #[command(flatten)]
+        tls: tls_args::TlsArgs,
         /// Capability postcopy-ram: accept a source's switch to postcopy (RAM files on tmpfs).
         #[arg(long = "postcopy")]
         postcopy: bool,
@@ -213,6 +304,46 @@ enum Cmd {
         #[arg(long = "postcopy-touch", requires = "postcopy")]
         postcopy_touch: bool,
     },
+}
+
+/// Capability `multifd` and its parameters (QEMU's names, defaults and ranges).
+#[derive(clap::Args, Debug, Clone)]
+struct MultifdArgs {
+    /// Capability `multifd` with N channels (`multifd-channels`, 1..=255; QEMU's default is 2): pages on N extra connections; tcp: and unix: only. Both ends need the same N.
+    #[arg(long = "multifd", value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    multifd: Option<u8>,
+    /// `multifd-compression`: none, zlib or zstd (both ends the same).
+    #[arg(long = "multifd-compression", default_value = "none", requires = "multifd")]
+    compression: savevm_format::multifd::Compression,
+    /// `multifd-zlib-level` (0..=9).
+    #[arg(long = "multifd-zlib-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=9))]
+    zlib_level: u8,
+    /// `multifd-zstd-level` (0..=20).
+    #[arg(long = "multifd-zstd-level", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=20))]
+    zstd_level: u8,
+}
+
+impl MultifdArgs {
+    /// The multifd parameters set in `p`.
+    fn apply(&self, p: &mut engine::params::MigrationParameters) {
+        if let Some(n) = self.multifd {
+            p.multifd_channels = n;
+        }
+        p.multifd_compression = self.compression;
+        p.multifd_zlib_level = self.zlib_level;
+        p.multifd_zstd_level = self.zstd_level;
+    }
+}
+
+/// QEMU's capability `xbzrle` and parameter `xbzrle-cache-size`.
+#[derive(clap::Args)]
+struct XbzrleArgs {
+    /// QEMU's capability `xbzrle`: after the bulk pass, pages sent again go as deltas against the copy sent last (kept in a cache).
+    #[arg(long)]
+    xbzrle: bool,
+    /// QEMU's `xbzrle-cache-size` in bytes, suffixes K, M, G (a power of two of at least 4K; default 64M).
+    #[arg(long = "xbzrle-cache-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    xbzrle_cache_size: u64,
 }
 
 #[derive(clap::Args)]
@@ -320,10 +451,16 @@ struct KvmArgs<'a> {
     params: engine::params::MigrationParameters,
     auto_converge: bool,
     return_path: bool,
+    xbzrle: bool,
+    huge_pages: bool,
     seed: u64,
     run_on: u64,
     stats_json: Option<PathBuf>,
     timeout: Option<qmig::watch::Timeout>,
+    channel: transports::ChannelOptions,
+    connect: Option<String>,
+    multifd: Option<u8>,
+    tls: Option<transports::TlsParams>,
     postcopy: Option<std::time::Duration>,
     cancel: &'a transports::CancelToken,
 }
@@ -340,10 +477,16 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         params: a.params,
         auto_converge: a.auto_converge,
         return_path: a.return_path,
+        xbzrle: a.xbzrle,
+        huge_pages: a.huge_pages,
         seed: a.seed,
         run_on: std::time::Duration::from_millis(a.run_on),
         progress: stdout_is_terminal(),
         timeout: a.timeout,
+        channel: a.channel,
+        connect: a.connect,
+        multifd: a.multifd,
+        tls: a.tls,
         postcopy: a.postcopy,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
@@ -362,20 +505,98 @@ fn kvm_demo(_: KvmArgs<'_>) -> qmig::Result<()> {
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 fn kvm_dest(
     from: &MigrationUri,
-    (ram_size, slots, vcpus): (u64, u32, usize),
+    (ram_size, slots, vcpus, huge_pages): (u64, u32, usize, bool),
     (run_on, postcopy): (u64, bool),
+    channel: &transports::ChannelOptions,
+    multifd: &MultifdArgs,
+    tls: Option<transports::TlsParams>,
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
-    let report = kvm_demo::dest(ram_size, slots, vcpus, from, (run_on, postcopy), cancel, |bound| {
-        print_line(&serde_json::json!({ "listening": bound.to_string() }))
-    })?;
+    let mf = multifd.multifd.map(|n| (n, multifd.compression));
+    let options = minivmm::VmOptions { huge_pages };
+    let report = kvm_demo::dest(
+        (ram_size, slots, vcpus),
+        options,
+        (from, channel),
+        (run_on, postcopy, mf),
+        tls.as_ref(),
+        cancel,
+        |bound| print_line(&serde_json::json!({ "listening": bound.to_string() })),
+    )?;
     print_line(&report);
     Ok(())
 }
 
 #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
-fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: (u64, bool), _: &transports::CancelToken) -> qmig::Result<()> {
+fn kvm_dest(
+    _: &MigrationUri,
+    _: (u64, u32, usize, bool),
+    _: (u64, bool),
+    _: &transports::ChannelOptions,
+    _: &MultifdArgs,
+    _: Option<transports::TlsParams>,
+    _: &transports::CancelToken,
+) -> qmig::Result<()> {
+    Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
+}
+
+/// `qmig vm`'s guest.
+#[cfg_attr(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
+struct GuestShape {
+    ram_size: u64,
+    slots: u32,
+    vcpus: usize,
+    working_set: u64,
+    dirty_rate: u64,
+    seed: u64,
+    name: Option<String>,
+    uuid: Option<String>,
+}
+
+/// A UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased.
+fn parse_uuid(s: &str) -> Result<String, String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    if shape && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{s}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+    }
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn vm_command(
+    qmp: &str,
+    incoming: Option<String>,
+    paused: bool,
+    g: GuestShape,
+    cancel: &transports::CancelToken,
+) -> qmig::Result<()> {
+    // QEMU's `-qmp unix:PATH,server=on,wait=off`: the options are what qmig does anyway.
+    let path = qmp
+        .strip_prefix("unix:")
+        .map(|p| p.split(',').next().unwrap_or(p))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| qmig::Error::Usage(format!("--qmp {qmp}: expected unix:PATH")))?;
+    if let Some(why) = kvm_unavailable() {
+        return Err(qmig::Error::Usage(format!("qmig vm needs KVM: {why}")));
+    }
+    let opts = qmig::vm::VmOptions {
+        ram_size: g.ram_size,
+        slots: g.slots,
+        vcpus: g.vcpus,
+        guest: minivmm::GuestConfig { working_set: g.working_set, dirty_rate: g.dirty_rate, seed: g.seed },
+        paused,
+        incoming,
+        name: g.name,
+        uuid: g.uuid,
+    };
+    qmig::vm::run(&opts, std::path::Path::new(path), cancel)
+}
+
+#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+fn vm_command(_: &str, _: Option<String>, _: bool, _: GuestShape, _: &transports::CancelToken) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
 }
 
@@ -383,6 +604,14 @@ fn kvm_dest(_: &MigrationUri, _: (u64, u32, usize), _: (u64, bool), _: &transpor
 fn stdout_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal()
+}
+
+/// `--io-timeout SECS`, checked (0: none).
+fn channel_options(secs: f64) -> qmig::Result<transports::ChannelOptions> {
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(qmig::Error::Usage(format!("--io-timeout {secs}: expected seconds, 0 or more")));
+    }
+    Ok(transports::ChannelOptions::with_io_timeout(Some(std::time::Duration::from_secs_f64(secs))))
 }
 
 /// `--timeout SECS --timeout-action ACTION`, checked.
@@ -450,12 +679,16 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let doc = analyze(&stream, &AnalyzeOptions { extract, multifd_channels: multifd_channel })?;
             print_line(&doc);
         }
-        Cmd::Save { guest, out } => {
+        Cmd::Save { guest, out, compress } => {
             let (ram, guest) = guest.parse()?;
             let to = MigrationUri::File { path: out, offset: 0 };
-            let opts = SendOptions { runstate: guest.runstate, ..Default::default() };
-            let info = qmig::send::send(&ram, &to, &opts, cancel)?;
-            print_line(&info.to_json());
+            let opts = SendOptions { runstate: guest.runstate, compress, ..Default::default() };
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            let mut stats = sent.info.to_json();
+            if let Some(c) = &sent.compressed {
+                stats["zstd"] = c.to_json();
+            }
+            print_line(&stats);
         }
         Cmd::MigrateContinue { control } => {
             qmig::control::execute(&qmig::control::parse_control(&control)?, "migrate-continue", None)?;
@@ -474,7 +707,12 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             timeout_action,
             return_path,
             no_return_path,
+            io_timeout,
             stats_json,
+            multifd,
+            xbzrle,
+            compress,
+            tls,
             postcopy,
             postcopy_after,
             pause_before_switchover,
@@ -483,13 +721,15 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
         } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
+            let mut params =
+                engine::params::MigrationParameters { max_bandwidth, max_postcopy_bandwidth, ..Default::default() };
+            multifd.apply(&mut params);
             let opts = SendOptions {
                 runstate: guest.runstate,
-                params: engine::params::MigrationParameters {
-                    max_bandwidth,
-                    max_postcopy_bandwidth,
-                    ..Default::default()
-                },
+                params: engine::params::MigrationParameters { xbzrle_cache_size: xbzrle.xbzrle_cache_size, ..params },
+                multifd: multifd.multifd,
+                xbzrle: xbzrle.xbzrle,
+                compress,
                 auto_converge: false,
                 return_path: if return_path {
                     Some(true)
@@ -500,6 +740,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 },
                 progress: stdout_is_terminal(),
                 timeout: deadline(timeout, timeout_action)?,
+                channel: channel_options(io_timeout)?,
+                tls: tls.params()?,
                 postcopy,
                 postcopy_after: postcopy_after
                     .map(|s| {
@@ -510,12 +752,8 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 pause_before_switchover,
                 control: control.as_deref().map(qmig::control::parse_control).transpose()?,
             };
-            let (info, timeout) = qmig::send::send_watched(&ram, &to, &opts, cancel)?;
-            let mut stats = qmig::send::stats_json(&info);
-            if let Some(t) = timeout {
-                stats["timeout"] = t;
-            }
-            write_stats(stats_json.as_deref(), &stats)?;
+            let sent = qmig::send::send_all(&ram, &to, &opts, cancel)?;
+            write_stats(stats_json.as_deref(), &sent.to_json())?;
         }
         Cmd::Demo {
             guest,
@@ -535,11 +773,29 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             no_return_path,
             dest,
             seed,
+            io_timeout,
+            connect,
             stats_json,
+            multifd,
+            xbzrle,
+            no_huge_pages,
+            capture,
+            tls,
             postcopy,
             postcopy_after,
         } => {
-            let params = engine::params::MigrationParameters { downtime_limit, max_bandwidth, ..Default::default() };
+            let tls = tls.params()?;
+            let channel = channel_options(io_timeout)?;
+            let mut params = engine::params::MigrationParameters {
+                downtime_limit,
+                max_bandwidth,
+                xbzrle_cache_size: xbzrle.xbzrle_cache_size,
+                ..Default::default()
+            };
+            multifd.apply(&mut params);
+            let (xbzrle, cache_size) = (xbzrle.xbzrle, xbzrle.xbzrle_cache_size);
+            engine::params::SharedParameters::new(params.clone())
+                .map_err(|e| qmig::Error::Usage(format!("{e} (--xbzrle-cache-size {cache_size})")))?;
             let timeout = deadline(timeout, timeout_action)?;
             let postcopy = match postcopy_after {
                 Some(s) if !(s.is_finite() && s >= 0.0) => {
@@ -550,6 +806,9 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
             };
             if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+                if capture.is_some() {
+                    return Err(qmig::Error::Usage("--capture is for the synthetic guest (--guest synthetic)".into()));
+                }
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
                     if fits < 256 << 20 {
@@ -571,10 +830,16 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     params,
                     auto_converge,
                     return_path: !no_return_path,
+                    xbzrle,
+                    huge_pages: !no_huge_pages,
                     seed,
                     run_on,
                     stats_json,
                     timeout,
+                    channel,
+                    connect,
+                    multifd: multifd.multifd,
+                    tls,
                     postcopy,
                     cancel,
                 });
@@ -586,12 +851,18 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 uri,
                 params,
                 auto_converge,
-                return_path: !no_return_path,
+                return_path: !no_return_path && capture.is_none(),
+                xbzrle,
+                capture,
                 dest: if dest == "qemu" { demo::Destination::Qemu } else { demo::Destination::Qmig },
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
                 postcopy,
+                channel,
+                connect,
+                multifd: multifd.multifd,
+                tls,
             };
             let (stats, verified) = demo::demo(&opts, cancel)?;
             write_demo_stats(stats_json.as_deref(), &stats)?;
@@ -602,10 +873,25 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, postcopy } => {
-            kvm_dest(&uri(&from)?, (ram_size, slots, vcpus), (run_on, postcopy), cancel)?
+        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy, io_timeout, multifd, tls } => {
+            kvm_dest(
+                &uri(&from)?,
+                (ram_size, slots, vcpus, !no_huge_pages),
+                (run_on, postcopy),
+                &channel_options(io_timeout)?,
+                &multifd,
+                tls.params()?,
+                cancel,
+            )?
         }
-        Cmd::Recv { ram, from, stats_json, postcopy, postcopy_touch } => {
+        Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed, name, uuid } => {
+            let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
+            let guest =
+                GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed, name, uuid };
+            vm_command(&qmp, incoming, paused, guest, cancel)?
+        }
+        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd, tls } => {
+            let tls = tls.params()?;
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
             let on_listening = |bound: &MigrationUri| {
@@ -613,11 +899,20 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     print_line(&serde_json::json!({ "listening": bound.to_string() }));
                 }
             };
+            let channel = channel_options(io_timeout)?;
             let postcopy = postcopy.then(|| engine::postcopy_dest::PostcopyOptions {
                 touch: postcopy_touch,
                 touch_seed: u64::from(std::process::id()),
             });
-            let st = qmig::recv::recv_postcopy(&ram, &from, cancel, on_listening, stdout_is_terminal(), postcopy)?;
+            let opts = qmig::recv::RecvOptions {
+                progress: stdout_is_terminal(),
+                postcopy,
+                multifd: multifd.multifd,
+                multifd_compression: multifd.compression,
+                channel,
+                tls,
+            };
+            let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, &opts)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
     }

@@ -245,14 +245,130 @@ impl Drop for WriteBehind {
     }
 }
 
+/// Populates the page tables of a mapping's ranges ahead of the stream
+/// (`MADV_POPULATE_WRITE`, 8 MiB at a time, from a thread of its own), so the
+/// pages the stream writes are already mapped and the copy is the only cost. For
+/// memory that is already there (data ranges of an existing file): populating a
+/// hole would allocate and clear pages that the stream may never write.
+struct Populate {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Populate {
+    /// Populate `ranges` (byte ranges within `map`) until done or dropped. Best
+    /// effort: a kernel without MADV_POPULATE_WRITE (before 5.14) leaves the faults
+    /// to the writer.
+    fn start(map: &MmapMut, ranges: Vec<(usize, usize)>) -> Option<Populate> {
+        const CHUNK: usize = 8 << 20;
+        if ranges.is_empty() {
+            return None;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (base, len, flag) = (map.as_ptr() as usize, map.len(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("qmig-populate".into())
+            .spawn(move || {
+                for (start, end) in ranges {
+                    let mut off = start;
+                    while off < end.min(len) && !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        let n = CHUNK.min(end.min(len) - off);
+                        // SAFETY: [base + off, base + off + n) lies inside the shared
+                        // mapping, which stays mapped until this thread is joined (the
+                        // `Populate` is dropped before the mapping, see `RamImage`).
+                        // MADV_POPULATE_WRITE only maps pages in, as a write fault
+                        // would; it never changes their contents.
+                        let r =
+                            unsafe { libc::madvise((base + off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+                        if r != 0 {
+                            return;
+                        }
+                        off += n;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Populate { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Populate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The holes of `f`'s first `len` bytes, as one bit per page wholly inside a hole
+/// (SEEK_DATA / SEEK_HOLE); `None` when the filesystem cannot say or there is no
+/// hole. Pages in holes read as zero without being stored.
+fn holes(f: &File, len: u64) -> Option<Vec<u64>> {
+    use nix::unistd::{lseek, Whence};
+    let end = i64::try_from(len).ok()?;
+    let mut bits = vec![0u64; (len / PAGE as u64).div_ceil(64) as usize];
+    let mut any = false;
+    let mut mark = |from: i64, to: i64| {
+        let (first, last) = ((from as u64).div_ceil(PAGE as u64), to as u64 / PAGE as u64);
+        for p in first..last {
+            bits[(p / 64) as usize] |= 1u64 << (p % 64);
+            any = true;
+        }
+    };
+    let mut off = 0i64;
+    while off < end {
+        let data = match lseek(f, off, Whence::SeekData) {
+            Ok(d) => d.min(end),
+            // No data after `off`: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => end,
+            Err(_) => return None,
+        };
+        mark(off, data);
+        if data >= end {
+            break;
+        }
+        off = match lseek(f, data, Whence::SeekHole) {
+            Ok(h) => h,
+            Err(_) => return None,
+        };
+    }
+    any.then_some(bits)
+}
+
+/// The byte ranges of pages not marked in `zero` (all of `len` without a bitmap).
+fn data_ranges(zero: Option<&[u64]>, len: usize) -> Vec<(usize, usize)> {
+    let Some(zero) = zero else { return vec![(0, len)] };
+    let pages = len / PAGE;
+    let mut ranges = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        let is_zero = |p: usize| zero[p / 64] & (1u64 << (p % 64)) != 0;
+        if is_zero(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < pages && !is_zero(p) {
+            p += 1;
+        }
+        ranges.push((start * PAGE, p * PAGE));
+    }
+    ranges
+}
+
 /// A writable RAM image: a file of the block's length, created sparse and mapped shared.
 pub struct RamImage {
+    /// Populates the existing pages' page tables ahead of the stream; declared
+    /// before `map` so its thread is joined before the mapping goes.
+    populate: Option<Populate>,
     /// The file.
     pub path: PathBuf,
     file: Arc<File>,
     map: MmapMut,
-    /// One bit per page still known to be zero (a file we created sparse), so a ZERO
-    /// record needs no access at all: reading a hole of a tmpfs file allocates a page.
+    /// One bit per page still known to be zero (a file we created sparse, or the
+    /// holes of an existing one), so a ZERO record needs no access at all: reading a
+    /// hole of a tmpfs file allocates a page.
     known_zero: Option<Vec<u64>>,
     /// First writes of known-zero pages not yet handed over (see [`Stage`]).
     stage: Option<Stage>,
@@ -262,6 +378,7 @@ pub struct RamImage {
 impl RamImage {
     fn new(path: &Path, file: File, map: MmapMut, known_zero: Option<Vec<u64>>) -> Self {
         RamImage {
+            populate: None,
             path: path.to_path_buf(),
             file: Arc::new(file),
             map,
@@ -365,11 +482,17 @@ impl RamImage {
             ))),
             Ok(_) => {
                 let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::file(path, e))?;
+                // Holes are found before they are allocated: their pages still read as
+                // zero after, and get the fresh file's fast path (staged, pwrite).
+                let known_zero = holes(&f, len);
                 allocate(&f, len).map_err(|e| Error::file(path, e))?;
                 // SAFETY: a shared writable mapping of a file of the checked length; we are
                 // its only writer for the duration of the migration, as QEMU is for its RAM.
                 let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
-                Ok(RamImage::new(path, f, map, None))
+                let populate = Populate::start(&map, data_ranges(known_zero.as_deref(), map.len()));
+                let mut img = RamImage::new(path, f, map, known_zero);
+                img.populate = populate;
+                Ok(img)
             }
         }
     }
@@ -410,6 +533,9 @@ pub struct ImageSink {
     created: Vec<PathBuf>,
     /// True once a file was opened or created.
     touched: bool,
+    /// Multifd receiver threads write the images too: no page is cached as known
+    /// zero (their writes bypass this sink), so every ZERO record checks the page.
+    shared: bool,
     /// Most bytes the stream's blocks may total (`None`: only the filesystems' free space).
     max_total: Option<u64>,
 }
@@ -424,6 +550,13 @@ impl ImageSink {
     /// An extraction: only the blocks named in `targets` are kept (files created).
     pub fn extract(targets: Vec<(String, PathBuf)>) -> Self {
         ImageSink { targets, every_block: false, ..Default::default() }
+    }
+
+    /// Let multifd receiver threads write the images too (see
+    /// [`SharedRamSink`](engine::multifd::SharedRamSink)); set before the load.
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// Sum of the stream's block lengths (once the block list arrived).
@@ -520,12 +653,15 @@ impl ImageSink {
                 images.push(None);
                 continue;
             };
-            let img = if exists {
+            let mut img = if exists {
                 RamImage::open_or_create(&b.name, &p, b.length)?
             } else {
                 self.created.push(p.clone());
                 RamImage::create(&p, b.length)?
             };
+            if self.shared {
+                img.known_zero = None;
+            }
             self.touched = true;
             images.push(Some(img));
         }
@@ -613,6 +749,29 @@ impl savevm_format::PageSink for ImageSink {
         if let Some(img) = self.image(block.index) {
             img.discard(start, len);
         }
+    }
+}
+
+impl engine::multifd::SharedRamSink for ImageSink {
+    fn shared_regions(&mut self) -> std::result::Result<Vec<engine::memory::GuestRegion>, String> {
+        if !self.shared {
+            return Err("the RAM files were not opened for multifd".into());
+        }
+        self.images
+            .iter_mut()
+            .enumerate()
+            .map(|(i, img)| {
+                let img = img.as_mut().ok_or_else(|| format!("RAM block {i} has no file"))?;
+                let name = img.path.display().to_string();
+                let map = &mut img.map;
+                // SAFETY: the mapping lives in this sink until `abandon` or drop, both after
+                // the load (and its receiver threads) ended; the threads only write it with
+                // volatile copies of whole pages, which the main thread never holds as
+                // references at the same time for the same round (7.2's sync at each EOS).
+                unsafe { engine::memory::GuestRegion::new(name, map.as_mut_ptr(), map.len()) }
+                    .ok_or_else(|| format!("RAM block {i}: empty mapping"))
+            })
+            .collect()
     }
 }
 
@@ -738,6 +897,34 @@ mod tests {
         put(&mut sink, &mut want, 7, 9);
         sink.flush().expect("flush");
         assert!(std::fs::read(&path2).expect("read image") == want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Holes are found page by page: a page partly written is data, the rest of a
+    /// hole is zero, a file without holes has no bitmap; data ranges are the rest.
+    #[test]
+    fn holes_are_found_with_seek_data() {
+        use std::os::unix::fs::FileExt;
+        let dir = temp("holes");
+        let path = dir.join("mem.ram");
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
+        let len = 1u64 << 20; // 256 pages
+        f.set_len(len).expect("length");
+        f.write_all_at(&[1u8; 10], 5 * 4096 + 100).expect("page 5");
+        f.write_all_at(&[1u8; 8192], 200 * 4096).expect("pages 200, 201");
+        let Some(bits) = holes(&f, len) else { panic!("this filesystem reports no holes") };
+        let zero = |p: u64| bits[(p / 64) as usize] & (1u64 << (p % 64)) != 0;
+        // Filesystems allocate in blocks of their own: data may cover more than was written.
+        assert!(!zero(5) && !zero(200) && !zero(201), "written pages are data");
+        assert!(zero(100) && zero(150) && zero(255), "pages far from the writes are holes");
+        let ranges = data_ranges(Some(&bits), len as usize);
+        assert!(ranges.iter().any(|&(a, b)| a <= 5 * 4096 && b > 5 * 4096), "{ranges:?}");
+        assert!(ranges.iter().all(|&(a, b)| a < b && b <= len as usize && !(a..b).contains(&(100 * 4096))));
+        let full = dir.join("full.ram");
+        std::fs::write(&full, vec![7u8; 65536]).expect("full file");
+        let f = File::open(&full).expect("open");
+        assert!(holes(&f, 65536).is_none(), "no hole, no bitmap");
+        assert_eq!(data_ranges(None, 65536), vec![(0, 65536)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

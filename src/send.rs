@@ -11,7 +11,7 @@ use engine::source::Outgoing;
 use engine::vm::{VcpuControl, VmmError};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use transports::{connect, CancelToken, MigrationUri};
+use transports::{connect_with, CancelToken, MigrationUri};
 
 /// Options of a send.
 #[derive(Debug, Clone)]
@@ -30,6 +30,19 @@ pub struct SendOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<crate::watch::Timeout>,
+    /// The channel's io timeout (`--io-timeout`; default 30 s on sockets).
+    pub channel: transports::ChannelOptions,
+    /// Capability `multifd` with this many channels (`multifd-channels`; compression
+    /// and levels are in `params`): tcp: and unix: only.
+    pub multifd: Option<u8>,
+    /// Capability `xbzrle` (its cache size is `params.xbzrle_cache_size`). A stopped
+    /// guest is sent in one pass, so no page is sent twice to be encoded.
+    pub xbzrle: bool,
+    /// `--compress zstd[:LEVEL]`: the stream as one zstd frame (file: and exec: only).
+    pub compress: Option<crate::compress::Compression>,
+    /// TLS (QEMU's `tls-creds`, `tls-hostname`): the handshake runs before the stream
+    /// starts, on the main channel and on each multifd channel (its own session, as in 7.2).
+    pub tls: Option<transports::TlsParams>,
     /// Capability `postcopy-ram` (it needs the return path: refused on exec: and file:).
     pub postcopy: bool,
     /// With `postcopy`: start postcopy after this long, or once the first pass has
@@ -52,6 +65,11 @@ impl Default for SendOptions {
             return_path: None,
             progress: false,
             timeout: None,
+            channel: transports::ChannelOptions::default(),
+            multifd: None,
+            xbzrle: false,
+            compress: None,
+            tls: None,
             postcopy: false,
             postcopy_after: None,
             pause_before_switchover: false,
@@ -106,6 +124,32 @@ pub fn send(
     send_watched(ram, uri, opts, cancel).map(|(info, _)| info)
 }
 
+/// What a send did: the source's `query-migrate` figures, the deadline's report
+/// (`{"secs", "action", "fired"}`) when one was armed, and the compression's.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// `query-migrate`.
+    pub info: MigrationInfo,
+    /// The deadline's report.
+    pub timeout: Option<serde_json::Value>,
+    /// With `--compress`: sizes and speed.
+    pub compressed: Option<crate::compress::CompressedStats>,
+}
+
+impl Sent {
+    /// The statistics line: [`stats_json`] plus `"timeout"` and `"zstd"` when present.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = stats_json(&self.info);
+        if let Some(t) = &self.timeout {
+            v["timeout"] = t.clone();
+        }
+        if let Some(c) = &self.compressed {
+            v["zstd"] = c.to_json();
+        }
+        v
+    }
+}
+
 /// [`send`], also saying whether the deadline fired (`{"secs", "action", "fired"}`).
 pub fn send_watched(
     ram: &[(String, PathBuf)],
@@ -113,6 +157,16 @@ pub fn send_watched(
     opts: &SendOptions,
     cancel: &CancelToken,
 ) -> Result<(MigrationInfo, Option<serde_json::Value>)> {
+    send_all(ram, uri, opts, cancel).map(|s| (s.info, s.timeout))
+}
+
+/// [`send`], with everything it reports ([`Sent`]).
+pub fn send_all(
+    ram: &[(String, PathBuf)],
+    uri: &MigrationUri,
+    opts: &SendOptions,
+    cancel: &CancelToken,
+) -> Result<Sent> {
     if ram.is_empty() {
         return Err(Error::Usage("at least one --ram NAME=PATH is needed".into()));
     }
@@ -130,6 +184,11 @@ pub fn send_watched(
     // A stopped guest writes nothing: its regions need no dirty source.
     let mut ram: Vec<RamRegion<'_>> = regions.iter().map(RamRegion::new).collect();
     check_return_path(uri, opts.return_path)?;
+    if opts.compress.is_some() && !matches!(uri, MigrationUri::File { .. } | MigrationUri::Exec(_)) {
+        return Err(Error::Usage(format!(
+            "--compress writes a file (file:) or a command's input (exec:), not {uri}: a live destination reads the plain stream"
+        )));
+    }
     if opts.postcopy {
         check_return_path(uri, Some(true)).map_err(|_| {
             Error::Usage(format!("--postcopy needs a socket (tcp:, unix: or an fd: socket), not {uri}"))
@@ -145,14 +204,33 @@ pub fn send_watched(
         // Refused before connecting, so the destination never sees a stream begin.
         return Err(Error::Usage(format!("--control {}: the file exists already", p.display())));
     }
-    let params = SharedParameters::new(opts.params.clone()).map_err(|e| Error::Usage(e.to_string()))?;
-    let ch = connect(uri, cancel).map_err(Error::transport)?;
+    let mut params = opts.params.clone();
+    if let Some(n) = opts.multifd {
+        engine::multifd::check_uri(uri).map_err(Error::Usage)?;
+        if opts.postcopy {
+            return Err(Error::Usage("--multifd and --postcopy refuse each other: use one of them".into()));
+        }
+        params.multifd_channels = n;
+    }
+    let params = SharedParameters::new(params).map_err(|e| Error::Usage(e.to_string()))?;
+    let open = || match &opts.tls {
+        Some(tls) => tls.connect_with(uri, cancel, &opts.channel),
+        None => connect_with(uri, cancel, &opts.channel),
+    };
+    let ch = open().map_err(Error::transport)?;
+    // The multifd channels connect after the main one (QEMU 7.2's order).
+    let channels = match opts.multifd {
+        Some(n) => Some((0..n).map(|_| open()).collect::<std::result::Result<Vec<_>, _>>().map_err(Error::transport)?),
+        None => None,
+    };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
     let caps = MigrationCapabilities {
         auto_converge: opts.auto_converge,
         return_path,
+        xbzrle: opts.xbzrle,
         postcopy_ram: opts.postcopy,
         pause_before_switchover: opts.pause_before_switchover,
+        multifd: channels.is_some(),
         ..Default::default()
     };
     let mut out =
@@ -168,7 +246,19 @@ pub fn send_watched(
         let prefault = || files.iter().for_each(|f| f.prefault(&stop));
         // Without the thread the engine's reads fault the pages in themselves.
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
-        let r = out.run(ch, &mut ram, &mut Stopped);
+        // multifd needs tcp:/unix:, --compress file:/exec: (both checked above): never both.
+        let r = match (channels, opts.compress) {
+            (Some(channels), _) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
+            (None, None) => out.run(ch, &mut ram, &mut Stopped),
+            (None, Some(c)) => {
+                // The compressed bytes are what the channel's rate limit counts.
+                let w = transports::MigrationWriter::new(ch, out.rate().clone());
+                match crate::compress::ZstdPageWriter::new(w, c) {
+                    Ok(w) => out.run_on(w, &mut ram, &mut Stopped, &mut engine::vm::VmParts::default()),
+                    Err(e) => Err(engine::source::EngineError::Setup(format!("zstd: {}", e.report()))),
+                }
+            }
+        };
         stop.store(true, Ordering::Relaxed);
         r
     });
@@ -176,7 +266,15 @@ pub fn send_watched(
     drop(control);
     let timeout = deadline.map(crate::watch::Deadline::finish_json);
     match result {
-        Ok(info) => Ok((info, timeout)),
+        Ok(info) => {
+            let compressed = opts.compress.map(|c| crate::compress::CompressedStats {
+                level: c.level,
+                stream_size: info.transferred,
+                compressed_size: out.rate().total_bytes(),
+                secs: info.total_time.as_secs_f64(),
+            });
+            Ok(Sent { info, timeout, compressed })
+        }
         Err(e) => Err(crate::watch::timeout_error(Error::outgoing(e), timeout.as_ref())),
     }
 }

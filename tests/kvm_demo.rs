@@ -113,3 +113,33 @@ fn kvm_guest_refuses_a_qemu_destination() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--dest qmig"), "{err}");
 }
+
+#[test]
+fn kvm_guest_migrates_live_with_multifd_zstd() {
+    if !testkit::kvm_or_skip("kvm_guest_migrates_live_with_multifd_zstd") {
+        return;
+    }
+    let dir = TestDir::new("kvm-demo-multifd");
+    // Two zstd channels; the bandwidth cap makes it take several passes (a SYNC per pass).
+    let s = kvm_demo(
+        &dir,
+        &[
+            "--multifd",
+            "2",
+            "--multifd-compression",
+            "zstd",
+            "--slots",
+            "1",
+            "--ram-size",
+            "64M",
+            "--working-set",
+            "16M",
+            "--dirty-rate",
+            "16",
+            "--max-bandwidth",
+            "32M",
+        ],
+    );
+    assert_eq!(s["ram"]["total"], 64u64 << 20, "{s}");
+    assert!(s["ram"]["normal"].as_u64().unwrap_or(0) > 0, "{s}");
+}

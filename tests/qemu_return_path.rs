@@ -10,7 +10,8 @@
 //! - A destination load failure (recv's RAM file of another size) with
 //!   `return-path`: recv exits 1 with QEMU's "Size mismatch", QEMU ends `failed`;
 //!   the same after the whole stream (RAM file on a 4 MiB tmpfs): SHUT(1).
-//! - `multifd`: recv sees a multifd channel connect and both ends fail.
+//! - `multifd` into a recv without `--multifd`: recv sees a multifd channel
+//!   connect and both ends fail (recv says to pass `--multifd N`).
 //! - Our source-side reader (`engine::return_path`) against a QEMU 7.2
 //!   destination: PONGs then SHUT 0; a destination that fails closes the path.
 //!

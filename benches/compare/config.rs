@@ -111,6 +111,68 @@ impl Wire {
     }
 }
 
+/// Capability `multifd` of a row: channels and `multifd-compression` (`None`: off).
+pub(crate) type Multifd = Option<(u8, &'static str)>;
+
+/// `off`, `N` or `N:COMPRESSION` (none, zlib, zstd).
+pub(crate) fn parse_multifd(s: &str) -> Multifd {
+    if s == "off" {
+        return None;
+    }
+    let (n, c) = s.split_once(':').unwrap_or((s, "none"));
+    let n: u8 = n.parse().unwrap_or_else(|_| panic!("--multifd={s}: expected off, N or N:COMPRESSION"));
+    let c = match c {
+        "none" => "none",
+        "zlib" => "zlib",
+        "zstd" => "zstd",
+        _ => panic!("--multifd={s}: compression none, zlib or zstd"),
+    };
+    Some((n.max(1), c))
+}
+
+/// A row's multifd as a label suffix (empty when off).
+pub(crate) fn multifd_label(m: Multifd) -> String {
+    match m {
+        None => String::new(),
+        Some((n, "none")) => format!(", multifd {n}"),
+        Some((n, c)) => format!(", multifd {n} {c}"),
+    }
+}
+
+/// The destination RAM file before a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// None: the receiver creates it (sparse).
+    Fresh,
+    /// An existing file of the right length, all holes (`truncate -s`).
+    Sparse,
+    /// Memory already populated: a file whose every page was written (zeros) before
+    /// `qmig recv` starts; for QEMU a new file with `prealloc=on` on its backend
+    /// (QEMU populates it at startup, before the migration).
+    Prealloc,
+}
+
+impl Dest {
+    pub(crate) const ALL: [Dest; 3] = [Dest::Fresh, Dest::Sparse, Dest::Prealloc];
+
+    pub(crate) fn parse(s: &str) -> Dest {
+        match s {
+            "fresh" => Dest::Fresh,
+            "sparse" | "sparse-existing" => Dest::Sparse,
+            "prealloc" | "preallocated" => Dest::Prealloc,
+            _ => panic!("unknown destination '{s}' (expected fresh, sparse or prealloc)"),
+        }
+    }
+
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Dest::Fresh => "fresh",
+            Dest::Sparse => "sparse-existing",
+            Dest::Prealloc => "preallocated",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verify {
     First,
@@ -125,6 +187,8 @@ pub(crate) struct Config {
     pub(crate) fills: Vec<Fill>,
     pub(crate) kinds: Vec<Kind>,
     pub(crate) wires: Vec<Wire>,
+    /// Destination kinds (fresh, sparse-existing, preallocated).
+    pub(crate) dests: Vec<Dest>,
     pub(crate) runs: usize,
     pub(crate) limits: bool,
     pub(crate) limit_size: usize,
@@ -135,6 +199,11 @@ pub(crate) struct Config {
     pub(crate) qemu: Option<PathBuf>,
     /// Run the live KVM rows.
     pub(crate) live: bool,
+    /// Multifd settings, each a set of rows (`off` the plain ones).
+    pub(crate) multifd: Vec<Multifd>,
+    /// Multifd rows for every fill and wire (`--multifd` given); by default only
+    /// for random images over unix, so a full run stays short.
+    pub(crate) multifd_everywhere: bool,
 }
 
 pub(crate) fn parse_size(s: &str) -> u64 {
@@ -190,6 +259,8 @@ impl Config {
             arg("cases").map_or_else(|| Kind::ALL.to_vec(), |v| list(&v).into_iter().map(Kind::parse).collect());
         let wires = arg("wires")
             .map_or_else(|| vec![Wire::Unix, Wire::Tcp], |v| list(&v).into_iter().map(Wire::parse).collect());
+        let dests =
+            arg("dests").map_or_else(|| Dest::ALL.to_vec(), |v| list(&v).into_iter().map(Dest::parse).collect());
         let runs = arg("runs").map_or(if quick { 1 } else { 3 }, |v| {
             v.parse::<usize>().unwrap_or_else(|_| panic!("--runs={v}: not a number")).max(1)
         });
@@ -213,9 +284,22 @@ impl Config {
             fills,
             kinds,
             wires,
+            dests,
             runs,
             limits: arg("limits").map(|v| on(&v)).unwrap_or(true),
             live: arg("live").map(|v| on(&v)).unwrap_or(true),
+            multifd_everywhere: arg("multifd").is_some(),
+            // Full runs add multifd rows (2 and 4 channels, none and zstd); a smoke run only when asked.
+            multifd: arg("multifd").map_or_else(
+                || {
+                    if quick {
+                        vec![None]
+                    } else {
+                        ["off", "2", "4", "2:zstd", "4:zstd"].into_iter().map(parse_multifd).collect()
+                    }
+                },
+                |v| list(&v).into_iter().map(parse_multifd).collect(),
+            ),
             limit_size: if quick { 256 << 20 } else { 1 << 30 },
             verify,
             json: arg("json").map_or(default_json, PathBuf::from),

@@ -12,9 +12,11 @@
 //! - `qmig-qmig`: `qmig send --ram mem=SRC --to URI` → `qmig recv --ram mem=DST --from URI`;
 //! - `qemu-qmig`: the QEMU source → `qmig recv`; `qmig-qemu`: `qmig send` → a QEMU destination;
 //!
-//! each over a unix socket and over loopback TCP. The destination RAM file never
-//! exists before a run (QEMU and `qmig recv` both create it, sparse) and is
-//! deleted after it, so every receiver pays the same first-touch page faults.
+//! each over a unix socket and over loopback TCP, and into each destination kind
+//! (`--dests`): by default the destination RAM file does not exist before a run
+//! (`fresh`: QEMU and `qmig recv` both create it, sparse), exists all holes
+//! (`sparse-existing`) or is already populated (`preallocated`); it is deleted
+//! after each run.
 //!
 //! Measured per run:
 //!
@@ -62,12 +64,22 @@
 //! - `--fills=random,zero,mixed25` / `QMIG_COMPARE_FILLS`;
 //! - `--cases=qemu-qemu,qmig-qmig,qemu-qmig,qmig-qemu` / `QMIG_COMPARE_CASES`;
 //! - `--wires=unix,tcp` / `QMIG_COMPARE_WIRES`;
+//! - `--dests=fresh,sparse,prealloc` / `QMIG_COMPARE_DESTS`: the destination RAM
+//!   file before a run: none (`fresh`, the receiver creates it), an existing
+//!   all-holes file (`sparse`, `truncate -s`), or memory already populated
+//!   (`prealloc`: every page written before `qmig recv` starts; a QEMU destination
+//!   gets `prealloc=on` on its memory backend and populates it at startup);
 //! - `--runs=3` / `QMIG_COMPARE_RUNS`;
 //! - `--limits=1` / `QMIG_COMPARE_LIMITS` (0 skips the physical limits);
 //! - `--verify=first|all|none` / `QMIG_COMPARE_VERIFY`;
 //! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir,
 //!   `compare-quick.json` for a quick run);
-//! - `--shm=DIR` / `QMIG_COMPARE_SHM` (default `/dev/shm`).
+//! - `--shm=DIR` / `QMIG_COMPARE_SHM` (default `/dev/shm`);
+//! - `--multifd=off,2,4,2:zstd,4:zstd` / `QMIG_COMPARE_MULTIFD`: capability
+//!   `multifd` settings (`off`, `N` channels, `N:none|zlib|zstd`), each a set of
+//!   rows compared with QEMU → QEMU with the same settings (issue 11). Given, they
+//!   apply to every image and wire; by default a full run has these five on the
+//!   random images over unix only, a quick run none.
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB

@@ -312,17 +312,32 @@ pub(crate) fn qemu_err<'p>(what: &str, p: &'p QemuProcess) -> impl FnOnce(QemuEr
     move |e| format!("{what}: {e}; QEMU stderr: {}", p.stderr().trim())
 }
 
+/// `--multifd N --multifd-compression C` for a qmig side.
+pub(crate) fn qmig_multifd_args(m: Multifd) -> Vec<String> {
+    m.map_or_else(Vec::new, |(n, c)| vec!["--multifd".into(), n.to_string(), "--multifd-compression".into(), c.into()])
+}
+
+/// Capability `multifd` and its parameters on a QEMU side.
+pub(crate) fn qemu_multifd(q: &mut QemuProcess, m: Multifd) -> Result<(), String> {
+    let Some((n, c)) = m else { return Ok(()) };
+    q.qmp().and_then(|p| p.set_capabilities(&[("multifd", true)])).map_err(|e| format!("multifd: {e}"))?;
+    q.execute("migrate-set-parameters", Some(json!({"multifd-channels": n, "multifd-compression": c})))
+        .map_err(qemu_err("migrate-set-parameters", q))?;
+    Ok(())
+}
+
 /// A QEMU destination listening on `wire`; returns it and the URI to migrate to.
 pub(crate) fn qemu_destination(
     cfg: &Config,
     dir: &Path,
     dst: &Path,
-    size: u64,
-    wire: Wire,
+    (size, prealloc): (u64, bool),
+    (wire, multifd): (Wire, Multifd),
 ) -> Result<(QemuProcess, String), String> {
     let bin = cfg.qemu.clone().ok_or("no QEMU")?;
-    let mut q = QemuProcess::start(&QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true))
-        .map_err(|e| format!("start destination QEMU: {e}"))?;
+    let config = QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true).prealloc(prealloc);
+    let mut q = QemuProcess::start(&config).map_err(|e| format!("start destination QEMU: {e}"))?;
+    qemu_multifd(&mut q, multifd)?;
     let uri = match wire {
         Wire::Unix => {
             let uri = format!("unix:{}", dir.join("mig.sock").display());
@@ -348,22 +363,31 @@ pub(crate) fn qemu_destination(
     Ok((q, uri))
 }
 
-pub(crate) fn qemu_source(cfg: &Config, img: &Image) -> Result<QemuProcess, String> {
+pub(crate) fn qemu_source(cfg: &Config, img: &Image, multifd: Multifd) -> Result<QemuProcess, String> {
     let bin = cfg.qemu.clone().ok_or("no QEMU")?;
     let mut q = QemuProcess::start(&QemuConfig::new().binary(bin).ram("mem", &img.path, img.size))
         .map_err(|e| format!("start source QEMU: {e}"))?;
+    qemu_multifd(&mut q, multifd)?;
     q.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": QEMU_MAX_BANDWIDTH })))
         .map_err(qemu_err("migrate-set-parameters", &q))?;
     Ok(q)
 }
 
-pub(crate) fn qmig_recv(cfg: &Config, dir: &Path, dst: &Path, wire: Wire) -> Result<(QmigProc, String), String> {
+pub(crate) fn qmig_recv(
+    cfg: &Config,
+    dir: &Path,
+    dst: &Path,
+    (wire, multifd): (Wire, Multifd),
+) -> Result<(QmigProc, String), String> {
     let from = match wire {
         Wire::Unix => format!("unix:{}", dir.join("mig.sock").display()),
         Wire::Tcp => "tcp:127.0.0.1:0".to_string(),
     };
     let ram = format!("mem={}", dst.display());
-    let mut p = QmigProc::spawn(cfg, dir, "recv", &["recv", "--ram", &ram, "--from", &from]);
+    let mut args = vec!["recv".to_string(), "--ram".into(), ram, "--from".into(), from];
+    args.extend(qmig_multifd_args(multifd));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = QmigProc::spawn(cfg, dir, "recv", &args);
     let uri = p.listening()?;
     Ok((p, uri))
 }
@@ -372,14 +396,15 @@ pub(crate) fn run_case(
     cfg: &Config,
     dir: &Path,
     img: &Image,
-    kind: Kind,
-    wire: Wire,
+    (kind, wire, dest): (Kind, Wire, Dest),
+    multifd: Multifd,
     verify: bool,
 ) -> Result<Measure, String> {
     let dst_path = dir.join("dst.ram");
     let _ = fs::remove_file(&dst_path);
     let _ = fs::remove_file(dir.join("mig.sock"));
-    let result = run_case_inner(cfg, dir, img, kind, wire, &dst_path);
+    prepare_destination(&dst_path, img.size, dest, kind.qemu_dst())?;
+    let result = run_case_inner(cfg, dir, img, (kind, wire, dest), multifd, &dst_path);
     let result = result.and_then(|m| {
         if verify {
             if let Some(p) = first_difference(&img.path, &dst_path, img.size)? {
@@ -392,23 +417,44 @@ pub(crate) fn run_case(
     result
 }
 
+/// The destination file of `dest` before the receiver starts: none, all holes, or
+/// every page written (a QEMU destination gets `prealloc=on` instead).
+fn prepare_destination(path: &Path, size: u64, dest: Dest, qemu: bool) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("prepare {} destination {}: {e}", dest.key(), path.display());
+    match (dest, qemu) {
+        (Dest::Fresh, _) | (Dest::Prealloc, true) => Ok(()),
+        (Dest::Sparse, _) => File::create(path).and_then(|f| f.set_len(size)).map_err(err),
+        (Dest::Prealloc, false) => {
+            let mut f = File::create(path).map_err(err)?;
+            let zeros = vec![0u8; (64 * MIB).min(size) as usize];
+            let mut left = size;
+            while left > 0 {
+                let n = zeros.len().min(left as usize);
+                f.write_all(&zeros[..n]).map_err(err)?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
 pub(crate) fn run_case_inner(
     cfg: &Config,
     dir: &Path,
     img: &Image,
-    kind: Kind,
-    wire: Wire,
+    (kind, wire, dest): (Kind, Wire, Dest),
+    multifd: Multifd,
     dst_path: &Path,
 ) -> Result<Measure, String> {
     // The destination first (listening), then the source, ready but not started.
     let (mut dst, uri) = if kind.qemu_dst() {
-        let (q, uri) = qemu_destination(cfg, dir, dst_path, img.size, wire)?;
+        let (q, uri) = qemu_destination(cfg, dir, dst_path, (img.size, dest == Dest::Prealloc), (wire, multifd))?;
         (Side::qemu(q), uri)
     } else {
-        let (p, uri) = qmig_recv(cfg, dir, dst_path, wire)?;
+        let (p, uri) = qmig_recv(cfg, dir, dst_path, (wire, multifd))?;
         (Side::qmig(p), uri)
     };
-    let mut src_qemu = if kind.qemu_src() { Some(qemu_source(cfg, img)?) } else { None };
+    let mut src_qemu = if kind.qemu_src() { Some(qemu_source(cfg, img, multifd)?) } else { None };
     dst.start();
     let machine = MachineSample::now();
     let mut src = match src_qemu.take() {
@@ -421,7 +467,10 @@ pub(crate) fn run_case_inner(
         }
         None => {
             let ram = format!("mem={}", img.path.display());
-            Side::qmig(QmigProc::spawn(cfg, dir, "send", &["send", "--ram", &ram, "--to", &uri]))
+            let mut args = vec!["send".to_string(), "--ram".into(), ram, "--to".into(), uri.clone()];
+            args.extend(qmig_multifd_args(multifd));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Side::qmig(QmigProc::spawn(cfg, dir, "send", &args))
         }
     };
     let t0 = machine.at;
@@ -481,16 +530,26 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
             let first = rows.len();
             for &kind in &kinds {
                 for &wire in &cfg.wires {
-                    rows.push(Row {
-                        image: img.label(),
-                        size,
-                        fill,
-                        kind,
-                        wire,
-                        runs: vec![],
-                        error: None,
-                        qemu_time: None,
-                    });
+                    for &multifd in &cfg.multifd {
+                        for &dest in &cfg.dests {
+                            let plain = fill == Fill::Random && wire == Wire::Unix && dest == Dest::Fresh;
+                            if multifd.is_some() && !plain && !cfg.multifd_everywhere {
+                                continue;
+                            }
+                            rows.push(Row {
+                                image: img.label(),
+                                size,
+                                fill,
+                                kind,
+                                wire,
+                                multifd,
+                                dest,
+                                runs: vec![],
+                                error: None,
+                                qemu_time: None,
+                            });
+                        }
+                    }
                 }
             }
             for run in 0..cfg.runs {
@@ -503,7 +562,7 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
                         Verify::First => run == 0,
                         Verify::None => false,
                     };
-                    match run_case(cfg, dir, &img, r.kind, r.wire, verify) {
+                    match run_case(cfg, dir, &img, (r.kind, r.wire, r.dest), r.multifd, verify) {
                         Ok(m) => {
                             eprintln!(
                                 "{} {} run {}: {:.3} s, {:.2} GiB/s, src {:.2} s, dst {:.2} s CPU, others {:.0} %",
@@ -528,7 +587,13 @@ pub(crate) fn run_cases(cfg: &Config, dir: &Path) -> Vec<Row> {
             for i in first..rows.len() {
                 let q = rows[first..]
                     .iter()
-                    .find(|x| x.kind == Kind::QemuQemu && x.wire == rows[i].wire && !x.runs.is_empty())
+                    .find(|x| {
+                        x.kind == Kind::QemuQemu
+                            && x.wire == rows[i].wire
+                            && x.multifd == rows[i].multifd
+                            && x.dest == rows[i].dest
+                            && !x.runs.is_empty()
+                    })
                     .map(Row::time);
                 rows[i].qemu_time = q;
             }

@@ -8,9 +8,12 @@ pub(crate) struct Row {
     pub(crate) fill: Fill,
     pub(crate) kind: Kind,
     pub(crate) wire: Wire,
+    /// Capability `multifd` of this row.
+    pub(crate) multifd: Multifd,
+    pub(crate) dest: Dest,
     pub(crate) runs: Vec<Measure>,
     pub(crate) error: Option<String>,
-    /// Median time of QEMU → QEMU on the same image and wire.
+    /// Median time of QEMU → QEMU on the same image, wire and destination kind.
     pub(crate) qemu_time: Option<f64>,
 }
 
@@ -37,7 +40,11 @@ impl Row {
         self.qemu_time.map(|q| q / self.time())
     }
     pub(crate) fn case(&self) -> String {
-        format!("{} ({})", self.kind.label(), self.wire.name())
+        let label = format!("{}{}", self.wire.name(), multifd_label(self.multifd));
+        match self.dest {
+            Dest::Fresh => format!("{} ({label})", self.kind.label()),
+            d => format!("{} ({label}, {})", self.kind.label(), d.key()),
+        }
     }
 
     pub(crate) fn to_json(&self) -> Value {
@@ -48,6 +55,8 @@ impl Row {
             "fill": self.fill.pattern().to_string(),
             "case": self.kind.key(),
             "wire": self.wire.name(),
+            "multifd": self.multifd.map(|(n, c)| json!({"channels": n, "compression": c})),
+            "dest": self.dest.key(),
         });
         if let Some(e) = &self.error {
             v["error"] = json!(e);
@@ -136,12 +145,46 @@ pub(crate) fn goals(rows: &[Row], limits: &[Limit]) -> Vec<Value> {
     let pwrite_limit = limits.iter().find(|l| l.key == "fresh-file-pwrite").map(|l| l.gibs);
     for r in rows.iter().filter(|r| r.kind == Kind::QmigQmig && !r.runs.is_empty()) {
         let q = rows.iter().find(|x| {
-            x.kind == Kind::QemuQemu && x.size == r.size && x.fill == r.fill && x.wire == r.wire && !x.runs.is_empty()
+            x.kind == Kind::QemuQemu
+                && x.size == r.size
+                && x.fill == r.fill
+                && x.wire == r.wire
+                && x.multifd == r.multifd
+                && x.dest == r.dest
+                && !x.runs.is_empty()
         });
+        let fresh = rows.iter().find(|x| {
+            x.kind == r.kind
+                && x.size == r.size
+                && x.fill == r.fill
+                && x.wire == r.wire
+                && x.multifd == r.multifd
+                && x.dest == Dest::Fresh
+                && !x.runs.is_empty()
+        });
+        let dest = r.dest;
+        let wire = format!("{}{}", r.wire.name(), multifd_label(r.multifd));
         let mut add = |goal: String, value: f64, target: f64| {
-            out.push(json!({ "image": r.image, "wire": r.wire.name(), "goal": goal, "value": round(value, 3),
-                              "target": target, "met": value >= target }));
+            let goal = if dest == Dest::Fresh { goal } else { format!("{goal} [{}]", dest.key()) };
+            out.push(json!({ "image": r.image, "wire": wire, "dest": dest.key(), "goal": goal,
+                              "value": round(value, 3), "target": target, "met": value >= target }));
         };
+        // Issue 11: multifd qmig→qmig at least 1.5x QEMU's with the same channels; zstd at
+        // least QEMU's speed with at most its CPU per GiB on both sides.
+        if let Some((_, c)) = r.multifd {
+            if let Some(x) = r.ratio() {
+                add(format!("multifd qmig→qmig / QEMU→QEMU speed ({c})"), x, if c == "none" { 1.5 } else { 1.0 });
+            }
+            if let (Some(q), true) = (q, c != "none") {
+                add("QEMU src CPU / qmig send CPU (multifd)".into(), q.src_cpu() / r.src_cpu().max(1e-3), 1.0);
+                add("QEMU dst CPU / qmig recv CPU (multifd)".into(), q.dst_cpu() / r.dst_cpu().max(1e-3), 1.0);
+            }
+            continue;
+        }
+        if let (Dest::Sparse, Some(f)) = (dest, fresh) {
+            // Issue 11: an existing all-holes file within 10 % of a fresh one.
+            add("qmig→qmig fresh time / sparse-existing time".into(), f.time() / r.time(), 0.9);
+        }
         match r.fill {
             Fill::Random => {
                 if let Some(x) = r.ratio() {

@@ -67,6 +67,10 @@ pub enum IncomingError {
     /// A PING before any OPEN_RETURN_PATH (QEMU's wording).
     #[error("CMD_PING ({0:#x}) received with no return path")]
     PingWithoutReturnPath(u32),
+    /// A multifd channel failed (named in the error: bad initial packet, uuid, id,
+    /// packet, block, offset, payload, or its connection).
+    #[error(transparent)]
+    Multifd(#[from] crate::multifd::MultifdError),
     /// The stream broke postcopy's rules (a command out of place, a page size that differs...).
     #[error("{0}")]
     Protocol(String),
@@ -297,6 +301,8 @@ impl IncomingError {
             IncomingError::State(_) => Origin::Local,
             IncomingError::Unsupported(_) | IncomingError::PingWithoutReturnPath(_) => Origin::Peer,
             IncomingError::Protocol(_) => Origin::Peer,
+            IncomingError::Multifd(e) if e.is_cancel() => Origin::Cancel,
+            IncomingError::Multifd(_) => Origin::Peer,
             IncomingError::PostcopyStream(e) => match &e.kind {
                 savevm_format::ErrorKind::Io(io) if transports::is_cancelled(io) => Origin::Cancel,
                 _ => Origin::Peer,
@@ -394,7 +400,45 @@ impl Incoming {
     ) -> Result<IncomingReport, IncomingError> {
         let mut plain = PlainSink(ram);
         // Without host memory postcopy cannot run: the capability stays off.
-        self.run_inner(reader, &mut TrackingSink::new(&mut plain), vm, vcpus, open_return_path, None)
+        self.run_inner(reader, &mut TrackingSink::new(&mut plain), vm, vcpus, open_return_path, None, None)
+    }
+
+    /// [`Incoming::run_with_return_path`] with capability `multifd`: `channels` (accepted
+    /// and identified) get one receiver thread each, placing pages straight into
+    /// `ram`'s shared regions; at each RAM EOS the load waits for every channel's
+    /// SYNC (QEMU 7.2). The threads are stopped and joined before this returns.
+    /// Postcopy is refused with multifd.
+    pub fn run_multifd<R: Read, P: crate::multifd::SharedRamSink>(
+        &self,
+        reader: R,
+        channels: crate::multifd::IncomingChannels,
+        ram: &mut P,
+        vm: &mut VmParts<'_>,
+        vcpus: &mut dyn VcpuControl,
+        open_return_path: ReturnPathOpener<'_>,
+    ) -> Result<IncomingReport, IncomingError> {
+        std::thread::scope(|s| {
+            let mut rx = match crate::multifd::Receivers::start(s, channels) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    let _ = self.state.transition_from_current(S::Failed);
+                    return Err(e.into());
+                }
+            };
+            let mut shared = crate::multifd::SharingSink::new(ram, rx.memory_handle());
+            let mut plain = PlainSink(&mut shared);
+            let mut sink = TrackingSink::new(&mut plain);
+            let r = self.run_inner(reader, &mut sink, vm, vcpus, open_return_path, None, Some(&mut rx));
+            let r = match r {
+                // A channel that failed explains a main stream that broke under it.
+                Err(e) if !matches!(e, IncomingError::Multifd(_)) => {
+                    Err(rx.failure().map_or(e, IncomingError::Multifd))
+                }
+                r => r,
+            };
+            rx.stop();
+            r
+        })
     }
 
     /// [`Incoming::run_with_return_path`] for a destination with capability
@@ -410,9 +454,10 @@ impl Incoming {
         open_return_path: ReturnPathOpener<'_>,
     ) -> Result<IncomingReport, IncomingError> {
         let postcopy = self.postcopy.as_ref();
-        self.run_inner(reader, &mut TrackingSink::new(ram), vm, vcpus, open_return_path, postcopy)
+        self.run_inner(reader, &mut TrackingSink::new(ram), vm, vcpus, open_return_path, postcopy, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_inner<R: Read, P: PostcopySink + ?Sized>(
         &self,
         reader: R,
@@ -421,11 +466,13 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         open_return_path: ReturnPathOpener<'_>,
         postcopy: Option<&PostcopyOptions>,
+        mut multifd: Option<&mut crate::multifd::Receivers>,
     ) -> Result<IncomingReport, IncomingError> {
         let _span = tracing::info_span!("incoming", autostart = self.autostart).entered();
         self.state.transition(S::None, S::Active)?;
         let mut rp = DestReturnPath::new(open_return_path);
-        let loaded = tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp, postcopy));
+        let loaded =
+            tracing::info_span!("load").in_scope(|| self.load(reader, ram, vm, vcpus, &mut rp, postcopy, &mut multifd));
         match &loaded {
             Ok(r) => tracing::info!(
                 normal = r.normal,
@@ -458,6 +505,7 @@ impl Incoming {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn load<R: Read, P: PostcopySink + ?Sized>(
         &self,
         reader: R,
@@ -466,6 +514,7 @@ impl Incoming {
         vcpus: &mut dyn VcpuControl,
         rp: &mut DestReturnPath<'_>,
         postcopy: Option<&PostcopyOptions>,
+        multifd: &mut Option<&mut crate::multifd::Receivers>,
     ) -> Result<IncomingReport, IncomingError> {
         let mut d = Decoder::new(reader);
         // As QEMU: the trailing vmdesc is not interpreted on the destination.
@@ -515,6 +564,15 @@ impl Incoming {
                     continue;
                 }
                 Event::Command(c) => {
+                    // Multifd and postcopy refuse each other (QEMU 7.2 accepts the pair but
+                    // cannot switch a multifd migration to postcopy safely).
+                    if multifd.is_some() && matches!(c, Command::PostcopyAdvise(Some(_))) {
+                        return Err(IncomingError::Unsupported(
+                            "capability postcopy-ram with multifd: this destination refuses the combination \
+                             (turn one of them off)"
+                                .into(),
+                        ));
+                    }
                     if let Some(why) = unsupported_command(&c, postcopy.is_some()) {
                         return Err(IncomingError::Unsupported(why));
                     }
@@ -544,6 +602,14 @@ impl Incoming {
                             )))
                         }
                         _ => {}
+                    }
+                }
+                // QEMU 7.2: every RAM EOS waits for each multifd channel's SYNC.
+                Event::RamEos if multifd.is_some() => {
+                    if let Some(rx) = multifd.as_mut() {
+                        let before = rx.pages;
+                        rx.sync()?;
+                        report.normal += rx.pages - before;
                     }
                 }
                 other => handle_event(other, &mut section, vm, &mut report, &mut eof)?,

@@ -52,6 +52,8 @@ pub struct MigrationInfo {
     pub error_desc: Option<String>,
     /// The return path, when capability `return-path` opened one (not a QEMU field).
     pub return_path: Option<ReturnPathInfo>,
+    /// `xbzrle-cache`, with capability `xbzrle`.
+    pub xbzrle_cache: Option<crate::xbzrle::XbzrleCacheInfo>,
 }
 
 /// What the source's return path carried (capability `return-path`); in
@@ -100,6 +102,7 @@ impl Default for MigrationInfo {
             postcopy_requests: 0,
             error_desc: None,
             return_path: None,
+            xbzrle_cache: None,
         }
     }
 }
@@ -126,6 +129,8 @@ struct QueryMigrate {
     return_path: Option<ReturnPathInfo>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     ram: Option<QueryRam>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    xbzrle_cache: Option<crate::xbzrle::XbzrleCacheInfo>,
 }
 
 /// `query-migrate`'s `ram` member.
@@ -178,6 +183,7 @@ impl From<MigrationInfo> for QueryMigrate {
                 error_desc: None,
                 return_path: None,
                 ram: None,
+                xbzrle_cache: None,
             };
         }
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -190,6 +196,7 @@ impl From<MigrationInfo> for QueryMigrate {
             cpu_throttle_percentage: i.cpu_throttle_percentage,
             error_desc: i.error_desc,
             return_path: i.return_path,
+            xbzrle_cache: i.xbzrle_cache,
             ram: Some(QueryRam {
                 transferred: i.transferred,
                 remaining: i.remaining,
@@ -223,6 +230,7 @@ impl From<QueryMigrate> for MigrationInfo {
             cpu_throttle_percentage: q.cpu_throttle_percentage,
             error_desc: q.error_desc,
             return_path: q.return_path,
+            xbzrle_cache: q.xbzrle_cache,
             ..Default::default()
         };
         if let Some(r) = q.ram {

@@ -77,6 +77,7 @@ pub mod info;
 pub mod memory;
 #[cfg(feature = "vm-memory")]
 pub mod mmap;
+pub mod multifd;
 pub mod params;
 pub mod postcopy_dest;
 pub mod precopy;
@@ -85,3 +86,4 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod vm;
+pub mod xbzrle;

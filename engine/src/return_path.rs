@@ -106,6 +106,8 @@ struct Shared {
     end: Mutex<Option<Result<(), ReturnPathError>>>,
     ended: Condvar,
     last_pong: Mutex<Option<u32>>,
+    /// When the first PONG arrived (for the round trip).
+    first_pong_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The source's return-path reader thread (see the module documentation).
@@ -163,7 +165,7 @@ fn read_loop<R: Read>(
         let m = match r.next() {
             Ok(Some(m)) => m,
             Ok(None) => return Err(ReturnPathError::Closed { offset: r.offset() }),
-            Err(e) => return Err(ReturnPathError::Decode { offset: e.offset, why: e.kind.to_string() }),
+            Err(e) => return Err(ReturnPathError::Decode { offset: e.offset, why: crate::error::report(&e.kind) }),
         };
         let ev = match m {
             RpMessage::Shut(0) => return Ok(()),
@@ -171,6 +173,9 @@ fn read_loop<R: Read>(
             RpMessage::Pong(v) => {
                 if let Ok(mut p) = shared.last_pong.lock() {
                     *p = Some(v);
+                }
+                if let Ok(mut at) = shared.first_pong_at.lock() {
+                    at.get_or_insert_with(std::time::Instant::now);
                 }
                 RpEvent::Pong(v)
             }
@@ -206,7 +211,7 @@ fn read_loop<R: Read>(
                 let max = pages.div_ceil(8).div_ceil(8) * 8;
                 let bitmap = r
                     .read_recv_bitmap(max)
-                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: e.kind.to_string() })?;
+                    .map_err(|e| ReturnPathError::Decode { offset: e.offset, why: crate::error::report(&e.kind) })?;
                 RpEvent::RecvBitmap { block, bitmap }
             }
             RpMessage::ResumeAck(v) => RpEvent::ResumeAck(v),
@@ -249,6 +254,11 @@ impl SourceReturnPath {
     /// The messages, in order; disconnected once the reader ended.
     pub fn events(&self) -> &Receiver<RpEvent> {
         &self.events
+    }
+
+    /// When the first PONG arrived (the round trip is that minus when its PING left).
+    pub fn first_pong_at(&self) -> Option<std::time::Instant> {
+        self.shared.first_pong_at.lock().ok().and_then(|p| *p)
     }
 
     /// The value of the last PONG received.

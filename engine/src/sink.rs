@@ -7,7 +7,9 @@
 //! of the same name and length, so a stream can neither name memory the guest does
 //! not have nor make the destination set up more than the guest's own RAM. Pages
 //! are placed at the stream's target page size (`configuration/target-page-bits`,
-//! 1 KiB to 64 KiB), whatever the host's page size.
+//! 1 KiB to 64 KiB), whatever the host's page size. It is a pre-copy sink
+//! ([`Incoming::run`](crate::incoming::Incoming::run), where postcopy stays off, so
+//! no discard reaches it); postcopy needs a `PostcopySink` (host memory for userfaultfd).
 
 use crate::memory::GuestRegion;
 use savevm_format::{PageSink, PageSlot, RamBlock};

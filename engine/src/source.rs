@@ -21,6 +21,10 @@
 //! the guest ([`EngineError::ReturnPath`] says so). A channel with no reverse
 //! direction (`exec:`, `file:`) fails at start ([`EngineError::NoReturnPath`]).
 //!
+//! With capability `xbzrle`, once the bulk pass is over, pages go through
+//! [`Xbzrle`] (QEMU 7.2's cache and `save_xbzrle_page`): a cache miss is sent
+//! whole from the cache's copy, a hit as an XBZRLE delta (nothing when unchanged,
+//! a whole page on overflow); `query-migrate` gains `xbzrle-cache`.
 //! With capability `postcopy-ram` (which opens the return path too) the source
 //! sends POSTCOPY_ADVISE after PING 1, and [`Outgoing::start_postcopy`] (QEMU's
 //! `migrate-start-postcopy`) or [`Outgoing::with_postcopy_after`] switches at the
@@ -47,6 +51,7 @@ use crate::precopy::{Action, PostcopyNext, PrecopyCore, Tick};
 use crate::return_path::{ReturnPathError, RpEvent, SourceReturnPath};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
+use crate::xbzrle::{Encoded, Xbzrle};
 use savevm_format::{section_ids, write_guest_prologue_with, Command, RamBlock, StoppedGuest, StreamWriter};
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -116,6 +121,10 @@ pub enum EngineError {
         /// The cause.
         source: crate::dirty::DirtyError,
     },
+    /// A multifd channel failed (named in the error), or capability `multifd` was
+    /// asked for without its channels.
+    #[error(transparent)]
+    Multifd(#[from] crate::multifd::MultifdError),
     /// Capability `return-path` on a channel with no reverse direction (`exec:`,
     /// `file:`, a pipe, a [`PageWriter`] of its own): refused at start.
     #[error("capability return-path: {0}")]
@@ -129,7 +138,12 @@ pub enum EngineError {
     /// path closed or broken before SHUT(0), or no SHUT in time after EOF.
     #[error(
         "{}{error}{}",
-        if *after_eof { "the destination did not confirm the migration: " } else { "the destination ended the migration: " },
+        match (after_eof, error) {
+            (true, _) => "the destination did not confirm the migration: ",
+            // Reading it failed (a reset, a timeout): the link, not necessarily the destination.
+            (false, ReturnPathError::Decode { .. }) => "the return path from the destination failed: ",
+            (false, _) => "the destination ended the migration: ",
+        },
         if *resumed { "; the guest was resumed on the source" } else { "" }
     )]
     ReturnPath {
@@ -167,6 +181,7 @@ impl EngineError {
             EngineError::DirtyStart { .. } | EngineError::DirtySync { .. } => Origin::Vmm,
             // The destination said no, went away or never confirmed.
             EngineError::ReturnPath { .. } => Origin::Peer,
+            EngineError::Multifd(_) => Origin::Peer,
             EngineError::Postcopy(e) => e.origin(),
             _ => Origin::Local,
         }
@@ -177,6 +192,7 @@ impl EngineError {
             EngineError::Cancelled => true,
             EngineError::Io(e) => transports::is_cancelled(e),
             EngineError::Transport(t) => t.is_cancelled(),
+            EngineError::Multifd(m) => m.is_cancel(),
             EngineError::Postcopy(e) => e.is_cancel(),
             _ => false,
         }
@@ -184,7 +200,7 @@ impl EngineError {
 
     /// The channel failed (the destination may have said why on the return path).
     fn is_channel(&self) -> bool {
-        matches!(self, EngineError::Io(_) | EngineError::Transport(_))
+        matches!(self, EngineError::Io(_) | EngineError::Transport(_) | EngineError::Multifd(_))
     }
 }
 
@@ -205,6 +221,12 @@ pub trait PageWriter<'g>: Write {
     /// more may be sent now (always, by default).
     fn rate_limited_until(&mut self) -> Option<Instant> {
         None
+    }
+    /// Of those, bytes still queued on their way (a tcp socket's unacknowledged
+    /// bytes): the decision measures bandwidth on what left and counts these as
+    /// pending. 0 by default.
+    fn queued(&self) -> u64 {
+        0
     }
     /// Flush and close the stream (for `exec:`, check the command's exit status).
     fn close(self) -> Result<(), EngineError>
@@ -227,6 +249,9 @@ impl<'g> PageWriter<'g> for MigrationWriter<'g> {
     }
     fn bytes_sent(&self) -> u64 {
         self.rate_limit().total_bytes()
+    }
+    fn queued(&self) -> u64 {
+        self.queued_bytes()
     }
     fn close(self) -> Result<(), EngineError> {
         Ok(MigrationWriter::close(self)?)
@@ -269,6 +294,8 @@ pub struct Outgoing {
     force: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`continue_switchover`](Self::continue_switchover).
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    /// Set by [`begin_setup`](Self::begin_setup): the run starts from `setup`.
+    begun: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`start_postcopy`](Self::start_postcopy).
     postcopy: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -346,6 +373,16 @@ struct RpState {
     reader: SourceReturnPath,
     pongs: u64,
     requests: u64,
+    /// When PING 1 went out (flushed after the prologue).
+    ping_at: Option<Instant>,
+}
+
+impl RpState {
+    /// The round trip PING 1 -> PONG 1 took, once it is known: the destination's
+    /// SHUT(0) at the end takes about as long after the last byte arrives.
+    fn round_trip(&self) -> Option<Duration> {
+        Some(self.reader.first_pong_at()?.saturating_duration_since(self.ping_at?))
+    }
 }
 
 /// The return path opened on the channel (its reads woken by a token of its own),
@@ -443,6 +480,12 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
     start: Instant,
     w: StreamWriter<W>,
     core: PrecopyCore,
+    /// The multifd channels (capability `multifd`): non-zero pages go there.
+    mf: Option<&'o mut crate::multifd::Sender>,
+    /// Capability `xbzrle`: the cache and counters.
+    xbz: Option<Xbzrle>,
+    /// Each region's first RAM address (regions laid end to end, as QEMU's ram_addr_t).
+    bases: Vec<u64>,
     /// Bytes sent when the guest started running on the destination (postcopy).
     postcopy_from: Option<u64>,
     _g: std::marker::PhantomData<&'g ()>,
@@ -450,19 +493,23 @@ struct Run<'o, 'g, W: PageWriter<'g>> {
 
 impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
     fn tick(&mut self) -> Tick {
-        Tick { now: self.start.elapsed(), bytes_sent: self.w.get_mut().bytes_sent() }
+        let w = self.w.get_mut();
+        // What reached the peer: bytes still queued in the socket have not left yet.
+        Tick { now: self.start.elapsed(), bytes_sent: w.bytes_sent().saturating_sub(w.queued()) }
     }
 
     /// Publish the core's figures and the page counters for other threads.
     fn publish(&mut self) {
         let st = self.w.ram_stats();
+        let multifd_pages = self.mf.as_ref().map_or(0, |m| m.pages_sent());
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
+        let xbz = self.xbz.as_ref().map(|x| x.info().clone());
         let postcopy_from = self.postcopy_from;
         self.out.info.update(|i| {
             i.total_time = total_time;
-            i.normal = st.normal;
+            i.normal = st.normal + multifd_pages;
             i.duplicate = st.duplicate;
             i.transferred = transferred;
             i.remaining = c.remaining;
@@ -473,6 +520,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             }
             i.expected_downtime = c.expected_downtime.or(i.expected_downtime);
             i.cpu_throttle_percentage = (c.throttle > 0).then_some(c.throttle);
+            i.xbzrle_cache = xbz;
             if let Some(from) = postcopy_from {
                 i.postcopy_bytes = transferred.saturating_sub(from);
             }
@@ -508,7 +556,12 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             Some(_) => self.w.section_part(id)?,
         }
         let mut n = 0u64;
+        // As QEMU 7.2: XBZRLE once the bulk pass is over and never in postcopy; the
+        // final stage (the guest stopped) neither inserts nor updates cached pages.
         let postcopy = self.core.in_postcopy();
+        let stats = self.core.stats();
+        let xbz_on = stats.bulk_done && self.xbz.is_some() && !postcopy;
+        let (age, last_stage) = (stats.dirty_sync_count, until.is_none());
         loop {
             if postcopy {
                 if let Some(r) = rp.as_mut() {
@@ -541,8 +594,29 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
             let memory = ram[r].memory();
             let page = memory.page(p);
             let off = p * PAGE as u64;
+            let addr = self.bases[r] + off;
             if is_zero(&page) {
                 self.w.ram_zero(r, off)?;
+                if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                    x.zero_page(addr, age);
+                }
+            } else if let Some(mf) = self.mf.as_mut() {
+                // QEMU 7.2's ram_save_target_page: multifd before XBZRLE, which it bypasses.
+                mf.queue(r, p)?;
+            } else if let Some(x) = self.xbz.as_mut().filter(|_| xbz_on) {
+                match x.save_page(addr, &page, age, last_stage) {
+                    Encoded::Unchanged => {}
+                    Encoded::Delta(d) => {
+                        let before = self.w.bytes_written();
+                        self.w.ram_xbzrle(r, off, d)?;
+                        x.sent_delta(self.w.bytes_written() - before);
+                    }
+                    Encoded::Copy(c) => self.w.ram_page(r, off, &c[..])?,
+                    Encoded::InPlace => {
+                        self.w.ram_page_header(r, off)?;
+                        self.w.get_mut().write_page(page)?;
+                    }
+                }
             } else {
                 self.w.ram_page_header(r, off)?;
                 self.w.get_mut().write_page(page)?;
@@ -562,6 +636,10 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                     break;
                 }
             }
+        }
+        // QEMU 7.2: every channel's SYNC before each RAM EOS.
+        if let Some(mf) = self.mf.as_mut() {
+            mf.sync()?;
         }
         self.w.ram_eos()?;
         self.w.footer(id)?;
@@ -636,6 +714,7 @@ impl Outgoing {
             cancel: CancelToken::new()?,
             force: Default::default(),
             go_on: Default::default(),
+            begun: Default::default(),
             postcopy: Default::default(),
         })
     }
@@ -718,6 +797,16 @@ impl Outgoing {
         Ok(())
     }
 
+    /// Move `none -> setup` now, before the channel is even connected, as QEMU 7.2's
+    /// `migrate` command does before it returns (so `query-migrate` never shows
+    /// `none` after it); the run then goes on from `setup`. A channel that cannot
+    /// be opened then ends it `setup -> failed`.
+    pub fn begin_setup(&self) -> Result<(), IllegalTransition> {
+        self.state.transition(S::None, S::Setup)?;
+        self.begun.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     /// QEMU's `migrate-start-postcopy`: switch to postcopy at the next iteration
     /// boundary (after the RAM PART under way), unless pre-copy completes first.
     /// Allowed from `setup` on (also once completed, where it does nothing, as QEMU);
@@ -787,6 +876,26 @@ impl Outgoing {
         self.run_inner(MigrationWriter::new(ch, self.rate.clone()), rp, ram, vcpus, vm)
     }
 
+    /// [`run_vm`](Self::run_vm) with capability `multifd`: `channels` are the
+    /// `multifd-channels` extra connections to the same destination (connected after
+    /// `ch`, in id order); each gets a sender thread (see [`crate::multifd`]).
+    pub fn run_multifd(
+        &self,
+        ch: Channel,
+        channels: Vec<Channel>,
+        ram: &mut [RamRegion<'_>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+    ) -> Result<MigrationInfo, EngineError> {
+        self.cancel.link_to(ch.cancel_token());
+        for c in &channels {
+            self.cancel.link_to(c.cancel_token());
+        }
+        let rp = self.fixed.caps.return_path.then(|| open_return_path(&ch));
+        let w = MigrationWriter::new(ch, self.rate.clone());
+        self.run_inner_mf(w, rp, ram, vcpus, vm, Some(channels))
+    }
+
     /// [`run_vm`](Self::run_vm) into any [`PageWriter`] (an in-memory stream, say).
     /// Such a stream has no return path: capability `return-path` fails at start.
     pub fn run_on<'g, W: PageWriter<'g>>(
@@ -810,18 +919,47 @@ impl Outgoing {
         vcpus: &mut dyn VcpuControl,
         vm: &mut VmParts<'_>,
     ) -> Result<MigrationInfo, EngineError> {
+        self.run_inner_mf(w, rp, ram, vcpus, vm, None)
+    }
+
+    fn run_inner_mf<'g, W: PageWriter<'g>>(
+        &self,
+        w: W,
+        rp: Option<RpOpen>,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+        channels: Option<Vec<Channel>>,
+    ) -> Result<MigrationInfo, EngineError> {
         let start = Instant::now();
         let pages: u64 = ram.iter().map(|r| r.memory().pages()).sum();
         let _span = tracing::info_span!("migration", role = "source", regions = ram.len(), pages).entered();
-        self.state.transition(S::None, S::Setup)?;
+        if !self.begun.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.state.transition(S::None, S::Setup)?;
+        }
         let mut undo = Undo::default();
         let mut reader: Option<RpState> = None;
-        let result = match (vm.blockers.first(), rp) {
-            (Some(b), _) => Err(EngineError::Blocked(b.reason.clone())),
+        let result = match (vm.blockers.first(), rp, channels) {
+            (Some(b), _, _) => Err(EngineError::Blocked(b.reason.clone())),
             // As QEMU: a return path that cannot be opened fails the migration in setup.
-            (None, Some(Err(e))) => Err(e),
-            (None, Some(Ok(rp))) => self.precopy(w, start, ram, vcpus, vm, &mut undo, Some(rp), &mut reader),
-            (None, None) => self.precopy(w, start, ram, vcpus, vm, &mut undo, None, &mut reader),
+            (None, Some(Err(e)), _) => Err(e),
+            (None, rp, channels) => {
+                let rp = rp.and_then(Result::ok);
+                if self.fixed.caps.multifd && self.fixed.caps.postcopy_ram {
+                    Err(EngineError::Setup(
+                        "capabilities multifd and postcopy-ram refuse each other: turn one of them off".into(),
+                    ))
+                } else if self.fixed.caps.multifd != channels.is_some() {
+                    Err(EngineError::Setup(match channels {
+                        Some(_) => "multifd channels were given without capability multifd".into(),
+                        None => "capability multifd needs its channels (Outgoing::run_multifd)".into(),
+                    }))
+                } else if let Some(channels) = channels {
+                    self.precopy_multifd(w, start, ram, vcpus, vm, &mut undo, rp, &mut reader, channels)
+                } else {
+                    self.precopy(w, start, ram, vcpus, vm, &mut undo, rp, &mut reader, None)
+                }
+            }
         };
         // A broken channel: the return path says whether the destination ended it
         // (its SHUT status, or that it closed the connection) better than EPIPE does.
@@ -908,6 +1046,44 @@ impl Outgoing {
         }
     }
 
+    /// [`precopy`](Self::precopy) with the multifd sender threads running in a scope
+    /// around it (they borrow the guest memory).
+    #[allow(clippy::too_many_arguments)]
+    fn precopy_multifd<'g, W: PageWriter<'g>>(
+        &self,
+        w: W,
+        start: Instant,
+        ram: &mut [RamRegion<'g>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+        undo: &mut Undo,
+        rp: Option<(ReturnPath, CancelToken)>,
+        reader: &mut Option<RpState>,
+        channels: Vec<Channel>,
+    ) -> Result<(), EngineError> {
+        let params = self.params.get();
+        let mem: Vec<&'g GuestRegion> = ram.iter().map(|r| r.memory()).collect();
+        std::thread::scope(|s| {
+            let comp = params.multifd_compression;
+            let mut sender = crate::multifd::Sender::start(
+                s,
+                channels,
+                mem,
+                comp,
+                params.multifd_level(),
+                &self.rate,
+                self.cancel.clone(),
+            )?;
+            let r = self.precopy(w, start, ram, vcpus, vm, undo, rp, reader, Some(&mut sender));
+            if r.is_err() {
+                sender.abort();
+            }
+            let f = sender.finish();
+            r?;
+            Ok(f?)
+        })
+    }
+
     /// Setup, the passes the core asks for, and the switchover; with a return path
     /// `rp`, its reader is spawned into `reader`, checked every loop turn and waited
     /// for (SHUT) after EOF.
@@ -922,6 +1098,7 @@ impl Outgoing {
         undo: &mut Undo,
         rp: Option<(ReturnPath, CancelToken)>,
         reader: &mut Option<RpState>,
+        mut mf: Option<&mut crate::multifd::Sender>,
     ) -> Result<(), EngineError> {
         if ram.is_empty() {
             return Err(EngineError::Setup("a migration needs at least one RAM region".into()));
@@ -948,7 +1125,7 @@ impl Outgoing {
         let mut commands = Vec::new();
         if let Some((path, token)) = rp {
             let r = SourceReturnPath::spawn(path, blocks.clone(), PAGE as u64, token)?;
-            *reader = Some(RpState { reader: r, pongs: 0, requests: 0 });
+            *reader = Some(RpState { reader: r, pongs: 0, requests: 0, ping_at: None });
             self.info.update(|i| i.return_path = Some(ReturnPathInfo::default()));
             commands = vec![Command::OpenReturnPath, Command::Ping(1)];
         }
@@ -958,7 +1135,26 @@ impl Outgoing {
             let summary = blocks.iter().fold(0u64, |a, b| a | b.page_size.unwrap_or(PAGE as u64));
             commands.push(Command::PostcopyAdvise(Some((summary, PAGE as u64))));
         }
-        write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?;
+        match mf.as_mut() {
+            None => write_guest_prologue_with(&mut w, &blocks, &guest, &commands)?,
+            // QEMU 7.2's ram_save_setup with multifd: every channel's SYNC before the EOS.
+            Some(mf) => {
+                w.header()?;
+                w.configuration(&savevm_format::Configuration {
+                    machine: guest.machine.clone(),
+                    ..Default::default()
+                })?;
+                for c in &commands {
+                    w.command(c)?;
+                }
+                w.section_start(section_ids::RAM, savevm_format::wire::RAM_IDSTR, 0, savevm_format::wire::RAM_VERSION)?;
+                w.ram_block_list(&blocks)?;
+                w.get_mut().flush_now()?;
+                mf.sync()?;
+                w.ram_eos()?;
+                w.footer(section_ids::RAM)?;
+            }
+        }
         // Live devices' START sections follow RAM's (QEMU's qemu_savevm_state_setup).
         for (k, d) in vm.live_devices.iter_mut().enumerate() {
             // The device is borrowed mutably to save: its name is copied out first.
@@ -969,6 +1165,9 @@ impl Outgoing {
             w.footer(id)?;
         }
         w.get_mut().flush_now()?;
+        if let Some(r) = reader.as_mut() {
+            r.ping_at = Some(Instant::now());
+        }
         // Bulk pass: every page is to be sent; marks from now on come from the guest.
         for (r, region) in ram.iter_mut().enumerate() {
             undo.dirty_started += 1;
@@ -978,11 +1177,21 @@ impl Outgoing {
         }
         let pages: Vec<u64> = ram.iter().map(|r| r.memory().pages()).collect();
         let t0 = Tick { now: start.elapsed(), bytes_sent: w.get_mut().bytes_sent() };
+        let xbz = match self.fixed.caps.xbzrle {
+            false => None,
+            true => Some(Xbzrle::new(params.xbzrle_cache_size).ok_or_else(|| {
+                EngineError::Setup(format!("xbzrle-cache-size {} cannot be allocated", params.xbzrle_cache_size))
+            })?),
+        };
+        let bases = blocks.iter().scan(0u64, |next, b| Some(std::mem::replace(next, *next + b.length))).collect();
         let mut run = Run {
             out: self,
             start,
             core: PrecopyCore::new(&pages, t0),
             w,
+            mf,
+            xbz,
+            bases,
             postcopy_from: None,
             _g: std::marker::PhantomData,
         };
@@ -1023,11 +1232,22 @@ impl Outgoing {
             // After the postcopy switch the live devices have sent their END sections.
             let dev_pending: Vec<u64> =
                 vm.live_devices.iter_mut().map(|d| if in_postcopy { 0 } else { d.pending() }).collect();
-            let dev_total = dev_pending.iter().fold(0u64, |a, &b| a.saturating_add(b));
+            // Bytes still queued in the socket must arrive within the downtime too
+            // (before the postcopy switch: after it, the guest runs on the destination).
+            let queued = if in_postcopy { 0 } else { run.w.get_mut().queued() };
+            let dev_total = dev_pending.iter().fold(queued, |a, &b| a.saturating_add(b));
             if self.force.load(std::sync::atomic::Ordering::SeqCst) {
                 run.core.force_switchover();
             }
             let tick = run.tick();
+            // With a return path, the last byte needs half a round trip to arrive and
+            // the destination's SHUT(0), which ends the downtime, a whole one back:
+            // the data gets what is left of the limit (at least a quarter of it).
+            let mut params = params;
+            if let Some(rtt) = reader.as_ref().and_then(RpState::round_trip) {
+                let rtt_ms = u64::try_from(rtt.as_millis() * 3 / 2).unwrap_or(u64::MAX);
+                params.downtime_limit = params.downtime_limit.saturating_sub(rtt_ms).max(params.downtime_limit / 4);
+            }
             match run.core.step(tick, dev_total, &params) {
                 Action::Sync => {
                     run.harvest(ram)?;
@@ -1054,6 +1274,10 @@ impl Outgoing {
                     }
                     if let Some(rate) = o.dirty_pages_rate {
                         self.info.update(|i| i.dirty_pages_rate = rate);
+                        let taken = run.core.pages_mut().taken();
+                        if let Some(x) = run.xbz.as_mut() {
+                            x.close_period(taken);
+                        }
                     }
                     run.publish();
                 }

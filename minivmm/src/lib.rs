@@ -20,4 +20,4 @@ pub mod layout;
 pub mod migrate;
 mod vm;
 
-pub use vm::{kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, RAM_BLOCK};
+pub use vm::{kvm_unavailable, Control, CpuDevice, GuestConfig, RamSink, Vcpus, Vm, VmError, VmOptions, RAM_BLOCK};

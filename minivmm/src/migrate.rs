@@ -39,6 +39,46 @@ pub fn migrate_out(vm: &Vm, out: &Outgoing, ch: Channel) -> Result<MigrationInfo
     out.run_vm(ch, &mut ram, &mut vcpus, &mut parts)
 }
 
+/// [`migrate_out`] with capability `multifd`: `channels` are the `multifd-channels`
+/// extra connections (connected after `ch`), each with a sender thread.
+pub fn migrate_out_multifd(
+    vm: &Vm,
+    out: &Outgoing,
+    ch: Channel,
+    channels: Vec<Channel>,
+) -> Result<MigrationInfo, EngineError> {
+    let region = vm.region().map_err(|e| EngineError::Vmm(VmmError::new(e)))?;
+    let mut vcpus = vm.vcpus();
+    let mut cpus = vm.cpu_devices();
+    let mut ram = [RamRegion::new(&region).with_dirty(vm.dirty_log())];
+    let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+    let mut parts = VmParts { devices, ..Default::default() };
+    out.run_multifd(ch, channels, &mut ram, &mut vcpus, &mut parts)
+}
+
+/// [`migrate_in`] with capability `multifd`: `channels` (accepted and identified)
+/// place their pages straight into guest memory from a thread each.
+pub fn migrate_in_multifd(
+    vm: &mut Vm,
+    ch: Channel,
+    channels: engine::multifd::IncomingChannels,
+    autostart: bool,
+) -> Result<IncomingReport, IncomingError> {
+    let mut vcpus = vm.vcpus();
+    let mut cpus = vm.cpu_devices();
+    let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+    let mut parts = VmParts { devices, ..Default::default() };
+    let open = channel_return_path(&ch);
+    let main = ch.return_path().ok();
+    let channels = channels.on_failure(move || {
+        if let Some(m) = &main {
+            let _ = m.shutdown(std::net::Shutdown::Read);
+        }
+    });
+    let reader = MigrationReader::new(ch, RateLimit::new(0));
+    Incoming::new(autostart).run_multifd(reader, channels, &mut vm.sink(), &mut parts, &mut vcpus, open)
+}
+
 /// Load an incoming migration from `ch` into `vm` (RAM straight into guest
 /// memory, then the vCPU state) and, with `autostart`, resume the guest. A source
 /// with `return-path` gets its PONGs and, once everything loaded, SHUT(0) (SHUT(1)

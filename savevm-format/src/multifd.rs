@@ -4,6 +4,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::input::{IResult, Input};
+use crate::ram::RamBlock;
 use std::io::Read;
 
 /// Magic of initial and page packets.
@@ -61,15 +62,56 @@ impl InitialPacket {
     }
 }
 
-/// Payload compression of a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Payload compression of a channel (QEMU's `multifd-compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
+    #[default]
     /// Raw pages.
     None,
     /// One zlib stream per channel.
     Zlib,
     /// One zstd stream per channel.
     Zstd,
+}
+
+impl Compression {
+    /// QEMU's name (`none`, `zlib`, `zstd`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// The packet flag bits of this method.
+    pub fn flag(self) -> u32 {
+        match self {
+            Compression::None => 0,
+            Compression::Zlib => MULTIFD_FLAG_ZLIB,
+            Compression::Zstd => MULTIFD_FLAG_ZSTD,
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zlib" => Ok(Compression::Zlib),
+            "zstd" => Ok(Compression::Zstd),
+            _ => Err(format!("multifd-compression '{s}': expected none, zlib or zstd")),
+        }
+    }
+}
+
+/// Length of a page packet's header for target page size `tps` (1344 at 4 KiB):
+/// 64 fixed bytes, the 256-byte block name, one be64 offset slot per page a
+/// packet can hold.
+pub fn header_len(tps: u64) -> usize {
+    64 + 256 + 8 * usize::try_from(MULTIFD_PACKET_SIZE / tps.max(1)).unwrap_or(0)
 }
 
 /// A page packet's header fields (stale fields kept as QEMU sent them).
@@ -96,6 +138,187 @@ impl PacketHeader {
     pub fn is_sync(&self) -> bool {
         self.flags & MULTIFD_FLAG_SYNC != 0
     }
+
+    /// Append the header as QEMU 7.2 writes it ([`header_len`] bytes: unused offset
+    /// slots zero). Refuses a block name over 255 bytes, more offsets than a packet
+    /// holds, or `normal_pages` other than the offsets given.
+    pub fn encode(&self, tps: u64, out: &mut Vec<u8>) -> std::result::Result<(), crate::EncodeError> {
+        let slots = MULTIFD_PACKET_SIZE / tps.max(1);
+        let bad = |m: String| crate::EncodeError::BadRecord(format!("multifd packet: {m}"));
+        if self.block.len() > 255 {
+            return Err(bad(format!("block name of {} bytes", self.block.len())));
+        }
+        if self.offsets.len() as u64 > slots || u64::from(self.pages_alloc) > slots {
+            return Err(bad(format!("{} pages in a packet of {slots}", self.offsets.len())));
+        }
+        if self.offsets.len() != self.normal_pages as usize {
+            return Err(bad(format!("normal_pages {} with {} offsets", self.normal_pages, self.offsets.len())));
+        }
+        let start = out.len();
+        out.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
+        out.extend_from_slice(&MULTIFD_VERSION.to_be_bytes());
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.extend_from_slice(&self.pages_alloc.to_be_bytes());
+        out.extend_from_slice(&self.normal_pages.to_be_bytes());
+        out.extend_from_slice(&self.next_packet_size.to_be_bytes());
+        out.extend_from_slice(&self.packet_num.to_be_bytes());
+        out.resize(start + 64, 0);
+        out.extend_from_slice(self.block.as_bytes());
+        out.resize(start + 64 + 256, 0);
+        for o in &self.offsets {
+            out.extend_from_slice(&o.to_be_bytes());
+        }
+        out.resize(start + header_len(tps), 0);
+        Ok(())
+    }
+}
+
+/// What a destination expects of its multifd channels (`multifd-channels`,
+/// `multifd-compression`, its own VM UUID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChannelExpect {
+    /// The destination's UUID (all zero without `-uuid`): the source's must equal it.
+    pub uuid: [u8; 16],
+    /// `multifd-channels`: ids run from 0 to this minus one.
+    pub channels: u8,
+    /// `multifd-compression`: every packet with pages must carry this method.
+    pub compression: Compression,
+}
+
+/// Check an initial packet against the destination (QEMU 7.2's
+/// `multifd_recv_initial_packet`; its id check `id > channels` is one too lax,
+/// this one refuses `id == channels` as well).
+pub fn check_initial(p: &InitialPacket, e: &ChannelExpect) -> std::result::Result<(), ErrorKind> {
+    if p.uuid != e.uuid {
+        return Err(ErrorKind::Multifd(format!(
+            "received uuid '{}' and expected uuid '{}' for channel {}",
+            crate::vmstate::hex(&p.uuid),
+            crate::vmstate::hex(&e.uuid),
+            p.channel_id
+        )));
+    }
+    if p.channel_id >= e.channels {
+        return Err(ErrorKind::Multifd(format!(
+            "channel id {} out of range: multifd-channels is {}",
+            p.channel_id, e.channels
+        )));
+    }
+    Ok(())
+}
+
+/// The block a packet's pages belong to, every offset checked against it (page
+/// aligned, the page inside `used_length`): QEMU 7.2's `multifd_recv_unfill_packet`.
+/// `None` for a packet without pages (its name and offsets are stale).
+pub fn check_pages<'b>(
+    h: &PacketHeader,
+    blocks: &'b [RamBlock],
+    tps: u64,
+) -> std::result::Result<Option<&'b RamBlock>, ErrorKind> {
+    if h.normal_pages == 0 {
+        return Ok(None);
+    }
+    let b = blocks.iter().find(|b| b.name == h.block).ok_or_else(|| {
+        ErrorKind::Multifd(format!("packet {} names unknown RAM block '{}'", h.packet_num, h.block.escape_debug()))
+    })?;
+    for &off in &h.offsets {
+        if tps == 0 || off % tps != 0 || off.checked_add(tps).is_none_or(|e| e > b.length) {
+            return Err(ErrorKind::Multifd(format!(
+                "packet {}: page offset {off:#x} outside RAM block '{}' ({:#x} bytes)",
+                h.packet_num,
+                b.name.escape_debug(),
+                b.length
+            )));
+        }
+    }
+    Ok(Some(b))
+}
+
+/// One channel's compression stream on the sending side: QEMU keeps one zlib or
+/// zstd stream per channel for the whole migration, feeds each packet's pages in
+/// order and flushes (`Z_SYNC_FLUSH`, `ZSTD_e_flush`) after the last one.
+pub enum PacketCompressor {
+    /// One zlib stream (with zlib header).
+    Zlib(Box<flate2::Compress>),
+    /// One zstd frame, never ended.
+    #[cfg(feature = "zstd")]
+    Zstd(Box<zstd::stream::raw::Encoder<'static>>),
+}
+
+impl PacketCompressor {
+    /// A stream for `c` at `level` (`multifd-zlib-level` 0..=9, `multifd-zstd-level`
+    /// 0..=20); `None` for [`Compression::None`].
+    pub fn new(c: Compression, level: u8) -> std::io::Result<Option<Self>> {
+        Ok(match c {
+            Compression::None => None,
+            Compression::Zlib => Some(PacketCompressor::Zlib(Box::new(flate2::Compress::new(
+                flate2::Compression::new(u32::from(level.min(9))),
+                true,
+            )))),
+            #[cfg(feature = "zstd")]
+            Compression::Zstd => {
+                Some(PacketCompressor::Zstd(Box::new(zstd::stream::raw::Encoder::new(i32::from(level.min(20)))?)))
+            }
+            #[cfg(not(feature = "zstd"))]
+            Compression::Zstd => {
+                return Err(std::io::Error::other("zstd: this build has no zstd support (feature `zstd`)"))
+            }
+        })
+    }
+
+    /// Compress one packet's pages onto `out` (cleared first): each page fed in
+    /// order, the stream flushed after the last, so the receiver's persistent
+    /// stream yields exactly these pages.
+    pub fn compress(&mut self, pages: &[&[u8]], out: &mut Vec<u8>) -> std::io::Result<()> {
+        out.clear();
+        let raw: usize = pages.iter().map(|p| p.len()).sum();
+        out.reserve(raw + raw / 8 + 1024);
+        match self {
+            PacketCompressor::Zlib(z) => {
+                let err = |e: flate2::CompressError| std::io::Error::other(format!("zlib: {e}"));
+                for (i, page) in pages.iter().enumerate() {
+                    let flush =
+                        if i + 1 == pages.len() { flate2::FlushCompress::Sync } else { flate2::FlushCompress::None };
+                    let mut done = 0;
+                    loop {
+                        if out.capacity() - out.len() < 64 {
+                            out.reserve(out.capacity().max(4096));
+                        }
+                        let in0 = z.total_in();
+                        z.compress_vec(&page[done..], out, flush).map_err(err)?;
+                        done += consumed(z.total_in(), in0);
+                        // Done when the page is in and (after a flush) the output has room left.
+                        if done == page.len() && out.capacity() > out.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+            #[cfg(feature = "zstd")]
+            PacketCompressor::Zstd(z) => {
+                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                let mut tmp = vec![0u8; 128 << 10];
+                for page in pages {
+                    let mut inb = InBuffer::around(page);
+                    while inb.pos() < page.len() {
+                        let mut ob = OutBuffer::around(&mut tmp[..]);
+                        z.run(&mut inb, &mut ob)?;
+                        let n = ob.pos();
+                        out.extend_from_slice(&tmp[..n]);
+                    }
+                }
+                loop {
+                    let mut ob = OutBuffer::around(&mut tmp[..]);
+                    let left = z.flush(&mut ob)?;
+                    let n = ob.pos();
+                    out.extend_from_slice(&tmp[..n]);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 enum Inflater {
@@ -113,6 +336,7 @@ pub struct ChannelReader<R> {
     initial: Option<InitialPacket>,
     inflater: Inflater,
     compression: Option<Compression>,
+    expected: Option<Compression>,
     comp: Vec<u8>,
     data: Vec<u8>,
 }
@@ -126,6 +350,7 @@ impl<R: Read> ChannelReader<R> {
             initial: None,
             inflater: Inflater::None,
             compression: None,
+            expected: None,
             comp: vec![],
             data: vec![],
         }
@@ -154,6 +379,17 @@ impl<R: Read> ChannelReader<R> {
     /// Pages per packet (offset slots in the header).
     pub fn pages_per_packet(&self) -> u64 {
         MULTIFD_PACKET_SIZE / self.tps
+    }
+
+    /// Require every packet with pages to carry `c` (the destination's
+    /// `multifd-compression`, as QEMU 7.2's loaders check the flags).
+    pub fn expect_compression(&mut self, c: Compression) {
+        self.expected = Some(c);
+    }
+
+    /// Bytes of the channel read so far.
+    pub fn offset(&self) -> u64 {
+        self.input.offset()
     }
 
     /// Compression seen so far on this channel.
@@ -224,6 +460,13 @@ impl<R: Read> ChannelReader<R> {
             MULTIFD_FLAG_ZSTD => Compression::Zstd,
             f => return Err(ErrorKind::Multifd(format!("unknown compression flags {f:#x}"))),
         };
+        if let Some(e) = self.expected.filter(|&e| e != comp) {
+            return Err(ErrorKind::Multifd(format!(
+                "packet flags {flags:#x}: {} payload, but multifd-compression is {}",
+                comp.as_str(),
+                e.as_str()
+            )));
+        }
         if let Some(c) = self.compression {
             if c != comp {
                 return Err(ErrorKind::Multifd(format!("compression changed from {c:?} to {comp:?}")));

@@ -6,19 +6,25 @@
 //! - [`qemu`]: a QMP client and `qemu-system-x86_64` launcher.
 //! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
+//! - `netfault` (Linux): network namespaces joined by a veth pair (rate, cut) and a fault-injecting TCP proxy.
 //! - [`rng`] holds the SplitMix64 generator.
 //! - [`streams`]: hand-built streams (any target page size) for destination tests.
+//! - `tls` (feature `tls`): test PKIs in QEMU's x509 credentials layout.
 //! - `kvm_or_skip` (feature `kvm`): the KVM skip rule of the KVM tests.
 
 #![warn(missing_docs)]
 
 pub mod alloc_guard;
+#[cfg(target_os = "linux")]
+pub mod netfault;
 pub mod pattern;
 pub mod qemu;
 pub mod rng;
 pub mod state;
 pub mod streams;
 pub mod synthetic;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use alloc_guard::AllocGuard;
 pub use rng::{splitmix64, SplitMix64};

@@ -243,6 +243,20 @@ impl Qmp {
         }
     }
 
+    /// The next asynchronous event: one already received, else the next message,
+    /// waiting at most `timeout` (a reply with no command pending is a protocol error).
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Value, QemuError> {
+        if !self.events.is_empty() {
+            return Ok(self.events.remove(0));
+        }
+        let msg = self.read_message_within(timeout, "an event")?;
+        if msg.get("event").is_some() {
+            Ok(msg)
+        } else {
+            Err(QemuError::Protocol(format!("expected an event, got {msg}")))
+        }
+    }
+
     fn read_message(&mut self) -> Result<Value, QemuError> {
         let t = self.timeout;
         self.read_message_within(t, "the QMP greeting")
@@ -377,6 +391,8 @@ pub struct QemuConfig {
     pub binary: Option<PathBuf>,
     /// Time allowed for QMP to come up and for each QMP reply.
     pub timeout: Duration,
+    /// `prealloc=on` on every memory backend: QEMU populates the RAM at startup.
+    pub prealloc: bool,
 }
 
 impl Default for QemuConfig {
@@ -388,6 +404,7 @@ impl Default for QemuConfig {
             machine: "none".into(),
             binary: None,
             timeout: DEFAULT_TIMEOUT,
+            prealloc: false,
         }
     }
 }
@@ -428,6 +445,12 @@ impl QemuConfig {
         self
     }
 
+    /// Sets `prealloc=on` on the memory backends (QEMU populates its RAM at startup).
+    pub fn prealloc(mut self, on: bool) -> Self {
+        self.prealloc = on;
+        self
+    }
+
     /// Sets the time allowed for QMP to come up and for each QMP reply.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -448,6 +471,9 @@ impl QemuConfig {
             let mut o = OsString::from(format!("memory-backend-file,id={},size={},mem-path=", r.name, size_arg(r.len)));
             o.push(r.path.as_os_str());
             o.push(",share=on");
+            if self.prealloc {
+                o.push(",prealloc=on");
+            }
             a.push("-object".into());
             a.push(o);
         }

@@ -162,3 +162,88 @@ pub fn qmig_exe() -> &'static str {
 pub fn utf8(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
+
+/// A `qmig` process in the background (`recv` mostly), its stdout read line by line.
+pub struct BackgroundQmig {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl Drop for BackgroundQmig {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl BackgroundQmig {
+    /// Starts `qmig recv ARGS` (stderr to a file in `dir`).
+    pub fn recv(dir: &TestDir, args: &[&str]) -> BackgroundQmig {
+        let stderr = dir.join("recv.stderr");
+        let mut child = Command::new(qmig_exe())
+            .arg("recv")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        BackgroundQmig { child, lines, stderr }
+    }
+
+    /// The `{"listening": URI}` line's URI.
+    pub fn listening(&self, limit: Duration) -> String {
+        let l = self.lines.recv_timeout(limit).unwrap_or_else(|_| panic!("recv did not listen: {}", self.stderr()));
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        v["listening"].as_str().unwrap().to_string()
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (killing it after `limit`): exit code, last stdout line, stderr.
+    pub fn wait(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("qmig still running after {limit:?}: {}", self.stderr());
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let mut last = String::new();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            last = l;
+        }
+        (status.code(), last, self.stderr())
+    }
+}
+
+/// The one error line a failed qmig printed on stderr, checked to be one line naming each of `needles`.
+pub fn one_line_error(what: &str, status: Option<i32>, stderr: &str, needles: &[&str]) -> String {
+    assert_ne!(status, Some(0), "{what}: qmig succeeded; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one error line, got: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{what}: error line lacks '{n}': {}", lines[0]);
+    }
+    lines[0].to_string()
+}

@@ -2,7 +2,8 @@
 //! child, inherited fd, or file), with I/O that never blocks past a cancel.
 
 use crate::cancel::{CancelToken, Wake};
-use crate::error::TransportError;
+use crate::error::{NoProgress, TransportError};
+use crate::tls::{TlsClient, TlsServer, TlsStream};
 use crate::uri::MigrationUri;
 use nix::poll::PollFlags;
 use nix::sys::signal::{killpg, Signal};
@@ -17,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -185,11 +187,69 @@ fn last_line(stderr: &[u8]) -> String {
     text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
+/// The io timeout of [`ChannelOptions::default`]: 30 s without a byte moving on a
+/// socket fails the read or write (QEMU 7.2 has none, and waits as long as TCP retries).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a socket channel guards against a dead peer or link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Longest time one read or write on a socket (tcp:, unix:, an fd: socket)
+    /// may wait without a byte moving before it fails with [`NoProgress`]
+    /// (`None`: wait for ever, as QEMU does). On tcp it also sets `TCP_USER_TIMEOUT`
+    /// (unacknowledged data older than this resets the connection) and TCP
+    /// keepalive (first probe after a third of it, three probes a third apart), so
+    /// an idle connection whose peer vanished is noticed too. Pipes, `exec:` and
+    /// `file:` channels are not affected. Default [`DEFAULT_IO_TIMEOUT`].
+    pub io_timeout: Option<Duration>,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions { io_timeout: Some(DEFAULT_IO_TIMEOUT) }
+    }
+}
+
+impl ChannelOptions {
+    /// Options with this io timeout (`None` or zero: none).
+    pub fn with_io_timeout(io_timeout: Option<Duration>) -> Self {
+        ChannelOptions { io_timeout: io_timeout.filter(|t| !t.is_zero()) }
+    }
+}
+
+/// Turn on TCP keepalive and `TCP_USER_TIMEOUT` for `timeout` on a tcp socket
+/// (other sockets: nothing). Best effort: a refused option is ignored. True on tcp.
+fn tcp_liveness(fd: &OwnedFd, timeout: Option<Duration>) -> bool {
+    use nix::sys::socket::{getsockname, setsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
+    let is_inet = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .is_ok_and(|a| matches!(a.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)));
+    if !is_inet {
+        return false;
+    }
+    match timeout {
+        Some(t) => {
+            let ms = u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1);
+            let third = u32::try_from(t.as_secs() / 3).unwrap_or(u32::MAX).max(1);
+            let _ = setsockopt(fd, sockopt::KeepAlive, &true);
+            let _ = setsockopt(fd, sockopt::TcpKeepIdle, &third);
+            let _ = setsockopt(fd, sockopt::TcpKeepInterval, &third);
+            let _ = setsockopt(fd, sockopt::TcpKeepCount, &3);
+            let _ = setsockopt(fd, sockopt::TcpUserTimeout, &ms);
+        }
+        None => {
+            let _ = setsockopt(fd, sockopt::KeepAlive, &false);
+            let _ = setsockopt(fd, sockopt::TcpUserTimeout, &0);
+        }
+    }
+    true
+}
+
 /// A connected migration channel.
 pub struct Channel {
     read: Option<OwnedFd>,
     write: Option<OwnedFd>,
-    exec: Option<ExecChild>,
+    /// The `exec:` command (boxed: it is rare, and keeps `Channel` small).
+    exec: Option<Box<ExecChild>>,
     cancel: CancelToken,
     peer: String,
     /// A socket's descriptor that the cancel hook shuts down; the hook holds it
@@ -197,6 +257,16 @@ pub struct Channel {
     _shutdown: Option<Arc<OwnedFd>>,
     /// File status flags to put back on drop (inherited `fd:N` only).
     restore_flags: Option<nix::fcntl::OFlag>,
+    /// Longest wait without progress in one read or write, in ms (sockets only; 0:
+    /// none). A u32 (49 days at most) keeps `Channel` small.
+    io_timeout_ms: u32,
+    /// A tcp socket (its send queue is reported by [`Channel::queued_bytes`]).
+    tcp: bool,
+    /// The TLS session, once [`tls_client`](Channel::tls_client) or
+    /// [`tls_server`](Channel::tls_server) ran its handshake: every read and write goes through it.
+    tls: Option<Arc<TlsStream>>,
+    /// A plaintext socket's first read has not happened yet (it refuses a TLS handshake).
+    first_read: AtomicBool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -204,6 +274,11 @@ impl std::fmt::Debug for Channel {
         write!(f, "Channel({})", self.peer)
     }
 }
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// The major version byte of every TLS record (3: SSL 3.0 to TLS 1.3).
+const TLS_MAJOR: u8 = 0x03;
 
 /// Send buffer asked for on unix sockets (the kernel doubles it, capped by `net.core.wmem_max`).
 const UNIX_SEND_BUFFER: usize = 1 << 20;
@@ -273,6 +348,10 @@ impl Channel {
             peer,
             _shutdown: Some(shutdown),
             restore_flags: None,
+            io_timeout_ms: 0,
+            tcp: false,
+            tls: None,
+            first_read: AtomicBool::new(true),
         })
     }
 
@@ -301,7 +380,19 @@ impl Channel {
             Direction::Incoming => (Some(fd), None),
             Direction::Outgoing => (None, Some(fd)),
         };
-        Ok(Channel { read, write, exec, cancel: cancel.clone(), peer, _shutdown: None, restore_flags: None })
+        Ok(Channel {
+            read,
+            write,
+            exec: exec.map(Box::new),
+            cancel: cancel.clone(),
+            peer,
+            _shutdown: None,
+            restore_flags: None,
+            io_timeout_ms: 0,
+            tcp: false,
+            tls: None,
+            first_read: AtomicBool::new(false),
+        })
     }
 
     /// What this channel is connected to (for messages).
@@ -309,13 +400,160 @@ impl Channel {
         &self.peer
     }
 
+    /// Apply `opts` (the io timeout; on tcp also keepalive and `TCP_USER_TIMEOUT`).
+    /// Only socket channels take an io timeout; on others this does nothing.
+    pub fn set_options(&mut self, opts: &ChannelOptions) {
+        if let Some(fd) = self._shutdown.as_deref() {
+            self.tcp = tcp_liveness(fd, opts.io_timeout);
+            self.io_timeout_ms = opts.io_timeout.map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1));
+        }
+    }
+
+    /// Bytes written to a tcp socket that the peer has not acknowledged yet
+    /// (`SIOCOUTQ`): still on their way, so the switchover counts them as pending
+    /// and the bandwidth is measured on what arrived. 0 for other channels.
+    pub fn queued_bytes(&self) -> u64 {
+        let Some(fd) = self.write.as_ref().filter(|_| self.tcp) else { return 0 };
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer, which
+        // points at `n`; `fd` is an open socket owned by this channel.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+        if r == 0 {
+            u64::try_from(n).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// The io timeout in force (`None` for none; always `None` off sockets).
+    pub fn io_timeout(&self) -> Option<Duration> {
+        (self.io_timeout_ms > 0).then(|| Duration::from_millis(self.io_timeout_ms.into()))
+    }
+
+    /// Wait until the socket has data (or the peer closed) and copy what is there,
+    /// up to `buf.len()` bytes, into `buf` without consuming it (`MSG_PEEK`), for a
+    /// listener to look at what a new connection sends first. Ok(0): the peer closed
+    /// with nothing sent. A [`NoProgress`] error (kind `TimedOut`) when nothing came
+    /// by `deadline`. Sockets only.
+    pub fn peek(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = self
+            .read
+            .as_ref()
+            .filter(|_| self._shutdown.is_some())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "only socket channels can be peeked"))?;
+        let start = Instant::now();
+        loop {
+            self.cancel.check()?;
+            match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_PEEK) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, Some(deadline))? == Wake::Timeout {
+                        let timeout = deadline.saturating_duration_since(start);
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, NoProgress { what: "read", timeout }));
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
+    /// Sleep until `deadline` unless this channel is cancelled first.
+    pub fn sleep_until(&self, deadline: Instant) -> io::Result<()> {
+        self.cancel.sleep_until(deadline)
+    }
+
     /// The token that cancels this channel's I/O.
     pub fn cancel_token(&self) -> &CancelToken {
         &self.cancel
     }
 
+    /// Start TLS as the client (the source) on this socket channel: the handshake
+    /// runs now (cancellable), checking the server's certificate for `hostname`
+    /// when `creds` verify the peer (see [`tls::server_name`](crate::tls::server_name)).
+    /// Refused on `exec:`, `file:` and non-socket `fd:` channels.
+    pub fn tls_client(self, creds: &TlsClient, hostname: &str) -> Result<Channel, TransportError> {
+        self.start_tls(|fd, peer, cancel| TlsStream::client(fd, creds, hostname, peer, cancel))
+    }
+
+    /// Start TLS as the server (the destination) on this socket channel: the
+    /// handshake runs now (cancellable), requiring and checking the client's
+    /// certificate when `creds` verify the peer (and its DN with tls-authz).
+    /// Nothing of the migration stream is read before it succeeds.
+    pub fn tls_server(self, creds: &TlsServer) -> Result<Channel, TransportError> {
+        self.start_tls(|fd, peer, cancel| TlsStream::server(fd, creds, peer, cancel))
+    }
+
+    fn start_tls(
+        mut self,
+        handshake: impl FnOnce(OwnedFd, &str, &CancelToken) -> io::Result<TlsStream>,
+    ) -> Result<Channel, TransportError> {
+        let peer = self.peer.clone();
+        let tls_err = |why: String| TransportError::Tls(crate::tls::TlsError::Handshake { peer: peer.clone(), why });
+        if self._shutdown.is_none() || self.tls.is_some() {
+            let why = if self.tls.is_some() {
+                "TLS is already on"
+            } else {
+                "TLS needs a socket (tcp:, unix: or an fd: socket)"
+            };
+            return Err(tls_err(why.into()));
+        }
+        let fd = match self.read.as_ref() {
+            Some(fd) => fd.try_clone().map_err(|e| tls_err(format!("cannot duplicate the socket: {e}")))?,
+            None => return Err(tls_err("the channel is closed".into())),
+        };
+        match handshake(fd, &self.peer, &self.cancel) {
+            Ok(stream) => {
+                self.tls = Some(Arc::new(stream));
+                self.first_read.store(false, Ordering::Relaxed);
+                Ok(self)
+            }
+            Err(e) if crate::cancel::is_cancelled(&e) || self.cancel.is_cancelled() => {
+                Err(TransportError::Channel { peer: self.peer.clone(), source: crate::cancel::cancelled() })
+            }
+            Err(e) => match e.into_inner().map(|inner| inner.downcast::<crate::tls::TlsError>()) {
+                Some(Ok(tls)) => Err(TransportError::Tls(*tls)),
+                Some(Err(other)) => Err(tls_err(other.to_string())),
+                None => Err(tls_err("I/O error".into())),
+            },
+        }
+    }
+
+    /// True once TLS is on.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The TLS version agreed (`TLSv1_3`, ...), when TLS is on.
+    pub fn tls_protocol(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.protocol())
+    }
+
+    /// The subject DN of the peer's certificate (GnuTLS's format), when TLS is on
+    /// and the peer presented one.
+    pub fn tls_peer_dn(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.peer_dn())
+    }
+
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.read(buf, &self.cancel).map_err(|e| self.io_error(e));
+        }
+        let n = self.read_plain(buf)?;
+        if self.first_read.swap(false, Ordering::Relaxed) && n >= 2 && buf[0] == TLS_HANDSHAKE && buf[1] == TLS_MAJOR {
+            // A TLS record header (handshake, version 3.x) where a migration stream
+            // ("QEVM"), a multifd channel or a return path message starts.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                crate::tls::TlsError::UnexpectedTls { peer: self.peer.clone() },
+            ));
+        }
+        Ok(n)
+    }
+
+    fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd =
             self.read.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is write-only"))?;
         loop {
@@ -329,28 +567,39 @@ impl Channel {
                     };
                 }
                 Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EAGAIN) => {
-                    self.cancel.wait(fd.as_fd(), PollFlags::POLLIN, None)?;
-                }
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLIN, "read")?,
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(self.io_error(e.into())),
             }
         }
     }
 
+    /// Wait until `fd` is ready for `events`; with an io timeout, a
+    /// [`NoProgress`] error (kind `TimedOut`) when nothing moved for that long.
+    fn wait_progress(&self, fd: &OwnedFd, events: PollFlags, what: &'static str) -> io::Result<()> {
+        let timeout = self.io_timeout();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        match self.cancel.wait(fd.as_fd(), events, deadline)? {
+            Wake::Ready => Ok(()),
+            Wake::Timeout => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, NoProgress { what, timeout: timeout.unwrap_or_default() }))
+            }
+        }
+    }
+
     /// Write some of `iov` (vectored); blocks until progress or cancel.
     pub fn write_vectored(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            let first = iov.iter().find(|s| !s.is_empty()).map(|s| &s[..]).unwrap_or(&[]);
+            return tls.write(first, &self.cancel).map_err(|e| self.io_error(e));
+        }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
         loop {
             self.cancel.check()?;
             match nix::sys::uio::writev(fd.as_fd(), iov) {
                 Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EAGAIN) => {
-                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
-                        continue;
-                    }
-                }
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLOUT, "write")?,
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(self.io_error(e.into())),
             }
@@ -363,6 +612,10 @@ impl Channel {
     /// # Safety
     /// Every iovec must describe memory that stays mapped and readable until the call returns.
     pub(crate) unsafe fn write_iovecs(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            // SAFETY: the caller's guarantee, passed on.
+            return unsafe { tls.write_iovecs(iov, &self.cancel) }.map_err(|e| self.io_error(e));
+        }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
         let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
@@ -375,11 +628,7 @@ impl Channel {
                 return Ok(n);
             }
             match nix::errno::Errno::last() {
-                nix::errno::Errno::EAGAIN => {
-                    if self.cancel.wait(fd.as_fd(), PollFlags::POLLOUT, None)? == Wake::Timeout {
-                        continue;
-                    }
-                }
+                nix::errno::Errno::EAGAIN => self.wait_progress(fd, PollFlags::POLLOUT, "write")?,
                 nix::errno::Errno::EINTR => {}
                 e => return Err(self.io_error(e.into())),
             }
@@ -413,11 +662,15 @@ impl Channel {
         }
         let fd = self.read.as_ref().or(self.write.as_ref()).ok_or_else(|| no("the channel is closed".into()))?;
         let fd = fd.try_clone().map_err(|e| no(format!("cannot duplicate the socket: {e}")))?;
-        Ok(ReturnPath { fd, cancel: self.cancel.clone(), peer: self.peer.clone() })
+        Ok(ReturnPath { fd, cancel: self.cancel.clone(), peer: self.peer.clone(), tls: self.tls.clone() })
     }
 
     /// Close the write side (the peer sees end of stream), keeping the read side.
+    /// On TLS, close_notify goes first (the peer reads a clean end).
     pub fn close_write(&mut self) {
+        if let (Some(tls), Some(_)) = (&self.tls, &self.write) {
+            tls.close_notify(&self.cancel);
+        }
         if let (Some(_), Some(w)) = (&self.read, &self.write) {
             // A socket (both fds are the same socket): tell the peer we are done.
             let _ = nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Write);
@@ -450,6 +703,8 @@ pub struct ReturnPath {
     fd: OwnedFd,
     cancel: CancelToken,
     peer: String,
+    /// The channel's TLS session, shared (reads and writes go through it).
+    tls: Option<Arc<TlsStream>>,
 }
 
 impl std::fmt::Debug for ReturnPath {
@@ -474,11 +729,19 @@ impl ReturnPath {
 
     /// Another handle on the same return path (for a reader and a writer thread).
     pub fn try_clone(&self) -> io::Result<ReturnPath> {
-        Ok(ReturnPath { fd: self.fd.try_clone()?, cancel: self.cancel.clone(), peer: self.peer.clone() })
+        Ok(ReturnPath {
+            fd: self.fd.try_clone()?,
+            cancel: self.cancel.clone(),
+            peer: self.peer.clone(),
+            tls: self.tls.clone(),
+        })
     }
 
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.read(buf, &self.cancel).map_err(|e| self.error(e));
+        }
         loop {
             self.cancel.check()?;
             match nix::unistd::read(self.fd.as_fd(), buf) {
@@ -494,6 +757,9 @@ impl ReturnPath {
 
     /// Write some of `buf`; blocks until progress or cancel.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.write(buf, &self.cancel).map_err(|e| self.error(e));
+        }
         loop {
             self.cancel.check()?;
             match nix::unistd::write(&self.fd, buf) {
@@ -561,8 +827,24 @@ impl io::Write for ReturnPath {
     }
 }
 
-/// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd).
+/// Open the outgoing side of `uri` (connect, spawn, open the file, or take the fd)
+/// with the default [`ChannelOptions`] (a 30 s io timeout on sockets).
 pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
+    connect_with(uri, cancel, &ChannelOptions::default())
+}
+
+/// [`connect`] with these options.
+pub fn connect_with(
+    uri: &MigrationUri,
+    cancel: &CancelToken,
+    opts: &ChannelOptions,
+) -> Result<Channel, TransportError> {
+    let mut ch = connect_raw(uri, cancel)?;
+    ch.set_options(opts);
+    Ok(ch)
+}
+
+fn connect_raw(uri: &MigrationUri, cancel: &CancelToken) -> Result<Channel, TransportError> {
     let at = |source| TransportError::Connect { uri: uri.to_string(), source };
     if cancel.is_cancelled() {
         return Err(at(crate::cancel::cancelled()));
@@ -635,6 +917,9 @@ pub struct Listener {
     uri: MigrationUri,
     kind: ListenKind,
     cancel: CancelToken,
+    opts: ChannelOptions,
+    /// TLS credentials: every accepted connection runs the server handshake first.
+    tls: Option<TlsServer>,
 }
 
 enum ListenKind {
@@ -668,7 +953,32 @@ impl Listener {
             }
             _ => (ListenKind::Other, uri.clone()),
         };
-        Ok(Listener { uri, kind, cancel: cancel.clone() })
+        Ok(Listener { uri, kind, cancel: cancel.clone(), opts: ChannelOptions::default(), tls: None })
+    }
+
+    /// Give accepted channels these options instead of the default ones.
+    pub fn with_options(mut self, opts: ChannelOptions) -> Listener {
+        self.opts = opts;
+        self
+    }
+
+    /// The options accepted channels get.
+    pub fn options(&self) -> &ChannelOptions {
+        &self.opts
+    }
+
+    /// Run the TLS server handshake with `creds` on every connection accepted
+    /// (a failed handshake is the accept's error; nothing of the stream is read
+    /// before it succeeds). Only `tcp:` and `unix:` listeners (and `fd:` sockets).
+    pub fn with_tls(mut self, creds: TlsServer) -> Result<Listener, TransportError> {
+        if matches!(self.uri, MigrationUri::Exec(_) | MigrationUri::File { .. }) {
+            return Err(TransportError::Tls(crate::tls::TlsError::Config(format!(
+                "TLS needs a socket (tcp:, unix: or an fd: socket), not {}",
+                self.uri
+            ))));
+        }
+        self.tls = Some(creds);
+        Ok(self)
     }
 
     /// The URI a source should use (with the port the system picked for `tcp:…:0`).
@@ -694,6 +1004,15 @@ impl Listener {
     }
 
     fn accept_ref(&self) -> Result<Channel, TransportError> {
+        let mut ch = self.accept_plain()?;
+        ch.set_options(&self.opts);
+        match &self.tls {
+            Some(creds) => ch.tls_server(creds),
+            None => Ok(ch),
+        }
+    }
+
+    fn accept_plain(&self) -> Result<Channel, TransportError> {
         let uri = self.uri.clone();
         let at = |source| TransportError::Accept { uri: uri.to_string(), source };
         if self.cancel.is_cancelled() {

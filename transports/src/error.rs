@@ -70,6 +70,9 @@ pub enum TransportError {
         /// The cause.
         source: std::io::Error,
     },
+    /// TLS failed: credentials, options, or the handshake (naming the cause).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A `file:` could not be opened.
     #[error("{}", path.display())]
     File {
@@ -92,4 +95,30 @@ impl TransportError {
             _ => false,
         }
     }
+}
+
+/// A read or write on a socket channel that made no progress for the channel's
+/// io timeout (see [`ChannelOptions::io_timeout`](crate::ChannelOptions::io_timeout)),
+/// inside an `io::Error` of kind `TimedOut`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no {what} progress for {} s (io-timeout): the peer or the link is gone", fmt_secs(*timeout))]
+pub struct NoProgress {
+    /// `read` or `write`.
+    pub what: &'static str,
+    /// The io timeout that expired.
+    pub timeout: std::time::Duration,
+}
+
+fn fmt_secs(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.1}")
+    }
+}
+
+/// True when `e` is (or wraps) a [`NoProgress`] timeout.
+pub fn is_no_progress(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<NoProgress>())
 }

@@ -7,7 +7,8 @@
 //! Every blocking wait also watches a [`CancelToken`], so another thread can
 //! cancel at any moment: a writer blocked on a full socket or a reader on an
 //! empty one returns a [`Cancelled`] error at once, sockets are shut down and
-//! `exec:` children killed and reaped. Nothing here knows about RAM.
+//! `exec:` children killed and reaped. Socket channels can carry TLS with QEMU's
+//! x509 credentials ([`tls`], on rustls). Nothing here knows about RAM.
 //!
 //! ```no_run
 //! use transports::{connect, CancelToken, MigrationWriter, RateLimit};
@@ -31,11 +32,15 @@ mod channel;
 mod error;
 mod ratelimit;
 mod stream;
+pub mod tls;
 mod uri;
 
 pub use cancel::{is_cancelled, CancelToken, Cancelled};
-pub use channel::{connect, Channel, Direction, Listener, ReturnPath};
-pub use error::TransportError;
+pub use channel::{
+    connect, connect_with, Channel, ChannelOptions, Direction, Listener, ReturnPath, DEFAULT_IO_TIMEOUT,
+};
+pub use error::{is_no_progress, NoProgress, TransportError};
 pub use ratelimit::{RateLimit, WINDOW};
 pub use stream::{MigrationReader, MigrationWriter};
+pub use tls::{TlsAuthz, TlsClient, TlsError, TlsParams, TlsServer};
 pub use uri::{MigrationUri, UriError};

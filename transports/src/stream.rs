@@ -91,6 +91,12 @@ impl<'g> MigrationWriter<'g> {
         self.window.blocked_with(&self.rate, self.pending as u64)
     }
 
+    /// Bytes handed to the kernel that the peer has not acknowledged yet (tcp;
+    /// see [`Channel::queued_bytes`]).
+    pub fn queued_bytes(&self) -> u64 {
+        self.ch.queued_bytes()
+    }
+
     /// Send everything queued now (borrowed slices must not outlive their memory).
     pub fn flush_now(&mut self) -> io::Result<()> {
         self.send_pending()
