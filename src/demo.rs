@@ -55,6 +55,10 @@ pub struct DemoOptions {
     pub progress: bool,
     /// A whole-migration deadline (virsh's `--timeout`).
     pub timeout: Option<qmig::watch::Timeout>,
+    /// Capability `postcopy-ram` on both ends (qmig destination only), with the
+    /// switch after this long or at the end of the first pass if sooner; the
+    /// destination reads pages at random while postcopy is active (`--postcopy-touch`).
+    pub postcopy: Option<Duration>,
     /// The channel's io timeout (`--io-timeout`), on both ends.
     pub channel: transports::ChannelOptions,
     /// Where the source connects, when not to the URI the destination listens on
@@ -94,6 +98,9 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     if opts.ram_size == 0 || !opts.ram_size.is_multiple_of(pattern::PAGE_SIZE as u64) {
         return Err(Error::Usage("--ram-size must be a positive multiple of 4 KiB".into()));
     }
+    if opts.postcopy.is_some() && opts.dest == Destination::Qemu {
+        return Err(Error::Usage("--postcopy: the synthetic guest's demo postcopy runs into qmig recv".into()));
+    }
     let dir = work_dir()?;
     let dst_ram = dir.0.join("dst-ram");
     let uri: MigrationUri = match &opts.uri {
@@ -132,9 +139,13 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
         return_path: opts.return_path && opts.capture.is_none(),
         multifd: opts.multifd.is_some(),
         xbzrle: opts.xbzrle,
+        postcopy_ram: opts.postcopy.is_some(),
         ..Default::default()
     };
-    let out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
+    let mut out = Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone());
+    if let Some(after) = opts.postcopy {
+        out = out.with_postcopy_after(after);
+    }
     let to = connect_uri(opts.connect.as_deref(), &uri)?;
     let ch = connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref())?;
     let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref())?;
@@ -163,7 +174,8 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     };
     let dest_report = finish_dest(&mut dest)?;
 
-    // The source is stopped: compare its RAM now with the destination's.
+    // The source is stopped (in postcopy since the switch): compare what it last
+    // wrote with the destination's RAM.
     let (verified, differing) = verify(&guest, &dst_ram)?;
     guest.shutdown();
     let mut stats = qmig::send::stats_json(&info);
@@ -218,6 +230,10 @@ fn start_qmig_recv(dst: &Path, uri: &MigrationUri, opts: &DemoOptions) -> Result
     cmd.args(["--io-timeout", &io_timeout_arg(&opts.channel)]);
     cmd.args(multifd_args(opts.multifd, &opts.params));
     cmd.args(crate::tls_args::dest_args(opts.tls.as_ref()));
+    if opts.postcopy.is_some() {
+        // No vCPU faults in `qmig recv`: its touch thread stands in for one.
+        cmd.args(["--postcopy", "--postcopy-touch"]);
+    }
     let (child, bound) = spawn_listening(cmd, "qmig recv")?;
     Ok((Dest::Qmig(child), bound))
 }

@@ -97,6 +97,9 @@ enum Cmd {
         /// QEMU's `pause-before-switchover`: hold in `pre-switchover` (guest stopped) until `qmig migrate-continue --control unix:PATH`.
         #[arg(long = "pause-before-switchover", requires = "control")]
         pause_before_switchover: bool,
+        /// Rate limit of the background pages in postcopy, bytes/s with suffixes (QEMU's `max-postcopy-bandwidth`; 0 = unlimited); requested pages are never held by it.
+        #[arg(long = "max-postcopy-bandwidth", value_name = "BYTES_PER_S", default_value = "0", value_parser = parse_size, requires = "postcopy")]
+        max_postcopy_bandwidth: u64,
         /// A control socket for a second command: `qmig migrate-continue` / `migrate-start-postcopy` / `query-migrate` (see README).
         #[arg(long, value_name = "unix:PATH")]
         control: Option<String>,
@@ -713,11 +716,13 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             postcopy,
             postcopy_after,
             pause_before_switchover,
+            max_postcopy_bandwidth,
             control,
         } => {
             let (ram, guest) = guest.parse()?;
             let to = uri(&to)?;
-            let mut params = engine::params::MigrationParameters { max_bandwidth, ..Default::default() };
+            let mut params =
+                engine::params::MigrationParameters { max_bandwidth, max_postcopy_bandwidth, ..Default::default() };
             multifd.apply(&mut params);
             let opts = SendOptions {
                 runstate: guest.runstate,
@@ -839,9 +844,6 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     cancel,
                 });
             }
-            if postcopy.is_some() {
-                return Err(qmig::Error::Usage("--postcopy: the demo's postcopy runs with the KVM guest only".into()));
-            }
             let opts = demo::DemoOptions {
                 ram_size,
                 dirty_rate: dirty_rate << 20,
@@ -856,6 +858,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 seed,
                 progress: stdout_is_terminal(),
                 timeout,
+                postcopy,
                 channel,
                 connect,
                 multifd: multifd.multifd,

@@ -65,6 +65,34 @@ fn demo_to_qemu_verifies() {
     assert_eq!(s["return-path"], serde_json::json!({"pongs": 1, "shut": 0}), "QEMU's SHUT(0): {s}");
 }
 
+/// `qmig demo --postcopy` with the synthetic guest: its writers dirty faster than
+/// 8 MiB/s lets pre-copy converge, the switch comes mid-first-pass, `qmig recv`
+/// faults pages in (`--postcopy-touch`) while the rest arrives, and its RAM equals
+/// what the source's writers last wrote (they stop at the switch).
+#[test]
+fn demo_synthetic_postcopy_verifies() {
+    let dir = TestDir::new("demo-postcopy");
+    let stats = dir.join("stats.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["demo", "--guest", "synthetic", "--ram-size", "32M", "--dirty-rate", "32"])
+        .args(["--max-bandwidth", "8388608", "--postcopy", "--postcopy-after", "0.5"])
+        .args(["--stats-json", &stats.to_string_lossy()])
+        .output()
+        .expect("run qmig demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {err}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats file JSON");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    let d = &s["destination"]["stats"];
+    assert_eq!(d["status"], "completed", "{s}");
+    assert!(d["postcopy"].is_object(), "the destination ran postcopy: {s}");
+    // Switched mid-first-pass (32 MiB at 8 MiB/s is 4 s): most pages went in postcopy.
+    assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 8 << 20, "{s}");
+    assert_eq!(s["ram"]["postcopy-requests"], d["postcopy"]["requests"], "{s}");
+}
+
 /// A live, dirtying guest with multifd (several passes, a SYNC before each EOS) into
 /// QEMU 7.2 and into a qmig process: verified at stop.
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use common::{assert_same_ram, run_qmig_ok, utf8, TestDir};
 use serde_json::Value;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use testkit::pattern::{self, Pattern};
 
 const RAM_LEN: usize = 16 << 20;
@@ -68,4 +68,64 @@ fn postcopy_capability_without_the_switch_completes_by_precopy() {
     let (sent, got) = migrate("postcopy-qmig-nostart", &[]);
     assert!(got["postcopy"].is_null(), "{got}");
     assert_eq!(sent["ram"]["postcopy-bytes"], 0, "{sent}");
+}
+
+/// The destination process SIGKILLed while the source is in `postcopy-active`:
+/// `qmig send` fails promptly (the lost return path and socket end it), says the
+/// guest stays stopped, and does not hang.
+#[test]
+fn recv_sigkilled_in_postcopy_fails_send_promptly() {
+    let dir = TestDir::new("postcopy-kill-dest");
+    let (src, dst, sock, ctl) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"), dir.join("ctl.sock"));
+    std::fs::write(&src, pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0004, RAM_LEN)).expect("source RAM");
+    let uri = format!("unix:{}", utf8(&sock));
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", &uri, "--postcopy"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run qmig recv");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // 16 MiB at 1 MiB/s in postcopy: it stays postcopy-active for ~16 s.
+    let control = format!("unix:{}", utf8(&ctl));
+    let src_arg = format!("mem={}", utf8(&src));
+    let send = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0"])
+        .args(["--max-postcopy-bandwidth", "1M", "--control", &control])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qmig send");
+    // Wait for postcopy-active on the source's control socket.
+    let mut active = false;
+    while Instant::now() < deadline {
+        let q = Command::new(env!("CARGO_BIN_EXE_qmig"))
+            .args(["query-migrate", "--control", &control])
+            .output()
+            .expect("query-migrate");
+        let v: Value = serde_json::from_slice(&q.stdout).unwrap_or(Value::Null);
+        if v["status"] == "postcopy-active" {
+            active = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(active, "send never reached postcopy-active");
+    recv.kill().expect("SIGKILL recv");
+    let killed = Instant::now();
+    let _ = recv.wait();
+    let out = send.wait_with_output().expect("send ends");
+    let took = killed.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("send failed {took:?} after the kill: {err}");
+    assert!(!out.status.success(), "send must fail: {err}");
+    assert!(err.contains("postcopy") && err.contains("stays stopped"), "{err}");
+    assert!(!err.contains("resumed on the source"), "never resumed after the switch: {err}");
+    // Within a second or so; generous for a loaded machine.
+    assert!(took < Duration::from_secs(5), "send took {took:?} to fail");
 }

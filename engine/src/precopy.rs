@@ -283,6 +283,18 @@ struct Request {
     pages: u64,
 }
 
+/// What to send next in postcopy ([`PrecopyCore::next_postcopy_page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostcopyNext {
+    /// Send this page now (a requested one even when the rate limit is hit).
+    Page(TakenPage),
+    /// The rate limit is hit and nothing is requested: wait for the window's end or
+    /// a page request, whichever comes first.
+    RateLimited,
+    /// Nothing is left to send.
+    Done,
+}
+
 /// A page to send, taken by [`PrecopyCore::take_page`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TakenPage {
@@ -458,6 +470,30 @@ impl PrecopyCore {
     /// (the background scan then goes on from it, as QEMU's does), else the next
     /// page of the background scan ([`PageSet::take`]).
     pub fn take_page(&mut self) -> Option<TakenPage> {
+        self.take_requested().or_else(|| self.take_background())
+    }
+
+    /// In postcopy, the next page to send when the stream's rate limit is hit
+    /// (`rate_limited`) or not: QEMU 7.2's `ram_save_iterate` goes on sending while
+    /// `postcopy_has_request()` even past the limit, so a requested page never waits
+    /// for the next window; background pages do.
+    pub fn next_postcopy_page(&mut self, rate_limited: bool) -> PostcopyNext {
+        if let Some(t) = self.take_requested() {
+            return PostcopyNext::Page(t);
+        }
+        if rate_limited {
+            return if self.pages.pending_pages() == 0 { PostcopyNext::Done } else { PostcopyNext::RateLimited };
+        }
+        self.take_background().map_or(PostcopyNext::Done, PostcopyNext::Page)
+    }
+
+    fn take_background(&mut self) -> Option<TakenPage> {
+        self.pages.take().map(|(region, page)| TakenPage { region, page, requested: false })
+    }
+
+    /// The first still-unsent page of the oldest request, dropping requests whose
+    /// pages were all sent already.
+    fn take_requested(&mut self) -> Option<TakenPage> {
         while let Some(req) = self.urgent.front_mut() {
             let (region, page) = (req.region, req.page);
             req.page += 1;
@@ -469,7 +505,7 @@ impl PrecopyCore {
                 return Some(TakenPage { region, page, requested: true });
             }
         }
-        self.pages.take().map(|(region, page)| TakenPage { region, page, requested: false })
+        None
     }
 
     /// The final sync at switchover (guest stopped) is done; returns its pass number.

@@ -47,7 +47,7 @@ use crate::error::Origin;
 use crate::info::{InfoHandle, MigrationInfo, ReturnPathInfo};
 use crate::memory::{is_zero, RamRegion};
 use crate::params::{MigrationCapabilities, SharedParameters};
-use crate::precopy::{Action, PrecopyCore, Tick};
+use crate::precopy::{Action, PostcopyNext, PrecopyCore, Tick};
 use crate::return_path::{ReturnPathError, RpEvent, SourceReturnPath};
 use crate::state::{IllegalTransition, MigrationStatus as S, Notification, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
@@ -214,6 +214,14 @@ pub trait PageWriter<'g>: Write {
     fn flush_now(&mut self) -> io::Result<()>;
     /// Bytes sent so far (the bandwidth the switchover decision measures).
     fn bytes_sent(&self) -> u64;
+    /// Let the caller pace the stream: sends never wait for the rate limit (postcopy,
+    /// where requested pages go at once). No limit by default.
+    fn set_caller_paced(&mut self, _on: bool) {}
+    /// When the rate limit's window budget is spent: the window's end; `None` when
+    /// more may be sent now (always, by default).
+    fn rate_limited_until(&mut self) -> Option<Instant> {
+        None
+    }
     /// Of those, bytes still queued on their way (a tcp socket's unacknowledged
     /// bytes): the decision measures bandwidth on what left and counts these as
     /// pending. 0 by default.
@@ -232,6 +240,12 @@ impl<'g> PageWriter<'g> for MigrationWriter<'g> {
     }
     fn flush_now(&mut self) -> io::Result<()> {
         MigrationWriter::flush_now(self)
+    }
+    fn set_caller_paced(&mut self, on: bool) {
+        MigrationWriter::set_caller_paced(self, on)
+    }
+    fn rate_limited_until(&mut self) -> Option<Instant> {
+        MigrationWriter::rate_limited_until(self)
     }
     fn bytes_sent(&self) -> u64 {
         self.rate_limit().total_bytes()
@@ -388,31 +402,37 @@ impl RpState {
 
     /// Take what arrived; returns the number of page requests queued.
     fn drain(&mut self, info: &InfoHandle, mut core: Option<&mut PrecopyCore>) -> u64 {
-        let (pongs, requests) = (self.pongs, self.requests);
-        for ev in self.reader.events().try_iter() {
-            match ev {
-                RpEvent::Pong(_) => self.pongs += 1,
-                // QEMU's ram_save_queue_pages: counted, then queued for the sender.
-                RpEvent::PageRequest(r) => {
-                    self.requests += 1;
-                    tracing::trace!(block = %r.block, start = r.start, len = r.len, "page request");
-                    if let Some(c) = core.as_deref_mut() {
-                        c.queue_request(r.index, r.start / PAGE as u64, r.len / PAGE as u64);
-                    }
-                }
-                _ => {}
+        let requests = self.requests;
+        let events: Vec<RpEvent> = self.reader.events().try_iter().collect();
+        for ev in events {
+            self.take(ev, info, core.as_deref_mut());
+        }
+        self.requests - requests
+    }
+
+    /// Count one event (a page request goes to `core`'s urgent queue) and publish
+    /// the counters; returns whether it was a page request.
+    fn take(&mut self, ev: RpEvent, info: &InfoHandle, core: Option<&mut PrecopyCore>) -> bool {
+        match ev {
+            RpEvent::Pong(_) => {
+                self.pongs += 1;
+                let pongs = self.pongs;
+                info.update(|i| i.return_path.get_or_insert_with(Default::default).pongs = pongs);
+                false
             }
+            // QEMU's ram_save_queue_pages: counted, then queued for the sender.
+            RpEvent::PageRequest(r) => {
+                self.requests += 1;
+                tracing::trace!(block = %r.block, start = r.start, len = r.len, "page request");
+                if let Some(c) = core {
+                    c.queue_request(r.index, r.start / PAGE as u64, r.len / PAGE as u64);
+                }
+                let requests = self.requests;
+                info.update(|i| i.postcopy_requests = requests);
+                true
+            }
+            _ => false,
         }
-        if self.pongs != pongs {
-            let pongs = self.pongs;
-            info.update(|i| i.return_path.get_or_insert_with(Default::default).pongs = pongs);
-        }
-        let new = self.requests - requests;
-        if new > 0 {
-            let requests = self.requests;
-            info.update(|i| i.postcopy_requests = requests);
-        }
-        new
     }
 
     /// After EOF: wait for the destination's SHUT (QEMU 7.2's
@@ -548,7 +568,28 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
                     r.drain(&self.out.info, Some(&mut self.core));
                 }
             }
-            let Some(t) = self.core.take_page() else { break };
+            let t = if postcopy {
+                // QEMU 7.2: requested pages go whatever the rate limit; background
+                // pages wait for the next window (or a request, which wakes us).
+                let limited = self.w.get_mut().rate_limited_until();
+                match self.core.next_postcopy_page(limited.is_some()) {
+                    PostcopyNext::Page(t) => t,
+                    PostcopyNext::Done => break,
+                    PostcopyNext::RateLimited => {
+                        self.w.get_mut().flush_now()?;
+                        let window_end = limited.unwrap_or_else(Instant::now);
+                        let deadline = until.map_or(window_end, |u| window_end.min(self.start + u));
+                        self.await_request(deadline, rp)?;
+                        if until.is_some_and(|u| self.start.elapsed() >= u) {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                let Some(t) = self.core.take_page() else { break };
+                t
+            };
             let (r, p) = (t.region, t.page);
             let memory = ram[r].memory();
             let page = memory.page(p);
@@ -605,6 +646,43 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         self.w.get_mut().flush_now()?;
         self.publish();
         Ok(())
+    }
+}
+
+impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
+    /// Rate limited in postcopy: wait until `deadline` or until a page request
+    /// arrives on the return path (queued in the core), waking for cancel and
+    /// failing if the return path ended badly (QEMU's `rate_limit_sem`, posted by
+    /// `migration_make_urgent_request`).
+    fn await_request(&mut self, deadline: Instant, rp: &mut Option<RpState>) -> Result<(), EngineError> {
+        loop {
+            if self.out.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            // Short slices: cancel and the end of the return path are polled.
+            let slice = left.min(Duration::from_millis(20));
+            let Some(r) = rp.as_mut() else {
+                std::thread::sleep(slice);
+                continue;
+            };
+            match r.reader.events().recv_timeout(slice) {
+                Ok(ev) => {
+                    if r.take(ev, &self.out.info, Some(&mut self.core)) {
+                        return Ok(());
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    r.check(&self.out.info, Some(&mut self.core))?;
+                    // Ended well (SHUT 0) or stopped: nothing more will be asked for.
+                    std::thread::sleep(slice);
+                }
+            }
+        }
     }
 }
 
@@ -945,7 +1023,7 @@ impl Outgoing {
                 };
                 let mut e = if cancelled { EngineError::Cancelled } else { e };
                 if let EngineError::ReturnPath { resumed: said, .. } = &mut e {
-                    *said = undo.stopped && resumed.is_ok();
+                    *said = undo.stopped && !undo.postcopy && resumed.is_ok();
                 }
                 // After the package the destination may run the guest: it was not
                 // resumed here, and the error says why (a cancel stays a cancel).
@@ -1464,6 +1542,9 @@ impl Outgoing {
         run.postcopy_from = Some(sent);
         run.core.postcopy_started();
         self.rate.set_max_bandwidth(self.params.get().max_postcopy_bandwidth);
+        // From now on the driver paces the stream page by page (requested pages
+        // bypass the limit), as QEMU 7.2's ram_save_iterate does.
+        run.w.get_mut().set_caller_paced(true);
         // `downtime` shows once completed, as QEMU 7.2 reports it.
         self.info.update(|i| i.downtime_bytes = downtime_bytes);
         run.publish();

@@ -81,6 +81,12 @@ impl Window {
 
     /// When the writer may send next: `None` now, or the end of the window.
     pub(crate) fn blocked_until(&mut self, rl: &RateLimit) -> Option<Instant> {
+        self.blocked_with(rl, 0)
+    }
+
+    /// [`blocked_until`](Self::blocked_until) counting `queued` bytes not sent yet
+    /// as sent (QEMU counts bytes when they enter the buffer).
+    pub(crate) fn blocked_with(&mut self, rl: &RateLimit, queued: u64) -> Option<Instant> {
         let now = Instant::now();
         if now.duration_since(self.start) >= WINDOW {
             self.start = now;
@@ -88,7 +94,7 @@ impl Window {
             return None;
         }
         match rl.budget() {
-            Some(b) if rl.window_bytes() >= b => Some(self.start + WINDOW),
+            Some(b) if rl.window_bytes().saturating_add(queued) >= b => Some(self.start + WINDOW),
             _ => None,
         }
     }

@@ -45,6 +45,7 @@ pub struct MigrationWriter<'g> {
     pending: usize,
     rate: RateLimit,
     window: Window,
+    paced: bool,
     _borrow: PhantomData<&'g [u8]>,
 }
 
@@ -62,6 +63,7 @@ impl<'g> MigrationWriter<'g> {
             pending: 0,
             rate,
             window: Window::new(),
+            paced: false,
             _borrow: PhantomData,
         }
     }
@@ -74,6 +76,19 @@ impl<'g> MigrationWriter<'g> {
     /// The channel.
     pub fn channel(&self) -> &Channel {
         &self.ch
+    }
+
+    /// Let the caller pace the stream (QEMU 7.2's postcopy: a requested page goes at
+    /// once whatever the rate limit): sends never wait for the window, the bytes
+    /// still count, and the caller asks [`rate_limited_until`](Self::rate_limited_until).
+    pub fn set_caller_paced(&mut self, on: bool) {
+        self.paced = on;
+    }
+
+    /// When this window's budget is spent, counting what is queued as sent: the end
+    /// of the window (QEMU's `qemu_file_rate_limit`); `None` when more may be sent now.
+    pub fn rate_limited_until(&mut self) -> Option<std::time::Instant> {
+        self.window.blocked_with(&self.rate, self.pending as u64)
     }
 
     /// Bytes handed to the kernel that the peer has not acknowledged yet (tcp;
@@ -128,6 +143,9 @@ impl<'g> MigrationWriter<'g> {
         while done < self.pending {
             // Rate limit: never send more than what is left of this window's budget.
             let allowance = loop {
+                if self.paced {
+                    break usize::MAX;
+                }
                 if let Some(until) = self.window.blocked_until(&self.rate) {
                     self.ch.cancel_token().sleep_until(until)?;
                     continue;
