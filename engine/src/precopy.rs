@@ -376,7 +376,13 @@ impl PrecopyCore {
         }
         // RAM syncs on its own estimate (QEMU's ram_save_pending); the decision takes
         // every live handler's pending bytes too.
-        if self.stats.bulk_done && !self.synced_this_round && convergence::should_sync(pending, self.stats.threshold) {
+        // With nothing left to send (e.g. the bulk pass ended before the first
+        // bandwidth window closed, threshold still 0) the dirty log decides, never a
+        // blind switchover.
+        if self.stats.bulk_done
+            && !self.synced_this_round
+            && (pending == 0 || convergence::should_sync(pending, self.stats.threshold))
+        {
             return Action::Sync;
         }
         self.synced_this_round = false;

@@ -273,3 +273,16 @@ fn a_request_bypasses_a_spent_rate_limit_window_and_background_pages_do_not() {
     // All 8192 pages went: 8190 in the background at ~400 per window.
     assert!(background_per_window.len() >= 20, "{} windows", background_per_window.len());
 }
+
+#[test]
+fn a_bulk_pass_done_before_any_bandwidth_window_syncs_instead_of_switching_blind() {
+    // Four pages sent within a millisecond: no bandwidth window has closed, so the
+    // threshold is still 0. Nothing is left by the page set's count, but the guest may
+    // have dirtied pages meanwhile: the next step must read the dirty log (Sync), not
+    // stop the guest on a guess (Switchover). Flaked postcopy_source before.
+    let p = MigrationParameters { downtime_limit: 1, ..Default::default() };
+    let mut core = PrecopyCore::new(&[4], Tick { now: Duration::ZERO, bytes_sent: 0 });
+    while core.take_page().is_some() {}
+    let t = Tick { now: Duration::from_micros(500), bytes_sent: 4 * PAGE as u64 };
+    assert_eq!(core.step(t, 0, &p), Action::Sync);
+}
