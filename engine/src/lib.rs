@@ -85,5 +85,6 @@ pub mod return_path;
 pub mod sink;
 pub mod source;
 pub mod state;
+mod uffd_sys;
 pub mod vm;
 pub mod xbzrle;

@@ -4,88 +4,19 @@
 use std::fs::File;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::{DirtyError, DirtySource, PAGE_SIZE};
 
-// ---------------------------------------------------------------------------
-// ioctl numbers (include/uapi/asm-generic/ioctl.h, and the architectures that
-// override it)
+use crate::uffd_sys::{
+    ioc, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFD_API,
+};
 
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips32r6",
-    target_arch = "mips64",
-    target_arch = "mips64r6",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-mod ioc {
-    pub const NONE: u32 = 1;
-    pub const READ: u32 = 2;
-    pub const WRITE: u32 = 4;
-    pub const SIZEBITS: u32 = 13;
-}
-
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips32r6",
-    target_arch = "mips64",
-    target_arch = "mips64r6",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-mod ioc {
-    pub const NONE: u32 = 0;
-    pub const READ: u32 = 2;
-    pub const WRITE: u32 = 1;
-    pub const SIZEBITS: u32 = 14;
-}
-
-/// `_IOC(dir, type, nr, size)`: `nr` in bits 0..8, `type` in 8..16, `size` in
-/// 16..16+SIZEBITS, `dir` above.
-const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
-    assert!(size < 1 << ioc::SIZEBITS);
-    (dir << (16 + ioc::SIZEBITS)) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
-}
-
-// include/uapi/linux/userfaultfd.h
-const UFFD_API: u64 = 0xAA;
-const UFFDIO: u8 = 0xAA;
+// include/uapi/linux/userfaultfd.h: the write-protect part
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-const UFFDIO_API: u32 = ioc(ioc::READ | ioc::WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u32 = ioc(ioc::READ | ioc::WRITE, UFFDIO, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_UNREGISTER: u32 = ioc(ioc::READ, UFFDIO, 0x01, size_of::<UffdioRange>());
-/// `/dev/userfaultfd`'s only ioctl: a new userfaultfd, the argument being its flags.
-const USERFAULTFD_IOC_NEW: u32 = ioc(ioc::NONE, 0xAA, 0x00, 0);
 
 // include/uapi/linux/fs.h, the PAGEMAP_SCAN part
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
@@ -124,19 +55,12 @@ const PAGEMAP_SCAN: u32 = ioc(ioc::READ | ioc::WRITE, b'f', 16, size_of::<PmScan
 // The layouts are the uapi's, and on the asm-generic architectures the numbers
 // are those `_IOWR('f', 16, struct pm_scan_arg)` etc. expand to.
 const _: () = {
-    assert!(size_of::<UffdioApi>() == 24);
-    assert!(size_of::<UffdioRange>() == 16);
-    assert!(size_of::<UffdioRegister>() == 32);
     assert!(size_of::<PageRegion>() == 24);
     assert!(size_of::<PmScanArg>() == 96);
 };
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64", target_arch = "x86"))]
 const _: () = {
     assert!(PAGEMAP_SCAN == 0xC060_6610);
-    assert!(UFFDIO_API == 0xC018_AA3F);
-    assert!(UFFDIO_REGISTER == 0xC020_AA00);
-    assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
-    assert!(USERFAULTFD_IOC_NEW == 0x0000_AA00);
 };
 
 /// Regions the preallocated output array holds; a scan that fills it is resumed.
@@ -488,35 +412,12 @@ fn scan_unsupported(e: io::Error) -> DirtyError {
 /// A new userfaultfd (close-on-exec, non-blocking, user-mode faults only): the
 /// `userfaultfd(2)` system call, else `/dev/userfaultfd`.
 fn open_uffd() -> Result<OwnedFd, DirtyError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
-    // SAFETY: the userfaultfd system call takes an int of flags and returns a new
-    // file descriptor or -1; it touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
-        // SAFETY: `fd` is a fresh descriptor we exclusively own.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
-    }
-    let syscall_err = last_error();
-    let dev = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
-        Ok(dev) => dev,
-        Err(dev_err) => {
-            return Err(DirtyError::Unsupported(format!(
-                "userfaultfd(2): {syscall_err}; /dev/userfaultfd: {dev_err} (needs CONFIG_USERFAULTFD, and \
-                 Linux ≥ 5.11 for unprivileged user-mode-only userfaultfds, or access to /dev/userfaultfd)"
-            )))
-        }
-    };
-    // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new
-    // file descriptor or -1.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags) };
-    if fd < 0 {
-        let e = last_error();
-        return Err(DirtyError::Unsupported(format!(
-            "userfaultfd(2): {syscall_err}; /dev/userfaultfd USERFAULTFD_IOC_NEW: {e}"
-        )));
-    }
-    // SAFETY: `fd` is a fresh descriptor we exclusively own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::uffd_sys::open(libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY).map_err(|why| {
+        DirtyError::Unsupported(format!(
+            "{why} (needs CONFIG_USERFAULTFD, and Linux ≥ 5.11 for unprivileged user-mode-only userfaultfds, or \
+             access to /dev/userfaultfd)"
+        ))
+    })
 }
 
 /// `UFFDIO_API` on `fd` asking for `features`; returns the kernel's answer

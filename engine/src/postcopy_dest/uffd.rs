@@ -10,46 +10,20 @@
 //! (`CAP_SYS_PTRACE`, or `vm.unprivileged_userfaultfd = 1`); when the system call
 //! is refused, `/dev/userfaultfd` is tried.
 
+use crate::uffd_sys::{
+    ioc, UffdioApi, UffdioRange, UffdioRegister, UFFDIO, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFD_API,
+};
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 // include/uapi/linux/userfaultfd.h. The ioctl numbers are _IOWR/_IOR(0xAA, nr, struct)
 // with the generic encoding (x86, arm64, riscv); asserted below.
-const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFDIO_COPY_NR: u64 = 0x03;
 const UFFDIO_ZEROPAGE_NR: u64 = 0x04;
-
-const fn iowr(nr: u32, size: usize) -> u32 {
-    (3 << 30) | ((size as u32) << 16) | (0xAA << 8) | nr
-}
-const fn ior(nr: u32, size: usize) -> u32 {
-    (2 << 30) | ((size as u32) << 16) | (0xAA << 8) | nr
-}
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 struct UffdioCopy {
@@ -81,14 +55,9 @@ struct UffdMsg {
     extra: u64,
 }
 
-const UFFDIO_API: u32 = iowr(0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u32 = iowr(0x00, size_of::<UffdioRegister>());
-const UFFDIO_UNREGISTER: u32 = ior(0x01, size_of::<UffdioRange>());
-const UFFDIO_WAKE: u32 = ior(0x02, size_of::<UffdioRange>());
-const UFFDIO_COPY: u32 = iowr(0x03, size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u32 = iowr(0x04, size_of::<UffdioZeropage>());
-/// `/dev/userfaultfd`'s ioctl: a new userfaultfd with the given flags.
-const USERFAULTFD_IOC_NEW: u32 = 0xAA << 8;
+const UFFDIO_WAKE: u32 = ioc(ioc::READ, UFFDIO, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: u32 = ioc(ioc::READ | ioc::WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u32 = ioc(ioc::READ | ioc::WRITE, UFFDIO, 0x04, size_of::<UffdioZeropage>());
 
 const _: () = {
     assert!(size_of::<UffdMsg>() == 32);
@@ -97,9 +66,6 @@ const _: () = {
 };
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
 const _: () = {
-    assert!(UFFDIO_API == 0xC018_AA3F);
-    assert!(UFFDIO_REGISTER == 0xC020_AA00);
-    assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
     assert!(UFFDIO_WAKE == 0x8010_AA02);
     assert!(UFFDIO_COPY == 0xC028_AA03);
     assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
@@ -145,31 +111,11 @@ pub struct MissingUffd {
 }
 
 fn new_fd() -> Result<OwnedFd, UffdError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    // SAFETY: the userfaultfd system call takes only flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
-        // SAFETY: `fd` is a descriptor the kernel just gave us and nobody else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-    }
-    let sys = io::Error::last_os_error();
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|e| {
+    crate::uffd_sys::open(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|why| {
         UffdError::Unsupported(format!(
-            "cannot create one: userfaultfd(2): {sys} (kernel-mode faults need CAP_SYS_PTRACE or \
-             vm.unprivileged_userfaultfd=1); /dev/userfaultfd: {e}"
+            "cannot create one: {why} (kernel-mode faults need CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
         ))
-    })?;
-    // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd takes the flags by value and
-    // returns a new descriptor or -1.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags) };
-    if fd < 0 {
-        return Err(UffdError::Unsupported(format!(
-            "cannot create one: userfaultfd(2): {sys}; /dev/userfaultfd: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: as above, a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
 }
 
 impl MissingUffd {
