@@ -21,6 +21,8 @@ mod decode_return_path;
 mod decode_stream;
 #[path = "../fuzz/harness/incoming_guest.rs"]
 mod incoming_guest;
+#[path = "../fuzz/harness/postcopy_dest.rs"]
+mod postcopy_dest;
 #[path = "../fuzz/harness/recv_sink.rs"]
 mod recv_sink;
 #[path = "../fuzz/harness/xbzrle.rs"]
@@ -34,6 +36,15 @@ static SERIAL: Mutex<()> = Mutex::new(());
 struct Meter;
 
 impl recv_sink::Meter for Meter {
+    fn reset_peak(&self) -> usize {
+        GUARD.reset_peak()
+    }
+    fn peak(&self) -> usize {
+        GUARD.peak()
+    }
+}
+
+impl postcopy_dest::Meter for Meter {
     fn reset_peak(&self) -> usize {
         GUARD.reset_peak()
     }
@@ -134,4 +145,111 @@ fn recv_sink_corpus() {
 fn incoming_guest_corpus() {
     let loaded = each("incoming_guest", |d| incoming_guest::run(d, &Meter));
     assert!(loaded >= 2, "only {loaded} incoming_guest inputs loaded");
+}
+
+/// userfaultfd usable here? Else the postcopy tests say why and skip, except under
+/// `CI=true`, where they fail.
+fn uffd_or_skip(test: &str) -> bool {
+    if postcopy_dest::available() {
+        return true;
+    }
+    let why = engine::postcopy_dest::uffd::MissingUffd::probe().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: userfaultfd unavailable: {why}");
+    println!("{test}: SKIPPED: userfaultfd unavailable here: {why}");
+    false
+}
+
+#[test]
+fn postcopy_dest_corpus() {
+    if !uffd_or_skip("postcopy_dest_corpus") {
+        return;
+    }
+    let loaded = each("postcopy_dest", |d| postcopy_dest::run(d, &Meter).unwrap_or(false));
+    assert!(loaded >= 2, "only {loaded} postcopy_dest inputs loaded");
+}
+
+/// The postcopy_dest target's seeds, in QEMU 7.2's shape over the harness's blocks
+/// (`mem` 1 MiB, `pc.bios` 64 KiB): (name, stream).
+fn postcopy_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use savevm_format::{section_ids, write_guest_prologue_with, Command, RamBlock, StoppedGuest, StreamWriter};
+    let blocks = [RamBlock::new(0, "mem", 1 << 20), RamBlock::new(1, "pc.bios", 64 << 10)];
+    let page = |n: u8| -> Vec<u8> { (0..4096u32).map(|i| (i as u8).wrapping_mul(n) ^ n).collect() };
+    // `advise_late`: ADVISE after the RAM setup (QEMU's source never does; its
+    // destination empties RAM then). `cut`: the stream ends in postcopy.
+    let stream = |advise_late: bool, cut: bool| {
+        let mut s = StreamWriter::new(Vec::new());
+        let mut pre = vec![Command::OpenReturnPath, Command::Ping(1)];
+        if !advise_late {
+            pre.push(Command::PostcopyAdvise(Some((4096, 4096))));
+        }
+        write_guest_prologue_with(&mut s, &blocks, &StoppedGuest::default(), &pre).unwrap();
+        s.section_part(section_ids::RAM).unwrap();
+        s.ram_page(0, 0, &page(1)).unwrap();
+        s.ram_zero(0, 0x1000).unwrap();
+        s.ram_page(0, 0x5000, &page(2)).unwrap();
+        s.ram_page(1, 0x2000, &page(3)).unwrap();
+        s.ram_eos().unwrap();
+        s.footer(section_ids::RAM).unwrap();
+        if advise_late {
+            s.command(&Command::PostcopyAdvise(Some((4096, 4096)))).unwrap();
+            s.reset_continue();
+            s.section_part(section_ids::RAM).unwrap();
+            s.ram_page(0, 0x6000, &page(4)).unwrap();
+            s.ram_eos().unwrap();
+            s.footer(section_ids::RAM).unwrap();
+        }
+        s.command(&Command::PostcopyRamDiscard { block: "mem".into(), ranges: vec![(0x5000, 0x2000)] }).unwrap();
+        s.reset_continue();
+        s.command(&Command::Ping(2)).unwrap();
+        let mut pkg = s.nested(Vec::new());
+        pkg.command(&Command::PostcopyListen).unwrap();
+        let timer = savevm_format::builtin::timer();
+        pkg.device(section_ids::TIMER, "timer", 0, &timer, &savevm_format::builtin::timer_state(0, 0)).unwrap();
+        let gs = savevm_format::builtin::globalstate();
+        let running = savevm_format::builtin::globalstate_state("running");
+        pkg.device(section_ids::GLOBALSTATE, "globalstate", 0, &gs, &running).unwrap();
+        pkg.command(&Command::PostcopyRun).unwrap();
+        let blob = pkg.finish().unwrap();
+        s.packaged(&blob).unwrap();
+        s.command(&Command::Ping(3)).unwrap();
+        s.section_part(section_ids::RAM).unwrap();
+        s.ram_page(0, 0x5000, &page(5)).unwrap();
+        s.ram_zero(0, 0x8000).unwrap();
+        if cut {
+            return s.finish().unwrap();
+        }
+        s.ram_page(1, 0x3000, &page(6)).unwrap();
+        s.ram_page(0, 0x5000, &page(7)).unwrap();
+        s.ram_eos().unwrap();
+        s.footer(section_ids::RAM).unwrap();
+        s.section_end(section_ids::RAM).unwrap();
+        s.ram_eos().unwrap();
+        s.footer(section_ids::RAM).unwrap();
+        s.eof().unwrap();
+        s.finish().unwrap()
+    };
+    vec![
+        ("seed-postcopy", stream(false, false)),
+        ("seed-postcopy-advise-late", stream(true, false)),
+        ("seed-postcopy-cut", stream(false, true)),
+    ]
+}
+
+/// The seeds load (or, cut, fail) as built, with memory equal to the harness's
+/// model; `QMIG_WRITE_FUZZ_SEEDS=1` writes them to `fuzz/corpus/postcopy_dest/`.
+#[test]
+fn postcopy_dest_seeds() {
+    if !uffd_or_skip("postcopy_dest_seeds") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, bytes) in postcopy_seeds() {
+        let loaded = postcopy_dest::run(&bytes, &Meter);
+        assert_eq!(loaded, Some(!name.ends_with("-cut")), "{name}");
+        if std::env::var("QMIG_WRITE_FUZZ_SEEDS").as_deref() == Ok("1") {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/postcopy_dest");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), &bytes).unwrap();
+        }
+    }
 }

@@ -580,9 +580,15 @@ impl Incoming {
                         Command::OpenReturnPath => rp.open(),
                         Command::Ping(v) => rp.ping(v)?,
                         Command::PostcopyAdvise(Some((summary, tps))) => {
+                            // QEMU 7.2: ADVISE only in postcopy state NONE.
+                            if advised {
+                                return Err(IncomingError::Protocol(
+                                    "POSTCOPY_ADVISE a second time (wrong postcopy state)".into(),
+                                ));
+                            }
                             check_advise(summary, tps, d.page_size())?;
                             advised = true;
-                            ram.advised = true;
+                            ram.advise(d.ram_blocks());
                         }
                         Command::Packaged(_) if advised => {
                             let pkg = d.take_package()?;

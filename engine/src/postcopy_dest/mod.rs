@@ -180,6 +180,21 @@ impl<'s, P: PostcopySink + ?Sized> TrackingSink<'s, P> {
         TrackingSink { inner, received: None, discarded: 0, advised: false }
     }
 
+    /// POSTCOPY_ADVISE accepted. When the blocks are known already (ADVISE after
+    /// MEM_SIZE, which QEMU's source never sends but its destination accepts), they
+    /// are emptied now, as QEMU's `ram_postcopy_incoming_init` does at ADVISE: what
+    /// was received before is dropped and comes again (or faults). Otherwise that
+    /// happens when the blocks arrive.
+    pub(crate) fn advise(&mut self, blocks: &[RamBlock]) {
+        self.advised = true;
+        if !blocks.is_empty() {
+            self.received = Some(Arc::new(Received::new(blocks)));
+            for b in blocks {
+                self.inner.discard(b, 0, b.length);
+            }
+        }
+    }
+
     fn mark(&self, block: &RamBlock, offset: u64) {
         if let Some(r) = &self.received {
             r.set(block.index, offset / PAGE as u64);
