@@ -434,3 +434,152 @@ fn unix_socket_with_tls_hostname() {
     std::io::Read::read_to_end(&mut MigrationReader::new(server, RateLimit::new(0)), &mut got).unwrap();
     assert_eq!(got, b"QEVM over unix");
 }
+
+/// QEMU's `ca-crl.pem`: a peer whose certificate the CRL lists is refused, in both
+/// roles, with the cause named on both ends; a CRL that lists someone else
+/// refuses nobody.
+#[test]
+fn crl_refuses_revoked_peers_in_both_roles() {
+    let dir = TestDir::new("tls-crl");
+    let ca = Ca::new("qmig-test-ca").unwrap();
+    let server = ca.server(&SERVER_NAMES, Validity::Current).unwrap();
+    let client = ca.client("qmig-source", Validity::Current).unwrap();
+    let bystander = ca.client("someone-else", Validity::Current).unwrap();
+    let plain = creds_dir(dir.path(), "plain", &ca.cert_pem(), &server, &client);
+
+    // The destination's CRL revokes the source's certificate.
+    let revoking = creds_dir(dir.path(), "revokes-client", &ca.cert_pem(), &server, &client);
+    std::fs::write(revoking.join("ca-crl.pem"), ca.crl(&[&client]).unwrap()).unwrap();
+    let (s, c) = refused(&TlsParams::new(&revoking), &TlsParams::new(&plain));
+    assert!(s.contains("revoked") && s.contains("ca-crl.pem"), "server: {s}");
+    assert!(c.contains("alert") && c.contains("revoked"), "client: {c}");
+
+    // The source's CRL revokes the destination's certificate.
+    let revoking = creds_dir(dir.path(), "revokes-server", &ca.cert_pem(), &server, &client);
+    std::fs::write(revoking.join("ca-crl.pem"), ca.crl(&[&server]).unwrap()).unwrap();
+    let (s, c) = refused(&TlsParams::new(&plain), &TlsParams::new(&revoking));
+    assert!(c.contains("revoked") && c.contains("ca-crl.pem"), "client: {c}");
+    assert!(s.contains("TLS handshake"), "server: {s}");
+
+    // A CRL listing another certificate, on both ends: the migration's peers get in.
+    let other = creds_dir(dir.path(), "revokes-other", &ca.cert_pem(), &server, &client);
+    std::fs::write(other.join("ca-crl.pem"), ca.crl(&[&bystander]).unwrap()).unwrap();
+    let (cs, cc) = (CancelToken::new().unwrap(), CancelToken::new().unwrap());
+    let (uri, accepted) = serve(&TlsParams::new(&other), &cs);
+    let ch = TlsParams::new(&other).connect(&uri, &cc).expect("a CRL of someone else refused the client");
+    let server_ch = accepted.join().unwrap().expect("a CRL of someone else refused the client");
+    assert_eq!(server_ch.tls_peer_dn().as_deref(), Some(CLIENT_DN));
+    drop(ch);
+
+    // A CRL file that is not one is a credentials error naming it.
+    let broken = creds_dir(dir.path(), "broken-crl", &ca.cert_pem(), &server, &client);
+    std::fs::write(broken.join("ca-crl.pem"), "not a CRL\n").unwrap();
+    let e = TlsParams::new(&broken).server().unwrap_err().to_string();
+    assert!(e.contains("ca-crl.pem"), "{e}");
+}
+
+/// A TLS handshake that stalls ends within the io timeout on either end, naming the
+/// cause: a peer that connects and says nothing, one that stops half-way through,
+/// and a server that accepts and never answers.
+#[test]
+fn stalled_handshake_ends_within_the_io_timeout() {
+    let dir = TestDir::new("tls-stall");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let io = Duration::from_secs(1);
+    let opts = transports::ChannelOptions::with_io_timeout(Some(io));
+
+    // The destination: a client that sends nothing, then one that stops in its ClientHello.
+    for (sent, cause) in [
+        (&[][..], "sent no TLS handshake within 1 s (io-timeout)"),
+        (&[0x16, 0x03, 0x01, 0x01, 0x00, 0x01, 0x00, 0x00][..], "half-way through the handshake"),
+    ] {
+        let cancel = CancelToken::new().unwrap();
+        let l = Listener::bind(&loopback(), &cancel)
+            .unwrap()
+            .with_options(opts.clone())
+            .with_tls(TlsParams::new(&creds).server().unwrap())
+            .unwrap();
+        let MigrationUri::Tcp { host, port } = l.local_uri().clone() else { panic!("not tcp") };
+        let mut silent = std::net::TcpStream::connect((host.as_str(), port)).unwrap();
+        silent.write_all(sent).unwrap();
+        let t = Instant::now();
+        let e = engine::error::report(&l.accept().expect_err("a stalled handshake was accepted"));
+        let took = t.elapsed();
+        assert!(took >= io && took < LIMIT, "the handshake ended after {took:?}");
+        assert!(e.contains("TLS handshake") && e.contains(cause) && !e.contains('\n'), "{e}");
+        drop(silent);
+    }
+
+    // The source: a listener that accepts and never answers the ClientHello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri: MigrationUri = format!("tcp:127.0.0.1:{}", silent.local_addr().unwrap().port()).parse().unwrap();
+    let keep = thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let t = Instant::now();
+    let e = TlsParams::new(&creds)
+        .connect_with(&uri, &CancelToken::new().unwrap(), &opts)
+        .err()
+        .expect("a silent server completed the handshake");
+    let took = t.elapsed();
+    let e = engine::error::report(&e);
+    assert!(took >= io && took < LIMIT, "the handshake ended after {took:?}");
+    assert!(e.contains("sent no TLS handshake within 1 s") && !e.contains('\n'), "{e}");
+    drop(keep.join().unwrap());
+
+    // After the handshake a session that goes quiet fails a read at the io timeout,
+    // as a plaintext channel does.
+    let cancel = CancelToken::new().unwrap();
+    let l = Listener::bind(&loopback(), &cancel)
+        .unwrap()
+        .with_options(opts.clone())
+        .with_tls(TlsParams::new(&creds).server().unwrap())
+        .unwrap();
+    let uri = l.local_uri().clone();
+    let accepted = thread::spawn(move || l.accept());
+    let client = TlsParams::new(&creds).connect_with(&uri, &CancelToken::new().unwrap(), &opts).unwrap();
+    let server_ch = accepted.join().unwrap().unwrap();
+    let t = Instant::now();
+    let e = server_ch.read(&mut [0u8; 16]).expect_err("a quiet TLS session read data");
+    assert!(transports::is_no_progress(&e), "{e}");
+    assert!(t.elapsed() >= io && t.elapsed() < LIMIT, "the read ended after {:?}", t.elapsed());
+    drop(client);
+}
+
+/// The CLI: `qmig recv --tls-creds --io-timeout 2` with a client that connects and
+/// says nothing, and `qmig send --tls-creds --io-timeout 2` to a server that accepts
+/// and never answers: each ends with one line naming the cause, well within the limit.
+#[test]
+fn cli_stalled_handshake_ends_within_the_io_timeout() {
+    let dir = TestDir::new("tls-cli-stall");
+    let creds = dir.join("creds");
+    good_dir(&creds).unwrap();
+    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
+    std::fs::write(&src, vec![7u8; 1 << 20]).unwrap();
+    let dst_arg = format!("mem={}", dst.display());
+    let r = BackgroundQmig::recv(
+        &dir,
+        &["--ram", &dst_arg, "--from", "tcp:127.0.0.1:0", "--tls-creds", utf8(&creds), "--io-timeout", "2"],
+    );
+    let uri = r.listening(LIMIT);
+    let addr = uri.strip_prefix("tcp:").unwrap().to_string();
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    let t = Instant::now();
+    let (code, _, stderr) = r.wait(LIMIT);
+    assert!(t.elapsed() < LIMIT, "recv took {:?}", t.elapsed());
+    one_line_error("recv", code, &stderr, &["TLS handshake", "sent no TLS handshake within 2 s (io-timeout)"]);
+    drop(silent);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = format!("tcp:127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let keep = thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let src_arg = format!("mem={}", src.display());
+    let t = Instant::now();
+    let sent = run_qmig(
+        &dir,
+        &["send", "--ram", &src_arg, "--to", &to, "--tls-creds", utf8(&creds), "--io-timeout", "2"],
+        LIMIT,
+    );
+    assert!(t.elapsed() < LIMIT, "send took {:?}", t.elapsed());
+    one_line_error("send", sent.status.code(), &sent.stderr, &["TLS handshake", "sent no TLS handshake within 2 s"]);
+    drop(keep.join().unwrap());
+}

@@ -22,6 +22,8 @@ pub struct Issued {
     pub cert_pem: String,
     /// The private key, PEM (PKCS#8).
     pub key_pem: String,
+    /// The certificate's serial number (what a CRL lists).
+    pub serial: Vec<u8>,
 }
 
 /// How long an issued certificate is valid.
@@ -77,13 +79,39 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![eku];
         p.use_authority_key_identifier_extension = true;
+        // Unique in this process (the CA is too): a CRL names certificates by serial.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x1000);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let serial = [&[0x51u8][..], &std::process::id().to_be_bytes(), &n.to_be_bytes()].concat();
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = match validity {
             Validity::Current => rcgen::date_time_ymd(2049, 12, 31),
             Validity::Expired => rcgen::date_time_ymd(2021, 1, 1),
         };
         let cert = p.signed_by(&key, &self.cert, &self.key).map_err(err)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), serial })
+    }
+
+    /// A CRL of this CA revoking `revoked` (PEM, as QEMU's `ca-crl.pem`), valid 2020 to 2049.
+    pub fn crl(&self, revoked: &[&Issued]) -> io::Result<String> {
+        let p = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2049, 12, 31),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|c| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&c.serial),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        p.signed_by(&self.cert, &self.key).map_err(err)?.pem().map_err(err)
     }
 
     /// A server certificate for `names` (subjectAltName; IP addresses become IP entries).

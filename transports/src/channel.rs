@@ -474,7 +474,8 @@ impl Channel {
     /// when `creds` verify the peer (see [`tls::server_name`](crate::tls::server_name)).
     /// Refused on `exec:`, `file:` and non-socket `fd:` channels.
     pub fn tls_client(self, creds: &TlsClient, hostname: &str) -> Result<Channel, TransportError> {
-        self.start_tls(|fd, peer, cancel| TlsStream::client(fd, creds, hostname, peer, cancel))
+        let t = self.io_timeout();
+        self.start_tls(|fd, peer, cancel| TlsStream::client(fd, creds, hostname, peer, cancel, t))
     }
 
     /// Start TLS as the server (the destination) on this socket channel: the
@@ -482,7 +483,8 @@ impl Channel {
     /// certificate when `creds` verify the peer (and its DN with tls-authz).
     /// Nothing of the migration stream is read before it succeeds.
     pub fn tls_server(self, creds: &TlsServer) -> Result<Channel, TransportError> {
-        self.start_tls(|fd, peer, cancel| TlsStream::server(fd, creds, peer, cancel))
+        let t = self.io_timeout();
+        self.start_tls(|fd, peer, cancel| TlsStream::server(fd, creds, peer, cancel, t))
     }
 
     fn start_tls(
@@ -539,7 +541,7 @@ impl Channel {
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(tls) = &self.tls {
-            return tls.read(buf, &self.cancel).map_err(|e| self.io_error(e));
+            return tls.read(buf, &self.cancel, self.io_timeout()).map_err(|e| self.io_error(e));
         }
         let n = self.read_plain(buf)?;
         if self.first_read.swap(false, Ordering::Relaxed) && n >= 2 && buf[0] == TLS_HANDSHAKE && buf[1] == TLS_MAJOR {
@@ -591,7 +593,7 @@ impl Channel {
     pub fn write_vectored(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
         if let Some(tls) = &self.tls {
             let first = iov.iter().find(|s| !s.is_empty()).map(|s| &s[..]).unwrap_or(&[]);
-            return tls.write(first, &self.cancel).map_err(|e| self.io_error(e));
+            return tls.write(first, &self.cancel, self.io_timeout()).map_err(|e| self.io_error(e));
         }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
@@ -614,7 +616,7 @@ impl Channel {
     pub(crate) unsafe fn write_iovecs(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         if let Some(tls) = &self.tls {
             // SAFETY: the caller's guarantee, passed on.
-            return unsafe { tls.write_iovecs(iov, &self.cancel) }.map_err(|e| self.io_error(e));
+            return unsafe { tls.write_iovecs(iov, &self.cancel, self.io_timeout()) }.map_err(|e| self.io_error(e));
         }
         let fd =
             self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "channel is read-only"))?;
@@ -740,7 +742,8 @@ impl ReturnPath {
     /// Read into `buf`; blocks until data, end of stream (0) or cancel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(tls) = &self.tls {
-            return tls.read(buf, &self.cancel).map_err(|e| self.error(e));
+            // As on plaintext: a return path may stay quiet for as long as the migration runs.
+            return tls.read(buf, &self.cancel, None).map_err(|e| self.error(e));
         }
         loop {
             self.cancel.check()?;
@@ -758,7 +761,7 @@ impl ReturnPath {
     /// Write some of `buf`; blocks until progress or cancel.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
         if let Some(tls) = &self.tls {
-            return tls.write(buf, &self.cancel).map_err(|e| self.error(e));
+            return tls.write(buf, &self.cancel, None).map_err(|e| self.error(e));
         }
         loop {
             self.cancel.check()?;

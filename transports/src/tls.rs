@@ -17,12 +17,13 @@
 //! non-blocking socket call and the record work, never while waiting, so a cancel
 //! (which shuts the socket down and wakes every waiter) can never hang behind it.
 
-use crate::cancel::CancelToken;
+use crate::cancel::{CancelToken, Wake};
 use nix::poll::PollFlags;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -31,6 +32,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// The CA certificate(s) in a credentials directory.
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -42,6 +44,9 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 /// The source's (client's) private key (optional, with the certificate).
 pub const CLIENT_KEY: &str = "client-key.pem";
+/// The CA's certificate revocation list(s) (optional, as in QEMU): with verify-peer, a
+/// peer whose certificate is listed is refused.
+pub const CA_CRL: &str = "ca-crl.pem";
 
 /// Most plaintext bytes taken from the caller per TLS write call.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -116,6 +121,23 @@ fn roots(dir: &Path) -> Result<rustls::RootCertStore, TlsError> {
     Ok(store)
 }
 
+/// The CRLs of `ca-crl.pem` when the directory has one (QEMU loads it when present).
+fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let path = dir.join(CA_CRL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bad = |why: String| TlsError::Creds { path: path.clone(), why };
+    let data = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not a PEM CRL file: {e}")))?;
+    if crls.is_empty() {
+        return Err(bad("no X509 CRL in the file".into()));
+    }
+    Ok(crls)
+}
+
 fn check_dir(dir: &Path) -> Result<(), TlsError> {
     if dir.is_dir() {
         Ok(())
@@ -140,8 +162,9 @@ impl std::fmt::Debug for TlsClient {
 
 impl TlsClient {
     /// Load `dir`: `ca-cert.pem` (required), `client-cert.pem` with `client-key.pem`
-    /// (both or neither). With `verify_peer` the server's certificate must chain to
-    /// the CA and name the tls-hostname; without, any server is accepted.
+    /// (both or neither), `ca-crl.pem` (optional). With `verify_peer` the server's
+    /// certificate must chain to the CA, name the tls-hostname and not be revoked by
+    /// the CRL; without, any server is accepted.
     pub fn load(dir: &Path, verify_peer: bool) -> Result<TlsClient, TlsError> {
         check_dir(dir)?;
         let roots = roots(dir)?;
@@ -150,7 +173,14 @@ impl TlsClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = if verify_peer {
-            builder.with_root_certificates(roots)
+            // As GnuTLS (QEMU): a certificate is revoked when a CRL lists it; an
+            // issuer without a CRL revokes nothing.
+            let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), p.clone())
+                .with_crls(crls(dir)?)
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| TlsError::Creds { path: dir.join(CA_CRL), why: e.to_string() })?;
+            builder.with_webpki_verifier(verifier)
         } else {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(p)))
         };
@@ -192,8 +222,9 @@ impl std::fmt::Debug for TlsServer {
 
 impl TlsServer {
     /// Load `dir`: `server-cert.pem` and `server-key.pem` (required) and, with
-    /// `verify_peer`, `ca-cert.pem`: clients must then present a certificate
-    /// signed by it (and, with `authz`, one whose DN is on the list). Without
+    /// `verify_peer`, `ca-cert.pem` and the optional `ca-crl.pem`: clients must then
+    /// present a certificate signed by the CA and not revoked by the CRL (and, with
+    /// `authz`, one whose DN is on the list). Without
     /// `verify_peer` no client certificate is asked for, and `authz` is refused
     /// (it could not be checked).
     pub fn load(dir: &Path, verify_peer: bool, authz: Option<TlsAuthz>) -> Result<TlsServer, TlsError> {
@@ -201,6 +232,8 @@ impl TlsServer {
         let p = provider();
         let verifier: Arc<dyn ClientCertVerifier> = if verify_peer {
             let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), p.clone())
+                .with_crls(crls(dir)?)
+                .allow_unknown_revocation_status()
                 .build()
                 .map_err(|e| TlsError::Creds { path: dir.join(CA_CERT), why: e.to_string() })?;
             Arc::new(AuthzVerifier { inner, authz })
@@ -519,7 +552,10 @@ fn explain(e: &rustls::Error, verify_dir: Option<&Path>) -> String {
                 server_name_str(expected),
                 if presented.is_empty() { "nothing".to_string() } else { presented.join(", ") }
             ),
-            CertificateError::Revoked => "the peer's certificate is revoked".into(),
+            CertificateError::Revoked => {
+                let crl = verify_dir.map(|d| d.join(CA_CRL).display().to_string()).unwrap_or_else(|| CA_CRL.into());
+                format!("the peer's certificate is revoked ({crl} lists it)")
+            }
             CertificateError::Other(o) => format!("the peer's certificate was refused: {o}"),
             other => format!("the peer's certificate was refused: {other:?}"),
         },
@@ -531,6 +567,7 @@ fn explain(e: &rustls::Error, verify_dir: Option<&Path>) -> String {
                 A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => "it refused our certificate",
                 A::UnknownCA => "it does not know the CA of our certificate (certificate from another CA)",
                 A::CertificateExpired => "our certificate has expired",
+                A::CertificateRevoked => "it holds our certificate revoked (its CRL lists it)",
                 A::AccessDenied => "access denied (tls-authz?)",
                 A::CertificateRequired => "it requires a client certificate (client-cert.pem)",
                 A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity => "no common TLS parameters",
@@ -586,6 +623,34 @@ impl Write for Fd<'_> {
     }
 }
 
+/// Wait until `fd` is ready for `events`; with `timeout`, a [`NoProgress`](crate::NoProgress)
+/// error (kind `TimedOut`) when it was not for that long.
+fn wait_progress(
+    cancel: &CancelToken,
+    fd: &OwnedFd,
+    events: PollFlags,
+    timeout: Option<Duration>,
+    what: &'static str,
+) -> io::Result<()> {
+    match cancel.wait(fd.as_fd(), events, timeout.map(|t| Instant::now() + t))? {
+        Wake::Ready => Ok(()),
+        Wake::Timeout => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            crate::NoProgress { what, timeout: timeout.unwrap_or_default() },
+        )),
+    }
+}
+
+/// Seconds as the io-timeout messages write them (`30`, `2.5`).
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.1}")
+    }
+}
+
 /// Send what rustls queued (an alert, say) as far as the socket takes it now, without waiting.
 fn send_queued(c: &mut rustls::Connection, fd: &OwnedFd) {
     while c.wants_write() {
@@ -626,6 +691,8 @@ pub(crate) struct TlsStream {
     is_server: bool,
     /// Some application data came from the peer.
     received: AtomicBool,
+    /// The channel's io timeout: the bound on the handshake, and on the close_notify's send.
+    io_timeout: Option<Duration>,
 }
 
 impl TlsStream {
@@ -636,28 +703,38 @@ impl TlsStream {
         hostname: &str,
         peer: &str,
         cancel: &CancelToken,
+        io_timeout: Option<Duration>,
     ) -> io::Result<TlsStream> {
         let name = ServerName::try_from(hostname.to_string()).map_err(|e| {
             io::Error::other(TlsError::Config(format!("'{hostname}' is not a valid TLS hostname: {e}")))
         })?;
         let conn = rustls::ClientConnection::new(creds.config.clone(), name)
             .map_err(|e| io::Error::other(TlsError::Handshake { peer: peer.to_string(), why: e.to_string() }))?;
-        TlsStream::handshake(conn.into(), fd, peer, &creds.dir, cancel)
+        TlsStream::handshake(conn.into(), fd, peer, &creds.dir, cancel, io_timeout)
     }
 
     /// Run the server handshake on `fd` (non-blocking).
-    pub(crate) fn server(fd: OwnedFd, creds: &TlsServer, peer: &str, cancel: &CancelToken) -> io::Result<TlsStream> {
+    pub(crate) fn server(
+        fd: OwnedFd,
+        creds: &TlsServer,
+        peer: &str,
+        cancel: &CancelToken,
+        io_timeout: Option<Duration>,
+    ) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(creds.config.clone())
             .map_err(|e| io::Error::other(TlsError::Handshake { peer: peer.to_string(), why: e.to_string() }))?;
-        TlsStream::handshake(conn.into(), fd, peer, &creds.dir, cancel)
+        TlsStream::handshake(conn.into(), fd, peer, &creds.dir, cancel, io_timeout)
     }
 
+    /// The handshake, bounded by `io_timeout` as a whole: a peer that connects and
+    /// sends nothing (or stops half-way) fails it then, with the cause in words.
     fn handshake(
         conn: rustls::Connection,
         fd: OwnedFd,
         peer: &str,
         dir: &Path,
         cancel: &CancelToken,
+        io_timeout: Option<Duration>,
     ) -> io::Result<TlsStream> {
         let is_server = matches!(conn, rustls::Connection::Server(_));
         let s = TlsStream {
@@ -668,8 +745,12 @@ impl TlsStream {
             failed: Mutex::new(None),
             is_server,
             received: AtomicBool::new(false),
+            io_timeout,
         };
         let fail = |why: String| io::Error::other(TlsError::Handshake { peer: peer.to_string(), why });
+        let deadline = io_timeout.map(|t| Instant::now() + t);
+        // Handshake bytes came from the peer (for the timeout's message).
+        let mut heard = false;
         loop {
             let mut c = s.lock()?;
             if !c.is_handshaking() {
@@ -694,6 +775,7 @@ impl TlsStream {
                         ))
                     }
                     Ok(_) => {
+                        heard = true;
                         if let Err(e) = c.process_new_packets() {
                             // Tell the peer why (the alert rustls queued), best effort.
                             send_queued(&mut c, &s.fd);
@@ -709,10 +791,22 @@ impl TlsStream {
                 }
             }
             drop(c);
-            cancel.wait(s.fd.as_fd(), want, None)?;
+            if cancel.wait(s.fd.as_fd(), want, deadline)? == Wake::Timeout {
+                let t = fmt_secs(io_timeout.unwrap_or_default());
+                return Err(fail(if heard {
+                    format!(
+                        "the peer stopped answering half-way through the handshake: not done within {t} s (io-timeout)"
+                    )
+                } else {
+                    format!(
+                        "the peer sent no TLS handshake within {t} s (io-timeout): it does not speak TLS \
+                         (TLS not configured on its side?), or the link is gone"
+                    )
+                }));
+            }
         }
         // The last flight (the client's Finished) goes out before the stream starts.
-        s.flush(cancel).map_err(|e| fail(e.to_string()))?;
+        s.flush(cancel, io_timeout).map_err(|e| fail(e.to_string()))?;
         Ok(s)
     }
 
@@ -814,7 +908,10 @@ impl TlsStream {
     /// reads as end of stream: QEMU 7.2 closes its side that way, and the
     /// migration stream ends with its own EOF record, whose absence the stream
     /// reader reports.
-    pub(crate) fn read(&self, buf: &mut [u8], cancel: &CancelToken) -> io::Result<usize> {
+    ///
+    /// With `timeout`, a wait for the peer's bytes that lasts that long fails with
+    /// [`NoProgress`](crate::NoProgress) (kind `TimedOut`), as on a plaintext channel.
+    pub(crate) fn read(&self, buf: &mut [u8], cancel: &CancelToken, timeout: Option<Duration>) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -857,26 +954,27 @@ impl TlsStream {
                 }
             }
             drop(c);
-            cancel.wait(self.fd.as_fd(), PollFlags::POLLIN, None)?;
+            wait_progress(cancel, &self.fd, PollFlags::POLLIN, timeout, "read")?;
         }
     }
 
-    /// Encrypt and send all of `data`; blocks until it is on the socket or cancel.
-    pub(crate) fn write_all(&self, mut data: &[u8], cancel: &CancelToken) -> io::Result<()> {
+    /// Encrypt and send all of `data`; blocks until it is on the socket or cancel
+    /// (or, with `timeout`, until the socket took nothing for that long).
+    pub(crate) fn write_all(&self, mut data: &[u8], cancel: &CancelToken, timeout: Option<Duration>) -> io::Result<()> {
         while !data.is_empty() {
             cancel.check()?;
             self.check_failed()?;
             let n = self.lock()?.writer().write(data).map_err(|e| self.session_error(e.to_string()))?;
             data = &data[n..];
-            self.flush(cancel)?;
+            self.flush(cancel, timeout)?;
         }
         Ok(())
     }
 
     /// Write some of `data` (up to [`WRITE_CHUNK`]), returning how much.
-    pub(crate) fn write(&self, data: &[u8], cancel: &CancelToken) -> io::Result<usize> {
+    pub(crate) fn write(&self, data: &[u8], cancel: &CancelToken, timeout: Option<Duration>) -> io::Result<usize> {
         let n = data.len().min(WRITE_CHUNK);
-        self.write_all(&data[..n], cancel)?;
+        self.write_all(&data[..n], cancel, timeout)?;
         Ok(n)
     }
 
@@ -885,7 +983,12 @@ impl TlsStream {
     ///
     /// # Safety
     /// Every iovec must describe memory that stays mapped and readable until the call returns.
-    pub(crate) unsafe fn write_iovecs(&self, iov: &[libc::iovec], cancel: &CancelToken) -> io::Result<usize> {
+    pub(crate) unsafe fn write_iovecs(
+        &self,
+        iov: &[libc::iovec],
+        cancel: &CancelToken,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let mut staged = vec![0u8; total.min(WRITE_CHUNK)];
         let mut at = 0;
@@ -900,12 +1003,12 @@ impl TlsStream {
             slice.copy_to(&mut staged[at..at + n]);
             at += n;
         }
-        self.write_all(&staged[..at], cancel)?;
+        self.write_all(&staged[..at], cancel, timeout)?;
         Ok(at)
     }
 
     /// Send every TLS record queued; blocks (without the lock) while the socket is full.
-    pub(crate) fn flush(&self, cancel: &CancelToken) -> io::Result<()> {
+    pub(crate) fn flush(&self, cancel: &CancelToken, timeout: Option<Duration>) -> io::Result<()> {
         loop {
             cancel.check()?;
             let mut c = self.lock()?;
@@ -925,7 +1028,7 @@ impl TlsStream {
                 return Ok(());
             }
             drop(c);
-            cancel.wait(self.fd.as_fd(), PollFlags::POLLOUT, None)?;
+            wait_progress(cancel, &self.fd, PollFlags::POLLOUT, timeout, "write")?;
         }
     }
 
@@ -934,7 +1037,7 @@ impl TlsStream {
         if let Ok(mut c) = self.lock() {
             c.send_close_notify();
         }
-        let _ = self.flush(cancel);
+        let _ = self.flush(cancel, self.io_timeout);
     }
 
     /// The TLS protocol version agreed (for messages and tests).
