@@ -220,7 +220,20 @@ pub fn send_all(
     let ch = open().map_err(Error::transport)?;
     // The multifd channels connect after the main one (QEMU 7.2's order).
     let channels = match opts.multifd {
-        Some(n) => Some((0..n).map(|_| open()).collect::<std::result::Result<Vec<_>, _>>().map_err(Error::transport)?),
+        // Each announces itself (its initial packet) before the next connects, as
+        // QEMU 7.2's source does: a QEMU destination serves the next connection (its
+        // TLS handshake) only after reading the previous one's initial packet.
+        Some(n) => Some(
+            (0..n)
+                .map(|i| {
+                    let c = open().map_err(Error::transport)?;
+                    engine::multifd::announce(&c, i).map_err(|e| {
+                        Error::transport(transports::TransportError::Channel { peer: c.peer().to_string(), source: e })
+                    })?;
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
         None => None,
     };
     let return_path = opts.return_path.unwrap_or_else(|| ch.return_path().is_ok());
@@ -248,7 +261,9 @@ pub fn send_all(
         let _ = std::thread::Builder::new().name("qmig-prefault".into()).spawn_scoped(s, prefault);
         // multifd needs tcp:/unix:, --compress file:/exec: (both checked above): never both.
         let r = match (channels, opts.compress) {
-            (Some(channels), _) => out.run_multifd(ch, channels, &mut ram, &mut Stopped, &mut Default::default()),
+            (Some(channels), _) => {
+                out.run_multifd_announced(ch, channels, &mut ram, &mut Stopped, &mut Default::default())
+            }
             (None, None) => out.run(ch, &mut ram, &mut Stopped),
             (None, Some(c)) => {
                 // The compressed bytes are what the channel's rate limit counts.

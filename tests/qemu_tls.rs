@@ -234,3 +234,123 @@ fn qmig_send_to_qemu_over_tls() {
     assert_same_ram("qmig send -> QEMU over TLS", &fs::read(&dst).unwrap(), &ram);
     let _ = q.quit(Duration::from_secs(5));
 }
+
+fn set_multifd(q: &mut QemuProcess, channels: u8) {
+    q.qmp().unwrap().set_capabilities(&[("multifd", true)]).unwrap();
+    q.execute("migrate-set-parameters", Some(json!({"multifd-channels": channels}))).unwrap();
+}
+
+/// Multifd over TLS with QEMU 7.2, both ways (each channel its own TLS session), and
+/// CRLs (`ca-crl.pem`) both ways: a `qmig recv` whose CRL revokes QEMU's client
+/// certificate refuses it, naming the CRL; then QEMU (multifd 2, tls-creds) ->
+/// `qmig recv --multifd 2 --tls-creds`: RAM exact. A QEMU destination whose CRL
+/// revokes our client certificate refuses it; then `qmig send --multifd 2
+/// --tls-creds` -> that QEMU: RAM exact.
+#[test]
+fn multifd_and_crls_over_tls_with_qemu() {
+    let Some(_) = qemu_or_skip("multifd_and_crls_over_tls_with_qemu") else { return };
+    let dir = TestDir::new("qemu-tls-multifd");
+    let ca = Ca::new("qmig-test-ca").unwrap();
+    let server = ca.server(&SERVER_NAMES, Validity::Current).unwrap();
+    let client = ca.client("qmig-source", Validity::Current).unwrap();
+    let revoked = ca.client("revoked-source", Validity::Current).unwrap();
+    let good = dir.join("good");
+    write_dir(&good, &ca.cert_pem(), Some(&server), Some(&client)).unwrap();
+    let good_s = utf8(&good).to_string();
+
+    // QEMU -> qmig recv.
+    let src = dir.join("src.ram");
+    let ram = pattern::generate(GUEST, 11, RAM_LEN as usize);
+    fs::write(&src, &ram).unwrap();
+    let dst = dir.join("dst.ram");
+    let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", &src, RAM_LEN)).unwrap();
+    q.execute("object-add", Some(tls_creds(&good, "client"))).unwrap();
+    q.execute("migrate-set-parameters", Some(json!({"tls-creds": "tls-client", "tls-hostname": "dest.qmig.test"})))
+        .unwrap();
+    set_multifd(&mut q, 2);
+    let crl_on_us = dir.join("revokes-qemu");
+    write_dir(&crl_on_us, &ca.cert_pem(), Some(&server), None).unwrap();
+    fs::write(crl_on_us.join("ca-crl.pem"), ca.crl(&[&client]).unwrap()).unwrap();
+    for (what, creds) in [("recv's CRL revokes QEMU's certificate", utf8(&crl_on_us)), ("multifd", &good_s)] {
+        untouched_ram(&dst);
+        let ram_arg = format!("mem={}", dst.display());
+        let r = BackgroundQmig::recv(
+            &dir,
+            &["--ram", &ram_arg, "--from", "tcp:127.0.0.1:0", "--tls-creds", creds, "--multifd", "2"],
+        );
+        let uri = r.listening(LIMIT);
+        let info = qemu_migrate(&mut q, &uri);
+        let (code, last, stderr) = r.wait(LIMIT);
+        if what == "multifd" {
+            assert_eq!(code, Some(0), "recv failed: {stderr}\nQEMU: {}", q.stderr());
+            assert_eq!(info["status"], "completed", "QEMU: {info}");
+            let stats: Value = serde_json::from_str(&last).unwrap();
+            assert_eq!(stats["status"], "completed", "{stats}");
+            assert_same_ram("QEMU -> qmig recv, multifd 2 over TLS", &fs::read(&dst).unwrap(), &ram);
+        } else {
+            let line = one_line_error(what, code, &stderr, &["TLS handshake", "revoked", "ca-crl.pem"]);
+            assert_eq!(info["status"], "failed", "{what}: QEMU's source status: {info}");
+            assert_untouched(what, &dst);
+            eprintln!("{what}: qmig: {line}; QEMU: {}", info["error-desc"]);
+        }
+    }
+    let _ = q.quit(Duration::from_secs(5));
+
+    // qmig send -> QEMU; QEMU's CRL revokes the certificate "revoked-source".
+    let src2 = dir.join("src2.ram");
+    let ram2 = pattern::generate(GUEST, 12, RAM_LEN as usize);
+    fs::write(&src2, &ram2).unwrap();
+    let dst2 = dir.join("dst2.ram");
+    untouched_ram(&dst2);
+    let qemu_dir = dir.join("qemu-server");
+    write_dir(&qemu_dir, &ca.cert_pem(), Some(&server), None).unwrap();
+    fs::write(qemu_dir.join("ca-crl.pem"), ca.crl(&[&revoked]).unwrap()).unwrap();
+    let revoked_dir = dir.join("revoked-client");
+    write_dir(&revoked_dir, &ca.cert_pem(), Some(&server), Some(&revoked)).unwrap();
+    let qemu_dest = || {
+        let mut q = QemuProcess::start(&QemuConfig::new().ram("mem", &dst2, RAM_LEN).incoming(true)).unwrap();
+        q.execute("object-add", Some(tls_creds(&qemu_dir, "server"))).unwrap();
+        q.execute("migrate-set-parameters", Some(json!({"tls-creds": "tls-server"}))).unwrap();
+        set_multifd(&mut q, 2);
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        q.migrate_incoming(&uri).unwrap();
+        (q, uri)
+    };
+    let ram_arg = format!("mem={}", src2.display());
+    let send = |uri: &str, creds: &str, io_timeout: &str| {
+        let args = [
+            "send",
+            "--ram",
+            &ram_arg,
+            "--to",
+            uri,
+            "--tls-creds",
+            creds,
+            "--tls-hostname",
+            "dest.qmig.test",
+            "--multifd",
+            "2",
+            "--io-timeout",
+            io_timeout,
+        ];
+        run_qmig(&dir, &args, LIMIT)
+    };
+    let what = "QEMU's CRL revokes our certificate";
+    let (mut q, uri) = qemu_dest();
+    let r = send(&uri, utf8(&revoked_dir), "30");
+    let line = one_line_error(what, r.status.code(), &r.stderr, &["TLS session", "refused our certificate"]);
+    q.check_alive().unwrap_or_else(|e| panic!("{what}: QEMU destination: {e}; stderr: {}", q.stderr()));
+    let info = q.query_migrate().unwrap();
+    assert_ne!(info["status"], "completed", "{what}: QEMU: {info}");
+    assert!(q.stderr().contains("The certificate has been revoked"), "{what}: QEMU: {}", q.stderr());
+    assert_untouched(what, &dst2);
+    eprintln!("{what}: qmig: {line}; QEMU: status {}, stderr: {}", info["status"], q.stderr().trim());
+
+    // The same QEMU takes the next source.
+    let r = send(&uri, &good_s, "30");
+    assert!(r.status.success(), "send failed: {}; QEMU: {}", r.stderr, q.stderr());
+    let info = q.wait_migration(LIMIT).unwrap();
+    assert_eq!(info["status"], "completed", "QEMU: {info}");
+    assert_same_ram("qmig send -> QEMU, multifd 2 over TLS", &fs::read(&dst2).unwrap(), &ram2);
+    let _ = q.quit(Duration::from_secs(5));
+}

@@ -174,6 +174,8 @@ impl Sender {
     /// Start one thread per channel in `scope` (channel `i` gets id `i` and writes its
     /// initial packet first), each sending pages of `mem` (index = RAM block index)
     /// with `compression` at `level`; bytes are counted (and limited) by `rate`.
+    /// With `announced` the channels' initial packets were written already ([`announce`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn start<'scope, 'g: 'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
         channels: Vec<Channel>,
@@ -182,6 +184,7 @@ impl Sender {
         level: u8,
         rate: &RateLimit,
         cancel: CancelToken,
+        announced: bool,
     ) -> Result<Sender, MultifdError> {
         let (rtx, reports) = unbounded();
         let mut jobs = Vec::new();
@@ -203,7 +206,8 @@ impl Sender {
             std::thread::Builder::new()
                 .name(format!("qmig-multifd-send-{i}"))
                 .spawn_scoped(scope, move || {
-                    let mut t = SendThread { id, w, comp, flag, mem, buf: Vec::new(), raw: Vec::new(), pages };
+                    let mut t =
+                        SendThread { id, w, comp, flag, mem, buf: Vec::new(), raw: Vec::new(), pages, announced };
                     let r = t.run(&jrx, &rtx);
                     let r = r.and_then(|()| t.w.close().map_err(|e| io::Error::other(e.to_string())));
                     if let Err(source) = r {
@@ -343,12 +347,31 @@ struct SendThread<'g> {
     buf: Vec<u8>,
     raw: Vec<u8>,
     pages: Arc<AtomicU64>,
+    /// The initial packet was written when the channel connected.
+    announced: bool,
+}
+
+/// Write multifd channel `id`'s initial packet on `ch` now (QEMU 7.2's source does
+/// so as each channel connects); then give the channels to
+/// [`Outgoing::run_multifd_announced`](crate::source::Outgoing::run_multifd_announced).
+pub fn announce(ch: &Channel, id: u8) -> io::Result<()> {
+    let p = InitialPacket { uuid: [0; 16], channel_id: id }.encode();
+    let mut at = 0;
+    while at < p.len() {
+        match ch.write_vectored(&[io::IoSlice::new(&p[at..])])? {
+            0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "multifd initial packet")),
+            n => at += n,
+        }
+    }
+    Ok(())
 }
 
 impl SendThread<'_> {
     fn run(&mut self, jobs: &Receiver<Job>, reports: &ChanTx<Report>) -> io::Result<()> {
-        self.w.write_all(&InitialPacket { uuid: [0; 16], channel_id: self.id }.encode())?;
-        self.w.flush_now()?;
+        if !self.announced {
+            self.w.write_all(&InitialPacket { uuid: [0; 16], channel_id: self.id }.encode())?;
+            self.w.flush_now()?;
+        }
         let _ = reports.send(Report::Free(self.id.into()));
         for job in jobs.iter() {
             match job {

@@ -296,6 +296,8 @@ pub struct Outgoing {
     go_on: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     /// Set by [`begin_setup`](Self::begin_setup): the run starts from `setup`.
     begun: Arc<std::sync::atomic::AtomicBool>,
+    /// The multifd channels were given with their initial packets written ([`Outgoing::run_multifd_announced`]).
+    announced: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`start_postcopy`](Self::start_postcopy).
     postcopy: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -715,6 +717,7 @@ impl Outgoing {
             force: Default::default(),
             go_on: Default::default(),
             begun: Default::default(),
+            announced: Default::default(),
             postcopy: Default::default(),
         })
     }
@@ -896,6 +899,23 @@ impl Outgoing {
         self.run_inner_mf(w, rp, ram, vcpus, vm, Some(channels))
     }
 
+    /// [`run_multifd`](Self::run_multifd) with channels whose initial packets were
+    /// written as each connected ([`crate::multifd::announce`]), as QEMU 7.2's source
+    /// does: a QEMU destination reads each channel's initial packet before it serves
+    /// the next connection (its TLS handshake included), so over TLS the next
+    /// channel's handshake waits for the previous channel's packet.
+    pub fn run_multifd_announced(
+        &self,
+        ch: Channel,
+        channels: Vec<Channel>,
+        ram: &mut [RamRegion<'_>],
+        vcpus: &mut dyn VcpuControl,
+        vm: &mut VmParts<'_>,
+    ) -> Result<MigrationInfo, EngineError> {
+        self.announced.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.run_multifd(ch, channels, ram, vcpus, vm)
+    }
+
     /// [`run_vm`](Self::run_vm) into any [`PageWriter`] (an in-memory stream, say).
     /// Such a stream has no return path: capability `return-path` fails at start.
     pub fn run_on<'g, W: PageWriter<'g>>(
@@ -1073,6 +1093,7 @@ impl Outgoing {
                 params.multifd_level(),
                 &self.rate,
                 self.cancel.clone(),
+                self.announced.load(std::sync::atomic::Ordering::SeqCst),
             )?;
             let r = self.precopy(w, start, ram, vcpus, vm, undo, rp, reader, Some(&mut sender));
             if r.is_err() {
