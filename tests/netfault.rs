@@ -830,41 +830,51 @@ fn qemu_live_kvm_guest_over_a_slow_delayed_link() {
     // busy guest then dirties.
     random_ram(&src, LEN as usize, 0x5107);
     fs::write(&dst, vec![0u8; LEN as usize]).expect("dst");
-    let port = 47100;
-    let mut dest = QemuProcess::start(&config(&dst).incoming(true)).expect("destination QEMU");
-    dest.migrate_incoming(&format!("tcp:{ADDR_A}:{port}")).expect("migrate-incoming");
-    let faults = Faults { delay: Duration::from_millis(50), jitter: Duration::from_millis(10), ..Default::default() };
-    let proxy = proxy_across(&pair, SocketAddr::from((ADDR_A, port)), faults);
-    let mut source = QemuProcess::start(&config(&src)).expect("source QEMU");
-    source
-        .execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"downtime-limit": 300, "max-bandwidth": 1u64 << 30})),
-        )
-        .expect("parameters");
-    source.execute("cont", None).expect("cont");
-    std::thread::sleep(Duration::from_secs(1));
-    let t0 = Instant::now();
-    source.migrate(&format!("tcp:{}", proxy.addr())).expect("migrate");
-    let info = source.wait_migration(Duration::from_secs(300)).expect("source's end");
-    let took = t0.elapsed();
-    let dest_info = dest.wait_migration(Duration::from_secs(30)).map(|v| v["status"].clone());
-    let dest_run = dest.query_status().unwrap_or_default();
-    println!(
-        "QEMU live kvm guest over the slow link: {info} after {took:?}; destination {dest_info:?}, runstate {dest_run}"
-    );
-    assert!(proxy.stats().forwarded.load(std::sync::atomic::Ordering::SeqCst) > (LEN / 8));
-    let mbps = info["ram"]["mbps"].as_f64().unwrap_or(0.0);
-    row(
-        "QEMU 7.2 -> QEMU 7.2, kvm guest (q35, busy-bios, 64 MiB, live): 50 ms delay ±10 ms, 200 Mbit/s tbf",
-        "-",
-        &format!("- (took {})", secs(took)),
-        &format!("destination runstate {dest_run} (-S)"),
-        &format!(
-            "{}: downtime {} ms (limit 300 ms), total-time {} ms, {} dirty syncs, {mbps:.0} Mbit/s",
-            info["status"], info["downtime"], info["total-time"], info["ram"]["dirty-sync-count"]
-        ),
-    );
-    let _ = source.quit(Duration::from_secs(5));
-    let _ = dest.quit(Duration::from_secs(5));
+    for (port, stall) in [(47100, false), (47101, true)] {
+        let mut dest = QemuProcess::start(&config(&dst).incoming(true)).expect("destination QEMU");
+        dest.migrate_incoming(&format!("tcp:{ADDR_A}:{port}")).expect("migrate-incoming");
+        let faults = Faults {
+            delay: Duration::from_millis(50),
+            jitter: Duration::from_millis(10),
+            // In the bulk pass, after 4 MiB.
+            stall: stall.then_some((4 << 20, Duration::from_secs(2))),
+            ..Default::default()
+        };
+        let proxy = proxy_across(&pair, SocketAddr::from((ADDR_A, port)), faults);
+        let mut source = QemuProcess::start(&config(&src)).expect("source QEMU");
+        source
+            .execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({"downtime-limit": 300, "max-bandwidth": 1u64 << 30})),
+            )
+            .expect("parameters");
+        source.execute("cont", None).expect("cont");
+        std::thread::sleep(Duration::from_secs(1));
+        let t0 = Instant::now();
+        source.migrate(&format!("tcp:{}", proxy.addr())).expect("migrate");
+        let info = source.wait_migration(Duration::from_secs(300)).expect("source's end");
+        let took = t0.elapsed();
+        let dest_info = dest.wait_migration(Duration::from_secs(30)).map(|v| v["status"].clone());
+        let dest_run = dest.query_status().unwrap_or_default();
+        println!(
+            "QEMU live kvm guest over the slow link: {info} after {took:?}; destination {dest_info:?}, runstate {dest_run}"
+        );
+        assert!(proxy.stats().forwarded.load(std::sync::atomic::Ordering::SeqCst) > (LEN / 8));
+        let mbps = info["ram"]["mbps"].as_f64().unwrap_or(0.0);
+        row(
+            &format!(
+                "QEMU 7.2 -> QEMU 7.2, kvm guest (q35, busy-bios, 64 MiB, live): 50 ms delay ±10 ms, 200 Mbit/s tbf{}",
+                if stall { ", a 2 s stall in the bulk pass" } else { "" }
+            ),
+            "-",
+            &format!("- (took {})", secs(took)),
+            &format!("destination runstate {dest_run} (-S)"),
+            &format!(
+                "{}: downtime {} ms (limit 300 ms), total-time {} ms, {} dirty syncs, {mbps:.0} Mbit/s",
+                info["status"], info["downtime"], info["total-time"], info["ram"]["dirty-sync-count"]
+            ),
+        );
+        let _ = source.quit(Duration::from_secs(5));
+        let _ = dest.quit(Duration::from_secs(5));
+    }
 }
