@@ -53,6 +53,7 @@ options() {
 keep() {
     case "$1" in
     decode_stream | incoming_guest) echo 16 ;;
+    postcopy_dest) echo 32 ;;
     decode_multifd_channel) echo 5 ;;
     recv_sink) echo 4 ;;
     *) echo 64 ;;
@@ -89,8 +90,11 @@ fuzz_one() {
     echo "== $t: fuzzing for $secs s (log: fuzz/$log)"
     # shellcheck disable=SC2046 # options are words on purpose
     extra=
-    case "$t" in decode_stream | recv_sink | incoming_guest) extra=regressions/streams ;; esac
-    # shellcheck disable=SC2086 # $extra is empty or one directory
+    case "$t" in
+    decode_stream | recv_sink | incoming_guest) extra=regressions/streams ;;
+    postcopy_dest) extra="corpus/incoming_guest regressions/streams" ;;
+    esac
+    # shellcheck disable=SC2086 # $extra is empty or directories
     cargo fuzz run --sanitizer none --debug-assertions "$t" "work/$t" "corpus/$t" "regressions/$t" $extra -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" $(options "$t") >"$log" 2>&1 || true

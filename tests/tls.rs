@@ -497,7 +497,7 @@ fn stalled_handshake_ends_within_the_io_timeout() {
         let cancel = CancelToken::new().unwrap();
         let l = Listener::bind(&loopback(), &cancel)
             .unwrap()
-            .with_options(opts.clone())
+            .with_options(opts)
             .with_tls(TlsParams::new(&creds).server().unwrap())
             .unwrap();
         let MigrationUri::Tcp { host, port } = l.local_uri().clone() else { panic!("not tcp") };
@@ -518,8 +518,7 @@ fn stalled_handshake_ends_within_the_io_timeout() {
     let t = Instant::now();
     let e = TlsParams::new(&creds)
         .connect_with(&uri, &CancelToken::new().unwrap(), &opts)
-        .err()
-        .expect("a silent server completed the handshake");
+        .expect_err("a silent server completed the handshake");
     let took = t.elapsed();
     let e = engine::error::report(&e);
     assert!(took >= io && took < LIMIT, "the handshake ended after {took:?}");
@@ -531,7 +530,7 @@ fn stalled_handshake_ends_within_the_io_timeout() {
     let cancel = CancelToken::new().unwrap();
     let l = Listener::bind(&loopback(), &cancel)
         .unwrap()
-        .with_options(opts.clone())
+        .with_options(opts)
         .with_tls(TlsParams::new(&creds).server().unwrap())
         .unwrap();
     let uri = l.local_uri().clone();
