@@ -20,7 +20,7 @@
 //!   range inside it; SHUT(0) only after a successful load, never after a failure;
 //! - a failed load left the guest stopped (resumed at RUN, then stopped again: the
 //!   destination never runs a partial guest);
-//! - no thread outlived the load, and the load's heap growth stayed under
+//! - no postcopy thread (fault, touch, package) outlived the load, and the load's heap growth stayed under
 //!   [`MAX_HEAP`] plus twice the input (the PACKAGED blob is a copy).
 //!
 //! Shared by the fuzz target (`fuzz/fuzz_targets/postcopy_dest.rs`) and the corpus
@@ -311,13 +311,18 @@ impl VcpuControl for Vcpus {
     }
 }
 
-/// Threads of this process.
+/// Postcopy threads of this process (named `postcopy ...`: the fault, touch and
+/// package threads; other threads of a test process come and go on their own).
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("postcopy ")))
+        .count()
 }
 
-/// Waits (up to 10 s) for the thread count to come down to `n`: a joined thread
-/// may linger in /proc for a moment.
+/// Waits (up to 10 s) for the postcopy threads to be gone: a joined thread may
+/// linger in /proc for a moment.
 fn threads_back_to(n: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
