@@ -427,3 +427,54 @@ fn advised_but_never_switched_loads_as_precopy() {
     assert_eq!(mem.bytes(), ram);
     assert_eq!(wire.messages(), vec![RpMessage::Pong(1), RpMessage::Shut(0)]);
 }
+
+/// QEMU 7.2's ADVISE rules: a second ADVISE is refused ("wrong postcopy state"), and
+/// an ADVISE after the RAM setup empties RAM (QEMU's `ram_postcopy_incoming_init`):
+/// pages received before it are dropped, the guest reads them as zero.
+#[test]
+fn advise_twice_is_refused_and_late_advise_empties_ram() {
+    if !available("advise_twice_is_refused_and_late_advise_empties_ram") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let blocks = [RamBlock::new(0, "mem", LEN as u64)];
+    let advise = Command::PostcopyAdvise(Some((4096, 4096)));
+    // ADVISE twice, before the RAM setup.
+    let mut s = StreamWriter::new(Vec::new());
+    let pre = [Command::OpenReturnPath, advise.clone(), advise.clone()];
+    write_guest_prologue_with(&mut s, &blocks, &StoppedGuest::default(), &pre).unwrap();
+    savevm_format::write_guest_epilogue(&mut s, &StoppedGuest::default()).unwrap();
+    let bytes = s.finish().unwrap();
+    let mut mem = Mem::new(false);
+    let e = Incoming::new(false)
+        .with_postcopy(PostcopyOptions::default())
+        .run_postcopy(&bytes[..], &mut mem, &mut VmParts::default(), &mut NoVcpus, Wire::default().opener())
+        .expect_err("a second ADVISE");
+    assert!(e.to_string().contains("POSTCOPY_ADVISE a second time"), "{e}");
+
+    // Pages 0..4, then ADVISE, then page 2 again and the end: only page 2 survives.
+    let mut s = StreamWriter::new(Vec::new());
+    write_guest_prologue_with(&mut s, &blocks, &StoppedGuest::default(), &[Command::OpenReturnPath]).unwrap();
+    s.section_part(section_ids::RAM).unwrap();
+    for p in 0..4 {
+        s.ram_page(0, (p * PAGE) as u64, &page(p, 0)).unwrap();
+    }
+    s.ram_eos().unwrap();
+    s.footer(section_ids::RAM).unwrap();
+    s.command(&advise).unwrap();
+    s.reset_continue();
+    s.section_part(section_ids::RAM).unwrap();
+    s.ram_page(0, (2 * PAGE) as u64, &page(2, 1)).unwrap();
+    s.ram_eos().unwrap();
+    s.footer(section_ids::RAM).unwrap();
+    savevm_format::write_guest_epilogue(&mut s, &StoppedGuest::default()).unwrap();
+    let bytes = s.finish().unwrap();
+    let mut mem = Mem::new(true);
+    Incoming::new(false)
+        .with_postcopy(PostcopyOptions::default())
+        .run_postcopy(&bytes[..], &mut mem, &mut VmParts::default(), &mut NoVcpus, Wire::default().opener())
+        .unwrap_or_else(|e| panic!("{}", engine::error::report(&e)));
+    let mut want = vec![0u8; LEN];
+    want[2 * PAGE..3 * PAGE].copy_from_slice(&page(2, 1));
+    assert!(mem.bytes() == want, "pages received before the late ADVISE survived it");
+}
