@@ -175,11 +175,13 @@ impl TlsClient {
         let builder = if verify_peer {
             // As GnuTLS (QEMU): a certificate is revoked when a CRL lists it; an
             // issuer without a CRL revokes nothing.
+            let crls = crls(dir)?;
+            let named = dir.join(if crls.is_empty() { CA_CERT } else { CA_CRL });
             let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), p.clone())
-                .with_crls(crls(dir)?)
+                .with_crls(crls)
                 .allow_unknown_revocation_status()
                 .build()
-                .map_err(|e| TlsError::Creds { path: dir.join(CA_CRL), why: e.to_string() })?;
+                .map_err(|e| TlsError::Creds { path: named, why: e.to_string() })?;
             builder.with_webpki_verifier(verifier)
         } else {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(p)))
@@ -231,11 +233,13 @@ impl TlsServer {
         check_dir(dir)?;
         let p = provider();
         let verifier: Arc<dyn ClientCertVerifier> = if verify_peer {
+            let crls = crls(dir)?;
+            let named = dir.join(if crls.is_empty() { CA_CERT } else { CA_CRL });
             let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), p.clone())
-                .with_crls(crls(dir)?)
+                .with_crls(crls)
                 .allow_unknown_revocation_status()
                 .build()
-                .map_err(|e| TlsError::Creds { path: dir.join(CA_CERT), why: e.to_string() })?;
+                .map_err(|e| TlsError::Creds { path: named, why: e.to_string() })?;
             Arc::new(AuthzVerifier { inner, authz })
         } else if authz.is_some() {
             return Err(TlsError::Config("tls-authz needs verify-peer (client certificates are not asked for)".into()));
