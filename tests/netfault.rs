@@ -720,11 +720,14 @@ fn qemu_to_qemu_reset_flip_and_a_stranger_first() {
         let src_run = source.query_status().unwrap_or_default();
         let dest_line = dest_err.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" / ");
         println!("QEMU {case}: source {info} after {src_t:?}, runstate {src_run}; destination exited {exited:?} after {dst_t:?}: {dest_err}");
+        // The proxy's thread marks what it did right after doing it: both ends may
+        // have seen it (and QEMU exited) before that thread runs again.
         let stats = proxy.stats();
-        if case == "flip" {
-            assert!(stats.flipped.load(std::sync::atomic::Ordering::SeqCst));
-        } else {
-            assert!(stats.reset.load(std::sync::atomic::Ordering::SeqCst));
+        let done = if case == "flip" { &stats.flipped } else { &stats.reset };
+        let t = Instant::now();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(t.elapsed() < Duration::from_secs(30), "{case}: the proxy did not do it");
+            std::thread::sleep(Duration::from_millis(10));
         }
         // What 7.2 does, whatever it is, is recorded; only a destination that ran
         // the broken guest would be wrong.
