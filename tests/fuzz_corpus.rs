@@ -159,12 +159,29 @@ fn uffd_or_skip(test: &str) -> bool {
     false
 }
 
+/// [`postcopy_dest::run`] on a thread of its own, failing (not hanging) the test
+/// when it does not return within a minute: the harness can hang on a known,
+/// not yet fixed engine bug (see `fuzz/README.md`, `findings/postcopy_dest-touch-hang`).
+fn postcopy_within_a_minute(data: &[u8]) -> Option<bool> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let data = data.to_vec();
+    std::thread::spawn(move || {
+        let r = catch_unwind(AssertUnwindSafe(|| postcopy_dest::run(&data, &Meter)));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(Ok(r)) => r,
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("the postcopy load did not return within 60 s (see findings/postcopy_dest-touch-hang)"),
+    }
+}
+
 #[test]
 fn postcopy_dest_corpus() {
     if !uffd_or_skip("postcopy_dest_corpus") {
         return;
     }
-    let loaded = each("postcopy_dest", |d| postcopy_dest::run(d, &Meter).unwrap_or(false));
+    let loaded = each("postcopy_dest", |d| postcopy_within_a_minute(d).unwrap_or(false));
     assert!(loaded >= 2, "only {loaded} postcopy_dest inputs loaded");
 }
 
@@ -244,7 +261,7 @@ fn postcopy_dest_seeds() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for (name, bytes) in postcopy_seeds() {
-        let loaded = postcopy_dest::run(&bytes, &Meter);
+        let loaded = postcopy_within_a_minute(&bytes);
         assert_eq!(loaded, Some(!name.ends_with("-cut")), "{name}");
         if std::env::var("QMIG_WRITE_FUZZ_SEEDS").as_deref() == Ok("1") {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/postcopy_dest");
