@@ -272,7 +272,7 @@ impl Config {
             .map_or_else(|| vec![Wire::Unix, Wire::Tcp], |v| list(&v).into_iter().map(Wire::parse).collect());
         let dests =
             arg("dests").map_or_else(|| Dest::ALL.to_vec(), |v| list(&v).into_iter().map(Dest::parse).collect());
-        let runs = arg("runs").map_or(if quick { 1 } else { 3 }, |v| {
+        let runs = arg("runs").map_or(if quick { 1 } else { 5 }, |v| {
             v.parse::<usize>().unwrap_or_else(|_| panic!("--runs={v}: not a number")).max(1)
         });
         let verify = match arg("verify").as_deref() {

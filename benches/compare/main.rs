@@ -55,7 +55,8 @@
 //! (`CARGO_BIN_EXE_qmig`: `target/release/qmig` under `cargo bench`, built with
 //! the bench profile, i.e. release plus debug info), or `QMIG_COMPARE_QMIG`.
 //!
-//! Run: `cargo bench --bench compare` (1 and 4 GiB, 3 runs: about 9 minutes),
+//! Run: `cargo bench --bench compare` (the whole default matrix, 1 and 4 GiB, 5 runs:
+//! well over an hour on this machine; pick rows with the options below),
 //! then read the table on stdout or `target/compare.json`. Options, as
 //! arguments after `--` or environment variables:
 //!
@@ -70,7 +71,7 @@
 //!   all-holes file (`sparse`, `truncate -s`), or memory already populated
 //!   (`prealloc`: every page written before `qmig recv` starts; a QEMU destination
 //!   gets `prealloc=on` on its memory backend and populates it at startup);
-//! - `--runs=3` / `QMIG_COMPARE_RUNS`;
+//! - `--runs=5` / `QMIG_COMPARE_RUNS`;
 //! - `--limits=1` / `QMIG_COMPARE_LIMITS` (0 skips the physical limits);
 //! - `--verify=first|all|none` / `QMIG_COMPARE_VERIFY`;
 //! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir,
