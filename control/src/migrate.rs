@@ -80,9 +80,6 @@ impl MigrateFlags {
     }
 }
 
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-
 /// The `mem-path`s of the `memory-backend-file` objects in QEMU arguments.
 pub fn memory_backend_paths(args: &[String]) -> Vec<String> {
     args.iter()
@@ -127,9 +124,9 @@ pub fn check_supported(
             ));
         }
         for f in ram_files {
-            let fs = nix::sys::statfs::statfs(Path::new(f)).map(|s| s.filesystem_type().0 as i64);
-            match fs {
-                Ok(TMPFS_MAGIC | HUGETLBFS_MAGIC) => {}
+            use nix::sys::statfs::{statfs, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+            match statfs(Path::new(f)).map(|s| s.filesystem_type()) {
+                Ok(t) if t == TMPFS_MAGIC || t == HUGETLBFS_MAGIC => {}
                 Ok(_) => {
                     return Err(unsupported(&format!(
                         "cannot do --postcopy: its RAM file {f} is on a filesystem userfaultfd cannot serve (only tmpfs and hugetlbfs)"
