@@ -3,16 +3,19 @@
 //! v3 protocol.
 //!
 //! - A paused `-machine none` QEMU guest with a known RAM pattern migrates (not
-//!   live) and its destination RAM file is byte-exact; then the refusals: the
+//!   live) and its destination RAM file is byte-exact, and back over multifd with
+//!   zstd, byte-exact again; then the refusals: the
 //!   same host UUID, a cookie missing a required field, `--postcopy` on a QEMU
 //!   whose RAM userfaultfd cannot serve, an unknown VM. Each failing `migrate`
 //!   prints one line naming the phase and leaves exactly one copy running.
 //! - A running q35 + KVM QEMU guest (busy-bios.bin) and a running `qmig vm` KVM
 //!   guest migrate live (direct); the QMP event sequences the agents saw for the
-//!   two are equal; the `qmig vm` comes back with `--p2p`, its counter going on
+//!   two are equal; multifd on a `qmig vm` is refused in Begin3; the `qmig vm`
+//!   comes back with `--p2p`, its counter going on
 //!   and its checksum intact each time.
 //! - `migrate-setspeed` mid-run shows in the next windows' throughput, then
-//!   `migrate-cancel` ends the migration with the source running on.
+//!   `migrate-cancel` ends the migration with the source running on; then the
+//!   same guest migrates with postcopy, running on the destination before the end.
 
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
@@ -71,6 +74,13 @@ fn qemu_paused_ram_exact_and_refusals() {
     assert_eq!((src_job["phase"].as_str(), src_job["finished"].as_bool()), (Some("confirm3"), Some(true)));
     let dst_job = b.job_record("m1").expect("destination job record");
     assert_eq!((dst_job["phase"].as_str(), dst_job["role"].as_str()), (Some("finish3"), Some("destination")));
+
+    // Back with multifd, 2 channels, zstd (QEMU on both ends), into a fresh file on host-a.
+    std::fs::remove_file(a.state_dir.join("m1.ram")).expect("old source RAM file");
+    migrate_ok(&dir, "m1", &b, &a, &["--parallel", "2", "--compressed"]);
+    let back = std::fs::read(a.state_dir.join("m1.ram")).expect("RAM file back on host-a");
+    common::assert_same_ram("RAM back over multifd+zstd", &back, &pattern);
+    migrate_ok(&dir, "m1", &a, &b, &[]);
 
     // Refused: a destination with the source's host UUID (another agent claiming host-b's identity).
     let twin = AgentProc::start(&dir, "host-b-twin", &host_uuid(2));
@@ -174,6 +184,11 @@ fn live_qemu_and_qmig_vm_same_events_direct_and_p2p() {
     assert!(g["source"]["events"].as_array().is_some_and(|l| l.iter().any(|e| e == "MIGRATION_PASS")));
     assert!(q["source"]["events"].as_array().is_some_and(|l| l.iter().any(|e| e == "MIGRATION_PASS")));
 
+    // Refused before anything starts: multifd on a qmig vm (its migrate opens no multifd channels).
+    let r = migrate(&dir, "g1", &b, &a, &["--parallel", "2"]);
+    one_line_error("multifd on qmig vm", r.status.code(), &r.stderr, &["qmig: migrate: begin3 failed:", "multifd"]);
+    assert_eq!(b.vm(&dir, "g1").expect("g1 stays")["job"], Value::Null);
+
     // Back with p2p: this client talks to host-b only.
     let p = migrate_ok(&dir, "g1", &b, &a, &["--p2p", "--live"]);
     assert_eq!(p["destination"]["hostname"], "host-a");
@@ -255,4 +270,18 @@ fn setspeed_shows_in_throughput_then_cancel() {
     assert!(names(&dir, &b).is_empty(), "the destination VM is gone");
     let job = a.job_record("g2").expect("job record");
     assert_eq!(job["phase"], "confirm3_cancelled");
+
+    // Postcopy: Perform ends at the switch, Finish starts the guest on host-b while its
+    // pages still arrive (RESUME before `completed`), Confirm waits for the end.
+    let v = migrate_ok(&dir, "g2", &a, &b, &["--live", "--postcopy", "--bandwidth", "16"]);
+    let dst: Vec<String> = without_passes(&v["destination"]["events"]);
+    assert_eq!(
+        dst,
+        ["MIGRATION:setup", "MIGRATION:active", "MIGRATION:postcopy-active", "RESUME", "MIGRATION:completed"],
+        "{v}"
+    );
+    assert_eq!(v["source"]["statistics"]["status"], "completed", "{v}");
+    let (_, ok) = guest(&dir, &b, "g2");
+    assert!(ok, "checksum intact after postcopy");
+    assert!(names(&dir, &a).is_empty());
 }

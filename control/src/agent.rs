@@ -367,6 +367,9 @@ impl Agent {
             p.kill();
         }
         self.forget(name);
+        if let Some(j) = self.active_job(name) {
+            j.finish(Some("the VM was destroyed".into()))?;
+        }
         Ok(json!({}))
     }
 
@@ -388,7 +391,7 @@ impl Agent {
             Kind::Qemu => migrate::memory_backend_paths(&substituted_args(&def, self.dir.root())),
             Kind::Vm => vec![],
         };
-        migrate::check_supported(name, &flags, &caps, &params, &ram_files)?;
+        migrate::check_supported(name, def.kind, &flags, &caps, &params, &ram_files)?;
         let running = vm.execute("query-status", None)?["status"] == "running";
         self.new_job(JobRecord {
             name: name.to_string(),
@@ -540,6 +543,9 @@ impl Agent {
                     vm.execute("migrate-start-postcopy", None)?;
                     switched = true;
                 }
+                // As libvirt: Perform ends at the switch, so that Finish starts the guest on the
+                // destination while its remaining pages arrive; Confirm waits for the end.
+                "postcopy-active" => return Ok(info),
                 _ => {}
             }
             std::thread::sleep(POLL);
@@ -559,10 +565,17 @@ impl Agent {
             let vm = vm.clone().ok_or_else(|| RpcError::failed(format!("VM '{name}' is gone")))?;
             Cookie::parse(args.get("cookie"), "perform3", &self.host)?.check_vm("perform3", name, &vm.def().uuid)?;
             let t0 = Instant::now();
+            let paused = job.record().flags.paused;
+            let mut resumed = false;
             let info = loop {
                 let info = vm.execute("query-migrate", None)?;
                 match status_of(&info) {
                     "completed" => break info,
+                    // Postcopy: the guest runs here from now on, faulting in what has not arrived yet.
+                    "postcopy-active" if !paused && !resumed => {
+                        vm.execute("cont", None)?;
+                        resumed = true;
+                    }
                     s @ ("failed" | "cancelled") => {
                         return Err(RpcError::failed(format!("VM {name}: the incoming migration {s}")))
                     }
@@ -574,7 +587,7 @@ impl Agent {
                     _ => std::thread::sleep(POLL),
                 }
             };
-            if !job.record().flags.paused {
+            if !paused && !resumed && vm.execute("query-status", None)?["status"] != "running" {
                 vm.execute("cont", None)?;
             }
             let events: Vec<String> = vm.take_events().iter().map(event_name).collect();
@@ -630,12 +643,40 @@ impl Agent {
             }
         }
         job.set_phase(Phase::Confirm3)?;
+        let mut stats = Value::Null;
+        let mut events = vec![];
         if let Ok(vm) = self.vm(name) {
+            // A postcopy migration is over when the source says so.
+            match self.wait_source_end(&vm) {
+                Ok(info) => stats = info,
+                Err(e) => tracing::warn!(vm = name, error = %e, "confirm3: the source's migration did not complete"),
+            }
+            events = vm.take_events().iter().map(event_name).collect();
             vm.quit(QUIT_TIMEOUT);
         }
         self.forget(name);
+        job.update(|r| {
+            r.events.extend(events.iter().cloned());
+            if !stats.is_null() {
+                r.statistics = Some(stats.clone());
+            }
+        })?;
         job.finish(None)?;
-        Ok(json!({}))
+        Ok(json!({ "statistics": stats, "events": events }))
+    }
+
+    /// Confirm3: waits while the source's migration is still in postcopy; its final statistics.
+    fn wait_source_end(&self, vm: &VmProc) -> Result<Value, RpcError> {
+        let t0 = Instant::now();
+        loop {
+            let info = vm.execute("query-migrate", None)?;
+            match status_of(&info) {
+                "postcopy-active" | "postcopy-paused" | "postcopy-recover" if t0.elapsed() < FINISH_TIMEOUT => {
+                    std::thread::sleep(POLL)
+                }
+                _ => return Ok(info),
+            }
+        }
     }
 
     /// Confirm3 (cancelled): ends a migration still running and resumes a VM that was running at Begin.

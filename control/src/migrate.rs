@@ -11,6 +11,7 @@
 //! Confirm3 (cancelled); so exactly one VM runs at the end.
 
 use crate::rpc::{Client, RpcError};
+use crate::state::Kind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -88,13 +89,14 @@ pub fn memory_backend_paths(args: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Refuses, before anything starts, an option the source VM cannot do: a
-/// capability or parameter it does not offer (`caps`: its
+/// Refuses, before anything starts, an option the source VM cannot do: multifd
+/// on a `qmig vm`, a capability or parameter it does not offer (`caps`: its
 /// `query-migrate-capabilities`, `params`: its `query-migrate-parameters`),
 /// postcopy with multifd (QEMU 7.2 refuses the pair), and postcopy for a QEMU
 /// whose RAM is a file userfaultfd cannot serve (`ram_files`: not tmpfs or hugetlbfs).
 pub fn check_supported(
     vm: &str,
+    kind: Kind,
     flags: &MigrateFlags,
     caps: &Value,
     params: &Value,
@@ -107,6 +109,10 @@ pub fn check_supported(
     };
     if flags.parallel == Some(0) {
         return Err(RpcError::invalid("--parallel needs at least 1 channel"));
+    }
+    if flags.multifd() && kind == Kind::Vm {
+        // `qmig vm` lists the capability but its migrate opens no multifd channels.
+        return Err(unsupported("cannot do --parallel/--compressed: qmig vm does not migrate over multifd channels"));
     }
     if flags.multifd() && !offered("multifd") {
         return Err(unsupported("cannot do --parallel/--compressed: it offers no capability multifd"));
@@ -221,10 +227,17 @@ pub fn run_v3(
     if let Some(e) = finish_err {
         return Err(at("finish3")(e));
     }
-    conf.map_err(at("confirm3"))?;
+    let conf = conf.map_err(at("confirm3"))?;
     done.push("confirm3");
     let side = |c: &Value| json!({ "hostname": c["hostname"], "statistics": c["statistics"], "events": c["events"] });
-    let perf = perf.unwrap_or(Value::Null);
+    let mut perf = perf.unwrap_or(Value::Null);
+    // After a postcopy switch Perform's cookie is from the switch; Confirm has the end.
+    if conf["statistics"].is_object() {
+        perf["cookie"]["statistics"] = conf["statistics"].clone();
+    }
+    if let (Some(more), Some(events)) = (conf["events"].as_array(), perf["cookie"]["events"].as_array_mut()) {
+        events.extend(more.iter().cloned());
+    }
     Ok(json!({
         "status": "completed",
         "vm": name,
@@ -288,14 +301,17 @@ mod tests {
     fn refusals() {
         let caps = json!([{"capability": "multifd", "state": false}, {"capability": "postcopy-ram", "state": false}]);
         let p = json!({"multifd-compression": "none"});
-        let ok = |f: &MigrateFlags| check_supported("g", f, &caps, &p, &[]);
+        let ok = |f: &MigrateFlags| check_supported("g", Kind::Qemu, f, &caps, &p, &[]);
         assert!(ok(&MigrateFlags { postcopy: true, ..Default::default() }).is_ok());
         assert!(ok(&MigrateFlags { compressed: true, parallel: Some(4), ..Default::default() }).is_ok());
         assert!(ok(&MigrateFlags { postcopy: true, parallel: Some(2), ..Default::default() }).is_err());
         assert!(ok(&MigrateFlags { parallel: Some(0), ..Default::default() }).is_err());
         let none = json!([]);
-        let e = check_supported("g", &MigrateFlags { postcopy: true, ..Default::default() }, &none, &p, &[]);
+        let e =
+            check_supported("g", Kind::Qemu, &MigrateFlags { postcopy: true, ..Default::default() }, &none, &p, &[]);
         assert!(e.expect_err("no cap").desc.contains("postcopy-ram"));
+        let par = MigrateFlags { parallel: Some(2), ..Default::default() };
+        assert!(check_supported("g", Kind::Vm, &par, &caps, &p, &[]).expect_err("vm").desc.contains("multifd"));
         let f = MigrateFlags { bandwidth: Some(2), compressed: true, parallel: Some(3), ..Default::default() };
         assert_eq!(
             f.parameters(),
