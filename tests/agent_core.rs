@@ -125,6 +125,22 @@ fn qemu_paused_ram_exact_and_refusals() {
     let r = migrate(&dir, "nosuch", &a, &b, &[]);
     one_line_error("unknown VM", r.status.code(), &r.stderr, &["qmig: migrate: begin3 failed:", "nosuch"]);
     assert_eq!(names(&dir, &b), ["m1"]);
+
+    // A restarted agent finds its VM again (pid + QMP socket from its state dir) and its last job.
+    let mut b = b;
+    let before = b.vm(&dir, "m1").expect("m1");
+    b.restart();
+    assert_eq!(b.vm(&dir, "m1").expect("m1 after the restart"), before);
+    // Its last job: the source side of the refused same-host attempt, cancelled in Confirm3.
+    let j = b.call("jobinfo", json!({"name": "m1"})).expect("jobinfo");
+    assert_eq!(
+        (j["role"].as_str(), j["phase"].as_str(), j["finished"].as_bool()),
+        (Some("source"), Some("confirm3_cancelled"), Some(true)),
+        "{j}"
+    );
+    run_ok(&dir, &["destroy", "m1", "--on", &b.addr]);
+    assert!(names(&dir, &b).is_empty());
+    assert!(!b.state_dir.join("vms/m1").exists(), "destroy forgets the VM");
 }
 
 /// Reads a `qmig vm` guest's counter and checksum from `list`.
