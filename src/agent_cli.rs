@@ -296,7 +296,8 @@ fn watch(from: &str, name: &str, done: &AtomicBool, cancel: &CancelToken, bar: O
                 bar.set_position(ram["transferred"].as_u64().unwrap_or(0).min(ram["total"].as_u64().unwrap_or(0)));
                 let mbps = ram["mbps"].as_f64().unwrap_or(0.0);
                 let status = j["statistics"]["status"].as_str().unwrap_or("");
-                bar.set_message(format!("{status} {mbps:.0} Mbit/s, remaining {}", ram["remaining"]));
+                let remaining = indicatif::HumanBytes(ram["remaining"].as_u64().unwrap_or(0));
+                bar.set_message(format!("{status}, {mbps:.0} Mbit/s, {remaining} left"));
             }
             Ok(_) => {}
             Err(RpcError { .. }) => client = None,
