@@ -10,6 +10,8 @@
 //! - [`vmproc`]: starting, reattaching to and stopping one VM process.
 //! - [`migrate`]: the v3 phases' driver (virDomainMigrateVersion3Full) and the options.
 //! - [`agent`]: the agent itself (`qmig agent`): VMs by name, the RPC calls.
+//! - [`tunnel`]: the relay of a tunnelled migration (`--tunnelled`) and its cancel.
+//! - [`recovery`]: what a restarted agent does with its unfinished jobs (libvirt's table).
 //!
 //! The protocol is described in `docs/control-plane.md`.
 
@@ -20,8 +22,10 @@ pub mod cookie;
 pub mod host;
 pub mod migrate;
 pub mod qmp;
+pub mod recovery;
 pub mod rpc;
 pub mod state;
+pub mod tunnel;
 pub mod vmproc;
 
 pub use rpc::{ErrorClass, RpcError};
