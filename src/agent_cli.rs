@@ -85,6 +85,10 @@ pub enum ControlCmd {
         /// The source agent talks to the destination agent; this client only to the source.
         #[arg(long)]
         p2p: bool,
+        /// Relay the migration stream through the agents (source VM -> its agent -> the
+        /// destination agent -> destination VM) instead of VM to VM; needs --p2p, as virsh.
+        #[arg(long, requires = "p2p")]
+        tunnelled: bool,
         /// Keep the VM running during the migration (else it is paused first, as virsh does).
         #[arg(long)]
         live: bool,
@@ -212,14 +216,26 @@ pub fn run(cmd: ControlCmd, cancel: &CancelToken) -> qmig::Result<()> {
             crate::print_line(&r);
             Ok(())
         }
-        ControlCmd::Migrate { name, from, to, direct: _, p2p, live, postcopy, parallel, compressed, bandwidth } => {
+        ControlCmd::Migrate {
+            name,
+            from,
+            to,
+            direct: _,
+            p2p,
+            tunnelled,
+            live,
+            postcopy,
+            parallel,
+            compressed,
+            bandwidth,
+        } => {
             let flags = MigrateFlags {
                 live,
                 postcopy,
                 parallel,
                 compressed,
                 bandwidth,
-                transport: Transport::Direct,
+                transport: if tunnelled { Transport::Tunnelled } else { Transport::Direct },
                 p2p,
                 paused: false,
             };
@@ -252,7 +268,8 @@ fn migrate(name: &str, from: &str, to: &str, flags: &MigrateFlags, cancel: &Canc
             let _ = s.set_timeout(None);
             let _ = d.set_timeout(None);
             let (s, d) = (Mutex::new(s), Mutex::new(d));
-            run_v3(&s, &d, name, flags, None, &mut |p| tracing::info!(phase = p, "migrate"))
+            // The source agent records the destination agent's address (recovery asks it).
+            run_v3(&s, &d, name, flags, Some(to), &mut |p| tracing::info!(phase = p, "migrate"))
                 .map_err(|e| fail("migrate", e))
         })
     };

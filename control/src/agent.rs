@@ -17,8 +17,10 @@
 use crate::cookie::Cookie;
 use crate::host::{parse_uuid, random_uuid, HostInfo};
 use crate::migrate::{self, MigrateFlags, Transport};
+use crate::recovery::fault_point;
 use crate::rpc::{self, Args, ErrorClass, RpcError};
 use crate::state::{Job, JobRecord, Kind, Phase, Role, StateDir, VmDef};
+use crate::tunnel;
 use crate::vmproc::{substituted_args, Binaries, VmProc};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -65,6 +67,8 @@ pub struct Agent {
     bin: Binaries,
     vms: Mutex<BTreeMap<String, Entry>>,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// The tunnels of tunnelled migrations, by VM name.
+    tunnels: tunnel::Registry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +140,7 @@ impl Agent {
             bin: cfg.binaries.clone(),
             vms: Mutex::new(vms),
             jobs: Mutex::new(jobs),
+            tunnels: tunnel::Registry::default(),
         });
         let unfinished: Vec<Arc<Job>> = lock(&agent.jobs).values().filter(|j| !j.record().finished).cloned().collect();
         agent.on_restart(unfinished);
@@ -163,22 +168,25 @@ impl Agent {
     }
 
     /// Hook: what to do with the jobs found unfinished at startup (the agent was
-    /// killed or restarted mid-migration). They are loaded with their last phase;
-    /// recovery after a restart decides here (left as found for now).
+    /// killed or restarted mid-migration): libvirt's recovery table ([`crate::recovery`]).
     fn on_restart(&self, jobs: Vec<Arc<Job>>) {
         for j in jobs {
             let r = j.record();
             tracing::warn!(vm = %r.name, role = ?r.role, phase = r.phase.as_str(), "unfinished migration job found at startup");
+            crate::recovery::recover(self, &j);
         }
+    }
+
+    /// VM `name`'s process, alive or not (recovery).
+    pub(crate) fn proc_of(&self, name: &str) -> Option<Arc<VmProc>> {
+        lock(&self.vms).get(name).and_then(|e| e.proc.clone())
     }
 
     /// Hook: refuses a transport this agent cannot run (checked in Begin and Prepare).
     fn check_transport(&self, flags: &MigrateFlags) -> Result<(), RpcError> {
         match flags.transport {
             Transport::Direct => Ok(()),
-            Transport::Tunnelled => {
-                Err(RpcError::new(ErrorClass::ArgumentUnsupported, "tunnelled migration is not available yet"))
-            }
+            Transport::Tunnelled => tunnel::check_flags(flags),
         }
     }
 
@@ -187,10 +195,7 @@ impl Agent {
     fn incoming_uri(&self, job: &Job, vm: &VmProc, flags: &MigrateFlags) -> Result<String, RpcError> {
         match flags.transport {
             Transport::Direct => self.direct_incoming(vm),
-            Transport::Tunnelled => {
-                let _ = job;
-                Err(RpcError::new(ErrorClass::ArgumentUnsupported, "tunnelled migration is not available yet"))
-            }
+            Transport::Tunnelled => tunnel::incoming(&self.tunnels, &job.record().name, vm, &self.dir),
         }
     }
 
@@ -198,14 +203,17 @@ impl Agent {
     fn outgoing_uri(&self, job: &Job, uri: &str) -> Result<String, RpcError> {
         match job.record().flags.transport {
             Transport::Direct => Ok(uri.to_string()),
-            Transport::Tunnelled => {
-                Err(RpcError::new(ErrorClass::ArgumentUnsupported, "tunnelled migration is not available yet"))
-            }
+            Transport::Tunnelled => tunnel::outgoing(&self.tunnels, &job.record(), uri, &self.dir),
         }
     }
 
     /// Hook: runs before `migrate-cancel` asks the VM to cancel (a tunnel would be closed here first).
-    fn before_cancel(&self, _job: &Job) {}
+    fn before_cancel(&self, job: &Job) {
+        let name = job.record().name;
+        if self.tunnels.close(&name) {
+            tracing::info!(vm = %name, "migrate-cancel: tunnel closed");
+        }
+    }
 
     /// The host migration URIs name: the listening host, or the hostname when it listens on all addresses.
     fn migration_host(&self) -> String {
@@ -297,7 +305,7 @@ impl Agent {
     }
 
     /// Forgets VM `name` (its process must be gone).
-    fn forget(&self, name: &str) {
+    pub(crate) fn forget(&self, name: &str) {
         lock(&self.vms).remove(name);
         self.dir.remove_vm(name);
     }
@@ -453,6 +461,7 @@ impl Agent {
         })();
         let result = started.and_then(|vm| {
             let r = (|| {
+                fault_point(&self.dir, "prepare")?;
                 vm.execute("migrate-set-capabilities", Some(flags.capabilities()))?;
                 let mut params = flags.parameters();
                 if let Some(o) = params.as_object_mut() {
@@ -477,6 +486,7 @@ impl Agent {
                 Ok(json!({ "uri": uri, "cookie": c.to_json() }))
             }
             Err(e) => {
+                self.tunnels.close(&name);
                 self.forget(&name);
                 let _ = job.finish(Some(e.desc.clone()));
                 Err(e)
@@ -513,6 +523,7 @@ impl Agent {
             r.statistics = Some(stats.clone());
             r.phase = Phase::Perform3Done;
         })?;
+        fault_point(&self.dir, "perform3_done")?;
         let mut c = Cookie::new(&self.host, name, &def.uuid, def.ram_size);
         c.statistics = Some(stats);
         c.events = Some(events);
@@ -556,6 +567,7 @@ impl Agent {
         let name = args.str("name")?;
         let cancelled = args.flag("cancelled")?;
         let job = self.job_of(name, Role::Destination, "finish3")?;
+        fault_point(&self.dir, "finish3")?;
         job.set_phase(Phase::Finish3)?;
         let vm = lock(&self.vms).get(name).and_then(|e| e.proc.clone());
         let result = (|| {
@@ -601,6 +613,8 @@ impl Agent {
             c.events = Some(events);
             Ok(c)
         })();
+        // The stream is over (completed, or the VM is being killed): the tunnel, if any, goes.
+        self.tunnels.close(name);
         match result {
             Ok(c) => {
                 job.finish(None)?;
@@ -631,6 +645,7 @@ impl Agent {
             Err(_) if cancelled => return Ok(json!({})),
             Err(e) => return Err(e),
         };
+        self.tunnels.close(name);
         if cancelled {
             job.set_phase(Phase::Confirm3Cancelled)?;
             let r = self.resume_source(name, &job);
@@ -764,6 +779,14 @@ struct Handler(Arc<Agent>);
 impl rpc::Handler for Handler {
     fn call(&self, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
         self.0.dispatch(call, args)
+    }
+
+    fn is_stream(&self, call: &str) -> bool {
+        call == tunnel::TUNNEL_CALL
+    }
+
+    fn stream(&self, req: &Value, conn: std::net::TcpStream, pending: Vec<u8>) {
+        tunnel::accept_data_connection(&self.0.tunnels, req, conn, pending);
     }
 }
 

@@ -12,8 +12,15 @@
 //! only when it cannot be reached does it leave the VM paused as libvirt does.
 //! The table is in `docs/control-plane.md`, "Recovery after a restart".
 
-use crate::state::{Phase, Role};
+use crate::agent::Agent;
+use crate::rpc::{Client, ErrorClass, RpcError};
+use crate::state::{Job, Phase, Role, StateDir};
 use serde::Serialize;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// How long recovery waits to reach the other agent.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the other side of the migration says now (asked by the source at recovery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -115,6 +122,156 @@ pub fn decide(role: Role, phase: Phase, vm: &Observed, peer: PeerState) -> Actio
             Phase::Prepare | Phase::Finish3 => Action::Nothing,
         },
     }
+}
+
+/// The test-only fault file in a state dir: `DIR/x-fault`, one line `exit-at POINT` or
+/// `fail-at POINT`. Points: `prepare` (Prepare3, the incoming VM started), `perform3_done`
+/// (recorded, before Perform3 answers), `finish3` (before Finish3 is recorded). At the
+/// point the agent removes the file and exits at once (status 99: a crash, its VMs run
+/// on) or fails the call. For the fault tests, where killing a process at the right
+/// instant cannot be done from outside; never written by the agent itself.
+pub const FAULT_FILE: &str = "x-fault";
+
+/// Applies the fault file of `dir` at `point` (see [`FAULT_FILE`]).
+pub fn fault_point(dir: &StateDir, point: &str) -> Result<(), RpcError> {
+    let path = dir.root().join(FAULT_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let text = text.trim();
+    let (exit, fail) = (text.strip_prefix("exit-at "), text.strip_prefix("fail-at "));
+    if exit != Some(point) && fail != Some(point) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&path);
+    if exit.is_some() {
+        tracing::error!(point, "x-fault: exiting (test hook)");
+        std::process::exit(99);
+    }
+    Err(RpcError::failed(format!("x-fault: failing at {point} (test hook)")))
+}
+
+/// What the VM looks like now; a QMP that does not answer counts as a dead VM only if the process is gone.
+fn observe(agent: &Agent, name: &str) -> Observed {
+    let Some(vm) = agent.proc_of(name).filter(|p| p.alive()) else {
+        return Observed { alive: false, run_state: "shutoff".into(), migration: "none".into() };
+    };
+    let field = |cmd: &str, f: &str| {
+        vm.execute(cmd, None).ok().and_then(|v| v[f].as_str().map(String::from)).unwrap_or_else(|| "unknown".into())
+    };
+    let run_state = field("query-status", "status");
+    let mut migration = field("query-migrate", "status");
+    if migration == "unknown" {
+        migration = "none".into();
+    }
+    Observed { alive: true, run_state, migration }
+}
+
+/// Asks the destination agent at `peer` about VM `name`'s migration job.
+pub fn ask_peer(peer: Option<&str>, name: &str) -> PeerState {
+    let Some(peer) = peer else { return PeerState::Unknown };
+    let Ok(mut c) = Client::connect(peer, PEER_TIMEOUT) else { return PeerState::Unknown };
+    let _ = c.set_timeout(Some(PEER_TIMEOUT * 6));
+    match c.call("jobinfo", json!({ "name": name })) {
+        Ok(j) => peer_state(&j),
+        // No job there: Prepare3 never ran (or the job was removed); nothing took over.
+        Err(e) if matches!(e.class, ErrorClass::OperationInvalid | ErrorClass::NoDomain) => PeerState::NotTakenOver,
+        Err(_) => PeerState::Unknown,
+    }
+}
+
+/// The other side's state from its `jobinfo`.
+pub fn peer_state(j: &Value) -> PeerState {
+    match (j["role"].as_str(), j["finished"].as_bool()) {
+        // The VM moved on from there: that side took over long ago.
+        (Some("source"), _) => PeerState::TookOver,
+        (Some("destination"), Some(false)) => PeerState::Waiting,
+        (Some("destination"), Some(true)) if j["error"].is_null() => PeerState::TookOver,
+        (Some("destination"), Some(true)) => PeerState::NotTakenOver,
+        _ => PeerState::Unknown,
+    }
+}
+
+/// Recovers one job found unfinished at startup: decides ([`decide`]) and acts; the job
+/// ends, its error saying what recovery did (none when the migration had succeeded).
+pub fn recover(agent: &Agent, job: &Job) {
+    let r = job.record();
+    let now = observe(agent, &r.name);
+    let needs_peer = r.role == Role::Source && matches!(r.phase, Phase::Perform3 | Phase::Perform3Done);
+    let peer = if needs_peer { ask_peer(r.peer.as_deref(), &r.name) } else { PeerState::Unknown };
+    let action = decide(r.role, r.phase, &now, peer);
+    tracing::warn!(vm = %r.name, role = ?r.role, phase = r.phase.as_str(), run_state = %now.run_state,
+        migration = %now.migration, peer = ?peer, action = ?action, "recovering a migration job");
+    let why = format!("the agent restarted in phase {}", r.phase.as_str());
+    let outcome: Result<Option<String>, RpcError> = (|| match action {
+        Action::Nothing => {
+            let took_over = (r.role == Role::Source && r.phase == Phase::Confirm3)
+                || (r.role == Role::Destination && r.phase == Phase::Finish3 && now.alive);
+            Ok((!took_over).then(|| format!("{why}; nothing to do")))
+        }
+        Action::KillSource => {
+            job.set_phase(Phase::Confirm3)?;
+            if let Some(vm) = agent.proc_of(&r.name) {
+                vm.quit(crate::agent::QUIT_TIMEOUT);
+            }
+            agent.forget(&r.name);
+            Ok(None)
+        }
+        Action::KillIncoming => {
+            if let Some(vm) = agent.proc_of(&r.name) {
+                vm.kill();
+            }
+            agent.forget(&r.name);
+            Ok(Some(format!("{why}; the incoming VM was killed")))
+        }
+        Action::LeavePaused => Ok(Some(format!("{why}; the VM is left paused (the destination's outcome is unknown)"))),
+        Action::ResumeSource => {
+            job.set_phase(Phase::Confirm3Cancelled)?;
+            resume_source(agent, &r.name, r.was_running, &now, peer, r.peer.as_deref())?;
+            Ok(Some(format!("{why}; the migration was cancelled and the source VM resumed")))
+        }
+    })();
+    let error = match outcome {
+        Ok(e) => e,
+        Err(e) => Some(format!("{why}; recovery failed: {}", e.desc)),
+    };
+    if let Err(e) = job.finish(error) {
+        tracing::warn!(vm = %r.name, error = %e, "recovery: cannot record the job's end");
+    }
+}
+
+/// Cancels the source's migration if it still runs, tells a waiting destination to give
+/// up (Finish3, cancelled: it kills its incoming VM), and resumes a VM that ran at Begin3.
+fn resume_source(
+    agent: &Agent,
+    name: &str,
+    was_running: bool,
+    now: &Observed,
+    peer: PeerState,
+    peer_addr: Option<&str>,
+) -> Result<(), RpcError> {
+    let vm = agent.proc_of(name).ok_or_else(|| RpcError::failed(format!("VM '{name}' is gone")))?;
+    if in_flight(&now.migration) {
+        vm.execute("migrate_cancel", None)?;
+        let t0 = Instant::now();
+        while in_flight(vm.execute("query-migrate", None)?["status"].as_str().unwrap_or("none")) {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(RpcError::failed(format!("VM {name}: the migration does not end after migrate_cancel")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if peer == PeerState::Waiting {
+        if let Some(addr) = peer_addr {
+            let r = Client::connect(addr, PEER_TIMEOUT)
+                .and_then(|mut c| c.call("finish3", json!({ "name": name, "cookie": null, "cancelled": true })));
+            if let Err(e) = r {
+                tracing::warn!(vm = name, error = %e, "recovery: the destination did not take the cancel");
+            }
+        }
+    }
+    if was_running && vm.execute("query-status", None)?["status"] != "running" {
+        vm.execute("cont", None)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

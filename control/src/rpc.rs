@@ -132,6 +132,19 @@ impl<'a> Args<'a> {
 pub trait Handler: Send + Sync {
     /// Runs one call.
     fn call(&self, call: &str, args: Args<'_>) -> Result<Value, RpcError>;
+
+    /// Whether `call` turns its connection into a data connection (the tunnel's): its
+    /// request line is then handed to [`Handler::stream`] with the connection.
+    fn is_stream(&self, call: &str) -> bool {
+        let _ = call;
+        false
+    }
+
+    /// Serves a data connection whose request is `req`; `pending` are the bytes read past
+    /// the request line. It owns the connection from then on (it answers itself).
+    fn stream(&self, req: &Value, conn: TcpStream, pending: Vec<u8>) {
+        let _ = (req, conn, pending);
+    }
 }
 
 /// Parses `tcp:HOST:PORT` (`HOST` a name, an IPv4 address or `[IPv6]`) into `HOST:PORT`.
@@ -204,6 +217,11 @@ pub fn serve_client(stream: TcpStream, handler: &dyn Handler) {
         }
         let reply = match serde_json::from_slice::<Value>(&line) {
             Err(e) => json!({ "id": null, "error": RpcError::invalid(format!("not JSON: {e}")).to_json() }),
+            Ok(req) if req["call"].as_str().is_some_and(|c| handler.is_stream(c)) => {
+                let pending = reader.buffer().to_vec();
+                handler.stream(&req, reader.into_inner(), pending);
+                return;
+            }
             Ok(req) => answer(&req, handler),
         };
         let mut out = reply.to_string();

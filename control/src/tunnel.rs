@@ -481,6 +481,99 @@ pub fn new_token() -> Result<String, RpcError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// How long the source agent waits for its VM to connect, and for the destination agent to answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Refuses, in Begin3 and Prepare3, what a tunnelled migration cannot do (as libvirt):
+/// it needs the p2p shape (the source agent opens the data connection), and neither
+/// postcopy nor multifd (both need more than the one stream the tunnel carries).
+pub fn check_flags(flags: &crate::migrate::MigrateFlags) -> Result<(), RpcError> {
+    let no = |what: &str| Err(RpcError::new(ErrorClass::ArgumentUnsupported, what.to_string()));
+    if !flags.p2p {
+        return no("--tunnelled needs --p2p (the source agent carries the stream), as virsh");
+    }
+    if flags.postcopy {
+        return no("--postcopy is not supported with --tunnelled");
+    }
+    if flags.multifd() {
+        return no("--parallel/--compressed (multifd) is not supported with --tunnelled");
+    }
+    Ok(())
+}
+
+/// Prepare3, destination: the incoming VM listens on `DIR/vms/NAME/tunnel-in.sock`;
+/// the job is announced with a fresh token; returns the URI `tunnel:TOKEN`.
+pub fn incoming(
+    registry: &Registry,
+    name: &str,
+    vm: &crate::vmproc::VmProc,
+    dir: &crate::state::StateDir,
+) -> Result<String, RpcError> {
+    let path = dir.vm_dir(name).join("tunnel-in.sock");
+    let _ = std::fs::remove_file(&path);
+    vm.execute("migrate-incoming", Some(serde_json::json!({ "uri": format!("unix:{}", path.display()) })))?;
+    let token = new_token()?;
+    registry.expect(name, &token, &path);
+    Ok(format!("{URI_SCHEME}{token}"))
+}
+
+/// Perform3, source: listens on `DIR/vms/NAME/tunnel-out.sock` and starts the relay
+/// to the destination agent (the job's `peer`) in the background; returns the URI
+/// the source VM migrates to (`unix:` that socket).
+pub fn outgoing(
+    registry: &Registry,
+    job: &crate::state::JobRecord,
+    uri: &str,
+    dir: &crate::state::StateDir,
+) -> Result<String, RpcError> {
+    let token = uri
+        .strip_prefix(URI_SCHEME)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| RpcError::invalid(format!("a tunnelled migration needs a {URI_SCHEME} URI, got '{uri}'")))?;
+    let peer = job.peer.clone().ok_or_else(|| {
+        RpcError::op_invalid("a tunnelled migration needs the destination agent's address (the p2p shape)")
+    })?;
+    let endpoint = UnixEndpoint::bind(&dir.vm_dir(&job.name).join("tunnel-out.sock"))?;
+    let out = format!("unix:{}", endpoint.path().display());
+    let tunnel = Tunnel::new();
+    registry.insert(&job.name, tunnel.clone());
+    let (name, token) = (job.name.clone(), token.to_string());
+    std::thread::Builder::new()
+        .name("tunnel-src".into())
+        .spawn(move || {
+            if let Err(e) = run_source(&tunnel, &endpoint, &peer, &name, &token, CONNECT_TIMEOUT) {
+                tracing::warn!(vm = %name, error = %e, "tunnel: the relay did not start");
+                tunnel.cancel();
+                return;
+            }
+            let end = tunnel.wait(Duration::from_secs(86_400));
+            tracing::info!(vm = %name, forward = tunnel.forward_bytes(), back = tunnel.backward_bytes(), end = ?end, "tunnel ended");
+        })
+        .map_err(|e| RpcError::system("tunnel thread", e))?;
+    Ok(out)
+}
+
+/// Serves a `tunnel` data connection on the destination agent (see [`serve_destination`]).
+pub fn accept_data_connection(registry: &Registry, req: &serde_json::Value, conn: TcpStream, pending: Vec<u8>) {
+    let args = &req["args"];
+    let (Some(name), Some(token)) = (args["job"].as_str(), args["token"].as_str()) else {
+        let mut conn = conn;
+        let e = RpcError::invalid("tunnel: arguments 'job' and 'token' (strings) are required");
+        let _ = writeln!(conn, "{}", serde_json::json!({ "id": req["id"], "error": e.to_json() }));
+        return;
+    };
+    match serve_destination(registry, name, token, &req["id"], conn, pending) {
+        Ok(t) => {
+            let name = name.to_string();
+            let _ = std::thread::Builder::new().name("tunnel-dst".into()).spawn(move || {
+                let end = t.wait(Duration::from_secs(86_400));
+                tracing::info!(vm = %name, forward = t.forward_bytes(), back = t.backward_bytes(), end = ?end, "tunnel ended");
+            });
+        }
+        Err(e) => tracing::warn!(vm = name, error = %e, "tunnel refused"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
