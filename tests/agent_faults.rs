@@ -42,7 +42,7 @@ fn one_fault_per_phase_leaves_one_running_copy() {
 
     // 1. The destination refuses in Prepare3, its incoming VM already started: killed, forgotten.
     arm(&b, "fail-at prepare");
-    let r = migrate(&dir, "g", &a, &b, &["--live"]);
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--bandwidth", "1024"]);
     one_line_error("prepare refusal", r.status.code(), &r.stderr, &["qmig: migrate: prepare3 failed:", "x-fault"]);
     one_copy(&dir, "g", &a, &b);
     count = counted_past(&dir, &a, "g", count);
@@ -60,11 +60,12 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     count = counted_past(&dir, &a, "g", count);
     assert_eq!(a.job_record("g").expect("source job")["phase"], "confirm3_cancelled");
 
+    // (A VM keeps the max-bandwidth of its last migration: the next ones give their own.)
     // 3. The source agent dies right after Perform3 completed: the client cancels Finish3
     //    (the destination kills its VM); the restarted source agent finds its job in
     //    perform3_done, asks the destination (it did not take over) and resumes the VM.
     arm(&a, "exit-at perform3_done");
-    let r = migrate(&dir, "g", &a, &b, &["--live"]);
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--bandwidth", "1024"]);
     one_line_error("source agent died", r.status.code(), &r.stderr, &["qmig: migrate: perform3 failed:"]);
     a.restart();
     let job = a.job_record("g").expect("source job");
@@ -79,7 +80,7 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     //    (cancelled) resumes the source; the restarted destination agent finds its job
     //    in prepare and kills the incoming VM.
     arm(&b, "exit-at finish3");
-    let r = migrate(&dir, "g", &a, &b, &["--live"]);
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--bandwidth", "1024"]);
     one_line_error("destination agent died", r.status.code(), &r.stderr, &["qmig: migrate: finish3 failed:"]);
     assert!(b.state_dir.join("vms/g").exists(), "the incoming VM outlived its agent");
     b.restart();
