@@ -257,10 +257,13 @@ fn migrate(name: &str, from: &str, to: &str, flags: &MigrateFlags, cancel: &Canc
             .map_err(|e| fail("migrate", e))?
     };
     let result = if flags.p2p {
-        connect("migrate", from).and_then(|mut c| {
-            c.set_timeout(None).map_err(|e| fail("migrate", e))?;
-            c.call("migrate", json!({ "name": name, "to": to, "flags": flags })).map_err(|e| fail("migrate", e.desc))
-        })
+        Client::connect(from, CONNECT_TIMEOUT).map_err(|e| fail("migrate", format!("begin3 failed: {e}"))).and_then(
+            |mut c| {
+                c.set_timeout(None).map_err(|e| fail("migrate", e))?;
+                c.call("migrate", json!({ "name": name, "to": to, "flags": flags }))
+                    .map_err(|e| fail("migrate", e.desc))
+            },
+        )
     } else {
         let src = Client::connect(from, CONNECT_TIMEOUT).map_err(|e| fail("migrate", format!("begin3 failed: {e}")));
         let dst = Client::connect(to, CONNECT_TIMEOUT).map_err(|e| fail("migrate", format!("begin3 failed: {e}")));

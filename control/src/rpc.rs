@@ -373,6 +373,26 @@ mod tests {
     }
 
     #[test]
+    fn overlong_line_closes_the_connection() {
+        let (l, addr) = listen("tcp:127.0.0.1:0").expect("listen");
+        std::thread::spawn(move || serve(l, Arc::new(Echo)));
+        let mut raw = TcpStream::connect(tcp_address(&addr).expect("addr")).expect("raw");
+        raw.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let chunk = vec![b'x'; 1 << 20];
+        // The server stops reading after MAX_LINE bytes; a write may then fail: either way it closes.
+        for _ in 0..=(MAX_LINE >> 20) {
+            if raw.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut buf = Vec::new();
+        match raw.read_to_end(&mut buf) {
+            Ok(_) => assert!(buf.is_empty(), "no reply to an over-long line"),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+
+    #[test]
     fn addresses() {
         assert_eq!(tcp_address("tcp:127.0.0.1:4444").expect("v4"), "127.0.0.1:4444");
         assert_eq!(tcp_address("tcp:[::1]:1").expect("v6"), "[::1]:1");
