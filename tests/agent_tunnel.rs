@@ -108,6 +108,9 @@ fn cancel_ends_a_tunnelled_migration_on_a_full_pipe() {
         last = now;
         assert!(t0.elapsed() < Duration::from_secs(120), "the pipe never filled ({now} bytes sent)");
     }
+    // The relay carried the stream so far (jobinfo's tunnel byte counts).
+    let j = a.call("jobinfo", json!({"name": "g2"})).expect("jobinfo");
+    assert!(j["tunnel"]["forward-bytes"].as_u64().is_some_and(|n| n > 0), "{j}");
     // Full: nothing moves. Cancel: the tunnel closes first, then the VM's migrate_cancel.
     let t1 = Instant::now();
     run_ok(&dir, &["migrate-cancel", "g2", "--on", &a.addr]);

@@ -13,6 +13,7 @@
 //! - `confirm3 {name, cookie, cancelled}` -> `{}` (source);
 //! - `migrate {name, to, flags}`: the p2p shape, this agent driving the one at `to`;
 //! - `migrate-setspeed {name, bandwidth}`, `migrate-cancel {name}`, `jobinfo {name}`.
+//! - `tunnel {job, token}`: a tunnelled migration's data connection ([`crate::tunnel`]).
 
 use crate::cookie::Cookie;
 use crate::host::{parse_uuid, random_uuid, HostInfo};
@@ -757,10 +758,15 @@ impl Agent {
             Ok(vm) if live => vm.execute("query-migrate", None).ok().or(r.statistics.clone()),
             _ => r.statistics.clone(),
         };
-        Ok(json!({
+        let mut info = json!({
             "name": r.name, "role": r.role, "phase": r.phase, "finished": r.finished, "error": r.error,
             "flags": r.flags, "statistics": stats, "events": r.events,
-        }))
+        });
+        // A tunnelled job's relay: the bytes it carried each way so far.
+        if let Some(t) = self.tunnels.get(name) {
+            info["tunnel"] = json!({ "forward-bytes": t.forward_bytes(), "backward-bytes": t.backward_bytes() });
+        }
+        Ok(info)
     }
 }
 
