@@ -7,6 +7,8 @@
 //! - the destination VM is killed during Perform3;
 //! - the source agent dies right after Perform3 (`perform3_done` recorded) and is
 //!   restarted: recovery asks the destination, which gave up, and resumes the VM;
+//! - the same in the p2p shape: the restarted source agent finds the destination still
+//!   waiting, cancels it (Finish3, cancelled: it kills its VM) and resumes the VM;
 //! - the destination agent dies before Finish3 and is restarted: recovery kills its
 //!   incoming VM (phase `prepare`), the source having resumed in Confirm3.
 //!
@@ -87,6 +89,19 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     let job = b.job_record("g").expect("destination job");
     assert_eq!((job["phase"].as_str(), job["finished"].as_bool()), (Some("prepare"), Some(true)), "{job}");
     assert!(job["error"].as_str().is_some_and(|e| e.contains("incoming VM was killed")), "{job}");
+    one_copy(&dir, "g", &a, &b);
+    count = counted_past(&dir, &a, "g", count);
+
+    // 3'. The same in the p2p shape: the source agent drove the destination, so nobody
+    //     tells the destination to give up; the restarted source agent finds it still
+    //     waiting in prepare, sends it Finish3 (cancelled), which kills its VM, and resumes.
+    arm(&a, "exit-at perform3_done");
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--p2p", "--bandwidth", "1024"]);
+    one_line_error("p2p source agent died", r.status.code(), &r.stderr, &["qmig: migrate:"]);
+    assert_eq!(b.job_record("g").expect("destination job")["finished"], false, "the destination still waits");
+    a.restart();
+    let job = b.job_record("g").expect("destination job");
+    assert_eq!((job["phase"].as_str(), job["finished"].as_bool()), (Some("finish3"), Some(true)), "{job}");
     one_copy(&dir, "g", &a, &b);
     counted_past(&dir, &a, "g", count);
 }

@@ -377,9 +377,8 @@ pub fn run_source(
     let vm = endpoint.accept(tunnel, timeout)?;
     let vm = Sock::Unix(vm);
     tunnel.watch(&vm).map_err(|e| RpcError::system("tunnel", e))?;
-    let r = open_data_connection(tunnel, peer, name, token, timeout);
-    match r {
-        Ok((conn, pending)) => tunnel.relay(vm, vec![], conn).map(|()| drop(pending)),
+    match open_data_connection(tunnel, peer, name, token, timeout) {
+        Ok(conn) => tunnel.relay(vm, vec![], conn),
         Err(e) => {
             let _ = vm.shutdown(Shutdown::Both);
             Err(e)
@@ -387,15 +386,15 @@ pub fn run_source(
     }
 }
 
-/// Opens the data connection to the destination agent: the `tunnel` request line, its
-/// answer; returns the connection and bytes read past the answer (none expected).
+/// Opens the data connection to the destination agent: the `tunnel` request line and
+/// its answer, read byte by byte so that no stream byte after it is taken.
 fn open_data_connection(
     tunnel: &Tunnel,
     peer: &str,
     name: &str,
     token: &str,
     timeout: Duration,
-) -> Result<(Sock, Vec<u8>), RpcError> {
+) -> Result<Sock, RpcError> {
     let addr = crate::rpc::tcp_address(peer)?;
     let lost = |e: &dyn std::fmt::Display| RpcError::system(format!("tunnel to the agent at {peer}"), e);
     use std::net::ToSocketAddrs;
@@ -429,7 +428,7 @@ fn open_data_connection(
             .unwrap_or_else(|_| RpcError::new(ErrorClass::InternalError, err.to_string()));
         return Err(e.context(format!("the agent at {peer} refused the tunnel")));
     }
-    Ok((sock, vec![]))
+    Ok(sock)
 }
 
 /// Destination side: the connection `conn` asked for job `name`'s tunnel with
