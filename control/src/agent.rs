@@ -208,7 +208,7 @@ impl Agent {
         }
     }
 
-    /// Hook: runs before `migrate-cancel` asks the VM to cancel (a tunnel would be closed here first).
+    /// Hook: runs before `migrate-cancel` asks the VM to cancel: closes the job's tunnel, if any, first.
     fn before_cancel(&self, job: &Job) {
         let name = job.record().name;
         if self.tunnels.close(&name) {
