@@ -278,7 +278,10 @@ pub fn dest(
         let ch = listener.accept().map_err(Error::transport)?;
         // Autostart: in postcopy the guest runs from POSTCOPY_RUN on, faulting in its pages.
         let opts = engine::postcopy_dest::PostcopyOptions::default();
-        minivmm::migrate::migrate_in_postcopy(&mut vm, ch, true, opts).map_err(Error::incoming)?
+        // A migration that completes in pre-copy leaves the guest stopped, so that its RAM
+        // digest and counters below are the guest at stop; it is resumed after them.
+        let incoming = engine::incoming::Incoming::new(true).with_postcopy(opts).hold_after_precopy();
+        minivmm::migrate::migrate_in_postcopy_with(&mut vm, ch, incoming).map_err(Error::incoming)?
     } else {
         let ch = listener.accept().map_err(Error::transport)?;
         minivmm::migrate::migrate_in(&mut vm, ch, false).map_err(Error::incoming)?

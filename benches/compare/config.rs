@@ -9,6 +9,8 @@ pub(crate) enum Fill {
     Zero,
     /// One page in four random, the others zero.
     Mixed25,
+    /// Words of a 64-word vocabulary (the testdata's `text` pattern): compressible.
+    Text,
 }
 
 impl Fill {
@@ -17,7 +19,8 @@ impl Fill {
             "random" => Fill::Random,
             "zero" => Fill::Zero,
             "mixed25" | "25" => Fill::Mixed25,
-            _ => panic!("unknown fill '{s}' (expected random, zero or mixed25)"),
+            "text" => Fill::Text,
+            _ => panic!("unknown fill '{s}' (expected random, zero, mixed25 or text)"),
         }
     }
 
@@ -26,6 +29,7 @@ impl Fill {
             Fill::Random => "random",
             Fill::Zero => "zero",
             Fill::Mixed25 => "25% random",
+            Fill::Text => "text",
         }
     }
 
@@ -34,6 +38,7 @@ impl Fill {
             Fill::Random => Pattern::Random,
             Fill::Zero => Pattern::Zero,
             Fill::Mixed25 => Pattern::Mixed { every: 4 },
+            Fill::Text => Pattern::Text,
         }
     }
 }
@@ -201,6 +206,12 @@ pub(crate) struct Config {
     pub(crate) live: bool,
     /// Multifd settings, each a set of rows (`off` the plain ones).
     pub(crate) multifd: Vec<Multifd>,
+    /// Run the postcopy rows (issue 10).
+    pub(crate) postcopy: bool,
+    /// Guest RAM of the postcopy rows.
+    pub(crate) postcopy_size: u64,
+    /// Run the XBZRLE live rows (issue 11).
+    pub(crate) xbzrle: bool,
     /// Multifd rows for every fill and wire (`--multifd` given); by default only
     /// for random images over unix, so a full run stays short.
     pub(crate) multifd_everywhere: bool,
@@ -252,7 +263,7 @@ impl Config {
             None => vec![1 << 30, 4 << 30],
         };
         let fills = arg("fills").map_or_else(
-            || vec![Fill::Random, Fill::Zero, Fill::Mixed25],
+            || vec![Fill::Random, Fill::Zero, Fill::Mixed25, Fill::Text],
             |v| list(&v).into_iter().map(Fill::parse).collect(),
         );
         let kinds =
@@ -261,7 +272,7 @@ impl Config {
             .map_or_else(|| vec![Wire::Unix, Wire::Tcp], |v| list(&v).into_iter().map(Wire::parse).collect());
         let dests =
             arg("dests").map_or_else(|| Dest::ALL.to_vec(), |v| list(&v).into_iter().map(Dest::parse).collect());
-        let runs = arg("runs").map_or(if quick { 1 } else { 3 }, |v| {
+        let runs = arg("runs").map_or(if quick { 1 } else { 5 }, |v| {
             v.parse::<usize>().unwrap_or_else(|_| panic!("--runs={v}: not a number")).max(1)
         });
         let verify = match arg("verify").as_deref() {
@@ -288,6 +299,9 @@ impl Config {
             runs,
             limits: arg("limits").map(|v| on(&v)).unwrap_or(true),
             live: arg("live").map(|v| on(&v)).unwrap_or(true),
+            postcopy: arg("postcopy").map(|v| on(&v)).unwrap_or(true),
+            postcopy_size: arg("postcopy-size").map_or(if quick { 64 * MIB } else { 1 << 30 }, |v| parse_size(&v)),
+            xbzrle: arg("xbzrle").map(|v| on(&v)).unwrap_or(true),
             multifd_everywhere: arg("multifd").is_some(),
             // Full runs add multifd rows (2 and 4 channels, none and zstd); a smoke run only when asked.
             multifd: arg("multifd").map_or_else(

@@ -1,7 +1,8 @@
 //! qmig against QEMU 7.2 on this machine: one command, one table with ratios.
 //!
 //! For each guest RAM image (sizes × fills: every page random, every page zero,
-//! one page in four random and the rest zero) the same file in `/dev/shm` is
+//! one page in four random and the rest zero, `text`: the testdata's compressible
+//! word pattern) the same file in `/dev/shm` is
 //! migrated, `runs` times per case, cases interleaved within each run so that
 //! load from elsewhere hits them alike:
 //!
@@ -54,14 +55,15 @@
 //! (`CARGO_BIN_EXE_qmig`: `target/release/qmig` under `cargo bench`, built with
 //! the bench profile, i.e. release plus debug info), or `QMIG_COMPARE_QMIG`.
 //!
-//! Run: `cargo bench --bench compare` (1 and 4 GiB, 3 runs: about 9 minutes),
+//! Run: `cargo bench --bench compare` (the whole default matrix, 1 and 4 GiB, 5 runs:
+//! well over an hour on this machine; pick rows with the options below),
 //! then read the table on stdout or `target/compare.json`. Options, as
 //! arguments after `--` or environment variables:
 //!
 //! - `--quick` / `QMIG_COMPARE_QUICK=1`: a smoke run (64 MiB images, 1 run,
 //!   256 MiB limits); also the default when run without `--bench` (`cargo test --benches`);
 //! - `--sizes=1G,4G` / `QMIG_COMPARE_SIZES` (suffix K, M or G);
-//! - `--fills=random,zero,mixed25` / `QMIG_COMPARE_FILLS`;
+//! - `--fills=random,zero,mixed25,text` / `QMIG_COMPARE_FILLS`;
 //! - `--cases=qemu-qemu,qmig-qmig,qemu-qmig,qmig-qemu` / `QMIG_COMPARE_CASES`;
 //! - `--wires=unix,tcp` / `QMIG_COMPARE_WIRES`;
 //! - `--dests=fresh,sparse,prealloc` / `QMIG_COMPARE_DESTS`: the destination RAM
@@ -69,7 +71,7 @@
 //!   all-holes file (`sparse`, `truncate -s`), or memory already populated
 //!   (`prealloc`: every page written before `qmig recv` starts; a QEMU destination
 //!   gets `prealloc=on` on its memory backend and populates it at startup);
-//! - `--runs=3` / `QMIG_COMPARE_RUNS`;
+//! - `--runs=5` / `QMIG_COMPARE_RUNS`;
 //! - `--limits=1` / `QMIG_COMPARE_LIMITS` (0 skips the physical limits);
 //! - `--verify=first|all|none` / `QMIG_COMPARE_VERIFY`;
 //! - `--json=PATH` / `QMIG_COMPARE_JSON` (default `compare.json` in the target dir,
@@ -80,6 +82,14 @@
 //!   rows compared with QEMU → QEMU with the same settings (issue 11). Given, they
 //!   apply to every image and wire; by default a full run has these five on the
 //!   random images over unix only, a quick run none.
+//!
+//! - `--postcopy=1` / `QMIG_COMPARE_POSTCOPY` (0 skips them) and `--postcopy-size=1G`
+//!   (64 MiB in a quick run): the postcopy rows of issue 10 ([`postcopy_rows`]):
+//!   QEMU → QEMU and qmig → qmig postcopy of one random image, postcopy started right
+//!   away; qmig's per-request latency (`recv --postcopy-touch`, `kvm-dest`) and QEMU's
+//!   `postcopy-blocktime` of a q35 + KVM guest running `busy-bios.bin`;
+//! - `--xbzrle=1` / `QMIG_COMPARE_XBZRLE`: the XBZRLE live rows ([`xbzrle_rows`]): bytes
+//!   on the wire of a KVM guest rewriting 128 pages, QEMU 7.2 and qmig.
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB
@@ -103,15 +113,19 @@ mod config;
 mod cpu;
 mod limits;
 mod live;
+mod postcopy;
 mod processes;
 mod report;
+mod xbzrle;
 
 use config::*;
 use cpu::*;
 use limits::*;
 use live::*;
+use postcopy::*;
 use processes::*;
 use report::*;
+use xbzrle::*;
 
 pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 pub(crate) const MIB: u64 = 1 << 20;
@@ -160,6 +174,8 @@ fn main() {
 
     let rows = run_cases(&cfg, &dir);
     let live = live_rows(&cfg);
+    let postcopy = postcopy_rows(&cfg, &dir);
+    let xbzrle = xbzrle_rows(&cfg, &dir);
 
     println!();
     println!("load average at start: {load_start}; at end: {}", loadavg());
@@ -167,10 +183,14 @@ fn main() {
     if !live.is_empty() {
         print_live(&live);
     }
+    print_postcopy(&postcopy);
+    print_xbzrle(&xbzrle);
     let goals = goals(&rows, &limits);
     print_goals(&goals);
 
-    let doc = document(&cfg, started, &load_start, &limits, &rows, &live, goals);
+    let mut doc = document(&cfg, started, &load_start, &limits, &rows, &live, goals);
+    doc["postcopy"] = postcopy.iter().map(PostcopyRow::to_json).collect();
+    doc["xbzrle"] = xbzrle.iter().map(XbzrleRow::to_json).collect();
     if let Some(parent) = cfg.json.parent() {
         let _ = fs::create_dir_all(parent);
     }

@@ -379,6 +379,17 @@ pub(crate) fn qmig_recv(
     dst: &Path,
     (wire, multifd): (Wire, Multifd),
 ) -> Result<(QmigProc, String), String> {
+    qmig_recv_with(cfg, dir, dst, (wire, multifd), &[])
+}
+
+/// [`qmig_recv`] with `extra` arguments (e.g. `--postcopy`).
+pub(crate) fn qmig_recv_with(
+    cfg: &Config,
+    dir: &Path,
+    dst: &Path,
+    (wire, multifd): (Wire, Multifd),
+    extra: &[String],
+) -> Result<(QmigProc, String), String> {
     let from = match wire {
         Wire::Unix => format!("unix:{}", dir.join("mig.sock").display()),
         Wire::Tcp => "tcp:127.0.0.1:0".to_string(),
@@ -386,6 +397,7 @@ pub(crate) fn qmig_recv(
     let ram = format!("mem={}", dst.display());
     let mut args = vec!["recv".to_string(), "--ram".into(), ram, "--from".into(), from];
     args.extend(qmig_multifd_args(multifd));
+    args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = QmigProc::spawn(cfg, dir, "recv", &args);
     let uri = p.listening()?;

@@ -203,7 +203,7 @@ pub(crate) fn goals(rows: &[Row], limits: &[Limit]) -> Vec<Value> {
                     add("qmig→qmig / QEMU→QEMU speed (zero)".into(), x, 5.0);
                 }
             }
-            Fill::Mixed25 => {}
+            Fill::Mixed25 | Fill::Text => {}
         }
         if let Some(q) = q {
             // CPU per GiB lower than QEMU's: the ratio QEMU/qmig must exceed 1.

@@ -358,12 +358,23 @@ pub struct Incoming {
     pub autostart: bool,
     /// Capability `postcopy-ram` on this side (`None`: off, POSTCOPY_ADVISE is refused).
     pub postcopy: Option<PostcopyOptions>,
+    /// With `autostart`, still leave the guest stopped when the migration completes
+    /// in pre-copy (postcopy never started), for a caller that checks RAM at stop first.
+    pub hold_after_precopy: bool,
 }
 
 impl Incoming {
     /// An incoming migration in state `none`.
     pub fn new(autostart: bool) -> Self {
-        Incoming { state: StateMachine::new(Role::Destination), autostart, postcopy: None }
+        Incoming { state: StateMachine::new(Role::Destination), autostart, postcopy: None, hold_after_precopy: false }
+    }
+
+    /// Leave the guest stopped if the source completes in pre-copy, whatever `autostart`
+    /// says (a postcopy destination that must run its guest at RUN but wants to check RAM
+    /// at stop otherwise); [`IncomingReport::resumed`] tells the caller to resume it.
+    pub fn hold_after_precopy(mut self) -> Self {
+        self.hold_after_precopy = true;
+        self
     }
 
     /// Turn capability `postcopy-ram` on for this destination (see [`Incoming::run_postcopy`]).
@@ -627,7 +638,7 @@ impl Incoming {
         for b in vm.blocks.iter_mut() {
             b.invalidate_cache().map_err(|e| e.on(VmmPart::Block { name: b.name(), op: "invalidate cache" }))?;
         }
-        if self.autostart && report.runstate.as_deref().is_none_or(|r| r == "running") {
+        if self.autostart && !self.hold_after_precopy && report.runstate.as_deref().is_none_or(|r| r == "running") {
             vcpus.resume().map_err(|e| e.on(VmmPart::Vcpu("resume")))?;
             report.resumed = true;
         }

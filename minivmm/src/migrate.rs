@@ -105,11 +105,17 @@ pub fn migrate_in_postcopy(
     autostart: bool,
     options: PostcopyOptions,
 ) -> Result<IncomingReport, IncomingError> {
+    migrate_in_postcopy_with(vm, ch, Incoming::new(autostart).with_postcopy(options))
+}
+
+/// [`migrate_in_postcopy`] with an [`Incoming`] set up by the caller (e.g.
+/// [`Incoming::hold_after_precopy`]); it must have postcopy on.
+pub fn migrate_in_postcopy_with(vm: &mut Vm, ch: Channel, incoming: Incoming) -> Result<IncomingReport, IncomingError> {
     let mut vcpus = vm.vcpus();
     let mut cpus = vm.cpu_devices();
     let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
     let mut parts = VmParts { devices, ..Default::default() };
     let open = channel_return_path(&ch);
     let reader = MigrationReader::new(ch, RateLimit::new(0));
-    Incoming::new(autostart).with_postcopy(options).run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+    incoming.run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
 }
