@@ -43,6 +43,15 @@ pub enum Error {
         /// What is left (`destination incomplete: ...`).
         note: String,
     },
+    /// A control-plane command (`agent`, `define`, `migrate`, ...) failed; printed
+    /// `qmig: COMMAND: MESSAGE` (for `migrate`, MESSAGE names the phase).
+    #[error("{command}: {message}")]
+    Control {
+        /// The command.
+        command: &'static str,
+        /// What failed and why.
+        message: String,
+    },
     /// A migration (`send`, `recv`, `demo`, `kvm-dest`) failed; printed as who
     /// caused it (`local`, `peer`, `VMM`), then the engine's error and its causes.
     #[error("{origin}")]

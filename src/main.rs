@@ -1,5 +1,6 @@
 //! The `qmig` command line.
 
+mod agent_cli;
 mod demo;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 mod kvm_demo;
@@ -278,6 +279,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_uuid)]
         uuid: Option<String>,
     },
+    #[command(flatten)]
+    Control(agent_cli::ControlCmd),
     /// Receive a migration from a source URI into RAM files; exit 0 only on a complete, checked stream.
     Recv {
         /// RAM block NAME goes to file PATH (created if missing, else its length must match). Repeatable.
@@ -382,7 +385,7 @@ fn save_stats(path: Option<&std::path::Path>, stats: &serde_json::Value) -> qmig
 }
 
 /// `1G`, `64M`, `4096`, `512K`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mul) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
@@ -601,7 +604,7 @@ fn vm_command(_: &str, _: Option<String>, _: bool, _: GuestShape, _: &transports
 }
 
 /// Progress bars and human lines go to a terminal only; a pipe gets the JSON line alone.
-fn stdout_is_terminal() -> bool {
+pub(crate) fn stdout_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal()
 }
@@ -666,7 +669,7 @@ fn human_line(s: &serde_json::Value) -> String {
     line
 }
 
-fn print_line(v: &serde_json::Value) {
+pub(crate) fn print_line(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
@@ -915,6 +918,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             let st = qmig::recv::recv_opts(&ram, &from, cancel, on_listening, &opts)?;
             write_stats(stats_json.as_deref(), &st.to_json())?;
         }
+        Cmd::Control(c) => agent_cli::run(c, cancel)?,
     }
     Ok(())
 }
@@ -1002,6 +1006,11 @@ fn main() -> ExitCode {
                 };
                 eprintln!("qmig: cancelled by {name}; the migration did not complete");
                 return ExitCode::from(if sig == 15 { 143 } else { 130 });
+            }
+            if let qmig::Error::Control { .. } = e {
+                // `qmig: migrate: perform3 failed: ...`: the command, then what failed.
+                eprintln!("qmig: {e}");
+                return ExitCode::from(1);
             }
             eprintln!("qmig: error: {}", e.report());
             ExitCode::from(1)

@@ -3,7 +3,7 @@
 //!
 //! - [`synthetic`]: a guest of writer threads dirtying its RAM at a set rate.
 //! - [`pattern`]: the deterministic guest RAM fill patterns of the QEMU 7.2 test data.
-//! - [`qemu`]: a QMP client and `qemu-system-x86_64` launcher.
+//! - [`qemu`]: a `qemu-system-x86_64` launcher over `qmig-control`'s QMP client (re-exported there).
 //! - [`state`]: [`check_sequence`](state::check_sequence) over state notifications.
 //! - [`alloc_guard`]: a counting global allocator that aborts on runaway allocations.
 //! - `netfault` (Linux): network namespaces joined by a veth pair (rate, cut) and a fault-injecting TCP proxy.

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use testkit::qemu::qemu_binary;
 
+pub mod agent_ops;
+pub mod agents;
+
 /// Returns the QEMU binary, or `None` after printing the skip line.
 ///
 /// Panics when QEMU is missing and the environment variable `CI` is `true`:
