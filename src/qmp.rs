@@ -681,4 +681,73 @@ mod tests {
         assert_eq!(line(&mut r), json!({"return": {}, "id": 1}));
         assert!(writer.join().is_ok_and(|w| w.is_ok()));
     }
+
+    /// A negotiated client on `events` (greeting and reply read).
+    fn negotiated(events: &Events) -> (UnixStream, BufReader<UnixStream>) {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let ev = events.clone();
+        std::thread::spawn(move || serve_client(b, &Echo, &ev));
+        let mut r = BufReader::new(a.try_clone().expect("clone"));
+        line(&mut r);
+        let mut w = a;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").expect("write");
+        assert_eq!(line(&mut r), json!({"return": {}}));
+        (w, r)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_disconnected_and_others_go_on() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let events = Events::default();
+        let (_w_slow, mut slow) = negotiated(&events);
+        let (w_fast, mut fast) = negotiated(&events);
+        assert_eq!(events.clients(), 2);
+        let read = Arc::new(AtomicUsize::new(0));
+        let r = read.clone();
+        let reader = std::thread::spawn(move || {
+            let mut l = String::new();
+            while fast.read_line(&mut l).is_ok_and(|k| k > 0) {
+                if l.contains("\"TEST\"") {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+                l.clear();
+            }
+        });
+        let data = json!({ "pad": "x".repeat(1024) });
+        // The queue plus what the socket buffers: far fewer than this many events.
+        // In batches, each read by the reading client before the next (it must not
+        // fall behind on a loaded machine: only the client that never reads is cut).
+        let limit = 200_000;
+        let mut emitted = 0;
+        while events.clients() == 2 && emitted < limit {
+            for _ in 0..64 {
+                events.emit("TEST", Some(data.clone()));
+                emitted += 1;
+            }
+            let t0 = std::time::Instant::now();
+            while read.load(Ordering::SeqCst) < emitted && t0.elapsed() < std::time::Duration::from_secs(30) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        assert_eq!(events.clients(), 1, "the slow client is still served after {emitted} events");
+        assert_eq!(read.load(Ordering::SeqCst), emitted, "the reading client got every event");
+        println!("slow client disconnected after {emitted} events");
+        // The slow client finds its stream ended (after what was already written).
+        let mut l = String::new();
+        let mut drained = 0;
+        while slow.read_line(&mut l).is_ok_and(|k| k > 0) {
+            drained += 1;
+            l.clear();
+        }
+        assert!(drained < emitted, "{drained} of {emitted}");
+        // The reading client is still connected and served.
+        events.emit("TEST", None);
+        let t0 = std::time::Instant::now();
+        while read.load(Ordering::SeqCst) <= emitted && t0.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(read.load(Ordering::SeqCst), emitted + 1);
+        let _ = w_fast.shutdown(std::net::Shutdown::Both);
+        reader.join().expect("reader");
+    }
 }
