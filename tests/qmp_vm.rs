@@ -723,3 +723,84 @@ fn qmp_getfd_and_fd_migration_match_qemu() {
     let g = exec(d.qmp(), "x-qmig-query-guest", None);
     assert!(g.to_string().contains("checksum_ok"), "{g}");
 }
+
+/// A `qmig vm` -> `qmig vm` postcopy migration held in `postcopy-active` (1 MiB/s
+/// for 64 MiB of RAM), then the `victim` side SIGKILLed; returns the survivor's
+/// first `query-migrate` reply that is no longer active, how long after the kill
+/// it came, and the survivor's run state then.
+fn postcopy_then_kill(dir: &TestDir, tag: &str, kill_source: bool) -> (Value, Duration, String) {
+    let mut s = QmigVm::start(dir, &format!("{tag}-src"), &[]);
+    let mut d = QmigVm::start(dir, &format!("{tag}-dst"), &["--incoming", "defer"]);
+    let uri = format!("unix:{}", dir.join(&format!("{tag}.sock")).display());
+    for q in [s.qmp(), d.qmp()] {
+        q.set_capabilities(&[("events", true), ("postcopy-ram", true)]).expect("capabilities");
+    }
+    let slow = json!({ "max-bandwidth": 1u64 << 20, "max-postcopy-bandwidth": 1u64 << 20 });
+    exec(s.qmp(), "migrate-set-parameters", Some(slow));
+    exec(s.qmp(), "cont", None);
+    exec(d.qmp(), "migrate-incoming", u(&uri));
+    exec(s.qmp(), "migrate", u(&uri));
+    exec(s.qmp(), "migrate-start-postcopy", None);
+    poll_until(s.qmp(), "source postcopy", |st| st == "postcopy-active" || testkit::qemu::is_terminal_status(st));
+    poll_until(d.qmp(), "destination postcopy", |st| st == "postcopy-active" || st == "failed");
+    assert_eq!(status_of(&exec(s.qmp(), "query-migrate", None)), "postcopy-active");
+    let (victim, survivor) = if kill_source { (&mut s, &mut d) } else { (&mut d, &mut s) };
+    victim.child.kill().expect("SIGKILL");
+    let killed = Instant::now();
+    let _ = victim.child.wait();
+    let survivor_name = if kill_source { format!("{tag}-dst") } else { format!("{tag}-src") };
+    let end = loop {
+        // A destination whose load failed ends (status 1, as QEMU's does): then its
+        // exit and its last stderr line are the answer.
+        let r = match survivor.qmp().execute("query-migrate", None) {
+            Ok(r) => r,
+            Err(e) => {
+                let code = survivor.wait_exit().and_then(|s| s.code());
+                let took = killed.elapsed();
+                let err = std::fs::read_to_string(dir.join(&format!("{survivor_name}.stderr"))).unwrap_or_default();
+                let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                let v = json!({ "exit-code": code, "stderr": last, "qmp": e.to_string() });
+                return (v, took, "exited".into());
+            }
+        };
+        if !matches!(status_of(&r), "postcopy-active" | "active" | "device") {
+            break r;
+        }
+        assert!(killed.elapsed() < T, "still {r} {T:?} after the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = killed.elapsed();
+    (end, took, run_state(survivor.qmp()))
+}
+
+/// Issue 10 test 6 on the KVM path (`qmig vm`, the guest running on KVM and
+/// faulting its pages in on the destination): either side SIGKILLed in postcopy,
+/// the survivor reaches `failed` promptly with a clear reason. The source's guest
+/// cannot resume (its newest pages are on the dead destination): it stays stopped
+/// and says so. (QEMU 7.2 goes to `postcopy-paused` for a later `migrate
+/// -resume`; qmig has no postcopy recovery and fails.)
+#[test]
+fn qmig_vm_sigkilled_in_postcopy_fails_the_other_side_promptly() {
+    if !testkit::kvm_or_skip("qmig_vm_sigkilled_in_postcopy_fails_the_other_side_promptly") {
+        return;
+    }
+    let dir = TestDir::new("qmp-vm-postcopy-kill");
+    let (end, took, state) = postcopy_then_kill(&dir, "kd", false);
+    println!("destination killed: source {end} after {took:?}, run state {state}");
+    assert_eq!(status_of(&end), "failed", "{end}");
+    let why = end["error-desc"].as_str().unwrap_or("");
+    assert!(why.contains("postcopy") && why.contains("stays stopped"), "{end}");
+    assert_ne!(state, "running", "the source's guest must not run on without its newest pages");
+    assert!(took < Duration::from_secs(5), "the source took {took:?} to fail");
+
+    let (end, took, state) = postcopy_then_kill(&dir, "ks", true);
+    println!("source killed: destination {end} after {took:?}, run state {state}");
+    // The destination either reports `failed` over QMP or ends with status 1 saying why.
+    if state == "exited" {
+        assert_eq!(end["exit-code"], 1, "{end}");
+        assert!(end["stderr"].as_str().is_some_and(|l| l.contains("postcopy")), "{end}");
+    } else {
+        assert_eq!(status_of(&end), "failed", "{end}");
+    }
+    assert!(took < Duration::from_secs(5), "the destination took {took:?} to fail");
+}
