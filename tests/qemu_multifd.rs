@@ -26,6 +26,21 @@ const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;
 const GUEST: Pattern = Pattern::Mixed { every: 3 };
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// QEMU 7.2's multifd packet header for 4 KiB pages (64 fixed bytes, the block
+/// name, 128 offset slots): `multifd-bytes` counts it per packet, plus the pages.
+const PACKET_HEADER: u64 = 64 + 256 + 8 * 128;
+
+/// `ram.multifd-bytes` as QEMU 7.2 counts it for `normal` non-zero pages: every
+/// page's 4 KiB (uncompressed, whatever the compression) plus one header per
+/// packet (at least one per 128 pages; partial packets and SYNCs add some).
+fn check_multifd_bytes(who: &str, info: &Value, normal: u64) {
+    let got = info["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+    let data = normal * PAGE_SIZE as u64;
+    let (lo, hi) = (data + normal.div_ceil(128) * PACKET_HEADER, data + (normal / 64 + 64) * PACKET_HEADER);
+    assert!((lo..=hi).contains(&got), "{who}: multifd-bytes {got} not in {lo}..={hi} ({normal} pages): {info}");
+    println!("{who}: multifd-bytes {got} for {normal} pages ({} bytes of headers)", got - data);
+}
+
 fn set_multifd(qemu: &mut QemuProcess, channels: u8, compression: &str) {
     let q = qemu.qmp().expect("QMP");
     q.set_capabilities(&[("multifd", true)]).expect("migrate-set-capabilities multifd");
@@ -101,6 +116,7 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let stats: Value = serde_json::from_str(rest.join().expect("stdout reader").trim()).expect("stats JSON");
     let normal = pattern::nonzero_pages(GUEST, PAGES);
     assert_eq!(info["ram"]["normal"].as_u64(), Some(normal), "{name}: QEMU {info}");
+    check_multifd_bytes(&format!("{name}: QEMU source"), &info, normal);
     assert_eq!(stats["status"], "completed", "{name}: {stats}");
     // QEMU 7.2 with multifd sometimes sends a few pages of a PART twice (its `normal`
     // counts each page once): recv counts what arrived, at least every page.
@@ -136,6 +152,7 @@ fn qmig_to_qemu(channels: u8, compression: &str) {
     let stats: Value = serde_json::from_str(run.stdout.trim()).expect("send stats JSON");
     let normal = pattern::nonzero_pages(GUEST, PAGES);
     assert_eq!(stats["ram"]["normal"].as_u64(), Some(normal), "{name}: send {stats}");
+    check_multifd_bytes(&format!("{name}: qmig send"), &stats, normal);
     assert_eq!(stats["ram"]["duplicate"].as_u64(), Some(PAGES - normal), "{name}: send {stats}");
     assert_eq!(stats["return-path"], json!({"pongs": 1, "shut": 0}), "{name}: QEMU confirmed: {stats}");
     let info = qemu
