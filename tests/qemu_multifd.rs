@@ -73,7 +73,15 @@ fn wait_child(mut child: Child, what: &str) -> (std::process::ExitStatus, String
 }
 
 fn qemu_to_qmig(channels: u8, compression: &str) {
-    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}");
+    qemu_to_qmig_into(channels, compression, false);
+}
+
+/// QEMU -> `recv --multifd`; with `existing`, into a destination file already
+/// full of other data (every ZERO record must clear its page), else into a fresh
+/// one (a ZERO record costs no page: the file holds no more than the non-zero pages).
+fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
+    let over = if existing { "_over_data" } else { "" };
+    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}{over}");
     if qemu_or_skip(&name).is_none() {
         return;
     }
@@ -81,6 +89,9 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
     let ram = pattern::generate(GUEST, 0x3f0 + u64::from(channels), RAM_LEN as usize);
     fs::write(&src, &ram).expect("write source RAM");
+    if existing {
+        fs::write(&dst, pattern::generate(Pattern::Random, 0xbad0, RAM_LEN as usize)).expect("destination RAM");
+    }
     let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
     let n = channels.to_string();
     let ram_arg = format!("mem={}", utf8(&dst));
@@ -126,7 +137,20 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let qemu_stderr = qemu.stderr();
     qemu.quit(Duration::from_secs(5)).expect("quit QEMU");
     assert!(qemu_stderr.trim().is_empty(), "{name}: QEMU complained: {qemu_stderr}");
+    if !existing {
+        use std::os::unix::fs::MetadataExt;
+        let stored = fs::metadata(&dst).expect("destination metadata").blocks() * 512;
+        let data = normal * PAGE_SIZE as u64;
+        println!("{name}: {stored} bytes stored for {data} bytes of non-zero pages");
+        assert!(stored <= data + (1 << 20), "{name}: ZERO records cost pages: {stored} stored, {data} of data");
+    }
     assert_same_ram(&name, &fs::read(&dst).expect("read received RAM"), &ram);
+}
+
+/// A ZERO record under multifd clears a destination page that held data.
+#[test]
+fn qemu_to_qmig_multifd_over_existing_data() {
+    qemu_to_qmig_into(2, "none", true);
 }
 
 fn qmig_to_qemu(channels: u8, compression: &str) {
