@@ -757,6 +757,19 @@ impl Drop for QemuProcess {
     }
 }
 
+/// Write all of `bytes` to `sock`, the first chunk carrying `fd` (SCM_RIGHTS).
+fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    let raw = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [std::io::IoSlice::new(bytes)];
+    let n =
+        sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(std::io::Error::from)?;
+    let mut w = sock;
+    w.write_all(&bytes[n..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,17 +814,4 @@ mod tests {
         let r = QemuProcess::start(&QemuConfig::new().binary("/nonexistent/qemu"));
         assert!(matches!(r, Err(QemuError::Spawn { .. })), "{r:?}");
     }
-}
-
-/// Write all of `bytes` to `sock`, the first chunk carrying `fd` (SCM_RIGHTS).
-fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::{AsFd, AsRawFd};
-    let raw = [fd.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let iov = [std::io::IoSlice::new(bytes)];
-    let n =
-        sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(std::io::Error::from)?;
-    let mut w = sock;
-    w.write_all(&bytes[n..])
 }
