@@ -199,7 +199,59 @@ fn cancelled_multifd_migration(uri: MigrationUri) {
     guest.shutdown();
 }
 
-/// One test (this binary's only one): cancel, success and failure, each back to
+/// A postcopy source (switching at once) of a 4 MiB guest into a destination
+/// thread that decodes the stream and answers PINGs; it acknowledges the end
+/// with SHUT(0) or, with `vanish`, goes away when the guest would run there
+/// (the source fails: its guest stays stopped).
+fn postcopy_migration(uri: MigrationUri, vanish: bool) {
+    use savevm_format::{Command, Event, RpMessage};
+    const LEN: usize = 4 << 20;
+    let mut guest = SyntheticGuest::new(LEN, |p, page| page.fill(p as u8 | 1));
+    let region = guest.region("mem").expect("region");
+    let token = CancelToken::new().expect("token");
+    let listener = Listener::bind(&uri, &token).expect("listen");
+    let dst = std::thread::spawn(move || {
+        let _token = token;
+        let ch = listener.accept().expect("accept");
+        let mut rp = ch.return_path().expect("return path");
+        let mut send = |m: RpMessage| {
+            let _ = std::io::Write::write_all(&mut rp, &m.encode());
+        };
+        let mut d = Decoder::new(MigrationReader::new(ch, RateLimit::new(0)));
+        let mut mem = Mem(vec![0; LEN]);
+        while let Ok(Some(ev)) = d.next_with(&mut mem) {
+            match ev {
+                Event::Command(Command::Ping(v)) => send(RpMessage::Pong(v)),
+                Event::Command(Command::PostcopyRun) if vanish => return,
+                Event::Eof => {
+                    send(RpMessage::Shut(0));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // Until the source has read SHUT and closed its side.
+        let mut inner = d.into_inner();
+        let _ = std::io::Read::read(&mut inner, &mut [0u8; 64]);
+    });
+    let bw = if vanish { 1 << 20 } else { 0 };
+    let params = MigrationParameters { max_bandwidth: 0, max_postcopy_bandwidth: bw, ..Default::default() };
+    let caps = MigrationCapabilities { postcopy_ram: true, ..Default::default() };
+    let out = Outgoing::new(SharedParameters::new(params).expect("params"), caps)
+        .expect("outgoing")
+        .with_postcopy_after(Duration::ZERO);
+    let ch = connect(&uri, out.cancel()).expect("connect");
+    let mut vcpus = guest.vcpus();
+    let res = out.run(ch, &mut [engine::memory::RamRegion::new(&region)], &mut vcpus);
+    dst.join().expect("destination");
+    let want = if vanish { S::Failed } else { S::Completed };
+    assert_eq!(out.state().status(), want, "{:?}", res.err().map(|e| engine::error::report(&e)));
+    drop(out);
+    guest.shutdown();
+}
+
+/// One test (this binary's only one): cancel, success and failure (pre-copy,
+/// multifd, postcopy), each back to
 /// the census taken before.
 #[test]
 fn migrations_leave_no_threads_fds_or_children() {
@@ -215,4 +267,8 @@ fn migrations_leave_no_threads_fds_or_children() {
     assert_back_to(&before, "unix: destination hung up");
     cancelled_multifd_migration(MigrationUri::Unix(sock("multifd")));
     assert_back_to(&before, "unix: multifd cancelled");
+    postcopy_migration(MigrationUri::Unix(sock("postcopy")), false);
+    assert_back_to(&before, "unix: postcopy completed");
+    postcopy_migration(MigrationUri::Unix(sock("postcopy-lost")), true);
+    assert_back_to(&before, "unix: destination lost in postcopy");
 }
