@@ -247,8 +247,8 @@ fn socket_address(uri: &MigrationUri) -> Option<Value> {
 }
 
 /// `query-migrate` of a source, with QEMU 7.2's `ram` members the engine does
-/// not count (no postcopy, no multifd, no zero-copy: 0); the engine's own
-/// additions go under `x-qmig-` names.
+/// not count (no zero-copy: 0) filled in; the engine's own additions go under
+/// `x-qmig-` names.
 fn qemu_shaped(mut v: Value) -> Value {
     if let Some(o) = v.as_object_mut() {
         if let Some(rp) = o.remove("return-path") {
