@@ -8,9 +8,18 @@
 //! Input is a stream of JSON objects (any spacing, several per line or one over
 //! several lines, as QEMU's streaming parser takes them); a syntax error is
 //! answered with `JSON parse error, ...` and the rest of that line dropped.
+//!
+//! File descriptors passed with SCM_RIGHTS are kept for `getfd` (QEMU's
+//! semantics: named, replaced on the same name, closed by `closefd`), in the
+//! handler's [`Fds`]. Each client's output queue is bounded: QEMU 7.2 buffers a
+//! monitor's output without limit; a client that falls [`MAX_QUEUED_LINES`]
+//! lines behind is disconnected instead, with a warning (dropping events
+//! silently would leave it with a wrong picture of the migration).
 
 use serde_json::{json, Map, Value};
-use std::io::{Read, Write};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +27,51 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The most input one command may take before it is refused (QEMU's parser limit is 64 MiB; ours is smaller).
 pub const MAX_COMMAND_BYTES: usize = 1 << 20;
+
+/// The most lines (replies and events) queued for one client that is not
+/// reading; an event that finds the queue full disconnects the client.
+pub const MAX_QUEUED_LINES: usize = 4096;
+
+/// The most descriptors taken from one SCM_RIGHTS message (more are closed).
+const MAX_FDS_PER_MESSAGE: usize = 16;
+
+/// The most descriptors `getfd` keeps (QEMU has no limit; ours bounds what a client can pin).
+pub const MAX_NAMED_FDS: usize = 256;
+
+/// File descriptors received by `getfd`, by name (QEMU's per-monitor list);
+/// cloneable, shared by the server's clients.
+#[derive(Clone, Default)]
+pub struct Fds(Arc<Mutex<HashMap<String, OwnedFd>>>);
+
+impl Fds {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, OwnedFd>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keep `fd` as `name`, closing the one that had the name (QEMU's `getfd`).
+    pub fn insert(&self, name: &str, fd: OwnedFd) -> Result<(), QmpError> {
+        let mut m = self.lock();
+        if !m.contains_key(name) && m.len() >= MAX_NAMED_FDS {
+            return Err(QmpError::generic(format!(
+                "Too many file descriptors kept by getfd (at most {MAX_NAMED_FDS})"
+            )));
+        }
+        m.insert(name.to_string(), fd);
+        Ok(())
+    }
+
+    /// Take the descriptor named `name` out of the list (as QEMU's `fd:NAME` does).
+    pub fn take(&self, name: &str) -> Option<OwnedFd> {
+        self.lock().remove(name)
+    }
+
+    /// The names kept now.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
 
 /// QEMU's `QapiErrorClass` values (the `class` of an error reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +139,10 @@ pub trait Handler: Send + Sync {
     fn commands(&self) -> Vec<&'static str>;
     /// Called once the reply to a successful `quit` has been written out.
     fn after_quit(&self) {}
+    /// Where `getfd` keeps descriptors (`None`: no `getfd`/`closefd`).
+    fn fds(&self) -> Option<&Fds> {
+        None
+    }
 }
 
 /// A command's `arguments`, with QEMU's wording for missing, unexpected and mistyped members.
@@ -133,8 +191,12 @@ pub fn timestamp() -> Value {
     json!({ "seconds": t.as_secs(), "microseconds": t.subsec_micros() })
 }
 
-/// One client's outgoing lines.
-type Outbox = crossbeam_channel::Sender<Out>;
+/// One client's outgoing lines, and its socket (shut down to disconnect it).
+#[derive(Clone)]
+struct Outbox {
+    tx: crossbeam_channel::Sender<Out>,
+    socket: Arc<UnixStream>,
+}
 
 enum Out {
     Line(String),
@@ -164,7 +226,20 @@ impl Events {
         }
         let line = Value::Object(ev).to_string();
         tracing::debug!(event = %line, "QMP event");
-        self.lock().retain(|c| c.send(Out::Line(line.clone())).is_ok());
+        self.lock().retain(|c| match c.tx.try_send(Out::Line(line.clone())) {
+            Ok(()) => true,
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                tracing::warn!(queued = MAX_QUEUED_LINES, "QMP client is not reading its events: disconnecting it");
+                let _ = c.socket.shutdown(std::net::Shutdown::Both);
+                false
+            }
+        });
+    }
+
+    /// How many clients receive events now.
+    pub fn clients(&self) -> usize {
+        self.lock().len()
     }
 
     fn add(&self, c: Outbox) {
@@ -233,7 +308,8 @@ impl Drop for Server {
 /// Serve one client until it disconnects: greeting, then commands.
 pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) {
     let Ok(mut writer) = stream.try_clone() else { return };
-    let (tx, rx) = crossbeam_channel::unbounded::<Out>();
+    let Ok(socket) = stream.try_clone() else { return };
+    let (tx, rx) = crossbeam_channel::bounded::<Out>(MAX_QUEUED_LINES);
     let writer_thread = std::thread::spawn(move || {
         for out in rx {
             match out {
@@ -250,14 +326,22 @@ pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) 
         }
     });
     let _ = tx.send(Out::Line(greeting().to_string()));
-    let mut session = Session { negotiated: false, tx: tx.clone(), events: events.clone(), skip_line: false };
-    let mut reader = stream;
+    let outbox = Outbox { tx: tx.clone(), socket: Arc::new(socket) };
+    let mut session =
+        Session { negotiated: false, tx: outbox, events: events.clone(), skip_line: false, received_fds: Vec::new() };
+    let reader = stream;
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
-        let n = match reader.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = match recv_with_fds(&reader, &mut chunk) {
+            Ok((0, _)) | Err(_) => break,
+            Ok((n, fds)) => {
+                if !fds.is_empty() {
+                    // As QEMU's socket chardev: the newest message's descriptors replace unclaimed ones.
+                    session.received_fds = fds;
+                }
+                n
+            }
         };
         buf.extend_from_slice(&chunk[..n]);
         if session.skip_line {
@@ -291,8 +375,34 @@ pub fn serve_client(stream: UnixStream, handler: &dyn Handler, events: &Events) 
     let _ = writer_thread.join();
 }
 
+/// Read from `sock` into `buf`, with any descriptors passed alongside (close-on-exec).
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(sock.as_fd().as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.map_err(std::io::Error::from)?,
+        }
+    };
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel has just installed these descriptors in this
+                // process for us (SCM_RIGHTS); nothing else owns them.
+                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 struct Session {
     negotiated: bool,
+    /// Descriptors from the last SCM_RIGHTS message, not yet claimed by `getfd`.
+    received_fds: Vec<OwnedFd>,
     /// Drop input up to the next newline (the rest of a refused, too long command).
     skip_line: bool,
     tx: Outbox,
@@ -301,7 +411,8 @@ struct Session {
 
 impl Session {
     fn send(&self, v: Value) {
-        let _ = self.tx.send(Out::Line(v.to_string()));
+        // A reply waits for room: a client that sends commands without reading is held back.
+        let _ = self.tx.tx.send(Out::Line(v.to_string()));
     }
 
     fn reply_err(&self, id: Option<Value>, e: QmpError) {
@@ -391,7 +502,7 @@ impl Session {
         if command == "quit" && quit_ok {
             // The reply must be out before the process ends.
             let (ack, done) = crossbeam_channel::bounded(1);
-            let _ = self.tx.send(Out::Flushed(ack));
+            let _ = self.tx.tx.send(Out::Flushed(ack));
             let _ = done.recv_timeout(std::time::Duration::from_secs(1));
             handler.after_quit();
         }
@@ -422,14 +533,48 @@ impl Session {
                 args.only(&[])?;
                 Ok(version())
             }
+            "getfd" if handler.fds().is_some() => self.getfd(&args, handler.fds()),
+            "closefd" if handler.fds().is_some() => {
+                args.only(&["fdname"])?;
+                let name = args.str("fdname")?;
+                match handler.fds().and_then(|f| f.take(name)) {
+                    Some(fd) => {
+                        drop(fd);
+                        Ok(json!({}))
+                    }
+                    None => Err(QmpError::generic(format!("File descriptor named '{name}' not found"))),
+                }
+            }
             "query-commands" => {
                 args.only(&[])?;
                 let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
+                if handler.fds().is_some() {
+                    names.extend(["getfd", "closefd"]);
+                }
                 names.extend(handler.commands());
                 Ok(Value::Array(names.into_iter().map(|n| json!({ "name": n })).collect()))
             }
             c if handler.commands().contains(&c) => handler.execute(c, &args),
             c => Err(QmpError::not_found(format!("The command {c} has not been found"))),
+        }
+    }
+
+    /// QEMU's `getfd`: the descriptor passed with this command (SCM_RIGHTS) is kept as `fdname`.
+    fn getfd(&mut self, args: &Args<'_>, fds: Option<&Fds>) -> QmpResult {
+        args.only(&["fdname"])?;
+        let name = args.str("fdname")?;
+        // QEMU takes the first descriptor of the message and closes the others.
+        let mut received = std::mem::take(&mut self.received_fds).into_iter();
+        let Some(fd) = received.next() else {
+            return Err(QmpError::generic("No file descriptor supplied via SCM_RIGHTS"));
+        };
+        drop(received);
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
+        }
+        match fds {
+            Some(f) => f.insert(name, fd).map(|()| json!({})),
+            None => Err(QmpError::not_found("The command getfd has not been found")),
         }
     }
 }
@@ -535,5 +680,74 @@ mod tests {
         assert_eq!(line(&mut r)["error"]["desc"], "JSON parse error, input too long");
         assert_eq!(line(&mut r), json!({"return": {}, "id": 1}));
         assert!(writer.join().is_ok_and(|w| w.is_ok()));
+    }
+
+    /// A negotiated client on `events` (greeting and reply read).
+    fn negotiated(events: &Events) -> (UnixStream, BufReader<UnixStream>) {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let ev = events.clone();
+        std::thread::spawn(move || serve_client(b, &Echo, &ev));
+        let mut r = BufReader::new(a.try_clone().expect("clone"));
+        line(&mut r);
+        let mut w = a;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").expect("write");
+        assert_eq!(line(&mut r), json!({"return": {}}));
+        (w, r)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_disconnected_and_others_go_on() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let events = Events::default();
+        let (_w_slow, mut slow) = negotiated(&events);
+        let (w_fast, mut fast) = negotiated(&events);
+        assert_eq!(events.clients(), 2);
+        let read = Arc::new(AtomicUsize::new(0));
+        let r = read.clone();
+        let reader = std::thread::spawn(move || {
+            let mut l = String::new();
+            while fast.read_line(&mut l).is_ok_and(|k| k > 0) {
+                if l.contains("\"TEST\"") {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+                l.clear();
+            }
+        });
+        let data = json!({ "pad": "x".repeat(1024) });
+        // The queue plus what the socket buffers: far fewer than this many events.
+        // In batches, each read by the reading client before the next (it must not
+        // fall behind on a loaded machine: only the client that never reads is cut).
+        let limit = 200_000;
+        let mut emitted = 0;
+        while events.clients() == 2 && emitted < limit {
+            for _ in 0..64 {
+                events.emit("TEST", Some(data.clone()));
+                emitted += 1;
+            }
+            let t0 = std::time::Instant::now();
+            while read.load(Ordering::SeqCst) < emitted && t0.elapsed() < std::time::Duration::from_secs(30) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        assert_eq!(events.clients(), 1, "the slow client is still served after {emitted} events");
+        assert_eq!(read.load(Ordering::SeqCst), emitted, "the reading client got every event");
+        println!("slow client disconnected after {emitted} events");
+        // The slow client finds its stream ended (after what was already written).
+        let mut l = String::new();
+        let mut drained = 0;
+        while slow.read_line(&mut l).is_ok_and(|k| k > 0) {
+            drained += 1;
+            l.clear();
+        }
+        assert!(drained < emitted, "{drained} of {emitted}");
+        // The reading client is still connected and served.
+        events.emit("TEST", None);
+        let t0 = std::time::Instant::now();
+        while read.load(Ordering::SeqCst) <= emitted && t0.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(read.load(Ordering::SeqCst), emitted + 1);
+        let _ = w_fast.shutdown(std::net::Shutdown::Both);
+        reader.join().expect("reader");
     }
 }

@@ -447,6 +447,19 @@ impl RamImage {
         }
     }
 
+    /// Whether the page at `offset` lies in a hole of the file now (SEEK_DATA finds
+    /// no data before its end), so it reads as zero without being touched. Exact
+    /// whoever wrote the file before (the mapping's writes are data to SEEK_DATA).
+    fn is_hole(&self, offset: u64) -> bool {
+        use nix::unistd::{lseek, Whence};
+        let Ok(o) = i64::try_from(offset) else { return false };
+        match lseek(&*self.file, o, Whence::SeekData) {
+            Ok(data) => data >= o.saturating_add(PAGE as i64),
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     fn is_known_zero(&self, offset: u64) -> bool {
         let p = (offset / PAGE as u64) as usize;
         self.known_zero.as_ref().is_some_and(|k| k.get(p / 64).is_some_and(|w| w & (1u64 << (p % 64)) != 0))
@@ -534,7 +547,8 @@ pub struct ImageSink {
     /// True once a file was opened or created.
     touched: bool,
     /// Multifd receiver threads write the images too: no page is cached as known
-    /// zero (their writes bypass this sink), so every ZERO record checks the page.
+    /// zero (their writes bypass this sink); a ZERO record asks the file whether its
+    /// page is a hole (one `lseek`, no read, no fault) before it checks the page.
     shared: bool,
     /// Most bytes the stream's blocks may total (`None`: only the filesystems' free space).
     max_total: Option<u64>,
@@ -729,8 +743,9 @@ impl savevm_format::PageSink for ImageSink {
     }
 
     fn fill_page(&mut self, block: &savevm_format::RamBlock, offset: u64, fill: u8) {
+        let shared = self.shared;
         let Some(img) = self.image(block.index) else { return };
-        if fill == 0 && img.is_known_zero(offset) {
+        if fill == 0 && (img.is_known_zero(offset) || (shared && img.is_hole(offset))) {
             return;
         }
         if let Some(page) = img.page_for_write(offset) {

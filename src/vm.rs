@@ -156,6 +156,8 @@ pub struct VmMonitor {
     params: SharedParameters,
     events: Events,
     quit: crossbeam_channel::Sender<()>,
+    /// Descriptors passed by `getfd`, for `fd:NAME` URIs.
+    fds: crate::qmp::Fds,
 }
 
 /// A VMM or engine failure as a `GenericError`, with its causes.
@@ -245,8 +247,8 @@ fn socket_address(uri: &MigrationUri) -> Option<Value> {
 }
 
 /// `query-migrate` of a source, with QEMU 7.2's `ram` members the engine does
-/// not count (no postcopy, no multifd, no zero-copy: 0); the engine's own
-/// additions go under `x-qmig-` names.
+/// not count (no zero-copy: 0) filled in; the engine's own additions go under
+/// `x-qmig-` names.
 fn qemu_shaped(mut v: Value) -> Value {
     if let Some(o) = v.as_object_mut() {
         if let Some(rp) = o.remove("return-path") {
@@ -310,6 +312,7 @@ impl VmMonitor {
             params,
             events,
             quit,
+            fds: crate::qmp::Fds::default(),
         });
         if let Some(uri) = opts.incoming.as_deref().filter(|u| *u != "defer") {
             m.start_incoming(uri).map_err(|e| crate::Error::Usage(format!("-incoming {uri}: {}", e.desc)))?;
@@ -400,7 +403,7 @@ impl VmMonitor {
             }
             _ => {}
         }
-        let parsed: Result<MigrationUri, _> = uri.parse();
+        let parsed = self.migration_uri(uri, false);
         let runstate = match st.run {
             RunState::Running => "running",
             RunState::Prelaunch => "prelaunch",
@@ -412,10 +415,16 @@ impl VmMonitor {
         out.begin_setup().map_err(vm_error)?;
         st.outgoing = Some(out.clone());
         drop(st);
-        let Ok(parsed) = parsed else {
-            // QEMU 7.2 fails the migration it has just set up.
-            let _ = out.state().transition_from_current(MigrationStatus::Failed);
-            return Err(QmpError::generic("Parameter 'uri' expects a valid migration protocol"));
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                // QEMU 7.2 fails the migration it has just set up (an `fd:` error is its error-desc).
+                if uri.starts_with("fd:") {
+                    out.info().update(|i| i.error_desc = Some(e.desc.clone()));
+                }
+                let _ = out.state().transition_from_current(MigrationStatus::Failed);
+                return Err(e);
+            }
         };
         let me = self.clone();
         std::thread::Builder::new()
@@ -461,6 +470,28 @@ impl VmMonitor {
         }
     }
 
+    /// A `migrate`/`migrate-incoming` URI. `fd:NAME` takes the descriptor `getfd`
+    /// kept as NAME (QEMU 7.2: `migrate` always by name; `migrate-incoming` by
+    /// name, or a number for an inherited descriptor when NAME starts with a digit).
+    fn migration_uri(&self, uri: &str, incoming: bool) -> Result<MigrationUri, QmpError> {
+        let invalid = || QmpError::generic("Parameter 'uri' expects a valid migration protocol");
+        match uri.strip_prefix("fd:") {
+            Some(name) if !(incoming && name.starts_with(|c: char| c.is_ascii_digit())) => {
+                use std::os::fd::IntoRawFd;
+                let fd = self
+                    .fds
+                    .take(name)
+                    .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' has not been found")))?;
+                // The transport owns it from here (it closes it when the channel ends).
+                Ok(MigrationUri::Fd(fd.into_raw_fd()))
+            }
+            Some(number) => {
+                uri.parse().map_err(|_| QmpError::generic(format!("Invalid file descriptor number '{number}'")))
+            }
+            None => uri.parse().map_err(|_| invalid()),
+        }
+    }
+
     fn migrate_incoming(self: &Arc<Self>, args: &Args<'_>) -> QmpResult {
         args.only(&["uri"])?;
         let uri = args.str("uri")?;
@@ -475,8 +506,7 @@ impl VmMonitor {
         if st.run != RunState::Inmigrate {
             return Err(QmpError::generic("'-incoming' was not specified on the command line"));
         }
-        let parsed: MigrationUri =
-            uri.parse().map_err(|_| QmpError::generic("Parameter 'uri' expects a valid migration protocol"))?;
+        let parsed = self.migration_uri(uri, true)?;
         let cancel = CancelToken::new().map_err(vm_error)?;
         let listener = Listener::bind(&parsed, &cancel).map_err(|e| QmpError::generic(engine::error::report(&e)))?;
         st.incoming_started = true;
@@ -620,9 +650,17 @@ impl VmMonitor {
         Ok(json!({}))
     }
 
+    /// All of QEMU 7.2's capabilities in its order (those the engine lacks are
+    /// `false`), then any the engine has that QEMU 7.2 does not.
     fn query_capabilities(&self) -> Value {
         let caps = self.lock().caps;
-        Value::Array(Self::caps_json(&caps).into_iter().map(|(k, v)| json!({ "state": v, "capability": k })).collect())
+        let mut have = Self::caps_json(&caps);
+        let mut list: Vec<Value> = QEMU_CAPABILITIES
+            .iter()
+            .map(|name| json!({ "state": have.remove(*name).unwrap_or(Value::Bool(false)), "capability": name }))
+            .collect();
+        list.extend(have.into_iter().map(|(k, v)| json!({ "state": v, "capability": k })));
+        Value::Array(list)
     }
 
     fn set_parameters(&self, args: &Args<'_>) -> QmpResult {
@@ -808,6 +846,10 @@ impl Handler for VmHandler {
 
     fn after_quit(&self) {
         let _ = self.0.quit.send(());
+    }
+
+    fn fds(&self) -> Option<&crate::qmp::Fds> {
+        Some(&self.0.fds)
     }
 }
 

@@ -129,3 +129,63 @@ fn recv_sigkilled_in_postcopy_fails_send_promptly() {
     // Within a second or so; generous for a loaded machine.
     assert!(took < Duration::from_secs(5), "send took {took:?} to fail");
 }
+
+/// The source process SIGKILLed while in `postcopy-active`: `qmig recv` (whose
+/// guest RAM is now partly on the dead source) fails promptly with a clear
+/// error, never reports completed, and does not hang.
+#[test]
+fn send_sigkilled_in_postcopy_fails_recv_promptly() {
+    let dir = TestDir::new("postcopy-kill-src");
+    let (src, dst, sock, ctl) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"), dir.join("ctl.sock"));
+    std::fs::write(&src, pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0005, RAM_LEN)).expect("source RAM");
+    let uri = format!("unix:{}", utf8(&sock));
+    let recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", &uri, "--postcopy", "--postcopy-touch"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qmig recv");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // 16 MiB at 1 MiB/s in postcopy: it stays postcopy-active for ~16 s.
+    let control = format!("unix:{}", utf8(&ctl));
+    let src_arg = format!("mem={}", utf8(&src));
+    let mut send = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0"])
+        .args(["--max-postcopy-bandwidth", "1M", "--control", &control])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run qmig send");
+    let mut active = false;
+    while Instant::now() < deadline {
+        let q = Command::new(env!("CARGO_BIN_EXE_qmig"))
+            .args(["query-migrate", "--control", &control])
+            .output()
+            .expect("query-migrate");
+        let v: Value = serde_json::from_slice(&q.stdout).unwrap_or(Value::Null);
+        if v["status"] == "postcopy-active" {
+            active = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(active, "send never reached postcopy-active");
+    send.kill().expect("SIGKILL send");
+    let killed = Instant::now();
+    let _ = send.wait();
+    let out = recv.wait_with_output().expect("recv ends");
+    let took = killed.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("recv failed {took:?} after the kill: {err}");
+    assert!(!out.status.success(), "recv must fail: {err}");
+    assert!(!stdout.contains("\"completed\""), "never completed: {stdout}");
+    assert!(!err.trim().is_empty(), "recv says why");
+    // Within a second or so; generous for a loaded machine.
+    assert!(took < Duration::from_secs(5), "recv took {took:?} to fail");
+}

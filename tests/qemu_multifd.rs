@@ -26,6 +26,21 @@ const PAGES: u64 = RAM_LEN / PAGE_SIZE as u64;
 const GUEST: Pattern = Pattern::Mixed { every: 3 };
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// QEMU 7.2's multifd packet header for 4 KiB pages (64 fixed bytes, the block
+/// name, 128 offset slots): `multifd-bytes` counts it per packet, plus the pages.
+const PACKET_HEADER: u64 = 64 + 256 + 8 * 128;
+
+/// `ram.multifd-bytes` as QEMU 7.2 counts it for `normal` non-zero pages: every
+/// page's 4 KiB (uncompressed, whatever the compression) plus one header per
+/// packet (at least one per 128 pages; partial packets and SYNCs add some).
+fn check_multifd_bytes(who: &str, info: &Value, normal: u64) {
+    let got = info["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+    let data = normal * PAGE_SIZE as u64;
+    let (lo, hi) = (data + normal.div_ceil(128) * PACKET_HEADER, data + (normal / 64 + 64) * PACKET_HEADER);
+    assert!((lo..=hi).contains(&got), "{who}: multifd-bytes {got} not in {lo}..={hi} ({normal} pages): {info}");
+    println!("{who}: multifd-bytes {got} for {normal} pages ({} bytes of headers)", got - data);
+}
+
 fn set_multifd(qemu: &mut QemuProcess, channels: u8, compression: &str) {
     let q = qemu.qmp().expect("QMP");
     q.set_capabilities(&[("multifd", true)]).expect("migrate-set-capabilities multifd");
@@ -58,7 +73,15 @@ fn wait_child(mut child: Child, what: &str) -> (std::process::ExitStatus, String
 }
 
 fn qemu_to_qmig(channels: u8, compression: &str) {
-    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}");
+    qemu_to_qmig_into(channels, compression, false);
+}
+
+/// QEMU -> `recv --multifd`; with `existing`, into a destination file already
+/// full of other data (every ZERO record must clear its page), else into a fresh
+/// one (a ZERO record costs no page: the file holds no more than the non-zero pages).
+fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
+    let over = if existing { "_over_data" } else { "" };
+    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}{over}");
     if qemu_or_skip(&name).is_none() {
         return;
     }
@@ -66,6 +89,9 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
     let ram = pattern::generate(GUEST, 0x3f0 + u64::from(channels), RAM_LEN as usize);
     fs::write(&src, &ram).expect("write source RAM");
+    if existing {
+        fs::write(&dst, pattern::generate(Pattern::Random, 0xbad0, RAM_LEN as usize)).expect("destination RAM");
+    }
     let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
     let n = channels.to_string();
     let ram_arg = format!("mem={}", utf8(&dst));
@@ -101,6 +127,7 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let stats: Value = serde_json::from_str(rest.join().expect("stdout reader").trim()).expect("stats JSON");
     let normal = pattern::nonzero_pages(GUEST, PAGES);
     assert_eq!(info["ram"]["normal"].as_u64(), Some(normal), "{name}: QEMU {info}");
+    check_multifd_bytes(&format!("{name}: QEMU source"), &info, normal);
     assert_eq!(stats["status"], "completed", "{name}: {stats}");
     // QEMU 7.2 with multifd sometimes sends a few pages of a PART twice (its `normal`
     // counts each page once): recv counts what arrived, at least every page.
@@ -110,7 +137,20 @@ fn qemu_to_qmig(channels: u8, compression: &str) {
     let qemu_stderr = qemu.stderr();
     qemu.quit(Duration::from_secs(5)).expect("quit QEMU");
     assert!(qemu_stderr.trim().is_empty(), "{name}: QEMU complained: {qemu_stderr}");
+    if !existing {
+        use std::os::unix::fs::MetadataExt;
+        let stored = fs::metadata(&dst).expect("destination metadata").blocks() * 512;
+        let data = normal * PAGE_SIZE as u64;
+        println!("{name}: {stored} bytes stored for {data} bytes of non-zero pages");
+        assert!(stored <= data + (1 << 20), "{name}: ZERO records cost pages: {stored} stored, {data} of data");
+    }
     assert_same_ram(&name, &fs::read(&dst).expect("read received RAM"), &ram);
+}
+
+/// A ZERO record under multifd clears a destination page that held data.
+#[test]
+fn qemu_to_qmig_multifd_over_existing_data() {
+    qemu_to_qmig_into(2, "none", true);
 }
 
 fn qmig_to_qemu(channels: u8, compression: &str) {
@@ -136,6 +176,7 @@ fn qmig_to_qemu(channels: u8, compression: &str) {
     let stats: Value = serde_json::from_str(run.stdout.trim()).expect("send stats JSON");
     let normal = pattern::nonzero_pages(GUEST, PAGES);
     assert_eq!(stats["ram"]["normal"].as_u64(), Some(normal), "{name}: send {stats}");
+    check_multifd_bytes(&format!("{name}: qmig send"), &stats, normal);
     assert_eq!(stats["ram"]["duplicate"].as_u64(), Some(PAGES - normal), "{name}: send {stats}");
     assert_eq!(stats["return-path"], json!({"pongs": 1, "shut": 0}), "{name}: QEMU confirmed: {stats}");
     let info = qemu

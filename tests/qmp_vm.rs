@@ -388,6 +388,7 @@ fn u(x: &str) -> Option<Value> {
 /// cancelled in pre-switchover (after which `d`'s load has failed).
 fn refusals_until_cancel(s: &mut Qmp, d: &mut Qmp, e: &mut Qmp, d_uri: &str, e_uri: &str, log: &mut Log) {
     log.push(("cont", attempt(s, "cont", None)));
+    log.push(("capabilities at start", attempt(s, "query-migrate-capabilities", None)));
     log.push(("migrate-incoming on a source", attempt(s, "migrate-incoming", u(d_uri))));
     log.push(("migrate resume", attempt(s, "migrate", Some(json!({ "uri": d_uri, "resume": true })))));
     log.push(("migrate bogus uri", attempt(s, "migrate", u("bogus:x"))));
@@ -432,6 +433,7 @@ fn refusals_until_cancel(s: &mut Qmp, d: &mut Qmp, e: &mut Qmp, d_uri: &str, e_u
     let caps = json!({ "capabilities": [
         { "capability": "pause-before-switchover", "state": true }, { "capability": "events", "state": true } ] });
     log.push(("set pause-before-switchover", attempt(s, "migrate-set-capabilities", Some(caps))));
+    log.push(("capabilities as set", attempt(s, "query-migrate-capabilities", None)));
     log.push(("migrate", attempt(s, "migrate", u(d_uri))));
     poll_until(s, "pre-switchover", |st| st == "pre-switchover");
     log.push(("query-status in pre-switchover", attempt(s, "query-status", None)));
@@ -468,6 +470,41 @@ fn refusals_after_cancel(s: &mut Qmp, e: &mut Qmp, d_uri: &str, e_uri: &str, log
     log.push(("query-status resumed", attempt(s, "query-status", None)));
 }
 
+/// The capabilities the engine implements; `qmig vm` refuses the rest of QEMU 7.2's.
+const ENGINE_CAPABILITIES: &[&str] =
+    &["xbzrle", "auto-converge", "events", "postcopy-ram", "return-path", "pause-before-switchover", "multifd"];
+
+/// Every capability `query-migrate-capabilities` lists that the engine lacks is
+/// refused when turned on (GenericError, naming it), accepted when turned off,
+/// and still reported `false` afterwards.
+fn refused_capabilities(q: &mut Qmp) {
+    let listed = exec(q, "query-migrate-capabilities", None);
+    let names: Vec<String> =
+        listed.as_array().expect("a list").iter().filter_map(|c| c["capability"].as_str().map(String::from)).collect();
+    assert_eq!(names.len(), 21, "QEMU 7.2 has 21 capabilities: {names:?}");
+    let mut refused = 0;
+    for name in names.iter().filter(|n| !ENGINE_CAPABILITIES.contains(&n.as_str())) {
+        let on = json!({ "capabilities": [{ "capability": name, "state": true }] });
+        match attempt(q, "migrate-set-capabilities", Some(on)) {
+            Err((class, desc)) => {
+                assert_eq!(class, "GenericError", "{name}: {desc}");
+                assert!(desc.contains(name.as_str()) && desc.contains("not supported"), "{name}: {desc}");
+                refused += 1;
+            }
+            Ok(v) => panic!("qmig vm accepted capability {name}: {v}"),
+        }
+        let off = json!({ "capabilities": [{ "capability": name, "state": false }] });
+        exec(q, "migrate-set-capabilities", Some(off));
+    }
+    assert_eq!(refused, 21 - ENGINE_CAPABILITIES.len());
+    let after = exec(q, "query-migrate-capabilities", None);
+    for c in after.as_array().expect("a list") {
+        if !ENGINE_CAPABILITIES.contains(&c["capability"].as_str().unwrap_or("")) {
+            assert_eq!(c["state"], false, "{c}");
+        }
+    }
+}
+
 #[test]
 fn qmp_refusals_match_qemu() {
     let Some(_) = qemu_or_skip("qmp_refusals_match_qemu") else { return };
@@ -499,6 +536,7 @@ fn qmp_refusals_match_qemu() {
     qmig_log.push(("destination exit status after the cancel", Ok(json!(code))));
     refusals_after_cancel(s.qmp(), e.qmp(), &d_uri, &e_uri, &mut qmig_log);
     let qmig_events = sequence("qmig vm", &s.qmp().take_events());
+    refused_capabilities(s.qmp());
 
     assert_eq!(qemu_log.len(), qmig_log.len());
     let mut report = String::new();
@@ -593,4 +631,176 @@ fn qmp_postcopy_of_qemu_and_qmig_vm_agree() {
     compare_schemas("source", &q.src_replies, &m.src_replies, &["completed"]);
     compare_schemas("destination", &q.dst_replies, &m.dst_replies, &["completed"]);
     assert_eq!(q.states_after, m.states_after, "run states once completed (source, destination)");
+}
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// `getfd`/`closefd` and `fd:NAME`, the same client and script on a source `s`
+/// (pid `s_pid`) and a destination `d` (`-incoming defer`): refusals, a name
+/// replaced (the process holds one descriptor for it, not two), and a migration
+/// over a socketpair passed to both ends with `getfd`. Returns every outcome.
+fn getfd_script(s: &mut Qmp, s_pid: u32, d: &mut Qmp) -> Log {
+    use std::os::fd::AsFd;
+    let mut log = Log::new();
+    let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+    let name = |n: &str| Some(json!({ "fdname": n }));
+    log.push(("getfd without a descriptor", attempt(s, "getfd", name("x"))));
+    let digit = s.execute_with_fd("getfd", name("1x"), devnull.as_fd());
+    log.push(("getfd with a name starting with a digit", digit.map_err(command_err)));
+    log.push(("closefd of an unknown name", attempt(s, "closefd", name("nosuch"))));
+    log.push(("migrate to an unknown fd name", attempt(s, "migrate", u("fd:nosuch"))));
+    log.push(("status after that", Ok(json!(status_of(&exec(s, "query-migrate", None))))));
+    log.push(("migrate-incoming from an unknown fd name", attempt(d, "migrate-incoming", u("fd:nosuch"))));
+    let before = fd_count(s_pid);
+    log.push(("getfd", s.execute_with_fd("getfd", name("dn"), devnull.as_fd()).map_err(command_err)));
+    log.push(("getfd the same name", s.execute_with_fd("getfd", name("dn"), devnull.as_fd()).map_err(command_err)));
+    log.push(("descriptors held for one name", Ok(json!(fd_count(s_pid) - before))));
+    log.push(("closefd", attempt(s, "closefd", name("dn"))));
+    log.push(("descriptors after closefd", Ok(json!(fd_count(s_pid) - before))));
+    log.push(("closefd twice", attempt(s, "closefd", name("dn"))));
+
+    // A migration over a socketpair, each end passed with getfd.
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    for q in [&mut *s, &mut *d] {
+        q.set_capabilities(&[("events", true)]).expect("capabilities");
+    }
+    log.push(("getfd destination end", d.execute_with_fd("getfd", name("mig"), b.as_fd()).map_err(command_err)));
+    log.push(("getfd source end", s.execute_with_fd("getfd", name("mig"), a.as_fd()).map_err(command_err)));
+    drop((a, b));
+    log.push(("migrate-incoming fd:mig", attempt(d, "migrate-incoming", u("fd:mig"))));
+    log.push(("migrate fd:mig", attempt(s, "migrate", u("fd:mig"))));
+    let end = poll_until(s, "fd: migration", testkit::qemu::is_terminal_status);
+    log.push(("source status", Ok(json!(end.last().map(status_of)))));
+    let end = poll_until(d, "fd: destination", |st| st == "completed" || st == "failed");
+    log.push(("destination status", Ok(json!(end.last().map(status_of)))));
+    log.push(("the name is used up", attempt(s, "closefd", name("mig"))));
+    log
+}
+
+fn command_err(e: QemuError) -> (String, String) {
+    match e {
+        QemuError::Command { class, desc, .. } => (class, desc),
+        e => panic!("QMP: {e}"),
+    }
+}
+
+#[test]
+fn qmp_getfd_and_fd_migration_match_qemu() {
+    let Some(_) = qemu_or_skip("qmp_getfd_and_fd_migration_match_qemu") else { return };
+    if !testkit::kvm_or_skip("qmp_getfd_and_fd_migration_match_qemu") {
+        return;
+    }
+    let dir = TestDir::new("qmp-vm-getfd");
+    let (mut s, mut d) = (qemu(&dir, "qs", None), qemu(&dir, "qd", Some("defer")));
+    let pid = s.pid();
+    let qemu_log = getfd_script(qmp_of(&mut s), pid, qmp_of(&mut d));
+    drop((s, d));
+    let mut s = QmigVm::start(&dir, "ms", &[]);
+    let mut d = QmigVm::start(&dir, "md", &["--incoming", "defer"]);
+    let pid = s.child.id();
+    let qmig_log = getfd_script(s.qmp(), pid, d.qmp());
+    println!("QEMU:    {qemu_log:?}\nqmig vm: {qmig_log:?}");
+    let mut report = String::new();
+    for ((what, q), (_, m)) in qemu_log.iter().zip(&qmig_log) {
+        let same = match (q, m) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err((qc, qd)), Err((mc, md))) => qc == mc && md.starts_with(qd.as_str()),
+            _ => false,
+        };
+        if !same {
+            report.push_str(&format!("\n{what}: QEMU {q:?}, qmig vm {m:?}"));
+        }
+    }
+    assert!(report.is_empty(), "qmig vm answers differently from QEMU 7.2:{report}");
+    let get = |w: &str| qmig_log.iter().find(|(x, _)| *x == w).map(|x| x.1.clone());
+    assert_eq!(get("descriptors held for one name"), Some(Ok(json!(1))));
+    assert_eq!(get("descriptors after closefd"), Some(Ok(json!(0))));
+    assert_eq!(get("source status"), Some(Ok(json!("completed"))));
+    assert_eq!(get("destination status"), Some(Ok(json!("completed"))));
+    let g = exec(d.qmp(), "x-qmig-query-guest", None);
+    assert!(g.to_string().contains("checksum_ok"), "{g}");
+}
+
+/// A `qmig vm` -> `qmig vm` postcopy migration held in `postcopy-active` (1 MiB/s
+/// for 64 MiB of RAM), then the `victim` side SIGKILLed; returns the survivor's
+/// first `query-migrate` reply that is no longer active, how long after the kill
+/// it came, and the survivor's run state then.
+fn postcopy_then_kill(dir: &TestDir, tag: &str, kill_source: bool) -> (Value, Duration, String) {
+    let mut s = QmigVm::start(dir, &format!("{tag}-src"), &[]);
+    let mut d = QmigVm::start(dir, &format!("{tag}-dst"), &["--incoming", "defer"]);
+    let uri = format!("unix:{}", dir.join(&format!("{tag}.sock")).display());
+    for q in [s.qmp(), d.qmp()] {
+        q.set_capabilities(&[("events", true), ("postcopy-ram", true)]).expect("capabilities");
+    }
+    let slow = json!({ "max-bandwidth": 1u64 << 20, "max-postcopy-bandwidth": 1u64 << 20 });
+    exec(s.qmp(), "migrate-set-parameters", Some(slow));
+    exec(s.qmp(), "cont", None);
+    exec(d.qmp(), "migrate-incoming", u(&uri));
+    exec(s.qmp(), "migrate", u(&uri));
+    exec(s.qmp(), "migrate-start-postcopy", None);
+    poll_until(s.qmp(), "source postcopy", |st| st == "postcopy-active" || testkit::qemu::is_terminal_status(st));
+    poll_until(d.qmp(), "destination postcopy", |st| st == "postcopy-active" || st == "failed");
+    assert_eq!(status_of(&exec(s.qmp(), "query-migrate", None)), "postcopy-active");
+    let (victim, survivor) = if kill_source { (&mut s, &mut d) } else { (&mut d, &mut s) };
+    victim.child.kill().expect("SIGKILL");
+    let killed = Instant::now();
+    let _ = victim.child.wait();
+    let survivor_name = if kill_source { format!("{tag}-dst") } else { format!("{tag}-src") };
+    let end = loop {
+        // A destination whose load failed ends (status 1, as QEMU's does): then its
+        // exit and its last stderr line are the answer.
+        let r = match survivor.qmp().execute("query-migrate", None) {
+            Ok(r) => r,
+            Err(e) => {
+                let code = survivor.wait_exit().and_then(|s| s.code());
+                let took = killed.elapsed();
+                let err = std::fs::read_to_string(dir.join(&format!("{survivor_name}.stderr"))).unwrap_or_default();
+                let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                let v = json!({ "exit-code": code, "stderr": last, "qmp": e.to_string() });
+                return (v, took, "exited".into());
+            }
+        };
+        if !matches!(status_of(&r), "postcopy-active" | "active" | "device") {
+            break r;
+        }
+        assert!(killed.elapsed() < T, "still {r} {T:?} after the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = killed.elapsed();
+    (end, took, run_state(survivor.qmp()))
+}
+
+/// Issue 10 test 6 on the KVM path (`qmig vm`, the guest running on KVM and
+/// faulting its pages in on the destination): either side SIGKILLed in postcopy,
+/// the survivor reaches `failed` promptly with a clear reason. The source's guest
+/// cannot resume (its newest pages are on the dead destination): it stays stopped
+/// and says so. (QEMU 7.2 goes to `postcopy-paused` for a later `migrate
+/// -resume`; qmig has no postcopy recovery and fails.)
+#[test]
+fn qmig_vm_sigkilled_in_postcopy_fails_the_other_side_promptly() {
+    if !testkit::kvm_or_skip("qmig_vm_sigkilled_in_postcopy_fails_the_other_side_promptly") {
+        return;
+    }
+    let dir = TestDir::new("qmp-vm-postcopy-kill");
+    let (end, took, state) = postcopy_then_kill(&dir, "kd", false);
+    println!("destination killed: source {end} after {took:?}, run state {state}");
+    assert_eq!(status_of(&end), "failed", "{end}");
+    let why = end["error-desc"].as_str().unwrap_or("");
+    assert!(why.contains("postcopy") && why.contains("stays stopped"), "{end}");
+    assert_ne!(state, "running", "the source's guest must not run on without its newest pages");
+    assert!(took < Duration::from_secs(5), "the source took {took:?} to fail");
+
+    let (end, took, state) = postcopy_then_kill(&dir, "ks", true);
+    println!("source killed: destination {end} after {took:?}, run state {state}");
+    // The destination either reports `failed` over QMP or ends with status 1 saying why.
+    if state == "exited" {
+        assert_eq!(end["exit-code"], 1, "{end}");
+        assert!(end["stderr"].as_str().is_some_and(|l| l.contains("postcopy")), "{end}");
+    } else {
+        assert_eq!(status_of(&end), "failed", "{end}");
+    }
+    assert!(took < Duration::from_secs(5), "the destination took {took:?} to fail");
 }

@@ -203,6 +203,25 @@ impl Qmp {
 
     /// Runs `cmd` with optional `args`; returns its `return` value or [`QemuError::Command`].
     pub fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value, QemuError> {
+        self.execute_passing(cmd, args, None)
+    }
+
+    /// Runs `cmd` (e.g. `getfd`) with `fd` passed alongside it (SCM_RIGHTS), as QEMU's `getfd` expects.
+    pub fn execute_with_fd(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QemuError> {
+        self.execute_passing(cmd, args, Some(fd))
+    }
+
+    fn execute_passing(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Value, QemuError> {
         let mut msg = Map::new();
         msg.insert("execute".into(), Value::String(cmd.to_string()));
         if let Some(a) = args {
@@ -210,7 +229,11 @@ impl Qmp {
         }
         let mut line = Value::Object(msg).to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(|e| match e.kind() {
+        let sent = match fd {
+            None => self.writer.write_all(line.as_bytes()),
+            Some(fd) => send_with_fd(&self.writer, line.as_bytes(), fd),
+        };
+        sent.map_err(|e| match e.kind() {
             ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QemuError::Closed,
             _ => QemuError::Io { context: format!("cannot send QMP command {cmd}"), source: e },
         })?;
@@ -363,4 +386,16 @@ pub fn expect_completed(info: Value) -> Result<Value, QemuError> {
     }
     let desc = info.get("error-desc").and_then(Value::as_str).map(str::to_string);
     Err(QemuError::MigrationFailed { status, desc, info })
+}
+
+/// Write all of `bytes` to `sock`, the first chunk carrying `fd` (SCM_RIGHTS).
+fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    let raw = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [io::IoSlice::new(bytes)];
+    let n = sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(io::Error::from)?;
+    let mut w = sock;
+    w.write_all(&bytes[n..])
 }

@@ -48,6 +48,10 @@ pub struct MigrationInfo {
     pub postcopy_bytes: u64,
     /// `ram.postcopy-requests`: page requests received from the destination.
     pub postcopy_requests: u64,
+    /// `ram.multifd-bytes`: what went through the multifd channels, by QEMU 7.2's
+    /// count (per packet its header plus its pages' uncompressed size; each SYNC
+    /// packet's header; not the initial packets).
+    pub multifd_bytes: u64,
     /// `error-desc` when failed.
     pub error_desc: Option<String>,
     /// The return path, when capability `return-path` opened one (not a QEMU field).
@@ -100,6 +104,7 @@ impl Default for MigrationInfo {
             downtime_bytes: 0,
             postcopy_bytes: 0,
             postcopy_requests: 0,
+            multifd_bytes: 0,
             error_desc: None,
             return_path: None,
             xbzrle_cache: None,
@@ -161,6 +166,8 @@ struct QueryRam {
     postcopy_bytes: u64,
     #[serde(default)]
     postcopy_requests: u64,
+    #[serde(default)]
+    multifd_bytes: u64,
     /// Pages skipped: always 0, as in QEMU 7.2 (deprecated there, kept for its users).
     #[serde(default)]
     skipped: u64,
@@ -213,6 +220,7 @@ impl From<MigrationInfo> for QueryMigrate {
                 downtime_bytes: i.downtime_bytes,
                 postcopy_bytes: i.postcopy_bytes,
                 postcopy_requests: i.postcopy_requests,
+                multifd_bytes: i.multifd_bytes,
                 skipped: 0,
             }),
         }
@@ -248,6 +256,7 @@ impl From<QueryMigrate> for MigrationInfo {
             i.downtime_bytes = r.downtime_bytes;
             i.postcopy_bytes = r.postcopy_bytes;
             i.postcopy_requests = r.postcopy_requests;
+            i.multifd_bytes = r.multifd_bytes;
         }
         i
     }

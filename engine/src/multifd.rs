@@ -168,6 +168,8 @@ pub struct Sender {
     error: Option<MultifdError>,
     /// Each channel's socket (a duplicate), to shut down when the migration fails.
     sockets: Vec<transports::ReturnPath>,
+    /// QEMU 7.2's `multifd-bytes` of the packets handed to the channels.
+    bytes: u64,
 }
 
 impl Sender {
@@ -217,12 +219,30 @@ impl Sender {
                 .map_err(|source| MultifdError::Io { channel: name, what: "starting its thread", source })?;
             jobs.push(jtx);
         }
-        Ok(Sender { jobs, reports, batch: None, free: Vec::new(), packet_num: 0, cancel, pages, error: None, sockets })
+        Ok(Sender {
+            jobs,
+            reports,
+            batch: None,
+            free: Vec::new(),
+            packet_num: 0,
+            cancel,
+            pages,
+            error: None,
+            sockets,
+            bytes: 0,
+        })
     }
 
     /// Pages handed to channel threads and written so far.
     pub fn pages_sent(&self) -> u64 {
         self.pages.load(Ordering::Relaxed)
+    }
+
+    /// QEMU 7.2's `ram.multifd-bytes`: for each page packet handed to a channel its
+    /// header plus its pages' uncompressed size, and each SYNC packet's header (as
+    /// 7.2's `multifd_send_pages` and `multifd_send_sync_main` count).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes
     }
 
     /// Queue page `page` of region `region` (a non-zero page: zero pages go on the
@@ -253,6 +273,7 @@ impl Sender {
             if tx.send(Job::Sync { packet_num }).is_err() {
                 return Err(self.failure());
             }
+            self.bytes += savevm_format::multifd::header_len(PAGE as u64) as u64;
         }
         let mut left = self.jobs.len();
         while left > 0 {
@@ -303,9 +324,11 @@ impl Sender {
         };
         b.packet_num = self.packet_num;
         self.packet_num += 1;
+        let len = savevm_format::multifd::header_len(PAGE as u64) as u64 + b.pages.len() as u64 * PAGE as u64;
         if self.jobs[n].send(Job::Pages(b)).is_err() {
             return Err(self.failure());
         }
+        self.bytes += len;
         Ok(())
     }
 

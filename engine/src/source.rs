@@ -504,6 +504,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
     fn publish(&mut self) {
         let st = self.w.ram_stats();
         let multifd_pages = self.mf.as_ref().map_or(0, |m| m.pages_sent());
+        let multifd_bytes = self.mf.as_ref().map_or(0, |m| m.bytes_sent());
         let transferred = self.w.get_mut().bytes_sent();
         let c = self.core.stats();
         let total_time = self.start.elapsed();
@@ -512,6 +513,7 @@ impl<'g, W: PageWriter<'g>> Run<'_, 'g, W> {
         self.out.info.update(|i| {
             i.total_time = total_time;
             i.normal = st.normal + multifd_pages;
+            i.multifd_bytes = multifd_bytes;
             i.duplicate = st.duplicate;
             i.transferred = transferred;
             i.remaining = c.remaining;
