@@ -104,6 +104,9 @@ pub enum ControlCmd {
         /// max-bandwidth in MiB/s.
         #[arg(long, value_name = "MiB/s")]
         bandwidth: Option<u64>,
+        /// max-postcopy-bandwidth in MiB/s (the background pages once in postcopy).
+        #[arg(long = "postcopy-bandwidth", value_name = "MiB/s", requires = "postcopy")]
+        postcopy_bandwidth: Option<u64>,
     },
     /// Set a running migration's max-bandwidth (bytes/s, suffixes K, M, G) on its source VM.
     MigrateSetspeed {
@@ -228,6 +231,7 @@ pub fn run(cmd: ControlCmd, cancel: &CancelToken) -> qmig::Result<()> {
             parallel,
             compressed,
             bandwidth,
+            postcopy_bandwidth,
         } => {
             let flags = MigrateFlags {
                 live,
@@ -235,6 +239,7 @@ pub fn run(cmd: ControlCmd, cancel: &CancelToken) -> qmig::Result<()> {
                 parallel,
                 compressed,
                 bandwidth,
+                postcopy_bandwidth,
                 transport: if tunnelled { Transport::Tunnelled } else { Transport::Direct },
                 p2p,
                 paused: false,

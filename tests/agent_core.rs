@@ -286,10 +286,21 @@ fn setspeed_shows_in_throughput_then_cancel() {
     assert!(names(&dir, &b).is_empty(), "the destination VM is gone");
     let job = a.job_record("g2").expect("job record");
     assert_eq!(job["phase"], "confirm3_cancelled");
+    // As libvirt's qemuMigrationParamsReset: the parameters the job set (max-bandwidth
+    // 1 MiB/s, then 16 MiB/s by setspeed) are back to what the VM had before it.
+    let saved = job["saved-parameters"]["max-bandwidth"].as_u64().expect("saved max-bandwidth");
+    assert_ne!(saved, MIB as u64, "{job}");
+    let mut qmp = testkit::qemu::Qmp::connect(a.state_dir.join("vms/g2/qmp.sock"), Duration::from_secs(30))
+        .expect("a second QMP client on the source VM");
+    let now = qmp.execute("query-migrate-parameters", None).expect("query-migrate-parameters");
+    assert_eq!(now["max-bandwidth"].as_u64(), Some(saved), "restored after the cancel: {now}");
+    drop(qmp);
 
     // Postcopy: Perform ends at the switch, Finish starts the guest on host-b while its
     // pages still arrive (RESUME before `completed`), Confirm waits for the end.
-    let v = migrate_ok(&dir, "g2", &a, &b, &["--live", "--postcopy", "--bandwidth", "16"]);
+    // The background pages at 8 MiB/s: the rest of RAM takes seconds after the switch,
+    // so Finish's `cont` comes before `completed` even on an idle machine.
+    let v = migrate_ok(&dir, "g2", &a, &b, &["--live", "--postcopy", "--bandwidth", "16", "--postcopy-bandwidth", "8"]);
     let dst: Vec<String> = without_passes(&v["destination"]["events"]);
     assert_eq!(
         dst,

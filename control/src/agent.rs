@@ -23,7 +23,7 @@ use crate::rpc::{self, Args, ErrorClass, RpcError};
 use crate::state::{Job, JobRecord, Kind, Phase, Role, StateDir, VmDef};
 use crate::tunnel;
 use crate::vmproc::{substituted_args, Binaries, VmProc};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -403,6 +403,7 @@ impl Agent {
         migrate::check_supported(name, def.kind, &flags, &caps, &params, &ram_files)?;
         let running = vm.execute("query-status", None)?["status"] == "running";
         self.new_job(JobRecord {
+            saved_parameters: None,
             name: name.to_string(),
             role: Role::Source,
             phase: Phase::Begin3,
@@ -441,6 +442,7 @@ impl Agent {
             )));
         }
         let job = self.new_job(JobRecord {
+            saved_parameters: None,
             name: name.clone(),
             role: Role::Destination,
             phase: Phase::Prepare,
@@ -467,6 +469,7 @@ impl Agent {
                 let mut params = flags.parameters();
                 if let Some(o) = params.as_object_mut() {
                     o.remove("max-bandwidth");
+                    o.remove("max-postcopy-bandwidth");
                 }
                 if params.as_object().is_some_and(|o| !o.is_empty()) {
                     vm.execute("migrate-set-parameters", Some(params))?;
@@ -534,8 +537,14 @@ impl Agent {
     /// Perform's action: capabilities and parameters, `stop` unless live, `migrate`, wait.
     fn run_migration(&self, job: &Job, vm: &VmProc, flags: &MigrateFlags, uri: &str) -> Result<Value, RpcError> {
         vm.execute("migrate-set-capabilities", Some(flags.capabilities()))?;
-        if flags.parameters().as_object().is_some_and(|o| !o.is_empty()) {
-            vm.execute("migrate-set-parameters", Some(flags.parameters()))?;
+        let params = flags.parameters();
+        if let Some(o) = params.as_object().filter(|o| !o.is_empty()) {
+            // Keep what these parameters were, to put back if the migration fails.
+            let before = vm.execute("query-migrate-parameters", None)?;
+            let saved: Map<String, Value> =
+                o.keys().filter_map(|k| before.get(k).map(|v| (k.clone(), v.clone()))).collect();
+            job.update(|r| r.saved_parameters = Some(Value::Object(saved)))?;
+            vm.execute("migrate-set-parameters", Some(params))?;
         }
         if !flags.live && vm.execute("query-status", None)?["status"] == "running" {
             vm.execute("stop", None)?;
@@ -709,6 +718,12 @@ impl Agent {
                     )));
                 }
                 std::thread::sleep(POLL);
+            }
+        }
+        // As libvirt's qemuMigrationParamsReset: the parameters this job set go back.
+        if let Some(saved) = job.record().saved_parameters.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())) {
+            if let Err(e) = vm.execute("migrate-set-parameters", Some(saved)) {
+                tracing::warn!(vm = name, error = %e, "confirm3: cannot restore the migration parameters");
             }
         }
         if job.record().was_running && vm.execute("query-status", None)?["status"] != "running" {

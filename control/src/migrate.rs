@@ -42,6 +42,8 @@ pub struct MigrateFlags {
     pub compressed: bool,
     /// `--bandwidth`: `max-bandwidth` in MiB/s.
     pub bandwidth: Option<u64>,
+    /// `--postcopy-bandwidth` (virsh's): `max-postcopy-bandwidth` in MiB/s.
+    pub postcopy_bandwidth: Option<u64>,
     /// The stream's path.
     pub transport: Transport,
     /// `--p2p`: the source agent drives the destination agent.
@@ -76,6 +78,9 @@ impl MigrateFlags {
         }
         if let Some(mib) = self.bandwidth {
             p.insert("max-bandwidth".into(), mib.saturating_mul(1 << 20).into());
+        }
+        if let Some(mib) = self.postcopy_bandwidth {
+            p.insert("max-postcopy-bandwidth".into(), mib.saturating_mul(1 << 20).into());
         }
         Value::Object(p)
     }

@@ -143,6 +143,11 @@ pub struct JobRecord {
     /// Source: the VM was running at Begin (Confirm's cancel resumes it only then).
     #[serde(default)]
     pub was_running: bool,
+    /// Source: the VM's migration parameters before this job changed them (`max-bandwidth`,
+    /// ...), put back when the migration fails or is cancelled, as libvirt's
+    /// `qemuMigrationParamsReset` does (the next migration must not inherit them).
+    #[serde(default)]
+    pub saved_parameters: Option<Value>,
     /// The last `query-migrate` statistics seen.
     #[serde(default)]
     pub statistics: Option<Value>,
@@ -363,6 +368,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("qmig-control-state-{}", std::process::id()));
         let dir = StateDir::open(&root).expect("open");
         let rec = JobRecord {
+            saved_parameters: None,
             name: "g".into(),
             role: Role::Source,
             phase: Phase::Begin3,
