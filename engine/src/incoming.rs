@@ -24,7 +24,7 @@
 use crate::error::Origin;
 use crate::memory::PAGE;
 use crate::postcopy_dest::uffd::MissingUffd;
-use crate::postcopy_dest::{Postcopy, PostcopyOptions, PostcopyReport, PostcopySink, Threads, TrackingSink};
+use crate::postcopy_dest::{PageRun, Postcopy, PostcopyOptions, PostcopyReport, PostcopySink, Threads, TrackingSink};
 use crate::state::{IllegalTransition, MigrationStatus as S, Role, StateMachine};
 use crate::vm::{device_error, VcpuControl, VmParts, VmmError, VmmPart};
 use savevm_format::{Command, Decoder, Event, PageSink, PageSlot, RamBlock, RawBody, RpMessage, SectionKind};
@@ -771,12 +771,33 @@ fn listen_loop<R: Read>(
     report: &mut IncomingReport,
 ) -> Result<(), IncomingError> {
     let placing = |e: crate::postcopy_dest::uffd::UffdError| IncomingError::Postcopy(format!("placing a page: {e}"));
+    // Contiguous pages are read into one buffer and placed together (one UFFDIO_COPY).
+    let mut run = PageRun::new(pc);
     loop {
         if let Some(e) = threads.fault_error() {
             return Err(IncomingError::Postcopy(e));
         }
-        let ev = d.next_with(&mut savevm_format::NoSink).map_err(IncomingError::PostcopyStream)?;
+        let ev = d.next_with(&mut run).map_err(IncomingError::PostcopyStream)?;
         let ev = ev.ok_or(IncomingError::Incomplete)?;
+        if let Some(e) = run.error.take() {
+            return Err(placing(e));
+        }
+        match &ev {
+            // The run grows with this page: placed when full or waited for.
+            Event::Page { data: None, .. } | Event::CompressedPage { data: None, .. } => {
+                report.normal += 1;
+                if run.due() {
+                    run.flush().map_err(placing)?;
+                }
+                continue;
+            }
+            // Refused below; the run (this page decoded against another) is never placed.
+            Event::XbzrlePage { .. } => {}
+            // Anything else comes after the run: it is placed first (a requested page that
+            // lands in a run makes it due at once; one faulted while waiting in it is asked
+            // for and comes again, which ends the run).
+            _ => run.flush().map_err(placing)?,
+        }
         match ev {
             Event::Page { block, offset, data: Some(data) }
             | Event::CompressedPage { block, offset, data: Some(data) } => {

@@ -262,6 +262,89 @@ struct Pending {
     rewritten: u64,
 }
 
+impl Pending {
+    /// Page `page` of block `b` was placed: the request for it, if any, is answered.
+    fn answered(&mut self, b: usize, page: u64) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        if let Some(t) = self.outstanding.remove(&(b, page)) {
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.latencies_us.push(us);
+        }
+    }
+}
+
+/// Most pages a [`PageRun`] holds: 64 KiB, what the source sends between its flushes
+/// in postcopy.
+pub(crate) const RUN_PAGES: usize = 16;
+
+/// The listen role's page sink: the stream's contiguous pages of one block (the
+/// background stream sends them in order) are read straight into one buffer and
+/// placed with one `UFFDIO_COPY` ([`PageRun::flush`]), not one ioctl per page.
+/// A page someone waits for (an outstanding request) is placed as soon as it is
+/// read; a page already received is refused (the decoder hands it out in its event,
+/// a duplicate). Any other record flushes the run first (see the listen loop).
+pub(crate) struct PageRun<'p> {
+    pc: &'p Postcopy,
+    buf: Vec<u8>,
+    block: usize,
+    /// Offset of the run's first page in its block.
+    start: u64,
+    pages: usize,
+    /// A page of the run is waited for: place the run now.
+    urgent: bool,
+    /// A flush from inside the decoder failed: the listen loop reports it.
+    pub(crate) error: Option<UffdError>,
+}
+
+impl<'p> PageRun<'p> {
+    pub(crate) fn new(pc: &'p Postcopy) -> Self {
+        PageRun { pc, buf: vec![0; RUN_PAGES * PAGE], block: 0, start: 0, pages: 0, urgent: false, error: None }
+    }
+
+    /// Whether the run should be placed now (full, or waited for).
+    pub(crate) fn due(&self) -> bool {
+        self.urgent || self.pages == RUN_PAGES
+    }
+
+    /// Place the pages held, if any.
+    pub(crate) fn flush(&mut self) -> Result<(), UffdError> {
+        let n = std::mem::take(&mut self.pages);
+        self.urgent = false;
+        if n == 0 {
+            return Ok(());
+        }
+        self.pc.place_run(self.block, self.start, &self.buf[..n * PAGE])
+    }
+}
+
+impl PageSink for PageRun<'_> {
+    fn page_mut(&mut self, block: &RamBlock, offset: u64) -> Option<PageSlot<'_>> {
+        let (b, page) = (block.index, offset / PAGE as u64);
+        if self.error.is_some() || b >= self.pc.blocks.len() || self.pc.received.test(b, page) {
+            return None;
+        }
+        let follows = self.pages > 0 && self.block == b && self.start + (self.pages * PAGE) as u64 == offset;
+        if !follows || self.pages == RUN_PAGES {
+            if let Err(e) = self.flush() {
+                self.error = Some(e);
+                return None;
+            }
+            (self.block, self.start) = (b, offset);
+        }
+        if self.pc.pending.lock().map_or(true, |p| p.outstanding.contains_key(&(b, page))) {
+            self.urgent = true;
+        }
+        let i = self.pages;
+        self.pages += 1;
+        self.buf.get_mut(i * PAGE..(i + 1) * PAGE).map(PageSlot::Buffer)
+    }
+
+    /// Zero pages are the listen loop's (`UFFDIO_ZEROPAGE`, from the event).
+    fn fill_page(&mut self, _block: &RamBlock, _offset: u64, _fill: u8) {}
+}
+
 struct BlockMem {
     name: String,
     addr: u64,
@@ -380,10 +463,35 @@ impl Postcopy {
         drop(buf);
         self.received.set(b, page);
         p.placed += 1;
-        if let Some(t) = p.outstanding.remove(&(b, page)) {
-            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-            p.latencies_us.push(us);
+        p.answered(b, page);
+        Ok(())
+    }
+
+    /// Place the `data.len() / PAGE` contiguous pages at `offset` of block `b`, none
+    /// of them received yet (a [`PageRun`], whose pages only this thread places),
+    /// with one `UFFDIO_COPY`; records the latency of the requests they answer.
+    fn place_run(&self, b: usize, offset: u64, data: &[u8]) -> Result<(), UffdError> {
+        let Some(m) = self.blocks.get(b) else { return Ok(()) };
+        let mut p = self.pending.lock().map_err(|_| UffdError::Unsupported("state lock poisoned".into()))?;
+        let present = self.uffd.copy_run(m.addr + offset, data)?;
+        for &dst in &present {
+            // As in `place`: present although never received, so written in place.
+            let i = usize::try_from(dst - (m.addr + offset)).unwrap_or(usize::MAX);
+            let Some(src) = data.get(i..i.saturating_add(PAGE)) else { continue };
+            // SAFETY: `dst..dst+PAGE` lies in block `b`'s memory (a page of the run),
+            // mapped until the load returns (PostcopySink::host_memory); it is written
+            // only with a volatile copy.
+            let v = unsafe { vm_memory::VolatileSlice::new(dst as *mut u8, PAGE) };
+            v.copy_from(src);
+            p.rewritten += 1;
         }
+        let first = offset / PAGE as u64;
+        let n = (data.len() / PAGE) as u64;
+        for page in first..first + n {
+            self.received.set(b, page);
+            p.answered(b, page);
+        }
+        p.placed += n;
         Ok(())
     }
 

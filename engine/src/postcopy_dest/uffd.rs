@@ -217,6 +217,49 @@ impl MissingUffd {
         }
     }
 
+    /// Fill the missing pages `dst..dst + src.len()` (whole pages, inside a registered
+    /// range) with `src`, with as few `UFFDIO_COPY` calls as the kernel allows (one
+    /// when every page is missing), waking the threads blocked on them. A page found
+    /// present (EEXIST) is skipped after waking its threads; the addresses of such
+    /// pages are returned (the caller decides what to do with them).
+    pub fn copy_run(&self, dst: u64, src: &[u8]) -> Result<Vec<u64>, UffdError> {
+        let page = crate::memory::PAGE as u64;
+        let len = src.len() as u64;
+        if len % page != 0 || !self.covered(dst, len) {
+            return Err(UffdError::Unsupported(format!("UFFDIO_COPY to {dst:#x}+{len:#x}: not a registered range")));
+        }
+        let mut present = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let mut c =
+                UffdioCopy { dst: dst + done, src: src.as_ptr() as u64 + done, len: len - done, mode: 0, copy: 0 };
+            // SAFETY: `src[done..]` is a readable slice of `len - done` bytes for the call;
+            // `dst + done..dst + len` lies in a range registered under `register`'s
+            // contract. UFFDIO_COPY only fills pages that are missing (never overwrites one).
+            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as libc::Ioctl, &mut c) };
+            if r == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if c.copy > 0 {
+                // A part was placed (the kernel stopped at a page it could not fill, or
+                // was interrupted): the rest again, which says why if it fails.
+                done += (c.copy as u64).min(len - done);
+                continue;
+            }
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    self.wake(dst + done, page)?;
+                    present.push(dst + done);
+                    done += page;
+                }
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => return Err(UffdError::Os { op: "UFFDIO_COPY", source: e }),
+            }
+        }
+        Ok(present)
+    }
+
     /// Fill the missing page(s) at `dst` with zeros (`UFFDIO_ZEROPAGE`, or a copy of
     /// zeros where the memory kind has no zeropage ioctl), waking their threads.
     pub fn zero(&self, dst: u64, len: u64) -> Result<Placed, UffdError> {
