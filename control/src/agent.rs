@@ -400,7 +400,7 @@ impl Agent {
             Kind::Qemu => migrate::memory_backend_paths(&substituted_args(&def, self.dir.root())),
             Kind::Vm => vec![],
         };
-        migrate::check_supported(name, def.kind, &flags, &caps, &params, &ram_files)?;
+        migrate::check_supported(name, &flags, &caps, &params, &ram_files)?;
         let running = vm.execute("query-status", None)?["status"] == "running";
         self.new_job(JobRecord {
             saved_parameters: None,
