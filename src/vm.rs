@@ -11,6 +11,9 @@
 //! A failed incoming load ends the process with status 1, as QEMU's does.
 //! Postcopy (`postcopy-ram`, `migrate-start-postcopy`) is the engine's: the
 //! destination takes guest RAM's missing pages through userfaultfd.
+//! Multifd (capability `multifd`, `multifd-*` parameters) is the engine's: the
+//! source opens `multifd-channels` more connections to a `tcp:`/`unix:` URI, the
+//! destination accepts them after the main one, in any order.
 //!
 //! `x-qmig-query-guest` (ours) reads the guest program's counters and checks its
 //! checksums as `qmig kvm-dest` does: the vCPUs stopped where no write is in
