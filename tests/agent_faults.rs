@@ -26,9 +26,8 @@
 
 mod common;
 
-use common::agent_ops::names;
 use common::agent_ops::{
-    counted_past, define, guest, one_copy, spawn_migrate, vm_pid, wait_exit, wait_streaming, SMALL_VM,
+    counted_past, define, guest, names, one_copy, spawn_migrate, vm_pid, wait_exit, wait_streaming, SMALL_VM,
 };
 use common::agents::{host_uuid, migrate, AgentProc, AGENT_T};
 use common::{one_line_error, qemu_or_skip, TestDir};
