@@ -29,7 +29,7 @@ mod common;
 use common::agent_ops::{
     counted_past, define, guest, names, one_copy, spawn_migrate, vm_pid, wait_exit, wait_streaming, SMALL_VM,
 };
-use common::agents::{host_uuid, migrate, AgentProc, AGENT_T};
+use common::agents::{host_uuid, migrate, run_ok, AgentProc, AGENT_T};
 use common::{one_line_error, qemu_or_skip, TestDir};
 use std::time::{Duration, Instant};
 use testkit::pattern::{generate, Pattern};
@@ -155,6 +155,51 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     assert!(job["error"].as_str().is_some_and(|e| e.contains("restarted in phase perform3")), "{job}");
     one_copy(&dir, "g", &a, &b);
     counted_past(&dir, &a, "g", count);
+
+    // 5. Finish3 fails right after the guest resumed on host-b in postcopy (its background
+    //    pages at 8 MiB/s still arriving). As libvirt: the destination does not kill the
+    //    guest it runs (doKill = false), and Confirm3 (cancelled) neither cancels nor
+    //    resumes the source after the switch: it leaves it paused (still in postcopy) or,
+    //    if QEMU's migration completed meanwhile, forces success and quits it. Either
+    //    way the guest runs on host-b only, whole.
+    arm(&b, "fail-at finish3_resumed");
+    // 4 MiB/s: below the guest's dirty rate (16 MiB/s), so precopy never converges and it switches.
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--postcopy", "--bandwidth", "4", "--postcopy-bandwidth", "8"]);
+    one_line_error(
+        "postcopy finish failed",
+        r.status.code(),
+        &r.stderr,
+        &["qmig: migrate: finish3 failed:", "x-fault"],
+    );
+    let job = b.job_record("g").expect("destination job");
+    assert!(job["error"].as_str().is_some_and(|e| e.contains("postcopy failed after the guest resumed here")), "{job}");
+    let job = a.job_record("g").expect("source job");
+    assert_eq!(job["finished"], true, "{job}");
+    match a.vm(&dir, "g") {
+        Some(v) => {
+            assert!(job["error"].as_str().is_some_and(|e| e.contains("left paused")), "{job}");
+            assert_ne!(v["state"], "running", "the source is not resumed after the switch: {v}");
+            // It still serves the destination's missing pages: it goes only once QEMU's
+            // migration completed (the operator's part, here the test's).
+            let sock = a.state_dir.join("vms/g/qmp.sock");
+            let mut qmp = testkit::qemu::Qmp::connect(sock, Duration::from_secs(30)).expect("QMP of the source VM");
+            let t0 = Instant::now();
+            loop {
+                let m = qmp.execute("query-migrate", None).expect("query-migrate");
+                if m["status"] == "completed" {
+                    break;
+                }
+                assert!(m["status"].as_str().is_some_and(|s| s.starts_with("postcopy")), "{m}");
+                assert!(t0.elapsed() < AGENT_T, "the postcopy migration does not complete: {m}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(qmp);
+            run_ok(&dir, &["destroy", "g", "--on", &a.addr]);
+        }
+        None => assert_eq!((job["phase"].as_str(), &job["error"]), (Some("confirm3"), &serde_json::Value::Null)),
+    }
+    counted_past(&dir, &b, "g", 0);
+    one_copy(&dir, "g", &b, &a);
 }
 
 const MIB: usize = 1 << 20;

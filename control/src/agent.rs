@@ -621,6 +621,7 @@ impl Agent {
                         vm.execute("cont", None)?;
                         resumed = true;
                         resumed_in_postcopy.set(true);
+                        fault_point(&self.dir, "finish3_resumed")?;
                     }
                     s @ ("failed" | "cancelled") => {
                         return Err(RpcError::failed(format!("VM {name}: the incoming migration {s}")))

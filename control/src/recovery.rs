@@ -126,7 +126,8 @@ pub fn decide(role: Role, phase: Phase, vm: &Observed, peer: PeerState) -> Actio
 
 /// The test-only fault file in a state dir: `DIR/x-fault`, one line `exit-at POINT` or
 /// `fail-at POINT`. Points: `prepare` (Prepare3, the incoming VM started), `perform3_done`
-/// (recorded, before Perform3 answers), `finish3` (before Finish3 is recorded), `confirm3`
+/// (recorded, before Perform3 answers), `finish3` (before Finish3 is recorded),
+/// `finish3_resumed` (Finish3, right after `cont` at the postcopy switch), `confirm3`
 /// (source: before Confirm3 is recorded, Finish3 having answered). At the
 /// point the agent removes the file and exits at once (status 99: a crash, its VMs run
 /// on) or fails the call. For the fault tests, where killing a process at the right
