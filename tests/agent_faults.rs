@@ -157,14 +157,14 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     counted_past(&dir, &a, "g", count);
 
     // 5. Finish3 fails right after the guest resumed on host-b in postcopy (its background
-    //    pages at 8 MiB/s still arriving). As libvirt: the destination does not kill the
-    //    guest it runs (doKill = false), and Confirm3 (cancelled) neither cancels nor
-    //    resumes the source after the switch: it leaves it paused (still in postcopy) or,
-    //    if QEMU's migration completed meanwhile, forces success and quits it. Either
+    //    pages at 2 MiB/s still arriving for seconds). As libvirt: the destination does not
+    //    kill the guest it runs (doKill = false), and Confirm3 (cancelled) neither cancels
+    //    nor resumes the source after the switch: it leaves it paused (still in postcopy)
+    //    or, if QEMU's migration completed meanwhile, forces success and quits it. Either
     //    way the guest runs on host-b only, whole.
     arm(&b, "fail-at finish3_resumed");
     // 4 MiB/s: below the guest's dirty rate (16 MiB/s), so precopy never converges and it switches.
-    let r = migrate(&dir, "g", &a, &b, &["--live", "--postcopy", "--bandwidth", "4", "--postcopy-bandwidth", "8"]);
+    let r = migrate(&dir, "g", &a, &b, &["--live", "--postcopy", "--bandwidth", "4", "--postcopy-bandwidth", "2"]);
     one_line_error(
         "postcopy finish failed",
         r.status.code(),
