@@ -12,7 +12,9 @@
 //! - the p2p shape, the source agent dying after Perform3 and, SIGKILLed, during Perform3:
 //!   the destination agent sees the connection that ran Prepare3 close and kills its
 //!   incoming VM at once (libvirt's auto-destroy), the client names the exact phase the
-//!   source agent was lost in (it announced it), the restarted source agent resumes the VM.
+//!   source agent was lost in (it announced it), the restarted source agent resumes the VM;
+//! - Finish3 failing right after the guest resumed on the destination in postcopy: the
+//!   destination keeps it, Confirm3 (cancelled) leaves the source paused (no way back).
 //!
 //! And with QEMU 7.2 VMs (`-machine none` with a RAM pattern), the source agent dying
 //! after Perform3 and restarted: once where the destination gave up (recovery resumes the
