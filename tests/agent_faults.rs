@@ -5,6 +5,8 @@
 //!
 //! - the destination refuses in Prepare3 (after starting its incoming VM);
 //! - the destination VM is killed during Perform3;
+//! - the client of a direct migration is SIGKILLed during Perform3: the destination kills
+//!   its incoming VM (its Prepare3 connection closed), the source agent resumes at once;
 //! - the source agent dies right after Perform3 (`perform3_done` recorded) and is
 //!   restarted: recovery asks the destination, which gave up, and resumes the VM;
 //! - the destination agent dies before Finish3 and is restarted: recovery kills its
@@ -81,6 +83,29 @@ fn one_fault_per_phase_leaves_one_running_copy() {
     one_copy(&dir, "g", &a, &b);
     count = counted_past(&dir, &a, "g", count);
     assert_eq!(a.job_record("g").expect("source job")["phase"], "confirm3_cancelled");
+
+    // 2'. The client of a direct migration SIGKILLed mid-Perform3: the destination sees the
+    //     connection that ran Prepare3 close and kills its incoming VM; the source VM's
+    //     migration fails, and its agent puts it back at once (libvirt's Perform3 failure
+    //     path: no Confirm3 will come), ending the job.
+    let mut mig = spawn_migrate(&dir, "g", &a, &b, &["--live", "--bandwidth", "1"], "m2b.err");
+    wait_streaming(&a, "g");
+    mig.kill().expect("SIGKILL qmig migrate");
+    let _ = mig.wait();
+    let took = wait_gone(&dir, &b, "g");
+    println!("direct: the destination killed its incoming VM {took:?} after the client was SIGKILLed");
+    let t0 = Instant::now();
+    let job = loop {
+        let job = a.job_record("g").expect("source job");
+        if job["finished"] == true {
+            break job;
+        }
+        assert!(t0.elapsed() < AGENT_T, "the source job does not end: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(job["phase"], "confirm3_cancelled", "{job}");
+    one_copy(&dir, "g", &a, &b);
+    count = counted_past(&dir, &a, "g", count);
 
     // (A VM keeps the max-bandwidth of its last migration: the next ones give their own.)
     // 3. The source agent dies right after Perform3 completed: the client cancels Finish3

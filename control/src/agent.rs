@@ -535,7 +535,22 @@ impl Agent {
         let result = self.run_migration(&job, &vm, &flags, uri);
         let events: Vec<String> = vm.take_events().iter().map(event_name).collect();
         job.update(|r| r.events.extend(events.iter().cloned()))?;
-        let stats = result?;
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // As libvirt's qemuMigrationSrcPerformPhase: a failed Perform3 puts the source
+                // back at once (the migration ended, the parameters reset, the VM resumed if
+                // it ran) and ends the job, rather than waiting for a Confirm3 (cancelled)
+                // that a lost client or driver never sends; a later one finds no job.
+                self.tunnels.close(name);
+                job.set_phase(Phase::Confirm3Cancelled)?;
+                if let Err(re) = self.resume_source(name, &job) {
+                    tracing::warn!(vm = name, error = %re, "perform3 failed and the source VM was not resumed");
+                }
+                let _ = job.finish(Some(e.desc.clone()));
+                return Err(e);
+            }
+        };
         job.update(|r| {
             r.statistics = Some(stats.clone());
             r.phase = Phase::Perform3Done;
