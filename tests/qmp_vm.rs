@@ -904,7 +904,7 @@ fn qmp_multifd_qmig_vm_to_qmig_vm() {
         );
         exec(s, mp, Some(json!({"multifd-channels": 3})));
     }
-    let src = poll_until(s, "multifd source", |st| testkit::qemu::is_terminal_status(st));
+    let src = poll_until(s, "multifd source", testkit::qemu::is_terminal_status);
     let last = src.last().cloned().unwrap_or_default();
     assert_eq!(status_of(&last), "completed", "{last}");
     let mf = last["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
