@@ -821,14 +821,17 @@ fn refused(q: &mut Qmp, cmd: &str, args: Value) -> String {
 /// non-socket URI failing the migration as 7.2 does, then `qmig vm` -> `qmig vm`
 /// over 2 channels with zstd: completed on both, `ram.multifd-bytes` counted on the
 /// source, the guest going on on the destination with its checksum intact.
+/// (`migrate-incoming` with multifd: `tests/agent_core.rs`, through the agents.)
 #[test]
 fn qmp_multifd_qmig_vm_to_qmig_vm() {
     if !testkit::kvm_or_skip("qmp_multifd_qmig_vm_to_qmig_vm") {
         return;
     }
     let dir = TestDir::new("qmp-vm-multifd");
-    let (mut ms, mut md) =
-        (QmigVm::start(&dir, "vm-src", &[]), QmigVm::start(&dir, "vm-dst", &["--incoming", "defer"]));
+    // The destination listens from the start (`--incoming URI`): the capability and
+    // parameters set below are read when the source connects, as QEMU 7.2 reads them.
+    let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
+    let (mut ms, mut md) = (QmigVm::start(&dir, "vm-src", &[]), QmigVm::start(&dir, "vm-dst", &["--incoming", &uri]));
     let (s, d) = (ms.qmp.as_mut().expect("source QMP"), md.qmp.as_mut().expect("destination QMP"));
 
     // The parameters: QEMU 7.2's defaults, names and types; out-of-range values refused in its words.
@@ -887,8 +890,6 @@ fn qmp_multifd_qmig_vm_to_qmig_vm() {
 
     // qmig vm -> qmig vm over multifd, live (8 MiB/s: the migration runs a while).
     exec(s, mp, Some(json!({"max-bandwidth": 8 << 20})));
-    let uri = format!("unix:{}", dir.join("vm-mig.sock").display());
-    exec(d, "migrate-incoming", Some(json!({"uri": uri})));
     exec(s, "migrate", Some(json!({"uri": uri})));
     // While it runs: capabilities are refused, parameters taken (for the next migration:
     // this one keeps its 2 channels, which the destination expects).
