@@ -337,7 +337,12 @@ pub(crate) fn qemu_destination(
     (wire, multifd): (Wire, Multifd),
 ) -> Result<(QemuProcess, String), String> {
     let bin = cfg.qemu.clone().ok_or("no QEMU")?;
-    let config = QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true).prealloc(prealloc);
+    let mut config = QemuConfig::new().binary(bin).ram("mem", dst, size).incoming(true).prealloc(prealloc);
+    if prealloc {
+        // Populating 4 GiB before QMP answers took over the default 30 s on this
+        // loaded machine (2026-12-04): allow it the time.
+        config = config.timeout(Duration::from_secs(180));
+    }
     let mut q = QemuProcess::start(&config).map_err(|e| format!("start destination QEMU: {e}"))?;
     qemu_multifd(&mut q, multifd)?;
     let uri = match wire {
