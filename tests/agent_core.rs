@@ -21,6 +21,7 @@
 
 mod common;
 
+use common::agent_ops::{define, guest, names, SMALL_VM as VM_ARGS};
 use common::agents::{host_uuid, migrate, migrate_ok, run_ok, without_passes, AgentProc};
 use common::{one_line_error, qemu_or_skip, TestDir};
 use qmig_control::rpc::ErrorClass;
@@ -29,22 +30,6 @@ use std::time::{Duration, Instant};
 use testkit::pattern::{generate, Pattern};
 
 const MIB: usize = 1 << 20;
-
-/// `qmig define NAME --on A --kind KIND --ram-size SIZE -- EXTRA...`.
-fn define(dir: &TestDir, a: &AgentProc, name: &str, kind: &str, ram: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["define", name, "--on", &a.addr, "--kind", kind, "--ram-size", ram, "--"];
-    args.extend_from_slice(extra);
-    let r = run_ok(dir, &args);
-    serde_json::from_str(r.stdout.trim()).expect("define prints JSON")
-}
-
-/// The listed VMs' names.
-fn names(dir: &TestDir, a: &AgentProc) -> Vec<String> {
-    a.list(dir).iter().filter_map(|v| v["name"].as_str().map(String::from)).collect()
-}
-
-/// The `qmig vm` arguments of the tests: one slot, an 8 MiB working set written at 16 MiB/s.
-const VM_ARGS: &[&str] = &["--slots", "1", "--working-set", "8M", "--dirty-rate", "16"];
 
 #[test]
 fn qemu_paused_ram_exact_and_refusals() {
@@ -141,13 +126,6 @@ fn qemu_paused_ram_exact_and_refusals() {
     run_ok(&dir, &["destroy", "m1", "--on", &b.addr]);
     assert!(names(&dir, &b).is_empty());
     assert!(!b.state_dir.join("vms/m1").exists(), "destroy forgets the VM");
-}
-
-/// Reads a `qmig vm` guest's counter and checksum from `list`.
-fn guest(dir: &TestDir, a: &AgentProc, name: &str) -> (u64, bool) {
-    let v = a.vm(dir, name).unwrap_or_else(|| panic!("{name} not on {}", a.hostname));
-    assert_eq!(v["state"], "running", "{v}");
-    (v["counter"].as_u64().expect("counter"), v["checksum_ok"] == true)
 }
 
 #[test]

@@ -160,8 +160,8 @@ fn uffd_or_skip(test: &str) -> bool {
 }
 
 /// [`postcopy_dest::run`] on a thread of its own, failing (not hanging) the test
-/// when it does not return within a minute: the harness can hang on a known,
-/// not yet fixed engine bug (see `fuzz/README.md`, `findings/postcopy_dest-touch-hang`).
+/// when it does not return within a minute (a thread left blocked in a userfaultfd
+/// fault once hung the load: `regressions/postcopy_dest/touch-hang`, see `fuzz/README.md`).
 fn postcopy_within_a_minute(data: &[u8]) -> Option<bool> {
     let (tx, rx) = std::sync::mpsc::channel();
     let data = data.to_vec();
@@ -172,7 +172,7 @@ fn postcopy_within_a_minute(data: &[u8]) -> Option<bool> {
     match rx.recv_timeout(std::time::Duration::from_secs(60)) {
         Ok(Ok(r)) => r,
         Ok(Err(p)) => std::panic::resume_unwind(p),
-        Err(_) => panic!("the postcopy load did not return within 60 s (see findings/postcopy_dest-touch-hang)"),
+        Err(_) => panic!("the postcopy load did not return within 60 s (a thread blocked in a userfaultfd fault? see fuzz/README.md)"),
     }
 }
 

@@ -246,9 +246,10 @@ fn huge_declared_lengths_do_not_allocate() {
 }
 
 /// Issue 13 bug 3: POSTCOPY_RAM_DISCARD outside postcopy (no ADVISE, or after LISTEN)
-/// and one with more ranges than QEMU sends are refused before the sink sees a range.
+/// one with more ranges than QEMU sends, and a range off the page are refused
+/// before the sink sees a range.
 #[test]
-fn discard_outside_postcopy_or_unbounded_is_refused() {
+fn discard_outside_postcopy_unbounded_or_unaligned_is_refused() {
     #[derive(Default)]
     struct Discards(u64);
     impl PageSink for Discards {
@@ -263,12 +264,19 @@ fn discard_outside_postcopy_or_unbounded_is_refused() {
         block: "mem".into(),
         ranges: (0..n as u64).map(|i| (i * 0x2000, 0x1000)).collect(),
     };
+    let unaligned = |start: u64, len: u64| savevm_format::Command::PostcopyRamDiscard {
+        block: "mem".into(),
+        ranges: vec![(start, len)],
+    };
     let advise = savevm_format::Command::PostcopyAdvise(Some((4096, 4096)));
     let cases: Vec<(Vec<savevm_format::Command>, bool)> = vec![
         (vec![discard(1)], false),
         (vec![advise.clone(), savevm_format::Command::PostcopyListen, discard(1)], false),
         (vec![advise.clone(), discard(13)], false),
         (vec![advise.clone(), discard(12)], true),
+        // QEMU's ram_block_discard_range refuses a start or a length off the page.
+        (vec![advise.clone(), unaligned(0x800, 0x1000)], false),
+        (vec![advise.clone(), unaligned(0x1000, 0x1800)], false),
     ];
     for (cmds, ok) in cases {
         let mut v = ram_stream(0x100000, &[("mem", 0x100000)]);
@@ -292,7 +300,13 @@ fn discard_outside_postcopy_or_unbounded_is_refused() {
         match (r, ok) {
             (Ok(()), true) => assert_eq!(sink.0, 12 * 0x1000),
             (Err(e), false) => {
-                assert!(matches!(e.kind, ErrorKind::DiscardOutsidePostcopy | ErrorKind::Limit(_)), "{cmds:?}: {e}");
+                assert!(
+                    matches!(
+                        e.kind,
+                        ErrorKind::DiscardOutsidePostcopy | ErrorKind::Limit(_) | ErrorKind::DiscardUnaligned { .. }
+                    ),
+                    "{cmds:?}: {e}"
+                );
                 assert_eq!(sink.0, 0, "{cmds:?}: a range reached the sink");
             }
             (r, _) => panic!("{cmds:?}: {r:?}"),

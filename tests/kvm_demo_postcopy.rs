@@ -11,13 +11,25 @@ mod common;
 use common::TestDir;
 use std::process::Command;
 
+/// Run `qmig ARGS --stats-json DIR/stats.json`, which must succeed; its statistics.
+fn run_demo(dir: &TestDir, args: &[&str]) -> serde_json::Value {
+    let stats = dir.join("stats.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(args)
+        .args(["--stats-json", &stats.to_string_lossy()])
+        .output()
+        .expect("run qmig demo --kvm --postcopy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo {args:?} failed: {err}");
+    serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats JSON")
+}
+
 #[test]
 fn kvm_demo_switches_to_postcopy_and_runs_on() {
     if !testkit::kvm_or_skip("kvm_demo_switches_to_postcopy_and_runs_on") {
         return;
     }
     let dir = TestDir::new("kvm-demo-postcopy");
-    let stats = dir.join("stats.json");
     let args = [
         "demo",
         "--kvm",
@@ -35,15 +47,7 @@ fn kvm_demo_switches_to_postcopy_and_runs_on() {
         "--seed",
         "5",
     ];
-    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(args)
-        .args(["--stats-json", &stats.to_string_lossy()])
-        .output()
-        .expect("run qmig demo --kvm --postcopy");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo {args:?} failed: {err}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats JSON");
+    let s = run_demo(&dir, &args);
     let g = &s["guest"];
     assert_eq!(s["status"], "completed", "{s}");
     assert_eq!(s["verified"], true, "{s}");
@@ -70,7 +74,6 @@ fn kvm_demo_postcopy_capable_but_converged_in_precopy() {
         return;
     }
     let dir = TestDir::new("kvm-demo-postcopy-precopy");
-    let stats = dir.join("stats.json");
     let args = [
         "demo",
         "--kvm",
@@ -88,15 +91,7 @@ fn kvm_demo_postcopy_capable_but_converged_in_precopy() {
         "--seed",
         "9",
     ];
-    let out = Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(args)
-        .args(["--stats-json", &stats.to_string_lossy()])
-        .output()
-        .expect("run qmig demo --kvm --postcopy");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo {args:?} failed: {err}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats file")).expect("stats JSON");
+    let s = run_demo(&dir, &args);
     let g = &s["guest"];
     assert_eq!(s["status"], "completed", "{s}");
     assert!(s["destination"]["postcopy"].is_null(), "pre-copy converged first: {s}");

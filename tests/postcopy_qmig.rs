@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_same_ram, run_qmig_ok, utf8, TestDir};
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testkit::pattern::{self, Pattern};
 
@@ -30,11 +30,7 @@ fn migrate(name: &str, extra: &[&str]) -> (Value, Value) {
         .stderr(recv_err)
         .spawn()
         .expect("run qmig recv");
-    // recv binds before it prints; wait for the socket file.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !sock.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(&sock);
     // Postcopy from the start: nearly every page comes after RUN, while the touch thread faults.
     let src_arg = format!("mem={}", utf8(&src));
     let mut args = vec!["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--max-bandwidth", "4M"];
@@ -70,38 +66,46 @@ fn postcopy_capability_without_the_switch_completes_by_precopy() {
     assert_eq!(sent["ram"]["postcopy-bytes"], 0, "{sent}");
 }
 
-/// The destination process SIGKILLed while the source is in `postcopy-active`:
-/// `qmig send` fails promptly (the lost return path and socket end it), says the
-/// guest stays stopped, and does not hang.
-#[test]
-fn recv_sigkilled_in_postcopy_fails_send_promptly() {
-    let dir = TestDir::new("postcopy-kill-dest");
-    let (src, dst, sock, ctl) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"), dir.join("ctl.sock"));
-    std::fs::write(&src, pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0004, RAM_LEN)).expect("source RAM");
-    let uri = format!("unix:{}", utf8(&sock));
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", &uri, "--postcopy"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run qmig recv");
+/// Wait (up to 30 s) for recv's listening socket file: recv binds before it prints.
+fn wait_for_socket(sock: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    // 16 MiB at 1 MiB/s in postcopy: it stays postcopy-active for ~16 s.
+}
+
+/// `recv --postcopy` (plus `--postcopy-touch` if `touch`) and `send --postcopy
+/// --postcopy-after 0 --max-postcopy-bandwidth 1M` over a unix socket, returned once
+/// send's control socket says `postcopy-active` (16 MiB at 1 MiB/s: it stays so for
+/// ~16 s). `piped` says which of the two gets piped stdout/stderr (the one whose
+/// output the test reads); the other's go to /dev/null.
+fn both_in_postcopy(dir: &TestDir, seed: u64, touch: bool, piped: &str) -> (Child, Child) {
+    let (src, dst, sock, ctl) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"), dir.join("ctl.sock"));
+    std::fs::write(&src, pattern::generate(Pattern::Mixed { every: 3 }, seed, RAM_LEN)).expect("source RAM");
+    let uri = format!("unix:{}", utf8(&sock));
+    let io = |who: &str| if who == piped { (Stdio::piped(), Stdio::piped()) } else { (Stdio::null(), Stdio::null()) };
+    let (out, err) = io("recv");
+    let recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
+        .args(["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", &uri, "--postcopy"])
+        .args(touch.then_some("--postcopy-touch"))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("run qmig recv");
+    wait_for_socket(&sock);
     let control = format!("unix:{}", utf8(&ctl));
     let src_arg = format!("mem={}", utf8(&src));
+    let (out, err) = io("send");
     let send = Command::new(env!("CARGO_BIN_EXE_qmig"))
         .args(["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0"])
         .args(["--max-postcopy-bandwidth", "1M", "--control", &control])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("run qmig send");
-    // Wait for postcopy-active on the source's control socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut active = false;
     while Instant::now() < deadline {
         let q = Command::new(env!("CARGO_BIN_EXE_qmig"))
@@ -116,6 +120,16 @@ fn recv_sigkilled_in_postcopy_fails_send_promptly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(active, "send never reached postcopy-active");
+    (recv, send)
+}
+
+/// The destination process SIGKILLed while the source is in `postcopy-active`:
+/// `qmig send` fails promptly (the lost return path and socket end it), says the
+/// guest stays stopped, and does not hang.
+#[test]
+fn recv_sigkilled_in_postcopy_fails_send_promptly() {
+    let dir = TestDir::new("postcopy-kill-dest");
+    let (mut recv, send) = both_in_postcopy(&dir, 0x9c_0004, false, "send");
     recv.kill().expect("SIGKILL recv");
     let killed = Instant::now();
     let _ = recv.wait();
@@ -136,45 +150,7 @@ fn recv_sigkilled_in_postcopy_fails_send_promptly() {
 #[test]
 fn send_sigkilled_in_postcopy_fails_recv_promptly() {
     let dir = TestDir::new("postcopy-kill-src");
-    let (src, dst, sock, ctl) = (dir.join("src.ram"), dir.join("dst.ram"), dir.join("mig.sock"), dir.join("ctl.sock"));
-    std::fs::write(&src, pattern::generate(Pattern::Mixed { every: 3 }, 0x9c_0005, RAM_LEN)).expect("source RAM");
-    let uri = format!("unix:{}", utf8(&sock));
-    let recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(["recv", "--ram", &format!("mem={}", utf8(&dst)), "--from", &uri, "--postcopy", "--postcopy-touch"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run qmig recv");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // 16 MiB at 1 MiB/s in postcopy: it stays postcopy-active for ~16 s.
-    let control = format!("unix:{}", utf8(&ctl));
-    let src_arg = format!("mem={}", utf8(&src));
-    let mut send = Command::new(env!("CARGO_BIN_EXE_qmig"))
-        .args(["send", "--ram", &src_arg, "--to", &uri, "--postcopy", "--postcopy-after", "0"])
-        .args(["--max-postcopy-bandwidth", "1M", "--control", &control])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run qmig send");
-    let mut active = false;
-    while Instant::now() < deadline {
-        let q = Command::new(env!("CARGO_BIN_EXE_qmig"))
-            .args(["query-migrate", "--control", &control])
-            .output()
-            .expect("query-migrate");
-        let v: Value = serde_json::from_slice(&q.stdout).unwrap_or(Value::Null);
-        if v["status"] == "postcopy-active" {
-            active = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(active, "send never reached postcopy-active");
+    let (recv, mut send) = both_in_postcopy(&dir, 0x9c_0005, true, "recv");
     send.kill().expect("SIGKILL send");
     let killed = Instant::now();
     let _ = send.wait();

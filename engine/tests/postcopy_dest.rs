@@ -478,3 +478,67 @@ fn advise_twice_is_refused_and_late_advise_empties_ram() {
     want[2 * PAGE..3 * PAGE].copy_from_slice(&page(2, 1));
     assert!(mem.bytes() == want, "pages received before the late ADVISE survived it");
 }
+
+/// `unregister_all` must wake every thread blocked in a fault on the ranges, also
+/// one that entered the kernel's fault handler just as the unregister ran. With
+/// per-VMA locks (Linux 6.4+) such a thread can queue itself after UFFDIO_UNREGISTER's
+/// own wake-up and sleep forever (the `postcopy_dest` fuzz target hung so in
+/// `Threads::stop`). Races a reader against the unregister many times, each within
+/// a bounded wait.
+#[test]
+fn unregister_wakes_a_fault_racing_with_it() {
+    use engine::postcopy_dest::uffd::MissingUffd;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if !available("unregister_wakes_a_fault_racing_with_it") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 16;
+    let rounds: u64 = std::env::var("QMIG_UFFD_RACE_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    for round in 0..rounds {
+        // SAFETY: a fresh anonymous private mapping of N pages, unmapped below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                N * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let addr = ptr as u64;
+        let uffd = MissingUffd::new().expect("userfaultfd");
+        // SAFETY: our mapping, unmapped only after the userfaultfd is dropped and the reader joined.
+        unsafe { uffd.register(addr, (N * PAGE) as u64) }.expect("register");
+        let started = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = started.clone();
+        let reader = std::thread::spawn(move || {
+            s.store(1, Ordering::Release);
+            let mut sum = 0u64;
+            for i in 0..N {
+                // SAFETY: inside the mapping, alive until this thread is joined.
+                sum += u64::from(unsafe { std::ptr::read_volatile((addr + (i * PAGE) as u64) as *const u8) });
+            }
+            let _ = tx.send(sum);
+        });
+        while started.load(Ordering::Acquire) == 0 {
+            std::hint::spin_loop();
+        }
+        // Vary the moment of the unregister against the reader's first fault.
+        for _ in 0..(round % 64) * 50 {
+            std::hint::spin_loop();
+        }
+        uffd.unregister_all();
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(sum) => assert_eq!(sum, 0, "an unregistered missing page reads as zero"),
+            Err(_) => panic!("round {round}: a thread faulting on the memory was not woken by unregister_all"),
+        }
+        reader.join().expect("reader");
+        drop(uffd);
+        // SAFETY: our mapping; nothing uses it any more.
+        unsafe { libc::munmap(ptr, N * PAGE) };
+    }
+}

@@ -909,6 +909,14 @@ impl<R: Read> Decoder<R> {
                                     length: blk.length,
                                 });
                             }
+                            if start % self.tps != 0 || len % self.tps != 0 {
+                                return Err(ErrorKind::DiscardUnaligned {
+                                    block: blk.name.clone(),
+                                    start,
+                                    len,
+                                    page_size: self.tps,
+                                });
+                            }
                             sink.discard(blk, start, len);
                         }
                         self.last_block = None;

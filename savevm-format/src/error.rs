@@ -270,6 +270,21 @@ pub enum ErrorKind {
     /// POSTCOPY_RAM_DISCARD without a postcopy ADVISE before it, or after LISTEN.
     #[error("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (only between POSTCOPY_ADVISE and POSTCOPY_LISTEN)")]
     DiscardOutsidePostcopy,
+    /// A POSTCOPY_RAM_DISCARD range whose start or length is not a multiple of the
+    /// page size (QEMU's `ram_block_discard_range` refuses it).
+    #[error(
+        "POSTCOPY_RAM_DISCARD of '{block}': range {start:#x}+{len:#x} is not aligned to the {page_size}-byte page"
+    )]
+    DiscardUnaligned {
+        /// The RAM block.
+        block: String,
+        /// Start offset in the block.
+        start: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The stream's target page size.
+        page_size: u64,
+    },
     /// A configured limit was exceeded.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),

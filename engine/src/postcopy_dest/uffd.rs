@@ -168,14 +168,16 @@ impl MissingUffd {
                 _ => UffdError::Os { op: "UFFDIO_REGISTER", source: e },
             });
         }
+        // Recorded before the checks below, so that a refused range is still
+        // unregistered (and its faults woken) by `unregister_all`.
+        if let Ok(mut r) = self.ranges.lock() {
+            r.push((addr, len));
+        }
         if reg.ioctls & (1 << UFFDIO_COPY_NR) == 0 {
             return Err(UffdError::Unsupported(format!("UFFDIO_COPY is not available on {addr:#x}+{len:#x}")));
         }
         if reg.ioctls & (1 << UFFDIO_ZEROPAGE_NR) == 0 {
             self.zeropage.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
-        if let Ok(mut r) = self.ranges.lock() {
-            r.push((addr, len));
         }
         Ok(())
     }
@@ -256,13 +258,30 @@ impl MissingUffd {
 
     /// Unregister every range: blocked threads are woken and from now on missing
     /// pages fault normally (a hole reads as zeros). Idempotent.
+    ///
+    /// UFFDIO_UNREGISTER wakes the threads queued on the range *before* it detaches
+    /// the range, and with per-VMA locks (Linux 6.4+) a fault holds only its VMA's
+    /// lock, so a thread that entered the fault handler just then queues itself
+    /// after that wake-up and would sleep forever. Once the unregister returned no
+    /// new fault can queue, so an explicit UFFDIO_WAKE of each range afterwards
+    /// (which needs no registration) wakes such a straggler; it then retries its
+    /// fault, which the kernel now resolves without us.
     pub fn unregister_all(&self) {
         let ranges = self.ranges.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
-        for (start, len) in ranges {
+        for &(start, len) in &ranges {
             let mut r = UffdioRange { start, len };
             // SAFETY: a valid uffdio_range of a range we registered; unregistering
             // changes no memory contents.
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as libc::Ioctl, &mut r) };
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as libc::Ioctl, &mut r) } < 0 {
+                // Nothing to do about it here but say so: the wake below still runs,
+                // and closing the descriptor detaches every range.
+                tracing::warn!("userfaultfd: UFFDIO_UNREGISTER {start:#x}+{len:#x}: {}", io::Error::last_os_error());
+            }
+        }
+        for &(start, len) in &ranges {
+            if let Err(e) = self.wake(start, len) {
+                tracing::warn!("userfaultfd: waking {start:#x}+{len:#x} after unregistering: {e}");
+            }
         }
     }
 
