@@ -253,31 +253,34 @@ pub fn run(cmd: ControlCmd, cancel: &CancelToken) -> qmig::Result<()> {
 /// progress bar on a terminal and Ctrl-C turned into `migrate-cancel`.
 fn migrate(name: &str, from: &str, to: &str, flags: &MigrateFlags, cancel: &CancelToken) -> qmig::Result<()> {
     let done = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(None::<String>));
     let watcher = {
         let (done, cancel, from, name) = (done.clone(), cancel.clone(), from.to_string(), name.to_string());
         let bar = crate::stdout_is_terminal().then(progress_bar);
-        let seen = seen.clone();
         std::thread::Builder::new()
             .name("migrate-progress".into())
-            .spawn(move || watch(&from, &name, &done, &cancel, bar, &seen))
+            .spawn(move || watch(&from, &name, &done, &cancel, bar))
             .map_err(|e| fail("migrate", e))?
     };
     let result = if flags.p2p {
         Client::connect(from, CONNECT_TIMEOUT).map_err(|e| fail("migrate", format!("begin3 failed: {e}"))).and_then(
             |mut c| {
                 c.set_timeout(None).map_err(|e| fail("migrate", e))?;
-                c.call("migrate", json!({ "name": name, "to": to, "flags": flags })).map_err(|e| {
-                    if e.class != qmig_control::ErrorClass::SystemError {
-                        return fail("migrate", e.desc);
+                // The source agent announces each phase as its driver enters it.
+                let mut phase = String::from("begin3");
+                let args = json!({ "name": name, "to": to, "flags": flags });
+                let set = &mut |p: &Value| {
+                    if let Some(p) = p["phase"].as_str() {
+                        tracing::info!(phase = p, "migrate");
+                        phase = p.to_string();
                     }
-                    // The source agent drove the phases and is gone: name the last phase its jobinfo showed.
-                    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    match seen.as_deref().map(protocol_phase) {
-                        Some(p) => fail("migrate", format!("{p} failed: the source agent was lost: {}", e.desc)),
-                        None => fail("migrate", format!("the source agent was lost (no phase seen yet): {}", e.desc)),
+                };
+                match c.call_with_progress("migrate", args, set) {
+                    Ok(r) => r.map_err(|e| fail("migrate", e.desc)),
+                    // The source agent drove the phases and is gone: name the one it was in.
+                    Err(lost) => {
+                        Err(fail("migrate", format!("{phase} failed: the source agent was lost: {}", lost.desc)))
                     }
-                })
+                }
             },
         )
     } else {
@@ -307,25 +310,8 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// The v3 phase (call) a source job's recorded phase belongs to.
-fn protocol_phase(job_phase: &str) -> &'static str {
-    match job_phase {
-        "perform3" | "perform3_done" => "perform3",
-        "confirm3" | "confirm3_cancelled" => "confirm3",
-        _ => "begin3",
-    }
-}
-
-/// Polls the source agent's `jobinfo` for the bar and the last phase seen (`seen`), and
-/// sends `migrate-cancel` once on Ctrl-C.
-fn watch(
-    from: &str,
-    name: &str,
-    done: &AtomicBool,
-    cancel: &CancelToken,
-    bar: Option<indicatif::ProgressBar>,
-    seen: &Mutex<Option<String>>,
-) {
+/// Polls the source agent's `jobinfo` for the bar, and sends `migrate-cancel` once on Ctrl-C.
+fn watch(from: &str, name: &str, done: &AtomicBool, cancel: &CancelToken, bar: Option<indicatif::ProgressBar>) {
     let mut client: Option<Client> = None;
     let mut cancel_sent = false;
     while !done.load(Ordering::SeqCst) {
@@ -342,7 +328,6 @@ fn watch(
         }
         match c.call("jobinfo", json!({ "name": name })) {
             Ok(j) if j["role"] == "source" && j["finished"] == false => {
-                *seen.lock().unwrap_or_else(|p| p.into_inner()) = j["phase"].as_str().map(String::from);
                 let Some(bar) = bar.as_ref() else { continue };
                 let ram = &j["statistics"]["ram"];
                 bar.set_prefix(j["phase"].as_str().unwrap_or("").to_string());

@@ -209,6 +209,9 @@ enum Cmd {
         /// Start postcopy this many seconds after the migration started, or when the first pass is done if sooner.
         #[arg(long = "postcopy-after", value_name = "SECS", requires = "postcopy")]
         postcopy_after: Option<f64>,
+        /// Rate limit of the background pages in postcopy, bytes/s with suffixes (QEMU's `max-postcopy-bandwidth`; 0 = unlimited); requested pages are never held by it.
+        #[arg(long = "max-postcopy-bandwidth", value_name = "BYTES_PER_S", default_value = "0", value_parser = parse_size, requires = "postcopy")]
+        max_postcopy_bandwidth: u64,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -786,12 +789,14 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             tls,
             postcopy,
             postcopy_after,
+            max_postcopy_bandwidth,
         } => {
             let tls = tls.params()?;
             let channel = channel_options(io_timeout)?;
             let mut params = engine::params::MigrationParameters {
                 downtime_limit,
                 max_bandwidth,
+                max_postcopy_bandwidth,
                 xbzrle_cache_size: xbzrle.xbzrle_cache_size,
                 ..Default::default()
             };

@@ -301,6 +301,28 @@ impl Drop for Populate {
     }
 }
 
+/// Populates the page tables of `ranges` (byte ranges within `map`) in this
+/// thread (`MADV_POPULATE_WRITE`, 8 MiB at a time). Best effort: a kernel without
+/// it (before 5.14) leaves the faults to the writer.
+fn populate_now(map: &MmapMut, ranges: &[(usize, usize)]) {
+    const CHUNK: usize = 8 << 20;
+    for &(start, end) in ranges {
+        let end = end.min(map.len());
+        let mut off = start;
+        while off < end {
+            let n = CHUNK.min(end - off);
+            // SAFETY: [off, off + n) lies inside `map`, borrowed for the call;
+            // MADV_POPULATE_WRITE only maps pages in, as a write fault would, and never
+            // changes their contents.
+            let r = unsafe { libc::madvise(map.as_ptr().add(off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+            if r != 0 {
+                return;
+            }
+            off += n;
+        }
+    }
+}
+
 /// The holes of `f`'s first `len` bytes, as one bit per page wholly inside a hole
 /// (SEEK_DATA / SEEK_HOLE); `None` when the filesystem cannot say or there is no
 /// hole. Pages in holes read as zero without being stored.
@@ -482,6 +504,44 @@ impl RamImage {
 }
 
 impl RamImage {
+    /// Map an existing RAM file before the stream says how long its block is (a
+    /// positive multiple of 4 KiB; anything else is `None`, left to the checks of
+    /// [`ImageSink`]'s setup), find its holes and populate the page tables of its
+    /// data ranges now (`MADV_POPULATE_WRITE`, 8 MiB at a time), as QEMU's
+    /// `prealloc=on` populates its RAM before it listens. Contents are unchanged and
+    /// holes stay holes (nothing is allocated here; see [`RamImage::adopt`]).
+    fn prepare(path: &Path) -> Option<Self> {
+        let f = OpenOptions::new().read(true).write(true).open(path).ok()?;
+        let m = f.metadata().ok()?;
+        let len = m.len();
+        if !m.file_type().is_file() || len == 0 || len % PAGE as u64 != 0 || usize::try_from(len).is_err() {
+            return None;
+        }
+        let known_zero = holes(&f, len);
+        // SAFETY: a shared writable mapping of a regular file of the length just read;
+        // we are its only writer for the duration of the migration, as QEMU is for
+        // its RAM. Nothing is written through it before the block's length is checked.
+        let map = unsafe { MmapMut::map_mut(&f) }.ok()?;
+        if map.len() as u64 != len {
+            return None;
+        }
+        populate_now(&map, &data_ranges(known_zero.as_deref(), map.len()));
+        Some(RamImage::new(path, f, map, known_zero))
+    }
+
+    /// A prepared image for a block of `len` bytes: its blocks allocated (see
+    /// [`allocate`]) once the length is known to match; `None` (dropped) otherwise,
+    /// or when the path no longer names the same file of that length.
+    fn adopt(self, len: u64) -> Option<Result<Self>> {
+        use std::os::unix::fs::MetadataExt;
+        let (now, mapped) = (std::fs::metadata(&self.path).ok()?, self.file.metadata().ok()?);
+        if self.map.len() as u64 != len || mapped.len() != len || (now.dev(), now.ino()) != (mapped.dev(), mapped.ino())
+        {
+            return None;
+        }
+        Some(allocate(&self.file, len).map_err(|e| Error::file(&self.path, e)).map(|()| self))
+    }
+
     /// Map an existing destination RAM file of exactly `len` bytes, or create it
     /// (sparse) when it does not exist.
     pub fn open_or_create(name: &str, path: &Path, len: u64) -> Result<Self> {
@@ -552,6 +612,9 @@ pub struct ImageSink {
     shared: bool,
     /// Most bytes the stream's blocks may total (`None`: only the filesystems' free space).
     max_total: Option<u64>,
+    /// Existing target files mapped and populated before the stream started (see
+    /// [`ImageSink::prepare_existing`]), by path; taken by the setup.
+    prepared: Vec<RamImage>,
 }
 
 impl ImageSink {
@@ -571,6 +634,22 @@ impl ImageSink {
     pub fn shared(mut self) -> Self {
         self.shared = true;
         self
+    }
+
+    /// Before the source connects: map every target file that already exists and
+    /// populate the page tables of its data ranges (holes stay holes), as QEMU's
+    /// `prealloc=on` does at startup, so the stream's pages are then one copy each
+    /// with no fault. The setup uses these mappings once it has checked the
+    /// stream's block lengths against them (a mismatch is its usual error).
+    pub fn prepare_existing(&mut self) {
+        for (_, path) in &self.targets {
+            if self.prepared.iter().any(|p| &p.path == path) {
+                continue;
+            }
+            if let Some(img) = RamImage::prepare(path) {
+                self.prepared.push(img);
+            }
+        }
     }
 
     /// Sum of the stream's block lengths (once the block list arrived).
@@ -667,7 +746,10 @@ impl ImageSink {
                 images.push(None);
                 continue;
             };
-            let mut img = if exists {
+            let prepared = self.prepared.iter().position(|i| i.path == p).map(|i| self.prepared.swap_remove(i));
+            let mut img = if let Some(img) = prepared.filter(|_| exists).and_then(|i| i.adopt(b.length)) {
+                img?
+            } else if exists {
                 RamImage::open_or_create(&b.name, &p, b.length)?
             } else {
                 self.created.push(p.clone());
@@ -787,6 +869,16 @@ impl engine::multifd::SharedRamSink for ImageSink {
                     .ok_or_else(|| format!("RAM block {i}: empty mapping"))
             })
             .collect()
+    }
+
+    /// Each block's file: the receiver threads `pwrite` their pages into it (no
+    /// fault, no cleared page first), coherent with the shared mapping the main
+    /// channel's ZERO records use (the same page cache).
+    fn shared_files(&mut self) -> Vec<Option<Arc<File>>> {
+        if !self.shared {
+            return Vec::new();
+        }
+        self.images.iter().map(|img| img.as_ref().map(|img| img.file.clone())).collect()
     }
 }
 
@@ -940,6 +1032,96 @@ mod tests {
         let f = File::open(&full).expect("open");
         assert!(holes(&f, 65536).is_none(), "no hole, no bitmap");
         assert_eq!(data_ranges(None, 65536), vec![(0, 65536)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whether the page at `addr` of this process is mapped (present bit of
+    /// /proc/self/pagemap, readable without privileges).
+    fn present(addr: usize) -> bool {
+        use std::os::unix::fs::FileExt;
+        let f = File::open("/proc/self/pagemap").expect("pagemap");
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, (addr / 4096 * 8) as u64).expect("pagemap entry");
+        u64::from_le_bytes(e) >> 63 == 1
+    }
+
+    /// Issue 11: an existing file is mapped and its data pages' page tables are
+    /// populated before the stream (holes stay holes: nothing allocated, SEEK_DATA
+    /// unchanged); a block of another length gets the usual error and leaves the
+    /// file as it was; a matching block uses the mapping, byte-exact, and its holes
+    /// are still holes after.
+    #[test]
+    fn existing_files_are_populated_before_the_stream() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        // On tmpfs where there is one (as the tests' directories, and the bench's
+        // destinations): there an allocated page never written stays a hole to
+        // SEEK_DATA, where ext4's writeback may turn the allocated range into data.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            let d = shm.join(format!("qmig-ramfile-{}-prepare", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("test dir");
+            d
+        } else {
+            temp("prepare")
+        };
+        let path = dir.join("mem.ram");
+        let len = 4u64 << 20; // 1024 pages: data in pages 0..256 and 512..520, holes elsewhere
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
+        f.set_len(len).expect("length");
+        let mut want = vec![0u8; len as usize];
+        for (i, b) in want[..1 << 20].iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8 + 1;
+        }
+        want[512 * 4096..520 * 4096].fill(0x5a);
+        f.write_all_at(&want[..1 << 20], 0).expect("data");
+        f.write_all_at(&want[512 * 4096..520 * 4096], 512 * 4096).expect("data");
+        drop(f);
+        let before = std::fs::metadata(&path).expect("stat").blocks();
+        let block = RamBlock::new(0, "mem", len);
+        let targets = vec![("mem".to_string(), path.clone())];
+
+        // Another length: refused as before, the file untouched (no block allocated).
+        let mut sink = ImageSink::destination(targets.clone());
+        sink.prepare_existing();
+        assert_eq!(sink.prepared.len(), 1, "the existing file was not prepared");
+        let e = sink.ram_blocks(&[RamBlock::new(0, "mem", len * 2)]).expect_err("length mismatch");
+        assert!(e.contains("size mismatch"), "{e}");
+        drop(sink);
+        assert_eq!(std::fs::metadata(&path).expect("stat").blocks(), before, "blocks allocated by a refused load");
+
+        let mut sink = ImageSink::destination(targets);
+        sink.prepare_existing();
+        {
+            let img = &sink.prepared[0];
+            let base = img.map.as_ptr() as usize;
+            assert!(present(base) && present(base + 255 * 4096) && present(base + 519 * 4096), "data not populated");
+            assert!(!present(base + 300 * 4096) && !present(base + 1023 * 4096), "a hole was populated");
+            let bits = img.known_zero.as_deref().expect("holes found");
+            assert!(bits[300 / 64] & (1 << (300 % 64)) != 0, "page 300 not known zero");
+        }
+        assert_eq!(std::fs::metadata(&path).expect("stat").blocks(), before, "preparing allocated blocks");
+        sink.ram_blocks(std::slice::from_ref(&block)).expect("setup");
+        assert!(sink.prepared.is_empty(), "the prepared mapping was not used");
+        // A stream: rewrites data pages, writes one hole page, zero-fills a data page.
+        for (p, byte) in [(3u64, 0x11u8), (515, 0x22), (700, 0x33)] {
+            match sink.page_mut(&block, p * 4096) {
+                Some(savevm_format::PageSlot::Buffer(slot)) => slot.fill(byte),
+                _ => panic!("page {p}: no buffer slot"),
+            }
+            want[(p * 4096) as usize..][..4096].fill(byte);
+        }
+        sink.fill_page(&block, 4 * 4096, 0);
+        want[4 * 4096..5 * 4096].fill(0);
+        sink.fill_page(&block, 900 * 4096, 0);
+        sink.flush().expect("flush");
+        drop(sink);
+        assert!(std::fs::read(&path).expect("read") == want, "destination differs");
+        let f = File::open(&path).expect("open");
+        let bits = holes(&f, len).expect("holes left");
+        let hole = |p: u64| bits[(p / 64) as usize] & (1u64 << (p % 64)) != 0;
+        assert!(hole(300) && hole(900) && hole(1023), "untouched holes became data");
+        assert!(!hole(3) && !hole(515) && !hole(700));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

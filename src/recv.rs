@@ -235,6 +235,10 @@ pub fn recv_opts(
     let load_cancel = CancelToken::new().map_err(Error::Io)?;
     cancel.link_to(&load_cancel);
     let creds = opts.tls.as_ref().map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
+    // Existing RAM files are mapped and populated before recv listens, as QEMU's
+    // prealloc=on populates before its -incoming listens.
+    let mut dest = ImageSink::destination(ram.to_vec());
+    dest.prepare_existing();
     let mut listener = Listener::bind(uri, &load_cancel).map_err(Error::transport)?.with_options(*channel);
     if let Some(creds) = creds {
         listener = listener.with_tls(creds).map_err(Error::transport)?;
@@ -268,7 +272,6 @@ pub fn recv_opts(
     let mut reader = MigrationReader::new(ch, rate.clone());
     let counted = rate.clone();
     let progress = progress.then(|| crate::watch::Progress::incoming(move || counted.total_bytes()));
-    let mut dest = ImageSink::destination(ram.to_vec());
     let mut incoming = Incoming::new(false);
     incoming.postcopy = postcopy;
     // A file or command output that starts with zstd's magic is a compressed save

@@ -10,8 +10,9 @@
 //!   prints one line naming the phase and leaves exactly one copy running.
 //! - A running q35 + KVM QEMU guest (busy-bios.bin) and a running `qmig vm` KVM
 //!   guest migrate live (direct); the QMP event sequences the agents saw for the
-//!   two are equal; multifd on a `qmig vm` is refused in Begin3; the `qmig vm`
-//!   comes back with `--p2p`, its counter going on
+//!   two are equal; postcopy with multifd is refused in Begin3; the `qmig vm`
+//!   comes back with `--p2p` and goes again with `--p2p --parallel 2 --compressed`
+//!   (multifd, zstd; `multifd-bytes` in its statistics), its counter going on
 //!   and its checksum intact each time.
 //! - `migrate-setspeed` mid-run shows in the next windows' throughput, then
 //!   `migrate-cancel` ends the migration with the source running on; then the
@@ -178,9 +179,14 @@ fn live_qemu_and_qmig_vm_same_events_direct_and_p2p() {
     assert!(g["source"]["events"].as_array().is_some_and(|l| l.iter().any(|e| e == "MIGRATION_PASS")));
     assert!(q["source"]["events"].as_array().is_some_and(|l| l.iter().any(|e| e == "MIGRATION_PASS")));
 
-    // Refused before anything starts: multifd on a qmig vm (its migrate opens no multifd channels).
-    let r = migrate(&dir, "g1", &b, &a, &["--parallel", "2"]);
-    one_line_error("multifd on qmig vm", r.status.code(), &r.stderr, &["qmig: migrate: begin3 failed:", "multifd"]);
+    // Refused before anything starts: postcopy with multifd (as QEMU refuses the pair).
+    let r = migrate(&dir, "g1", &b, &a, &["--postcopy", "--parallel", "2"]);
+    one_line_error(
+        "postcopy + multifd on qmig vm",
+        r.status.code(),
+        &r.stderr,
+        &["qmig: migrate: begin3 failed:", "Postcopy is not yet compatible with multifd"],
+    );
     assert_eq!(b.vm(&dir, "g1").expect("g1 stays")["job"], Value::Null);
 
     // Back with p2p: this client talks to host-b only.
@@ -191,6 +197,18 @@ fn live_qemu_and_qmig_vm_same_events_direct_and_p2p() {
     assert!(back > after, "the counter went on: {after} -> {back}");
     assert!(!names(&dir, &b).contains(&"g1".to_string()));
     assert_eq!(names(&dir, &b), ["q1"]);
+
+    // And over again with p2p over multifd (libvirt's --parallel --compressed: 2 channels, zstd).
+    let m = migrate_ok(&dir, "g1", &a, &b, &["--p2p", "--live", "--parallel", "2", "--compressed"]);
+    let (moved, ok) = guest(&dir, &b, "g1");
+    assert!(ok, "checksum intact on host-b after multifd");
+    assert!(moved > back, "the counter went on: {back} -> {moved}");
+    assert!(!names(&dir, &a).contains(&"g1".to_string()));
+    let mf = m["source"]["statistics"]["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+    assert!(mf > 0, "the source's statistics count multifd bytes: {m}");
+    let j = a.call("jobinfo", json!({"name": "g1"})).expect("jobinfo");
+    assert_eq!((&j["flags"]["parallel"], &j["flags"]["compressed"]), (&json!(2), &json!(true)), "{j}");
+    assert!(j["statistics"]["ram"]["multifd-bytes"].as_u64().is_some_and(|b| b > 0), "{j}");
 }
 
 /// `ram.transferred` of `name`'s running migration (jobinfo on the source agent) and when it was read.

@@ -44,6 +44,11 @@ fn kvm_demo_switches_to_postcopy_and_runs_on() {
         "128",
         "--max-bandwidth",
         "16M",
+        // The background pages at 8 MiB/s: the guest faults on the discarded pages
+        // also when its vCPU is not scheduled for a while after RUN (unlimited, they
+        // could all arrive first on a loaded machine: no request, as once happened).
+        "--max-postcopy-bandwidth",
+        "8M",
         "--seed",
         "5",
     ];
@@ -63,11 +68,13 @@ fn kvm_demo_switches_to_postcopy_and_runs_on() {
     assert_eq!(s["destination"]["return-path"]["shut"], 0, "{s}");
 }
 
-/// With `postcopy-ram` on but pre-copy converging at the first sync after the bulk
-/// pass (an 8 MiB working set fits the downtime threshold of a 64 MiB/s link, so the
-/// switchover comes before the switch to postcopy), the migration completes in
-/// pre-copy: kvm-dest keeps the guest stopped until it took the RAM digest and the
-/// counters (it used to autostart first, so the digest differed and the demo failed).
+/// With `postcopy-ram` on but pre-copy converging before the switch to postcopy
+/// (`--postcopy-after 30`: an 8 MiB working set fits the downtime threshold of a
+/// 16 MiB/s link long before), the migration completes in pre-copy: kvm-dest keeps
+/// the guest stopped until it took the RAM digest and the counters (it used to
+/// autostart first, so the digest differed and the demo failed). With the default
+/// switch after the first pass this raced: one 100 ms bandwidth window in which a
+/// starved sender sent little makes the threshold tiny, and postcopy starts.
 #[test]
 fn kvm_demo_postcopy_capable_but_converged_in_precopy() {
     if !testkit::kvm_or_skip("kvm_demo_postcopy_capable_but_converged_in_precopy") {
@@ -87,7 +94,11 @@ fn kvm_demo_postcopy_capable_but_converged_in_precopy() {
         "--dirty-rate",
         "64",
         "--max-bandwidth",
-        "64M",
+        "16M",
+        "--downtime-limit",
+        "3000",
+        "--postcopy-after",
+        "30",
         "--seed",
         "9",
     ];

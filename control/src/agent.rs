@@ -70,6 +70,10 @@ pub struct Agent {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     /// The tunnels of tunnelled migrations, by VM name.
     tunnels: tunnel::Registry,
+    /// Incoming VMs by name, with the RPC connection whose Prepare3 started them: when
+    /// that connection closes before Finish3 began, the VM is killed (libvirt starts
+    /// the incoming domain with `VIR_QEMU_PROCESS_START_AUTODESTROY` on that connection).
+    prepared_on: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +146,7 @@ impl Agent {
             vms: Mutex::new(vms),
             jobs: Mutex::new(jobs),
             tunnels: tunnel::Registry::default(),
+            prepared_on: Mutex::new(BTreeMap::new()),
         });
         let unfinished: Vec<Arc<Job>> = lock(&agent.jobs).values().filter(|j| !j.record().finished).cloned().collect();
         agent.on_restart(unfinished);
@@ -251,17 +256,22 @@ impl Agent {
 
     /// Runs one RPC call.
     pub fn dispatch(&self, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
+        self.dispatch_on(None, call, args)
+    }
+
+    /// Runs one RPC call that came on `conn` (`None`: from the agent itself, the p2p driver).
+    pub fn dispatch_on(&self, conn: Option<&rpc::Conn<'_>>, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
         match call {
             "host-info" => Ok(json!(self.host)),
             "define" => self.define(args),
             "list" => Ok(Value::Array(self.list())),
             "destroy" => self.destroy(args.str("name")?),
             "begin3" => self.begin3(args),
-            "prepare3" => self.prepare3(args),
+            "prepare3" => self.prepare3(args, conn.map(rpc::Conn::id)),
             "perform3" => self.perform3(args),
             "finish3" => self.finish3(args),
             "confirm3" => self.confirm3(args),
-            "migrate" => self.migrate_p2p(args),
+            "migrate" => self.migrate_p2p(args, conn),
             "migrate-setspeed" => self.setspeed(args),
             "migrate-cancel" => self.cancel(args.str("name")?),
             "jobinfo" => self.jobinfo(args.str("name")?),
@@ -400,7 +410,7 @@ impl Agent {
             Kind::Qemu => migrate::memory_backend_paths(&substituted_args(&def, self.dir.root())),
             Kind::Vm => vec![],
         };
-        migrate::check_supported(name, def.kind, &flags, &caps, &params, &ram_files)?;
+        migrate::check_supported(name, &flags, &caps, &params, &ram_files)?;
         let running = vm.execute("query-status", None)?["status"] == "running";
         self.new_job(JobRecord {
             saved_parameters: None,
@@ -423,7 +433,7 @@ impl Agent {
         Ok(json!({ "description": def, "cookie": cookie.to_json() }))
     }
 
-    fn prepare3(&self, args: Args<'_>) -> Result<Value, RpcError> {
+    fn prepare3(&self, args: Args<'_>, conn: Option<u64>) -> Result<Value, RpcError> {
         let def: VmDef = serde_json::from_value(args.get("description").cloned().unwrap_or(Value::Null))
             .map_err(|e| RpcError::invalid(format!("the VM description is malformed: {e}")))?;
         check_name(&def.name)?;
@@ -485,6 +495,9 @@ impl Agent {
         });
         match result {
             Ok(uri) => {
+                if let Some(id) = conn {
+                    lock(&self.prepared_on).insert(name.clone(), id);
+                }
                 let mut c = Cookie::new(&self.host, &name, &def.uuid, def.ram_size);
                 c.kind = Some(def.kind.as_str().into());
                 Ok(json!({ "uri": uri, "cookie": c.to_json() }))
@@ -522,7 +535,22 @@ impl Agent {
         let result = self.run_migration(&job, &vm, &flags, uri);
         let events: Vec<String> = vm.take_events().iter().map(event_name).collect();
         job.update(|r| r.events.extend(events.iter().cloned()))?;
-        let stats = result?;
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // As libvirt's qemuMigrationSrcPerformPhase: a failed Perform3 puts the source
+                // back at once (the migration ended, the parameters reset, the VM resumed if
+                // it ran) and ends the job, rather than waiting for a Confirm3 (cancelled)
+                // that a lost client or driver never sends; a later one finds no job.
+                self.tunnels.close(name);
+                job.set_phase(Phase::Confirm3Cancelled)?;
+                if let Err(re) = self.resume_source(name, &job) {
+                    tracing::warn!(vm = name, error = %re, "perform3 failed and the source VM was not resumed");
+                }
+                let _ = job.finish(Some(e.desc.clone()));
+                return Err(e);
+            }
+        };
         job.update(|r| {
             r.statistics = Some(stats.clone());
             r.phase = Phase::Perform3Done;
@@ -578,8 +606,18 @@ impl Agent {
         let cancelled = args.flag("cancelled")?;
         let job = self.job_of(name, Role::Destination, "finish3")?;
         fault_point(&self.dir, "finish3")?;
-        job.set_phase(Phase::Finish3)?;
+        {
+            // From here Finish3 decides the incoming VM's fate, not its Prepare3 connection.
+            let mut bound = lock(&self.prepared_on);
+            if job.record().finished {
+                return Err(RpcError::op_invalid(format!("finish3: VM '{name}''s migration job is over")));
+            }
+            bound.remove(name);
+            job.set_phase(Phase::Finish3)?;
+        }
         let vm = lock(&self.vms).get(name).and_then(|e| e.proc.clone());
+        // The guest ran here in postcopy: a failure from then on leaves the VM (libvirt's doKill = false).
+        let resumed_in_postcopy = std::cell::Cell::new(false);
         let result = (|| {
             if cancelled {
                 return Err(RpcError::failed("the source cancelled the migration"));
@@ -597,6 +635,8 @@ impl Agent {
                     "postcopy-active" if !paused && !resumed => {
                         vm.execute("cont", None)?;
                         resumed = true;
+                        resumed_in_postcopy.set(true);
+                        fault_point(&self.dir, "finish3_resumed")?;
                     }
                     s @ ("failed" | "cancelled") => {
                         return Err(RpcError::failed(format!("VM {name}: the incoming migration {s}")))
@@ -630,6 +670,15 @@ impl Agent {
                 job.finish(None)?;
                 Ok(json!({ "cookie": c.to_json() }))
             }
+            Err(e) if resumed_in_postcopy.get() => {
+                // libvirt's qemuMigrationDstPostcopyFailed: the guest ran here and its source
+                // cannot take it back; killing it would lose it. The VM stays for the operator.
+                let desc =
+                    format!("postcopy failed after the guest resumed here (the VM is left as it is): {}", e.desc);
+                tracing::error!(vm = name, "finish3: {desc}");
+                let _ = job.finish(Some(desc.clone()));
+                Err(RpcError::new(e.class, desc))
+            }
             Err(e) => {
                 // The incoming VM never ran the guest: kill it, the source keeps (or resumes) it.
                 if let Some(vm) = vm {
@@ -655,7 +704,35 @@ impl Agent {
             Err(_) if cancelled => return Ok(json!({})),
             Err(e) => return Err(e),
         };
+        fault_point(&self.dir, "confirm3")?;
         self.tunnels.close(name);
+        let mut cancelled = cancelled;
+        if cancelled {
+            // libvirt's qemuMigrationSrcConfirmPhase: after a switch to postcopy there is no
+            // way back; a migration QEMU reports completed succeeded whatever Finish3 said.
+            let status =
+                self.vm(name).and_then(|vm| vm.execute("query-migrate", None)).map(|i| status_of(&i).to_string());
+            let r = job.record();
+            let switched = r.statistics.as_ref().is_some_and(|s| status_of(s).starts_with("postcopy"))
+                || r.events.iter().any(|e| e == "MIGRATION:postcopy-active");
+            match cancelled_confirm(status.as_deref().unwrap_or("none"), switched) {
+                CancelledConfirm::Resume => {}
+                CancelledConfirm::ForceSuccess => {
+                    tracing::warn!(
+                        vm = name,
+                        "confirm3: Finish3 failed, but the postcopy migration completed: forcing success"
+                    );
+                    cancelled = false;
+                }
+                CancelledConfirm::LeavePaused => {
+                    job.set_phase(Phase::Confirm3Cancelled)?;
+                    let why = "postcopy failed after the switch: the source VM is left paused (no way back)";
+                    tracing::error!(vm = name, "confirm3: {why}");
+                    job.finish(Some(why.into()))?;
+                    return Ok(json!({}));
+                }
+            }
+        }
         if cancelled {
             job.set_phase(Phase::Confirm3Cancelled)?;
             let r = self.resume_source(name, &job);
@@ -732,16 +809,61 @@ impl Agent {
         Ok(())
     }
 
-    fn migrate_p2p(&self, args: Args<'_>) -> Result<Value, RpcError> {
+    /// The p2p shape: this agent drives the v3 protocol against the agent at `to`. Each
+    /// phase is announced on the caller's connection (`{"progress": {"phase": P}}`) as it
+    /// starts, so a client that loses this agent knows the phase it died in; an error names
+    /// the phase that failed (`perform3 failed: ...`).
+    fn migrate_p2p(&self, args: Args<'_>, conn: Option<&rpc::Conn<'_>>) -> Result<Value, RpcError> {
         let name = args.str("name")?;
         let to = args.str("to")?;
         let mut flags = flags_arg(args)?;
         flags.p2p = true;
+        let announce = |phase: &str| {
+            if let Some(c) = conn {
+                if let Err(e) = c.progress(json!({ "phase": phase })) {
+                    tracing::debug!(error = %e, "migrate: cannot report the phase to the client");
+                }
+            }
+        };
+        announce("begin3");
         let client = rpc::Client::connect(to, Duration::from_secs(10))
             .map_err(|e| RpcError::new(e.class, format!("begin3 failed: the destination agent: {}", e.desc)))?;
         let dst = Mutex::new(client);
-        migrate::run_v3(&Local(self), &dst, name, &flags, Some(to), &mut |_| {})
-            .map_err(|e| RpcError::new(e.error.class, e.to_string()))
+        migrate::run_v3(&Local(self), &dst, name, &flags, Some(to), &mut |p| {
+            if p != "begin3" {
+                announce(p)
+            }
+        })
+        .map_err(|e| RpcError::new(e.error.class, e.to_string()))
+    }
+
+    /// RPC connection `id` closed: every incoming VM its Prepare3 started and no Finish3 has
+    /// taken over is killed and forgotten, its job ended (libvirt's auto-destroy of the
+    /// incoming domain when the connection that prepared it closes: the p2p source agent
+    /// died, or the client in the direct shape). A Finish3 that began decides instead
+    /// (calls on one connection run in order, so one running on this connection has
+    /// answered by now).
+    fn connection_closed(&self, id: u64) {
+        let mut bound = lock(&self.prepared_on);
+        let names: Vec<String> = bound.iter().filter(|(_, c)| **c == id).map(|(n, _)| n.clone()).collect();
+        for name in names {
+            bound.remove(&name);
+            let Some(job) = self.active_job(&name) else { continue };
+            let r = job.record();
+            if r.role != Role::Destination || r.phase != Phase::Prepare {
+                continue;
+            }
+            tracing::warn!(vm = %name, "the connection that ran Prepare3 closed before Finish3: killing the incoming VM");
+            self.tunnels.close(&name);
+            if let Some(vm) = self.proc_of(&name) {
+                vm.kill();
+            }
+            self.forget(&name);
+            let why = "the connection that ran Prepare3 closed before Finish3; the incoming VM was killed";
+            if let Err(e) = job.finish(Some(why.into())) {
+                tracing::warn!(vm = %name, error = %e, "cannot record the job's end");
+            }
+        }
     }
 
     fn setspeed(&self, args: Args<'_>) -> Result<Value, RpcError> {
@@ -785,6 +907,31 @@ impl Agent {
     }
 }
 
+/// What Confirm3 (cancelled) does with the source VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelledConfirm {
+    /// Cancel a migration still running and resume the VM if it ran at Begin3.
+    Resume,
+    /// The migration switched to postcopy and QEMU reports it completed: Confirm3 as if
+    /// Finish3 had succeeded (the source goes).
+    ForceSuccess,
+    /// Still in postcopy (`postcopy-active`, `postcopy-paused`, ...): the guest's state is
+    /// split between the hosts; neither cancel nor resume, leave it paused.
+    LeavePaused,
+}
+
+/// Confirm3 (cancelled)'s decision from the source's `query-migrate` status and whether the
+/// migration switched to postcopy, as libvirt's `qemuMigrationSrcConfirmPhase` decides.
+pub fn cancelled_confirm(status: &str, switched: bool) -> CancelledConfirm {
+    if status.starts_with("postcopy") {
+        CancelledConfirm::LeavePaused
+    } else if status == "completed" && switched {
+        CancelledConfirm::ForceSuccess
+    } else {
+        CancelledConfirm::Resume
+    }
+}
+
 /// The agent as the source [`migrate::Peer`] of a p2p migration it drives.
 struct Local<'a>(&'a Agent);
 
@@ -800,6 +947,14 @@ struct Handler(Arc<Agent>);
 impl rpc::Handler for Handler {
     fn call(&self, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
         self.0.dispatch(call, args)
+    }
+
+    fn call_on(&self, conn: &rpc::Conn<'_>, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
+        self.0.dispatch_on(Some(conn), call, args)
+    }
+
+    fn closed(&self, conn_id: u64) {
+        self.0.connection_closed(conn_id);
     }
 
     fn is_stream(&self, call: &str) -> bool {
@@ -823,5 +978,22 @@ mod tests {
         }
         assert_eq!(event_name(&json!({"event": "MIGRATION", "data": {"status": "setup"}})), "MIGRATION:setup");
         assert_eq!(event_name(&json!({"event": "STOP"})), "STOP");
+    }
+
+    #[test]
+    fn cancelled_confirm_follows_libvirt() {
+        use CancelledConfirm::*;
+        for status in ["none", "active", "failed", "cancelled", "setup"] {
+            for switched in [false, true] {
+                assert_eq!(cancelled_confirm(status, switched), Resume, "{status} {switched}");
+            }
+        }
+        // Precopy that completed but Finish3 failed: the destination was killed, resume here.
+        assert_eq!(cancelled_confirm("completed", false), Resume);
+        // Postcopy that completed: the destination has the whole guest.
+        assert_eq!(cancelled_confirm("completed", true), ForceSuccess);
+        for status in ["postcopy-active", "postcopy-paused", "postcopy-recover"] {
+            assert_eq!(cancelled_confirm(status, true), LeavePaused, "{status}");
+        }
     }
 }

@@ -11,7 +11,6 @@
 //! Confirm3 (cancelled); so exactly one VM runs at the end.
 
 use crate::rpc::{Client, RpcError};
-use crate::state::Kind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -94,14 +93,13 @@ pub fn memory_backend_paths(args: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Refuses, before anything starts, an option the source VM cannot do: multifd
-/// on a `qmig vm`, a capability or parameter it does not offer (`caps`: its
+/// Refuses, before anything starts, an option the source VM cannot do: a
+/// capability or parameter it does not offer (`caps`: its
 /// `query-migrate-capabilities`, `params`: its `query-migrate-parameters`),
 /// postcopy with multifd (QEMU 7.2 refuses the pair), and postcopy for a QEMU
 /// whose RAM is a file userfaultfd cannot serve (`ram_files`: not tmpfs or hugetlbfs).
 pub fn check_supported(
     vm: &str,
-    kind: Kind,
     flags: &MigrateFlags,
     caps: &Value,
     params: &Value,
@@ -114,10 +112,6 @@ pub fn check_supported(
     };
     if flags.parallel == Some(0) {
         return Err(RpcError::invalid("--parallel needs at least 1 channel"));
-    }
-    if flags.multifd() && kind == Kind::Vm {
-        // `qmig vm` lists the capability but its migrate opens no multifd channels.
-        return Err(unsupported("cannot do --parallel/--compressed: qmig vm does not migrate over multifd channels"));
     }
     if flags.multifd() && !offered("multifd") {
         return Err(unsupported("cannot do --parallel/--compressed: it offers no capability multifd"));
@@ -306,17 +300,24 @@ mod tests {
     fn refusals() {
         let caps = json!([{"capability": "multifd", "state": false}, {"capability": "postcopy-ram", "state": false}]);
         let p = json!({"multifd-compression": "none"});
-        let ok = |f: &MigrateFlags| check_supported("g", Kind::Qemu, f, &caps, &p, &[]);
+        let ok = |f: &MigrateFlags| check_supported("g", f, &caps, &p, &[]);
         assert!(ok(&MigrateFlags { postcopy: true, ..Default::default() }).is_ok());
         assert!(ok(&MigrateFlags { compressed: true, parallel: Some(4), ..Default::default() }).is_ok());
         assert!(ok(&MigrateFlags { postcopy: true, parallel: Some(2), ..Default::default() }).is_err());
         assert!(ok(&MigrateFlags { parallel: Some(0), ..Default::default() }).is_err());
         let none = json!([]);
-        let e =
-            check_supported("g", Kind::Qemu, &MigrateFlags { postcopy: true, ..Default::default() }, &none, &p, &[]);
+        let e = check_supported("g", &MigrateFlags { postcopy: true, ..Default::default() }, &none, &p, &[]);
         assert!(e.expect_err("no cap").desc.contains("postcopy-ram"));
-        let par = MigrateFlags { parallel: Some(2), ..Default::default() };
-        assert!(check_supported("g", Kind::Vm, &par, &caps, &p, &[]).expect_err("vm").desc.contains("multifd"));
+        // `qmig vm` migrates over multifd channels as QEMU does: refused only when it lacks the capability or parameter.
+        let par = MigrateFlags { parallel: Some(2), compressed: true, ..Default::default() };
+        assert!(check_supported("g", &par, &caps, &p, &[]).is_ok());
+        let e = check_supported("g", &par, &none, &p, &[]).expect_err("no multifd");
+        assert!(e.desc.contains("capability multifd"), "{}", e.desc);
+        let e = check_supported("g", &par, &caps, &json!({}), &[]).expect_err("no multifd-compression");
+        assert!(e.desc.contains("multifd-compression"), "{}", e.desc);
+        let pp = MigrateFlags { postcopy: true, parallel: Some(2), ..Default::default() };
+        let e = check_supported("g", &pp, &caps, &p, &[]).expect_err("postcopy+multifd");
+        assert!(e.desc.contains("Postcopy is not yet compatible with multifd"), "{}", e.desc);
         let f = MigrateFlags { bandwidth: Some(2), compressed: true, parallel: Some(3), ..Default::default() };
         assert_eq!(
             f.parameters(),

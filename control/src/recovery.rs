@@ -126,7 +126,9 @@ pub fn decide(role: Role, phase: Phase, vm: &Observed, peer: PeerState) -> Actio
 
 /// The test-only fault file in a state dir: `DIR/x-fault`, one line `exit-at POINT` or
 /// `fail-at POINT`. Points: `prepare` (Prepare3, the incoming VM started), `perform3_done`
-/// (recorded, before Perform3 answers), `finish3` (before Finish3 is recorded). At the
+/// (recorded, before Perform3 answers), `finish3` (before Finish3 is recorded),
+/// `finish3_resumed` (Finish3, right after `cont` at the postcopy switch), `confirm3`
+/// (source: before Confirm3 is recorded, Finish3 having answered). At the
 /// point the agent removes the file and exits at once (status 99: a crash, its VMs run
 /// on) or fails the call. For the fault tests, where killing a process at the right
 /// instant cannot be done from outside; never written by the agent itself.
@@ -225,7 +227,7 @@ pub fn recover(agent: &Agent, job: &Job) {
         Action::LeavePaused => Ok(Some(format!("{why}; the VM is left paused (the destination's outcome is unknown)"))),
         Action::ResumeSource => {
             job.set_phase(Phase::Confirm3Cancelled)?;
-            resume_source(agent, &r.name, r.was_running, &now, peer, r.peer.as_deref())?;
+            resume_source(agent, &r.name, r.was_running, r.saved_parameters.as_ref(), &now, peer, r.peer.as_deref())?;
             Ok(Some(format!("{why}; the migration was cancelled and the source VM resumed")))
         }
     })();
@@ -244,6 +246,7 @@ fn resume_source(
     agent: &Agent,
     name: &str,
     was_running: bool,
+    saved_parameters: Option<&Value>,
     now: &Observed,
     peer: PeerState,
     peer_addr: Option<&str>,
@@ -266,6 +269,12 @@ fn resume_source(
             if let Err(e) = r {
                 tracing::warn!(vm = name, error = %e, "recovery: the destination did not take the cancel");
             }
+        }
+    }
+    // As libvirt's recovery (qemuMigrationParamsReset): the parameters the job set go back.
+    if let Some(saved) = saved_parameters.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())) {
+        if let Err(e) = vm.execute("migrate-set-parameters", Some(saved.clone())) {
+            tracing::warn!(vm = name, error = %e, "recovery: cannot restore the migration parameters");
         }
     }
     if was_running && vm.execute("query-status", None)?["status"] != "running" {

@@ -4,13 +4,18 @@
 //! (`args` may be left out), and the agent answers each, in order, with
 //! `{"id": N, "return": VALUE}` or `{"id": N, "error": {"class": CLASS, "desc":
 //! TEXT}}`. A line that is not such an object gets an `InvalidArg` error with
-//! `"id": null`; a line longer than [`MAX_LINE`] closes the connection. The calls
-//! are listed in [`crate::agent`] and `docs/control-plane.md`.
+//! `"id": null`; a line longer than [`MAX_LINE`] closes the connection. A call that
+//! reports its progress (the p2p `migrate`) may send lines `{"id": N, "progress":
+//! VALUE}` before its reply ([`Conn::progress`], [`Client::call_with_progress`]).
+//! The handler learns which connection a call came on ([`Conn::id`]) and when a
+//! connection closes ([`Handler::closed`]). The calls are listed in
+//! [`crate::agent`] and `docs/control-plane.md`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,10 +133,49 @@ impl<'a> Args<'a> {
     }
 }
 
+/// The connection a call arrived on: its id (unique in this process) and a way to
+/// send progress lines to the caller before the reply.
+#[derive(Debug)]
+pub struct Conn<'a> {
+    id: u64,
+    writer: &'a TcpStream,
+    req_id: Value,
+}
+
+impl Conn<'_> {
+    /// The connection's id ([`Handler::closed`] is told the same when it closes).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sends `{"id": N, "progress": value}` to the caller before the reply (N: the call's
+    /// id); [`Client::call_with_progress`] hands them over, [`Client::call`] skips them.
+    pub fn progress(&self, value: Value) -> std::io::Result<()> {
+        let mut line = json!({ "id": self.req_id, "progress": value }).to_string();
+        line.push('\n');
+        let mut w = self.writer;
+        w.write_all(line.as_bytes())
+    }
+}
+
+/// Where connection ids come from.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
 /// What serves the calls: `call` with its arguments, to a return value or an error.
 pub trait Handler: Send + Sync {
     /// Runs one call.
     fn call(&self, call: &str, args: Args<'_>) -> Result<Value, RpcError>;
+
+    /// Runs one call that arrived on `conn` (by default [`Handler::call`]).
+    fn call_on(&self, conn: &Conn<'_>, call: &str, args: Args<'_>) -> Result<Value, RpcError> {
+        let _ = conn;
+        self.call(call, args)
+    }
+
+    /// Connection `conn_id` closed (the peer went away or sent garbage); its calls are over.
+    fn closed(&self, conn_id: u64) {
+        let _ = conn_id;
+    }
 
     /// Whether `call` turns its connection into a data connection (the tunnel's): its
     /// request line is then handed to [`Handler::stream`] with the connection.
@@ -165,11 +209,31 @@ pub fn listen(uri: &str) -> Result<(TcpListener, String), RpcError> {
     Ok((l, format!("tcp:{local}")))
 }
 
+/// TCP keepalive on an agent connection: a peer whose host or network vanished without
+/// closing (no FIN, no RST) is found dead after about [`KEEPALIVE_IDLE`] plus three
+/// unanswered probes [`KEEPALIVE_INTERVAL`] apart, as libvirt's keepalive finds it.
+pub fn keepalive(s: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let r = setsockopt(s, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(s, sockopt::TcpKeepIdle, &(KEEPALIVE_IDLE.as_secs() as u32)))
+        .and_then(|()| setsockopt(s, sockopt::TcpKeepInterval, &(KEEPALIVE_INTERVAL.as_secs() as u32)))
+        .and_then(|()| setsockopt(s, sockopt::TcpKeepCount, &3u32));
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "rpc: cannot set TCP keepalive");
+    }
+}
+
+/// How long a connection may be silent before keepalive probes start.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// The time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Serves `handler` on `listener`, one thread per connection, until the listener fails.
 pub fn serve(listener: TcpListener, handler: Arc<dyn Handler>) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                keepalive(&stream);
                 let h = handler.clone();
                 let spawned = std::thread::Builder::new().name("rpc".into()).spawn(move || serve_client(stream, &*h));
                 if let Err(e) = spawned {
@@ -199,8 +263,25 @@ fn read_line(r: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(line))
 }
 
-/// Serves one connection: a reply per request line, in order.
+/// Tells the handler its connection closed, however [`serve_client`] returns.
+struct CloseGuard<'a> {
+    handler: &'a dyn Handler,
+    id: u64,
+    stream: bool,
+}
+
+impl Drop for CloseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.stream {
+            self.handler.closed(self.id);
+        }
+    }
+}
+
+/// Serves one connection: a reply per request line, in order; tells the handler when it closes.
 pub fn serve_client(stream: TcpStream, handler: &dyn Handler) {
+    let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let mut guard = CloseGuard { handler, id, stream: false };
     let Ok(mut writer) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     loop {
@@ -218,11 +299,16 @@ pub fn serve_client(stream: TcpStream, handler: &dyn Handler) {
         let reply = match serde_json::from_slice::<Value>(&line) {
             Err(e) => json!({ "id": null, "error": RpcError::invalid(format!("not JSON: {e}")).to_json() }),
             Ok(req) if req["call"].as_str().is_some_and(|c| handler.is_stream(c)) => {
+                // A data connection: no calls ran on it, and it is the stream's from now on.
+                guard.stream = true;
                 let pending = reader.buffer().to_vec();
                 handler.stream(&req, reader.into_inner(), pending);
                 return;
             }
-            Ok(req) => answer(&req, handler),
+            Ok(req) => {
+                let conn = Conn { id, writer: &writer, req_id: req.get("id").cloned().unwrap_or(Value::Null) };
+                answer(&req, handler, &conn)
+            }
         };
         let mut out = reply.to_string();
         out.push('\n');
@@ -232,7 +318,7 @@ pub fn serve_client(stream: TcpStream, handler: &dyn Handler) {
     }
 }
 
-fn answer(req: &Value, handler: &dyn Handler) -> Value {
+fn answer(req: &Value, handler: &dyn Handler, conn: &Conn<'_>) -> Value {
     let id = req.get("id").cloned().unwrap_or(Value::Null);
     let empty = Map::new();
     let parsed = (|| {
@@ -251,7 +337,7 @@ fn answer(req: &Value, handler: &dyn Handler) -> Value {
         };
         Ok((call, args))
     })();
-    let result = parsed.and_then(|(call, args)| handler.call(call, Args(args)));
+    let result = parsed.and_then(|(call, args)| handler.call_on(conn, call, Args(args)));
     match result {
         Ok(v) => json!({ "id": id, "return": v }),
         Err(e) => json!({ "id": id, "error": e.to_json() }),
@@ -278,6 +364,7 @@ impl Client {
             match TcpStream::connect_timeout(&sa, timeout) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    keepalive(&s);
                     let writer = s.try_clone().map_err(|e| unreachable(&e))?;
                     writer.set_read_timeout(Some(DEFAULT_CALL_TIMEOUT)).map_err(|e| unreachable(&e))?;
                     return Ok(Client { addr: uri.to_string(), reader: BufReader::new(s), writer, next_id: 1 });
@@ -300,6 +387,18 @@ impl Client {
 
     /// Runs `call` with `args` (an object) on the agent; its return value or its error.
     pub fn call(&mut self, call: &str, args: Value) -> Result<Value, RpcError> {
+        self.call_with_progress(call, args, &mut |_| {}).and_then(|r| r)
+    }
+
+    /// Runs `call`, handing each progress line's value to `on_progress` as it comes. The
+    /// outer error is the connection failing (the agent never answered: lost, closed,
+    /// timed out); the inner result is the agent's answer.
+    pub fn call_with_progress(
+        &mut self,
+        call: &str,
+        args: Value,
+        on_progress: &mut dyn FnMut(&Value),
+    ) -> Result<Result<Value, RpcError>, RpcError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut line = json!({ "id": id, "call": call, "args": args }).to_string();
@@ -315,16 +414,20 @@ impl Client {
                 Err(e) => return Err(lost(&e)),
             };
             let v: Value = serde_json::from_slice(&line).map_err(|e| lost(&format!("reply is not JSON: {e}")))?;
-            if v.get("id") == Some(&json!(id)) {
-                break v;
+            if v.get("id") != Some(&json!(id)) {
+                continue;
+            }
+            match v.get("progress") {
+                Some(p) => on_progress(p),
+                None => break v,
             }
         };
         if let Some(r) = reply.get("return") {
-            return Ok(r.clone());
+            return Ok(Ok(r.clone()));
         }
         match reply.get("error") {
-            Some(e) => Err(serde_json::from_value::<RpcError>(e.clone())
-                .unwrap_or_else(|_| RpcError::new(ErrorClass::InternalError, e.to_string()))),
+            Some(e) => Ok(Err(serde_json::from_value::<RpcError>(e.clone())
+                .unwrap_or_else(|_| RpcError::new(ErrorClass::InternalError, e.to_string())))),
             None => Err(lost(&format!("reply without return or error: {reply}"))),
         }
     }
@@ -370,6 +473,61 @@ mod tests {
         assert_eq!(lines[0]["error"]["class"], "InvalidArg");
         assert_eq!(lines[1]["id"], Value::Null);
         assert_eq!(lines[2], json!({"id": 2, "return": {}}));
+    }
+
+    /// Sends two progress lines before its reply; records the connections that closed.
+    #[derive(Default)]
+    struct Steps {
+        closed: std::sync::Mutex<Vec<u64>>,
+        ids: std::sync::Mutex<Vec<u64>>,
+    }
+    impl Handler for Steps {
+        fn call(&self, _: &str, _: Args<'_>) -> Result<Value, RpcError> {
+            Err(RpcError::failed("call_on is used"))
+        }
+        fn call_on(&self, conn: &Conn<'_>, call: &str, _: Args<'_>) -> Result<Value, RpcError> {
+            self.ids.lock().expect("ids").push(conn.id());
+            for step in ["one", "two"] {
+                conn.progress(json!(step)).map_err(|e| RpcError::system("progress", e))?;
+            }
+            match call {
+                "ok" => Ok(json!("done")),
+                _ => Err(RpcError::failed("no")),
+            }
+        }
+        fn closed(&self, conn_id: u64) {
+            self.closed.lock().expect("closed").push(conn_id);
+        }
+    }
+
+    #[test]
+    fn progress_lines_and_closed_connections() {
+        let (l, addr) = listen("tcp:127.0.0.1:0").expect("listen");
+        let h = Arc::new(Steps::default());
+        let served = h.clone();
+        std::thread::spawn(move || serve(l, served));
+        let mut c = Client::connect(&addr, Duration::from_secs(5)).expect("connect");
+        let mut seen = vec![];
+        let r = c.call_with_progress("ok", json!({}), &mut |p| seen.push(p.clone())).expect("answered");
+        assert_eq!((r.expect("ok"), seen), (json!("done"), vec![json!("one"), json!("two")]));
+        // The agent's error is the inner one; plain call skips the progress lines.
+        let inner = c.call_with_progress("bad", json!({}), &mut |_| {}).expect("answered");
+        assert_eq!(inner.expect_err("its error").desc, "no");
+        assert_eq!(c.call("ok", json!({})).expect("plain call"), json!("done"));
+        let id = h.ids.lock().expect("ids")[0];
+        assert!(h.ids.lock().expect("ids").iter().all(|&i| i == id), "one connection, one id");
+        drop(c);
+        let t0 = std::time::Instant::now();
+        while !h.closed.lock().expect("closed").contains(&id) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the handler is told the connection closed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A connection that is gone is the outer error.
+        let (l2, addr2) = listen("tcp:127.0.0.1:0").expect("listen");
+        let mut c2 = Client::connect(&addr2, Duration::from_secs(5)).expect("connect");
+        drop(l2);
+        let lost = c2.call_with_progress("ok", json!({}), &mut |_| {});
+        assert_eq!(lost.expect_err("lost").class, ErrorClass::SystemError);
     }
 
     #[test]

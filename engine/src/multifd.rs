@@ -34,6 +34,9 @@ use transports::{CancelToken, Channel, MigrationReader, MigrationWriter, RateLim
 /// Pages a packet holds at 4 KiB target pages (`MULTIFD_PACKET_SIZE / TPS`).
 pub const PAGES_PER_PACKET: usize = (savevm_format::multifd::MULTIFD_PACKET_SIZE / PAGE as u64) as usize;
 
+/// Read buffer of a receiving multifd channel (see [`IncomingChannels::accept`]).
+const CHANNEL_READ_BUFFER: usize = 16 << 10;
+
 /// How a multifd channel is named in errors: its id once its initial packet was
 /// read, else the order in which it connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,8 +211,18 @@ impl Sender {
             std::thread::Builder::new()
                 .name(format!("qmig-multifd-send-{i}"))
                 .spawn_scoped(scope, move || {
-                    let mut t =
-                        SendThread { id, w, comp, flag, mem, buf: Vec::new(), raw: Vec::new(), pages, announced };
+                    let mut t = SendThread {
+                        id,
+                        w,
+                        comp,
+                        flag,
+                        mem,
+                        buf: Vec::new(),
+                        raw: Vec::new(),
+                        zout: Vec::new(),
+                        pages,
+                        announced,
+                    };
                     let r = t.run(&jrx, &rtx);
                     let r = r.and_then(|()| t.w.close().map_err(|e| io::Error::other(e.to_string())));
                     if let Err(source) = r {
@@ -369,6 +382,8 @@ struct SendThread<'g> {
     mem: Arc<Vec<&'g GuestRegion>>,
     buf: Vec<u8>,
     raw: Vec<u8>,
+    /// A compressed packet's payload.
+    zout: Vec<u8>,
     pages: Arc<AtomicU64>,
     /// The initial packet was written when the channel connected.
     announced: bool,
@@ -455,13 +470,16 @@ impl SendThread<'_> {
                 for (i, &p) in b.pages.iter().enumerate() {
                     region.page(p).copy_to(&mut self.raw[i * PAGE..(i + 1) * PAGE]);
                 }
-                let pages: Vec<&[u8]> = self.raw.chunks(PAGE).collect();
-                let mut out = std::mem::take(&mut self.buf);
-                comp.compress(&pages, &mut out)?;
+                // The packet's pages in one piece: the stream sees the same bytes as page
+                // by page, in fewer calls.
+                // The payload buffer is kept for the next packet (a new one each time
+                // was a fresh 0.5 MiB mapping, faulted in, per packet).
+                let mut out = std::mem::take(&mut self.zout);
+                comp.compress(&[&self.raw[..]], &mut out)?;
                 h.next_packet_size = u32::try_from(out.len()).map_err(|_| io::Error::other("packet too large"))?;
-                let payload = out;
-                self.header(&h)?;
-                self.w.write_all(&payload)?;
+                let r = self.header(&h).and_then(|()| self.w.write_all(&out));
+                self.zout = out;
+                r?;
             }
         }
         self.w.flush_now()
@@ -479,6 +497,15 @@ pub trait SharedRamSink: PageSink {
     /// before it does), and pages the threads write must not be cached by the sink
     /// as known to be zero.
     fn shared_regions(&mut self) -> Result<Vec<GuestRegion>, String>;
+
+    /// Optionally, once the block list was accepted: for each block (index = block
+    /// index) a file whose bytes are the block's memory (the file a region maps,
+    /// shared), which receiver threads then write with positioned writes instead of
+    /// through the mapping: no fault per page, and a new tmpfs page is not cleared
+    /// before it is filled. Default: none (every page goes through the regions).
+    fn shared_files(&mut self) -> Vec<Option<Arc<std::fs::File>>> {
+        Vec::new()
+    }
 }
 
 /// The multifd channels of an incoming migration, accepted and identified by their
@@ -506,7 +533,10 @@ impl IncomingChannels {
             let conn = ChannelName::Connection(k);
             let ch = accept().map_err(|source| MultifdError::Transport { channel: conn, source })?;
             let stop = ch.return_path().ok();
-            let mut r = ChannelReader::new(MigrationReader::new(ch, rate.clone()), PAGE as u64);
+            // A small buffer: a packet's 512 KiB of pages are read straight into the
+            // packet buffer (only the header and what follows it in one read pass through).
+            let reader = MigrationReader::with_capacity(ch, rate.clone(), CHANNEL_READ_BUFFER);
+            let mut r = ChannelReader::new(reader, PAGE as u64);
             r.expect_compression(expect.compression);
             let init = r.initial().map_err(|source| MultifdError::Stream { channel: conn, source })?.clone();
             let name = ChannelName::Id(init.channel_id);
@@ -553,6 +583,8 @@ enum Msg {
 struct SharedMem {
     blocks: Vec<RamBlock>,
     regions: Vec<GuestRegion>,
+    /// Files behind the regions (see [`SharedRamSink::shared_files`]).
+    files: Vec<Option<Arc<std::fs::File>>>,
 }
 
 /// Hands the receiver threads the destination's memory once its block list arrived.
@@ -578,7 +610,8 @@ impl<P: SharedRamSink> PageSink for SharingSink<'_, P> {
     fn ram_blocks(&mut self, blocks: &[RamBlock]) -> Result<(), String> {
         self.inner.ram_blocks(blocks)?;
         let regions = self.inner.shared_regions().map_err(|e| format!("destination RAM for multifd: {e}"))?;
-        let m = Arc::new(SharedMem { blocks: blocks.to_vec(), regions });
+        let files = self.inner.shared_files();
+        let m = Arc::new(SharedMem { blocks: blocks.to_vec(), regions, files });
         for c in &self.handle.0 {
             let _ = c.send(Ctl::Memory(m.clone()));
         }
@@ -718,9 +751,18 @@ fn receive(
                     savevm_format::ErrorKind::Multifd(format!("no memory for RAM block '{}'", b.name.escape_debug())),
                 ))
             })?;
-            for (i, &off) in h.offsets.iter().enumerate() {
-                if let Some(src) = data.get(i * PAGE..(i + 1) * PAGE) {
-                    region.page(off / PAGE as u64).copy_from(src);
+            match m.files.get(b.index) {
+                Some(Some(file)) => write_runs(file, &h.offsets, data).map_err(|source| MultifdError::Io {
+                    channel: name,
+                    what: "writing the RAM file",
+                    source,
+                })?,
+                _ => {
+                    for (i, &off) in h.offsets.iter().enumerate() {
+                        if let Some(src) = data.get(i * PAGE..(i + 1) * PAGE) {
+                            region.page(off / PAGE as u64).copy_from(src);
+                        }
+                    }
                 }
             }
             pages += u64::from(h.normal_pages);
@@ -741,4 +783,22 @@ fn receive(
             return Ok(());
         }
     }
+}
+
+/// Writes a packet's pages (`data`, one page per offset, offsets already checked
+/// against the block) to `file` at their offsets, one positioned write per run of
+/// consecutive offsets.
+fn write_runs(file: &std::fs::File, offsets: &[u64], data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut i = 0;
+    while i < offsets.len() {
+        let mut n = 1;
+        while i + n < offsets.len() && offsets[i + n] == offsets[i] + (n * PAGE) as u64 {
+            n += 1;
+        }
+        let src = data.get(i * PAGE..(i + n) * PAGE).ok_or_else(|| io::Error::other("multifd: short packet data"))?;
+        file.write_all_at(src, offsets[i])?;
+        i += n;
+    }
+    Ok(())
 }

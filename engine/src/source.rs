@@ -1245,8 +1245,12 @@ impl Outgoing {
             let in_postcopy = run.core.in_postcopy();
             self.rate.set_max_bandwidth(if in_postcopy { params.max_postcopy_bandwidth } else { params.max_bandwidth });
             if self.fixed.caps.postcopy_ram && !in_postcopy {
+                // "After the first pass" waits for a measured bandwidth too: before the
+                // first window closes the downtime threshold is 0, so a guest whose
+                // bulk pass took under 100 ms would switch although it converges.
                 let due = self.fixed.postcopy_after.is_some_and(|after| {
-                    start.elapsed().saturating_sub(setup_time) >= after || run.core.stats().bulk_done
+                    let s = run.core.stats();
+                    start.elapsed().saturating_sub(setup_time) >= after || (s.bulk_done && s.bandwidth.is_some())
                 });
                 if due || self.postcopy.load(std::sync::atomic::Ordering::SeqCst) {
                     run.core.request_postcopy();

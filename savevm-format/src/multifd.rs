@@ -296,22 +296,24 @@ impl PacketCompressor {
             #[cfg(feature = "zstd")]
             PacketCompressor::Zstd(z) => {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-                let mut tmp = vec![0u8; 128 << 10];
+                // Straight into `out`'s spare room (no bounce buffer), grown when short.
+                let room = |out: &mut Vec<u8>| {
+                    if out.capacity() - out.len() < 4096 {
+                        out.reserve(out.capacity().max(64 << 10));
+                    }
+                };
                 for page in pages {
                     let mut inb = InBuffer::around(page);
                     while inb.pos() < page.len() {
-                        let mut ob = OutBuffer::around(&mut tmp[..]);
-                        z.run(&mut inb, &mut ob)?;
-                        let n = ob.pos();
-                        out.extend_from_slice(&tmp[..n]);
+                        room(out);
+                        let at = out.len();
+                        z.run(&mut inb, &mut OutBuffer::around_pos(out, at))?;
                     }
                 }
                 loop {
-                    let mut ob = OutBuffer::around(&mut tmp[..]);
-                    let left = z.flush(&mut ob)?;
-                    let n = ob.pos();
-                    out.extend_from_slice(&tmp[..n]);
-                    if left == 0 {
+                    room(out);
+                    let at = out.len();
+                    if z.flush(&mut OutBuffer::around_pos(out, at))? == 0 {
                         break;
                     }
                 }

@@ -257,6 +257,13 @@ impl MigrationReader {
         MigrationReader { ch, buf: vec![0u8; 1 << 20].into_boxed_slice(), pos: 0, filled: 0, rate }
     }
 
+    /// A reader over `ch` with a `capacity`-byte buffer (at least 4 KiB): a read of
+    /// at least that many bytes, when nothing is buffered, goes straight from the
+    /// channel into the caller's buffer (one copy fewer for large payloads).
+    pub fn with_capacity(ch: Channel, rate: RateLimit, capacity: usize) -> Self {
+        MigrationReader { ch, buf: vec![0u8; capacity.max(4096)].into_boxed_slice(), pos: 0, filled: 0, rate }
+    }
+
     /// The byte counters.
     pub fn rate_limit(&self) -> &RateLimit {
         &self.rate
