@@ -116,6 +116,13 @@ impl QmigProc {
         if let Some(l) = self.lines.try_iter().last() {
             self.last = Some(l);
         }
+        if self.done.is_some() {
+            // Exited: the reader thread may not have passed on the last line yet (the
+            // exit can be seen first on a loaded machine); wait for its end of input.
+            while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                self.last = Some(l);
+            }
+        }
         let (at, line) = self.last.as_ref()?;
         Some((*at, serde_json::from_str(line).ok()?))
     }

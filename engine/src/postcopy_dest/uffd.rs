@@ -225,7 +225,7 @@ impl MissingUffd {
     pub fn copy_run(&self, dst: u64, src: &[u8]) -> Result<Vec<u64>, UffdError> {
         let page = crate::memory::PAGE as u64;
         let len = src.len() as u64;
-        if len % page != 0 || !self.covered(dst, len) {
+        if !len.is_multiple_of(page) || !self.covered(dst, len) {
             return Err(UffdError::Unsupported(format!("UFFDIO_COPY to {dst:#x}+{len:#x}: not a registered range")));
         }
         let mut present = Vec::new();
