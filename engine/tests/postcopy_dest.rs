@@ -111,14 +111,20 @@ impl PageSink for Mem {
         }
     }
 
-    fn discard(&mut self, b: &RamBlock, start: u64, len: u64) {
-        if let Some(k) = self.keep.map(|k| (k * PAGE) as u64).filter(|&k| k >= start && k < start + len) {
-            self.keep = None;
-            self.discard(b, start, k - start);
-            self.discard(b, k + PAGE as u64, start + len - k - PAGE as u64);
-            self.keep = Some(k as usize / PAGE);
-            return;
+    fn discard(&mut self, _: &RamBlock, start: u64, len: u64) {
+        match self.keep.map(|k| (k * PAGE) as u64).filter(|&k| k >= start && k < start + len) {
+            Some(k) => {
+                self.punch(start, k - start);
+                self.punch(k + PAGE as u64, start + len - k - PAGE as u64);
+            }
+            None => self.punch(start, len),
         }
+    }
+}
+
+impl Mem {
+    /// Drops `len` bytes at `start` (nothing when `len` is 0).
+    fn punch(&self, start: u64, len: u64) {
         if len == 0 {
             return;
         }
