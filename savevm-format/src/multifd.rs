@@ -180,8 +180,11 @@ pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     if !groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) {
         return None;
     }
-    let digits: Vec<u8> =
-        groups.concat().bytes().map(|b| (b as char).to_digit(16).map(|d| d as u8)).collect::<Option<_>>()?;
+    let digits: Vec<u8> = groups
+        .concat()
+        .bytes()
+        .map(|b| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok()))
+        .collect::<Option<_>>()?;
     let mut u = [0u8; 16];
     for (i, pair) in digits.chunks_exact(2).enumerate() {
         u[i] = pair[0] << 4 | pair[1];
