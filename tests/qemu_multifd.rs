@@ -254,21 +254,18 @@ matrix! {
     qmig_to_qemu_4_zstd: qmig_to_qemu(4, "zstd");
 }
 
-/// A QEMU source with multifd into a `qmig recv` without `--multifd`: both fail,
-/// recv with one line saying to pass `--multifd N`.
-#[test]
-fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
-    let name = "multifd_qemu_to_plain_recv";
-    if qemu_or_skip(name).is_none() {
-        return;
-    }
+/// A QEMU source (multifd 2, `-uuid` when given) into `qmig recv` with `recv_args`
+/// that cannot take it: recv fails with one line on stderr (returned), and the source
+/// does not complete.
+fn qemu_into_refusing_recv(name: &str, seed: u64, recv_args: &[&str], uuid: Option<&str>) -> String {
     let dir = TestDir::new(name);
     let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
-    fs::write(&src, pattern::generate(GUEST, 0x5f0, RAM_LEN as usize)).expect("write source RAM");
+    fs::write(&src, pattern::generate(GUEST, seed, RAM_LEN as usize)).expect("write source RAM");
     let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
     let ram_arg = format!("mem={}", utf8(&dst));
     let mut recv = Command::new(qmig_exe())
         .args(["recv", "--ram", &ram_arg, "--from", &uri])
+        .args(recv_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -277,17 +274,30 @@ fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
     let mut out = recv.stdout.take().expect("stdout");
     let mut b = [0u8; 1];
     while std::io::Read::read(&mut out, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
-    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &src, RAM_LEN)).expect("start source QEMU");
+    let mut qemu =
+        QemuProcess::start(&uuid_arg(QemuConfig::new().ram("mem", &src, RAM_LEN), uuid)).expect("start source QEMU");
     set_multifd(&mut qemu, 2, "none");
     qemu.migrate(&uri).unwrap_or_else(|e| panic!("{name}: migrate: {e}\n{}", qemu.stderr()));
     let info = qemu.wait_migration(LIMIT);
     let (status, _, stderr) = wait_child(recv, name);
     assert!(!status.success(), "{name}: recv must fail");
-    assert!(stderr.contains("--multifd"), "{name}: recv says what to do: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
     let st = info.ok().and_then(|i| i["status"].as_str().map(String::from));
     assert_ne!(st.as_deref(), Some("completed"), "{name}: the source must not complete");
     let _ = qemu.kill();
+    stderr
+}
+
+/// A QEMU source with multifd into a `qmig recv` without `--multifd`: both fail,
+/// recv with one line saying to pass `--multifd N`.
+#[test]
+fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
+    let name = "multifd_qemu_to_plain_recv";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let stderr = qemu_into_refusing_recv(name, 0x5f0, &[], None);
+    assert!(stderr.contains("--multifd"), "{name}: recv says what to do: {stderr}");
 }
 
 /// A QEMU source with `-uuid` into `recv --multifd 2` without `--uuid`: recv refuses the
@@ -298,34 +308,9 @@ fn qemu_uuid_unlike_recv_fails_clearly() {
     if qemu_or_skip(name).is_none() {
         return;
     }
-    let dir = TestDir::new(name);
-    let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
-    fs::write(&src, pattern::generate(GUEST, 0x6f0, RAM_LEN as usize)).expect("write source RAM");
-    let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
-    let ram_arg = format!("mem={}", utf8(&dst));
-    let mut recv = Command::new(qmig_exe())
-        .args(["recv", "--ram", &ram_arg, "--from", &uri, "--multifd", "2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qmig recv");
-    let mut out = recv.stdout.take().expect("stdout");
-    let mut b = [0u8; 1];
-    while std::io::Read::read(&mut out, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
-    let mut qemu = QemuProcess::start(&uuid_arg(QemuConfig::new().ram("mem", &src, RAM_LEN), Some(UUID)))
-        .expect("start source QEMU");
-    set_multifd(&mut qemu, 2, "none");
-    qemu.migrate(&uri).unwrap_or_else(|e| panic!("{name}: migrate: {e}\n{}", qemu.stderr()));
-    let (status, _, stderr) = wait_child(recv, name);
-    let info = qemu.wait_migration(LIMIT);
-    assert!(!status.success(), "{name}: recv must fail");
+    let stderr = qemu_into_refusing_recv(name, 0x6f0, &["--multifd", "2"], Some(UUID));
     let expected = format!("received uuid '{UUID}' and expected uuid '00000000-0000-0000-0000-000000000000'");
     assert!(stderr.contains(&expected), "{name}: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
-    let st = info.ok().and_then(|i| i["status"].as_str().map(String::from));
-    assert_ne!(st.as_deref(), Some("completed"), "{name}: the source must not complete");
-    let _ = qemu.kill();
 }
 
 /// Multifd needs tcp: or unix: (QEMU 7.2: "multifd is not supported by current protocol").
