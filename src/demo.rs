@@ -148,13 +148,13 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
     }
     let to = connect_uri(opts.connect.as_deref(), &uri)?;
     let ch = connect_retry(&to, out.cancel(), &opts.channel, opts.tls.as_ref())?;
-    let channels = multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref())?;
+    let channels = multifd_channels(&to, opts.multifd, &out, &opts.channel, opts.tls.as_ref())?;
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
     let mut vcpus = guest.vcpus();
     let mut ram = [RamRegion::new(&region).with_dirty(guest.dirty())];
     let res = match (channels, &opts.capture) {
-        (Some(c), None) => out.run_multifd(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
+        (Some(c), None) => out.run_multifd_announced(ch, c, &mut ram, &mut vcpus, &mut Default::default()),
         (Some(_), Some(_)) => {
             return Err(Error::Usage("--capture records the main channel only: it refuses --multifd".into()))
         }
@@ -192,22 +192,33 @@ pub fn demo(opts: &DemoOptions, cancel: &transports::CancelToken) -> Result<(Val
 }
 
 /// The `multifd-channels` extra connections, after the main one (QEMU 7.2's order);
-/// over TLS each runs its own handshake, as in 7.2.
+/// over TLS each runs its own handshake, as in 7.2. Each announces itself (its
+/// initial packet, with `out`'s UUID) before the next connects, as 7.2's source
+/// does (a QEMU destination serves the next TLS handshake only after that packet):
+/// run them with [`Outgoing::run_multifd_announced`].
 pub(crate) fn multifd_channels(
     uri: &MigrationUri,
     n: Option<u8>,
-    cancel: &transports::CancelToken,
+    out: &Outgoing,
     channel: &ChannelOptions,
     tls: Option<&transports::TlsParams>,
 ) -> Result<Option<Vec<transports::Channel>>> {
     let Some(n) = n else { return Ok(None) };
     engine::multifd::check_uri(uri).map_err(Error::Usage)?;
     let client = tls.map(|t| transports::TlsParams { authz: None, ..t.clone() });
-    let open = || match &client {
-        Some(t) => t.connect_with(uri, cancel, channel),
-        None => connect_with(uri, cancel, channel),
+    let cancel = out.cancel();
+    let open = |id: u8| {
+        let c = match &client {
+            Some(t) => t.connect_with(uri, cancel, channel),
+            None => connect_with(uri, cancel, channel),
+        }
+        .map_err(Error::transport)?;
+        engine::multifd::announce(&c, id, out.uuid()).map_err(|e| {
+            Error::transport(transports::TransportError::Channel { peer: c.peer().to_string(), source: e })
+        })?;
+        Ok(c)
     };
-    (0..n).map(|_| open().map_err(Error::transport)).collect::<Result<Vec<_>>>().map(Some)
+    (0..n).map(open).collect::<Result<Vec<_>>>().map(Some)
 }
 
 /// `--multifd N --multifd-compression C` for a destination qmig process.

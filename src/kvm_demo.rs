@@ -119,7 +119,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     };
     let progress = opts.progress.then(|| qmig::watch::Progress::outgoing(&out));
     let deadline = opts.timeout.map(|t| qmig::watch::Deadline::arm(&out, t));
-    let channels = match multifd_channels(&to, opts.multifd, out.cancel(), &opts.channel, opts.tls.as_ref()) {
+    let channels = match multifd_channels(&to, opts.multifd, &out, &opts.channel, opts.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = child.kill();
@@ -128,7 +128,7 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         }
     };
     let res = match channels {
-        Some(c) => minivmm::migrate::migrate_out_multifd(&vm, &out, ch, c),
+        Some(c) => minivmm::migrate::migrate_out_multifd_announced(&vm, &out, ch, c),
         None => minivmm::migrate::migrate_out(&vm, &out, ch),
     };
     drop(progress);

@@ -106,6 +106,9 @@ enum Cmd {
         control: Option<String>,
         #[command(flatten)]
         multifd: MultifdArgs,
+        /// QEMU's `-uuid` of the guest (8-4-4-4-12 hex digits), carried in each multifd channel's initial packet: a QEMU 7.2 peer requires its own (libvirt starts QEMU with -uuid). Default all zeros, as QEMU without -uuid.
+        #[arg(long = "uuid", value_name = "UUID", value_parser = parse_uuid_bytes, requires = "multifd")]
+        uuid: Option<[u8; 16]>,
     },
     /// Tell a `qmig send --pause-before-switchover` held in `pre-switchover` to go on (QEMU's `migrate-continue`).
     #[command(name = "migrate-continue")]
@@ -300,6 +303,9 @@ enum Cmd {
         stats_json: Option<PathBuf>,
         #[command(flatten)]
         multifd: MultifdArgs,
+        /// QEMU's `-uuid` of the guest (8-4-4-4-12 hex digits), carried in each multifd channel's initial packet: a QEMU 7.2 peer requires its own (libvirt starts QEMU with -uuid). Default all zeros, as QEMU without -uuid.
+        #[arg(long = "uuid", value_name = "UUID", value_parser = parse_uuid_bytes, requires = "multifd")]
+        uuid: Option<[u8; 16]>,
         /// TLS.
         #[command(flatten)]
         tls: tls_args::TlsArgs,
@@ -560,6 +566,12 @@ struct GuestShape {
     uuid: Option<String>,
 }
 
+/// A UUID as QEMU's -uuid takes it, as its 16 bytes.
+fn parse_uuid_bytes(s: &str) -> Result<[u8; 16], String> {
+    savevm_format::multifd::parse_uuid(s)
+        .ok_or_else(|| format!("{s}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+}
+
 /// A UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased.
 fn parse_uuid(s: &str) -> Result<String, String> {
     let groups: Vec<&str> = s.split('-').collect();
@@ -716,6 +728,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             io_timeout,
             stats_json,
             multifd,
+            uuid,
             xbzrle,
             compress,
             tls,
@@ -734,6 +747,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 runstate: guest.runstate,
                 params: engine::params::MigrationParameters { xbzrle_cache_size: xbzrle.xbzrle_cache_size, ..params },
                 multifd: multifd.multifd,
+                uuid: uuid.unwrap_or_default(),
                 xbzrle: xbzrle.xbzrle,
                 compress,
                 auto_converge: false,
@@ -898,7 +912,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 GuestShape { ram_size, slots, vcpus, working_set, dirty_rate: dirty_rate << 20, seed, name, uuid };
             vm_command(&qmp, incoming, paused, guest, cancel)?
         }
-        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd, tls } => {
+        Cmd::Recv { ram, from, io_timeout, stats_json, postcopy, postcopy_touch, multifd, uuid, tls } => {
             let tls = tls.params()?;
             let ram = ram.iter().map(|s| parse_name_path(s)).collect::<qmig::Result<Vec<_>>>()?;
             let from = uri(&from)?;
@@ -917,6 +931,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 postcopy,
                 multifd: multifd.multifd,
                 multifd_compression: multifd.compression,
+                uuid: uuid.unwrap_or_default(),
                 channel,
                 tls,
             };

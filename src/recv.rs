@@ -193,6 +193,9 @@ pub struct RecvOptions {
     pub multifd: Option<u8>,
     /// `multifd-compression` the channels must carry.
     pub multifd_compression: savevm_format::multifd::Compression,
+    /// QEMU's `-uuid` of the guest: every multifd channel's initial packet must carry it
+    /// (as QEMU 7.2's destination checks its own); all zeros by default.
+    pub uuid: [u8; 16],
     /// The channels' options (`--io-timeout`).
     pub channel: ChannelOptions,
     /// TLS (QEMU's `tls-creds`, `tls-authz`): the credentials are loaded before
@@ -252,7 +255,7 @@ pub fn recv_opts(
         if let Some(n) = opts.multifd {
             // QEMU 7.2: the main channel first, then the multifd ones in any order.
             let expect = savevm_format::multifd::ChannelExpect {
-                uuid: [0; 16],
+                uuid: opts.uuid,
                 channels: n,
                 compression: opts.multifd_compression,
             };

@@ -35,6 +35,9 @@ pub struct SendOptions {
     /// Capability `multifd` with this many channels (`multifd-channels`; compression
     /// and levels are in `params`): tcp: and unix: only.
     pub multifd: Option<u8>,
+    /// QEMU's `-uuid` of the guest, in each multifd channel's initial packet (a QEMU
+    /// 7.2 destination refuses a channel whose UUID is not its own); all zeros by default.
+    pub uuid: [u8; 16],
     /// Capability `xbzrle` (its cache size is `params.xbzrle_cache_size`). A stopped
     /// guest is sent in one pass, so no page is sent twice to be encoded.
     pub xbzrle: bool,
@@ -67,6 +70,7 @@ impl Default for SendOptions {
             timeout: None,
             channel: transports::ChannelOptions::default(),
             multifd: None,
+            uuid: [0; 16],
             xbzrle: false,
             compress: None,
             tls: None,
@@ -227,7 +231,7 @@ pub fn send_all(
             (0..n)
                 .map(|i| {
                     let c = open().map_err(Error::transport)?;
-                    engine::multifd::announce(&c, i).map_err(|e| {
+                    engine::multifd::announce(&c, i, opts.uuid).map_err(|e| {
                         Error::transport(transports::TransportError::Channel { peer: c.peer().to_string(), source: e })
                     })?;
                     Ok(c)
@@ -246,8 +250,11 @@ pub fn send_all(
         multifd: channels.is_some(),
         ..Default::default()
     };
-    let mut out =
-        Outgoing::new(params, caps).map_err(Error::Io)?.with_cancel(cancel.clone()).with_runstate(&opts.runstate);
+    let mut out = Outgoing::new(params, caps)
+        .map_err(Error::Io)?
+        .with_cancel(cancel.clone())
+        .with_runstate(&opts.runstate)
+        .with_uuid(opts.uuid);
     if let (true, Some(after)) = (opts.postcopy, opts.postcopy_after) {
         out = out.with_postcopy_after(after);
     }

@@ -412,7 +412,10 @@ impl VmMonitor {
             RunState::Prelaunch => "prelaunch",
             _ => "paused",
         };
-        let out = Outgoing::new(self.params.clone(), st.caps).map_err(vm_error)?.with_runstate(runstate);
+        let out = Outgoing::new(self.params.clone(), st.caps)
+            .map_err(vm_error)?
+            .with_runstate(runstate)
+            .with_uuid(self.uuid_bytes());
         forward_events(out.state(), &self.events, st.caps.events);
         // As QEMU 7.2: `setup` (and its event) before the reply.
         out.begin_setup().map_err(vm_error)?;
@@ -459,7 +462,7 @@ impl VmMonitor {
         let channels = (0..n)
             .map(|id| {
                 let c = transports::connect(uri, out.cancel()).map_err(|e| engine::error::report(&e))?;
-                engine::multifd::announce(&c, id).map_err(|e| format!("multifd channel {id}: {e}"))?;
+                engine::multifd::announce(&c, id, out.uuid()).map_err(|e| format!("multifd channel {id}: {e}"))?;
                 Ok(c)
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -561,10 +564,16 @@ impl VmMonitor {
     /// that connection arrives (QEMU 7.2 reads it then), the `multifd-channels`
     /// connections after it in any order, each identified by its initial packet
     /// (checked against `multifd-channels` and `multifd-compression`).
+    /// `-uuid` as bytes, for the multifd channels' initial packets (checked at startup).
+    fn uuid_bytes(&self) -> [u8; 16] {
+        savevm_format::multifd::parse_uuid(&self.uuid).unwrap_or_default()
+    }
+
     fn accept_incoming(
         listener: Listener,
         state: &Mutex<State>,
         params: &SharedParameters,
+        uuid: [u8; 16],
     ) -> Result<(Channel, Option<engine::multifd::IncomingChannels>), String> {
         let report = |e: transports::TransportError| engine::error::report(&e);
         let multifd = || lock(state).caps.multifd;
@@ -585,7 +594,7 @@ impl VmMonitor {
         }
         let p = params.get();
         let expect = savevm_format::multifd::ChannelExpect {
-            uuid: [0; 16],
+            uuid,
             channels: p.multifd_channels,
             compression: p.multifd_compression,
         };
@@ -619,39 +628,40 @@ impl VmMonitor {
                 }
             }
         });
-        let result = Self::accept_incoming(listener, &self.state, &self.params).and_then(|(ch, channels)| {
-            let mut vm = self.vm.write().unwrap_or_else(|e| e.into_inner());
-            let mut vcpus = MonitoredVcpus {
-                inner: self.vcpus.clone(),
-                state: self.state.clone(),
-                events: self.events.clone(),
-                incoming: true,
-            };
-            let mut cpus = vm.cpu_devices();
-            let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
-            let mut parts = VmParts { devices, ..Default::default() };
-            let open = channel_return_path(&ch);
-            if let Some(channels) = channels {
-                // A failing channel stops the main channel's load at once.
-                let main = ch.return_path().ok();
-                let channels = channels.on_failure(move || {
-                    if let Some(m) = &main {
-                        let _ = m.shutdown(std::net::Shutdown::Read);
-                    }
-                });
+        let result =
+            Self::accept_incoming(listener, &self.state, &self.params, self.uuid_bytes()).and_then(|(ch, channels)| {
+                let mut vm = self.vm.write().unwrap_or_else(|e| e.into_inner());
+                let mut vcpus = MonitoredVcpus {
+                    inner: self.vcpus.clone(),
+                    state: self.state.clone(),
+                    events: self.events.clone(),
+                    incoming: true,
+                };
+                let mut cpus = vm.cpu_devices();
+                let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
+                let mut parts = VmParts { devices, ..Default::default() };
+                let open = channel_return_path(&ch);
+                if let Some(channels) = channels {
+                    // A failing channel stops the main channel's load at once.
+                    let main = ch.return_path().ok();
+                    let channels = channels.on_failure(move || {
+                        if let Some(m) = &main {
+                            let _ = m.shutdown(std::net::Shutdown::Read);
+                        }
+                    });
+                    let reader = MigrationReader::new(ch, RateLimit::new(0));
+                    return incoming
+                        .run_multifd(reader, channels, &mut vm.sink(), &mut parts, &mut vcpus, open)
+                        .map_err(|e| engine::error::report(&e));
+                }
                 let reader = MigrationReader::new(ch, RateLimit::new(0));
-                return incoming
-                    .run_multifd(reader, channels, &mut vm.sink(), &mut parts, &mut vcpus, open)
-                    .map_err(|e| engine::error::report(&e));
-            }
-            let reader = MigrationReader::new(ch, RateLimit::new(0));
-            if postcopy {
-                incoming.run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
-            } else {
-                incoming.run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
-            }
-            .map_err(|e| engine::error::report(&e))
-        });
+                if postcopy {
+                    incoming.run_postcopy(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+                } else {
+                    incoming.run_with_return_path(reader, &mut vm.sink(), &mut parts, &mut vcpus, open)
+                }
+                .map_err(|e| engine::error::report(&e))
+            });
         match result {
             Ok(report) => {
                 let mut st = self.lock();

@@ -7,6 +7,9 @@
 //!   `prelaunch` (after SHUT(0) on the return path), its RAM file equals ours (it was
 //!   filled with other data first, so zero pages must be written too).
 //!
+//! - The same with `-uuid` on QEMU's command line (as libvirt starts it) and `--uuid`
+//!   on qmig's, one case each way; a UUID unlike recv's fails both ends, recv in one line.
+//!
 //! Without QEMU the tests print `skipped: ...` and pass, except when `CI=true`.
 
 mod common;
@@ -73,15 +76,21 @@ fn wait_child(mut child: Child, what: &str) -> (std::process::ExitStatus, String
 }
 
 fn qemu_to_qmig(channels: u8, compression: &str) {
-    qemu_to_qmig_into(channels, compression, false);
+    qemu_to_qmig_into(channels, compression, false, None);
 }
+
+/// The UUID of the cases run as libvirt runs QEMU (`-uuid`): QEMU 7.2 puts it in each
+/// multifd channel's initial packet and requires its own there.
+const UUID: &str = "5f1e5b2c-0d5e-4d7e-9a51-6b3c2f0e8a17";
 
 /// QEMU -> `recv --multifd`; with `existing`, into a destination file already
 /// full of other data (every ZERO record must clear its page), else into a fresh
 /// one (a ZERO record costs no page: the file holds no more than the non-zero pages).
-fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
+/// With `uuid` the source QEMU runs with `-uuid` and recv with `--uuid`.
+fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool, uuid: Option<&str>) {
     let over = if existing { "_over_data" } else { "" };
-    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}{over}");
+    let id = if uuid.is_some() { "_uuid" } else { "" };
+    let name = format!("multifd_qemu_to_qmig_{channels}_{compression}{over}{id}");
     if qemu_or_skip(&name).is_none() {
         return;
     }
@@ -98,6 +107,7 @@ fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
     let args = ["recv", "--ram", &ram_arg, "--from", &uri, "--multifd", &n, "--multifd-compression", compression];
     let mut recv = Command::new(qmig_exe())
         .args(args)
+        .args(uuid.iter().flat_map(|u| ["--uuid", u]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -117,7 +127,8 @@ fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
         s
     });
 
-    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &src, RAM_LEN)).expect("start source QEMU");
+    let mut qemu =
+        QemuProcess::start(&uuid_arg(QemuConfig::new().ram("mem", &src, RAM_LEN), uuid)).expect("start source QEMU");
     set_multifd(&mut qemu, channels, compression);
     qemu.migrate(&uri).unwrap_or_else(|e| panic!("{name}: migrate: {e}\n{}", qemu.stderr()));
     let info = qemu.wait_migration(LIMIT).and_then(expect_completed);
@@ -150,11 +161,37 @@ fn qemu_to_qmig_into(channels: u8, compression: &str, existing: bool) {
 /// A ZERO record under multifd clears a destination page that held data.
 #[test]
 fn qemu_to_qmig_multifd_over_existing_data() {
-    qemu_to_qmig_into(2, "none", true);
+    qemu_to_qmig_into(2, "none", true, None);
+}
+
+/// `-uuid U` on QEMU's command line (libvirt always passes one).
+fn uuid_arg(c: QemuConfig, uuid: Option<&str>) -> QemuConfig {
+    match uuid {
+        Some(u) => c.arg("-uuid").arg(u),
+        None => c,
+    }
+}
+
+/// A QEMU source started with `-uuid` into `recv --multifd 2 --uuid` of the same UUID.
+#[test]
+fn qemu_to_qmig_2_zstd_with_uuid() {
+    qemu_to_qmig_into(2, "zstd", false, Some(UUID));
+}
+
+/// `send --multifd 2 --uuid` into a QEMU destination started with the same `-uuid`.
+#[test]
+fn qmig_to_qemu_2_zlib_with_uuid() {
+    qmig_to_qemu_with(2, "zlib", Some(UUID));
 }
 
 fn qmig_to_qemu(channels: u8, compression: &str) {
-    let name = format!("multifd_qmig_to_qemu_{channels}_{compression}");
+    qmig_to_qemu_with(channels, compression, None);
+}
+
+/// With `uuid` the destination QEMU runs with `-uuid` and send with `--uuid`.
+fn qmig_to_qemu_with(channels: u8, compression: &str, uuid: Option<&str>) {
+    let id = if uuid.is_some() { "_uuid" } else { "" };
+    let name = format!("multifd_qmig_to_qemu_{channels}_{compression}{id}");
     if qemu_or_skip(&name).is_none() {
         return;
     }
@@ -163,14 +200,17 @@ fn qmig_to_qemu(channels: u8, compression: &str) {
     let ram = pattern::generate(GUEST, 0x4f0 + u64::from(channels), RAM_LEN as usize);
     fs::write(&src, &ram).expect("write source RAM");
     fs::write(&dst, pattern::generate(Pattern::Random, 0xbad, RAM_LEN as usize)).expect("write destination RAM");
-    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &dst, RAM_LEN).incoming(true))
+    let mut qemu = QemuProcess::start(&uuid_arg(QemuConfig::new().ram("mem", &dst, RAM_LEN).incoming(true), uuid))
         .expect("start destination QEMU");
     set_multifd(&mut qemu, channels, compression);
     let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
     qemu.migrate_incoming(&uri).unwrap_or_else(|e| panic!("{name}: migrate-incoming: {e}\n{}", qemu.stderr()));
     let n = channels.to_string();
     let ram_arg = format!("mem={}", utf8(&src));
-    let args = ["send", "--ram", &ram_arg, "--to", &uri, "--multifd", &n, "--multifd-compression", compression];
+    let mut args = vec!["send", "--ram", &ram_arg, "--to", &uri, "--multifd", &n, "--multifd-compression", compression];
+    if let Some(u) = uuid {
+        args.extend(["--uuid", u]);
+    }
     let run = run_qmig(&dir, &args, LIMIT);
     assert!(run.status.success(), "{name}: send failed: {}\nQEMU: {}", run.stderr, qemu.stderr());
     let stats: Value = serde_json::from_str(run.stdout.trim()).expect("send stats JSON");
@@ -214,21 +254,18 @@ matrix! {
     qmig_to_qemu_4_zstd: qmig_to_qemu(4, "zstd");
 }
 
-/// A QEMU source with multifd into a `qmig recv` without `--multifd`: both fail,
-/// recv with one line saying to pass `--multifd N`.
-#[test]
-fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
-    let name = "multifd_qemu_to_plain_recv";
-    if qemu_or_skip(name).is_none() {
-        return;
-    }
+/// A QEMU source (multifd 2, `-uuid` when given) into `qmig recv` with `recv_args`
+/// that cannot take it: recv fails with one line on stderr (returned), and the source
+/// does not complete.
+fn qemu_into_refusing_recv(name: &str, seed: u64, recv_args: &[&str], uuid: Option<&str>) -> String {
     let dir = TestDir::new(name);
     let (src, dst) = (dir.join("src.ram"), dir.join("dst.ram"));
-    fs::write(&src, pattern::generate(GUEST, 0x5f0, RAM_LEN as usize)).expect("write source RAM");
+    fs::write(&src, pattern::generate(GUEST, seed, RAM_LEN as usize)).expect("write source RAM");
     let uri = format!("unix:{}", utf8(&dir.join("mig.sock")));
     let ram_arg = format!("mem={}", utf8(&dst));
     let mut recv = Command::new(qmig_exe())
         .args(["recv", "--ram", &ram_arg, "--from", &uri])
+        .args(recv_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -237,17 +274,43 @@ fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
     let mut out = recv.stdout.take().expect("stdout");
     let mut b = [0u8; 1];
     while std::io::Read::read(&mut out, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
-    let mut qemu = QemuProcess::start(&QemuConfig::new().ram("mem", &src, RAM_LEN)).expect("start source QEMU");
+    let mut qemu =
+        QemuProcess::start(&uuid_arg(QemuConfig::new().ram("mem", &src, RAM_LEN), uuid)).expect("start source QEMU");
     set_multifd(&mut qemu, 2, "none");
     qemu.migrate(&uri).unwrap_or_else(|e| panic!("{name}: migrate: {e}\n{}", qemu.stderr()));
     let info = qemu.wait_migration(LIMIT);
     let (status, _, stderr) = wait_child(recv, name);
     assert!(!status.success(), "{name}: recv must fail");
-    assert!(stderr.contains("--multifd"), "{name}: recv says what to do: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
     let st = info.ok().and_then(|i| i["status"].as_str().map(String::from));
     assert_ne!(st.as_deref(), Some("completed"), "{name}: the source must not complete");
     let _ = qemu.kill();
+    stderr
+}
+
+/// A QEMU source with multifd into a `qmig recv` without `--multifd`: both fail,
+/// recv with one line saying to pass `--multifd N`.
+#[test]
+fn qemu_multifd_source_to_recv_without_multifd_fails_clearly() {
+    let name = "multifd_qemu_to_plain_recv";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let stderr = qemu_into_refusing_recv(name, 0x5f0, &[], None);
+    assert!(stderr.contains("--multifd"), "{name}: recv says what to do: {stderr}");
+}
+
+/// A QEMU source with `-uuid` into `recv --multifd 2` without `--uuid`: recv refuses the
+/// first channel in one line naming both UUIDs (QEMU 7.2's words), and the source fails.
+#[test]
+fn qemu_uuid_unlike_recv_fails_clearly() {
+    let name = "multifd_qemu_uuid_mismatch";
+    if qemu_or_skip(name).is_none() {
+        return;
+    }
+    let stderr = qemu_into_refusing_recv(name, 0x6f0, &["--multifd", "2"], Some(UUID));
+    let expected = format!("received uuid '{UUID}' and expected uuid '00000000-0000-0000-0000-000000000000'");
+    assert!(stderr.contains(&expected), "{name}: {stderr}");
 }
 
 /// Multifd needs tcp: or unix: (QEMU 7.2: "multifd is not supported by current protocol").

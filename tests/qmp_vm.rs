@@ -893,18 +893,14 @@ fn qmp_multifd_qmig_vm_to_qmig_vm() {
     exec(s, "migrate", Some(json!({"uri": uri})));
     // While it runs: capabilities are refused, parameters taken (for the next migration:
     // this one keeps its 2 channels, which the destination expects).
-    let during = exec(s, "query-migrate", None);
-    if status_of(&during) == "active" {
-        assert_eq!(
-            refused(
-                s,
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "multifd", "state": false}]})
-            ),
-            "There's a migration process in progress"
-        );
-        exec(s, mp, Some(json!({"multifd-channels": 3})));
-    }
+    let during = poll_until(s, "multifd source active", |st| st == "active" || testkit::qemu::is_terminal_status(st));
+    let during = during.last().cloned().unwrap_or_default();
+    assert_eq!(status_of(&during), "active", "the migration runs a while at 8 MiB/s: {during}");
+    assert_eq!(
+        refused(s, "migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": false}]})),
+        "There's a migration process in progress"
+    );
+    exec(s, mp, Some(json!({"multifd-channels": 3})));
     let src = poll_until(s, "multifd source", testkit::qemu::is_terminal_status);
     let last = src.last().cloned().unwrap_or_default();
     assert_eq!(status_of(&last), "completed", "{last}");

@@ -179,7 +179,8 @@ impl Sender {
     /// Start one thread per channel in `scope` (channel `i` gets id `i` and writes its
     /// initial packet first), each sending pages of `mem` (index = RAM block index)
     /// with `compression` at `level`; bytes are counted (and limited) by `rate`.
-    /// With `announced` the channels' initial packets were written already ([`announce`]).
+    /// With `announced` the channels' initial packets were written already ([`announce`]),
+    /// else each thread writes its own with `uuid` (QEMU's `-uuid`).
     #[allow(clippy::too_many_arguments)]
     pub fn start<'scope, 'g: 'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
@@ -190,6 +191,7 @@ impl Sender {
         rate: &RateLimit,
         cancel: CancelToken,
         announced: bool,
+        uuid: [u8; 16],
     ) -> Result<Sender, MultifdError> {
         let (rtx, reports) = unbounded();
         let mut jobs = Vec::new();
@@ -222,6 +224,7 @@ impl Sender {
                         zout: Vec::new(),
                         pages,
                         announced,
+                        uuid,
                     };
                     let r = t.run(&jrx, &rtx);
                     let r = r.and_then(|()| t.w.close().map_err(|e| io::Error::other(e.to_string())));
@@ -387,13 +390,16 @@ struct SendThread<'g> {
     pages: Arc<AtomicU64>,
     /// The initial packet was written when the channel connected.
     announced: bool,
+    /// QEMU's `-uuid`, for the initial packet.
+    uuid: [u8; 16],
 }
 
 /// Write multifd channel `id`'s initial packet on `ch` now (QEMU 7.2's source does
 /// so as each channel connects); then give the channels to
 /// [`Outgoing::run_multifd_announced`](crate::source::Outgoing::run_multifd_announced).
-pub fn announce(ch: &Channel, id: u8) -> io::Result<()> {
-    let p = InitialPacket { uuid: [0; 16], channel_id: id }.encode();
+/// `uuid` is the VM's (QEMU's `-uuid`, [`Outgoing::uuid`](crate::source::Outgoing::uuid)).
+pub fn announce(ch: &Channel, id: u8, uuid: [u8; 16]) -> io::Result<()> {
+    let p = InitialPacket { uuid, channel_id: id }.encode();
     let mut at = 0;
     while at < p.len() {
         match ch.write_vectored(&[io::IoSlice::new(&p[at..])])? {
@@ -407,7 +413,7 @@ pub fn announce(ch: &Channel, id: u8) -> io::Result<()> {
 impl SendThread<'_> {
     fn run(&mut self, jobs: &Receiver<Job>, reports: &ChanTx<Report>) -> io::Result<()> {
         if !self.announced {
-            self.w.write_all(&InitialPacket { uuid: [0; 16], channel_id: self.id }.encode())?;
+            self.w.write_all(&InitialPacket { uuid: self.uuid, channel_id: self.id }.encode())?;
             self.w.flush_now()?;
         }
         let _ = reports.send(Report::Free(self.id.into()));

@@ -324,6 +324,7 @@ struct Fixed {
     runstate: String,
     shut_timeout: Duration,
     postcopy_after: Option<Duration>,
+    uuid: [u8; 16],
 }
 
 /// Refuse two devices with the same idstr and instance among `ids`.
@@ -714,6 +715,7 @@ impl Outgoing {
                 runstate: "running".into(),
                 shut_timeout: DEFAULT_SHUT_TIMEOUT,
                 postcopy_after: None,
+                uuid: [0; 16],
             }),
             cancel: CancelToken::new()?,
             force: Default::default(),
@@ -731,6 +733,18 @@ impl Outgoing {
     pub fn with_postcopy_after(mut self, after: Duration) -> Self {
         Arc::make_mut(&mut self.fixed).postcopy_after = Some(after);
         self
+    }
+
+    /// QEMU's `-uuid`: the VM's UUID, written in each multifd channel's initial packet
+    /// (a QEMU 7.2 destination requires its own); all zeros by default, as QEMU without `-uuid`.
+    pub fn with_uuid(mut self, uuid: [u8; 16]) -> Self {
+        Arc::make_mut(&mut self.fixed).uuid = uuid;
+        self
+    }
+
+    /// The VM's UUID given by [`with_uuid`](Self::with_uuid) (all zeros by default).
+    pub fn uuid(&self) -> [u8; 16] {
+        self.fixed.uuid
     }
 
     /// The runstate written in `globalstate` (`running` for a live guest, the
@@ -1096,6 +1110,7 @@ impl Outgoing {
                 &self.rate,
                 self.cancel.clone(),
                 self.announced.load(std::sync::atomic::Ordering::SeqCst),
+                self.fixed.uuid,
             )?;
             let r = self.precopy(w, start, ram, vcpus, vm, undo, rp, reader, Some(&mut sender));
             if r.is_err() {

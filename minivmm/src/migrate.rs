@@ -47,13 +47,38 @@ pub fn migrate_out_multifd(
     ch: Channel,
     channels: Vec<Channel>,
 ) -> Result<MigrationInfo, EngineError> {
+    multifd_out(vm, out, ch, channels, false)
+}
+
+/// [`migrate_out_multifd`] with channels whose initial packets were written as each
+/// connected ([`engine::multifd::announce`], QEMU 7.2's order).
+pub fn migrate_out_multifd_announced(
+    vm: &Vm,
+    out: &Outgoing,
+    ch: Channel,
+    channels: Vec<Channel>,
+) -> Result<MigrationInfo, EngineError> {
+    multifd_out(vm, out, ch, channels, true)
+}
+
+fn multifd_out(
+    vm: &Vm,
+    out: &Outgoing,
+    ch: Channel,
+    channels: Vec<Channel>,
+    announced: bool,
+) -> Result<MigrationInfo, EngineError> {
     let region = vm.region().map_err(|e| EngineError::Vmm(VmmError::new(e)))?;
     let mut vcpus = vm.vcpus();
     let mut cpus = vm.cpu_devices();
     let mut ram = [RamRegion::new(&region).with_dirty(vm.dirty_log())];
     let devices = cpus.iter_mut().map(|c| c as &mut dyn DeviceHandler).collect();
     let mut parts = VmParts { devices, ..Default::default() };
-    out.run_multifd(ch, channels, &mut ram, &mut vcpus, &mut parts)
+    if announced {
+        out.run_multifd_announced(ch, channels, &mut ram, &mut vcpus, &mut parts)
+    } else {
+        out.run_multifd(ch, channels, &mut ram, &mut vcpus, &mut parts)
+    }
 }
 
 /// [`migrate_in`] with capability `multifd`: `channels` (accepted and identified)

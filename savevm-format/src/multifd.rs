@@ -173,6 +173,31 @@ impl PacketHeader {
     }
 }
 
+/// A UUID in QEMU's `-uuid` text form (8-4-4-4-12 hex digits, either case) as its
+/// 16 bytes; `None` for anything else.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let groups: Vec<&str> = s.split('-').collect();
+    if !groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) {
+        return None;
+    }
+    let digits: Vec<u8> = groups
+        .concat()
+        .bytes()
+        .map(|b| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok()))
+        .collect::<Option<_>>()?;
+    let mut u = [0u8; 16];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        u[i] = pair[0] << 4 | pair[1];
+    }
+    Some(u)
+}
+
+/// A UUID's 16 bytes in QEMU's text form (`qemu_uuid_unparse`: 8-4-4-4-12, lower case).
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h = crate::vmstate::hex(u);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 /// What a destination expects of its multifd channels (`multifd-channels`,
 /// `multifd-compression`, its own VM UUID).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,8 +217,8 @@ pub fn check_initial(p: &InitialPacket, e: &ChannelExpect) -> std::result::Resul
     if p.uuid != e.uuid {
         return Err(ErrorKind::Multifd(format!(
             "received uuid '{}' and expected uuid '{}' for channel {}",
-            crate::vmstate::hex(&p.uuid),
-            crate::vmstate::hex(&e.uuid),
+            format_uuid(&p.uuid),
+            format_uuid(&e.uuid),
             p.channel_id
         )));
     }
@@ -564,4 +589,28 @@ impl<R: Read> ChannelReader<R> {
 /// compare it with the buffer lengths, which it never exceeds).
 fn consumed(total: u64, start: u64) -> usize {
     usize::try_from(total - start).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::{format_uuid, parse_uuid};
+
+    #[test]
+    fn uuid_text_round_trips_and_bad_shapes_are_refused() {
+        let s = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let u = parse_uuid(s).expect("a UUID");
+        assert_eq!(u[0], 0x1b);
+        assert_eq!(u[15], 0x27);
+        assert_eq!(format_uuid(&u), s);
+        assert_eq!(parse_uuid(&s.to_uppercase()), Some(u));
+        assert_eq!(format_uuid(&[0; 16]), "00000000-0000-0000-0000-000000000000");
+        for bad in [
+            "",
+            "1b4e28ba2fa111d2883f0016d3cca427",
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca42g",
+            "1b4e28ba-2fa1-11d2-883f0-016d3cca427",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+    }
 }
