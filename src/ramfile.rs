@@ -260,7 +260,6 @@ impl Populate {
     /// effort: a kernel without MADV_POPULATE_WRITE (before 5.14) leaves the faults
     /// to the writer.
     fn start(map: &MmapMut, ranges: Vec<(usize, usize)>) -> Option<Populate> {
-        const CHUNK: usize = 8 << 20;
         if ranges.is_empty() {
             return None;
         }
@@ -268,25 +267,9 @@ impl Populate {
         let (base, len, flag) = (map.as_ptr() as usize, map.len(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("qmig-populate".into())
-            .spawn(move || {
-                for (start, end) in ranges {
-                    let mut off = start;
-                    while off < end.min(len) && !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                        let n = CHUNK.min(end.min(len) - off);
-                        // SAFETY: [base + off, base + off + n) lies inside the shared
-                        // mapping, which stays mapped until this thread is joined (the
-                        // `Populate` is dropped before the mapping, see `RamImage`).
-                        // MADV_POPULATE_WRITE only maps pages in, as a write fault
-                        // would; it never changes their contents.
-                        let r =
-                            unsafe { libc::madvise((base + off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
-                        if r != 0 {
-                            return;
-                        }
-                        off += n;
-                    }
-                }
-            })
+            // The mapping stays mapped until this thread is joined (the `Populate`
+            // is dropped before the mapping, see `RamImage`).
+            .spawn(move || populate_ranges(base, len, &ranges, &flag))
             .ok()?;
         Some(Populate { stop, thread: Some(thread) })
     }
@@ -305,16 +288,24 @@ impl Drop for Populate {
 /// thread (`MADV_POPULATE_WRITE`, 8 MiB at a time). Best effort: a kernel without
 /// it (before 5.14) leaves the faults to the writer.
 fn populate_now(map: &MmapMut, ranges: &[(usize, usize)]) {
+    populate_ranges(map.as_ptr() as usize, map.len(), ranges, &std::sync::atomic::AtomicBool::new(false));
+}
+
+/// `MADV_POPULATE_WRITE` over `ranges` of the `len`-byte mapping at `base`, 8 MiB
+/// at a time, until done, refused (a kernel before 5.14) or `stop` is set. The
+/// mapping must stay mapped for the call ([`populate_now`] borrows it, [`Populate`]
+/// joins its thread before the mapping goes).
+fn populate_ranges(base: usize, len: usize, ranges: &[(usize, usize)], stop: &std::sync::atomic::AtomicBool) {
     const CHUNK: usize = 8 << 20;
     for &(start, end) in ranges {
-        let end = end.min(map.len());
+        let end = end.min(len);
         let mut off = start;
-        while off < end {
+        while off < end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let n = CHUNK.min(end - off);
-            // SAFETY: [off, off + n) lies inside `map`, borrowed for the call;
-            // MADV_POPULATE_WRITE only maps pages in, as a write fault would, and never
-            // changes their contents.
-            let r = unsafe { libc::madvise(map.as_ptr().add(off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+            // SAFETY: [base + off, base + off + n) lies inside the shared mapping, kept
+            // mapped for this call by the callers (above); MADV_POPULATE_WRITE only
+            // maps pages in, as a write fault would, and never changes their contents.
+            let r = unsafe { libc::madvise((base + off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
             if r != 0 {
                 return;
             }

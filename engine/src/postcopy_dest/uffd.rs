@@ -189,32 +189,11 @@ impl MissingUffd {
             .unwrap_or(false)
     }
 
-    /// Fill the missing page(s) at `dst` (inside a registered range) with `src`
-    /// atomically, waking the threads blocked on them.
+    /// Fill the missing page(s) at `dst` (whole pages inside a registered range) with
+    /// `src`, waking the threads blocked on them ([`copy_run`](Self::copy_run));
+    /// [`Placed::AlreadyThere`] when a page was present (its waiters woken, it left as is).
     pub fn copy(&self, dst: u64, src: &[u8]) -> Result<Placed, UffdError> {
-        let len = src.len() as u64;
-        if !self.covered(dst, len) {
-            return Err(UffdError::Unsupported(format!("UFFDIO_COPY to {dst:#x}+{len:#x}: not a registered range")));
-        }
-        loop {
-            let mut c = UffdioCopy { dst, src: src.as_ptr() as u64, len, mode: 0, copy: 0 };
-            // SAFETY: `src` is a readable slice of `len` bytes for the call; `dst` lies in a
-            // range registered under `register`'s contract. UFFDIO_COPY only fills pages
-            // that are missing (never overwrites one: EEXIST).
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as libc::Ioctl, &mut c) };
-            if r == 0 {
-                return Ok(Placed::Now);
-            }
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EEXIST) => {
-                    self.wake(dst, len)?;
-                    return Ok(Placed::AlreadyThere);
-                }
-                // Interrupted or the mappings changed under it: try again.
-                Some(libc::EAGAIN) | Some(libc::EINTR) if c.copy <= 0 => continue,
-                _ => return Err(os("UFFDIO_COPY")),
-            }
-        }
+        Ok(if self.copy_run(dst, src)?.is_empty() { Placed::Now } else { Placed::AlreadyThere })
     }
 
     /// Fill the missing pages `dst..dst + src.len()` (whole pages, inside a registered
@@ -225,7 +204,10 @@ impl MissingUffd {
     pub fn copy_run(&self, dst: u64, src: &[u8]) -> Result<Vec<u64>, UffdError> {
         let page = crate::memory::PAGE as u64;
         let len = src.len() as u64;
-        if !len.is_multiple_of(page) || !self.covered(dst, len) {
+        if !len.is_multiple_of(page) {
+            return Err(UffdError::Unsupported(format!("UFFDIO_COPY to {dst:#x}+{len:#x}: not whole pages")));
+        }
+        if !self.covered(dst, len) {
             return Err(UffdError::Unsupported(format!("UFFDIO_COPY to {dst:#x}+{len:#x}: not a registered range")));
         }
         let mut present = Vec::new();
