@@ -378,6 +378,24 @@ fn attempt(q: &mut Qmp, cmd: &str, args: Option<Value>) -> Outcome {
 
 type Log = Vec<(&'static str, Outcome)>;
 
+/// Each step of the same script answered alike by QEMU 7.2 and `qmig vm`: equal
+/// replies, or errors of the same class whose text starts with QEMU's words (qmig
+/// may add a clarification after them).
+fn assert_same_answers(qemu_log: &Log, qmig_log: &Log) {
+    let mut report = String::new();
+    for ((what, q), (_, m)) in qemu_log.iter().zip(qmig_log) {
+        let same = match (q, m) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err((qc, qd)), Err((mc, md))) => qc == mc && md.starts_with(qd.as_str()),
+            _ => false,
+        };
+        if !same {
+            report.push_str(&format!("\n{what}: QEMU {q:?}, qmig vm {m:?}"));
+        }
+    }
+    assert!(report.is_empty(), "qmig vm answers differently from QEMU 7.2:{report}");
+}
+
 fn u(x: &str) -> Option<Value> {
     Some(json!({ "uri": x }))
 }
@@ -539,19 +557,7 @@ fn qmp_refusals_match_qemu() {
     refused_capabilities(s.qmp());
 
     assert_eq!(qemu_log.len(), qmig_log.len());
-    let mut report = String::new();
-    for ((what, q), (_, m)) in qemu_log.iter().zip(&qmig_log) {
-        let same = match (q, m) {
-            (Ok(a), Ok(b)) => a == b,
-            // The same class; QEMU's words (qmig may add a clarification after them).
-            (Err((qc, qd)), Err((mc, md))) => qc == mc && md.starts_with(qd.as_str()),
-            _ => false,
-        };
-        if !same {
-            report.push_str(&format!("\n{what}: QEMU {q:?}, qmig vm {m:?}"));
-        }
-    }
-    assert!(report.is_empty(), "qmig vm answers differently from QEMU 7.2:{report}");
+    assert_same_answers(&qemu_log, &qmig_log);
     // The script refuses something in every state it visits.
     assert!(qmig_log.iter().filter(|(_, o)| o.is_err()).count() >= 20, "{qmig_log:?}");
     assert_eq!(qmig_log.iter().find(|(w, _)| w.starts_with("destination exit")).map(|x| &x.1), Some(&Ok(json!(1))));
@@ -703,18 +709,7 @@ fn qmp_getfd_and_fd_migration_match_qemu() {
     let pid = s.child.id();
     let qmig_log = getfd_script(s.qmp(), pid, d.qmp());
     println!("QEMU:    {qemu_log:?}\nqmig vm: {qmig_log:?}");
-    let mut report = String::new();
-    for ((what, q), (_, m)) in qemu_log.iter().zip(&qmig_log) {
-        let same = match (q, m) {
-            (Ok(a), Ok(b)) => a == b,
-            (Err((qc, qd)), Err((mc, md))) => qc == mc && md.starts_with(qd.as_str()),
-            _ => false,
-        };
-        if !same {
-            report.push_str(&format!("\n{what}: QEMU {q:?}, qmig vm {m:?}"));
-        }
-    }
-    assert!(report.is_empty(), "qmig vm answers differently from QEMU 7.2:{report}");
+    assert_same_answers(&qemu_log, &qmig_log);
     let get = |w: &str| qmig_log.iter().find(|(x, _)| *x == w).map(|x| x.1.clone());
     assert_eq!(get("descriptors held for one name"), Some(Ok(json!(1))));
     assert_eq!(get("descriptors after closefd"), Some(Ok(json!(0))));

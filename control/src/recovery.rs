@@ -293,21 +293,12 @@ mod tests {
 
     const ALL_PEERS: [PeerState; 4] =
         [PeerState::TookOver, PeerState::NotTakenOver, PeerState::Waiting, PeerState::Unknown];
-    const ALL_PHASES: [Phase; 7] = [
-        Phase::Begin3,
-        Phase::Perform3,
-        Phase::Perform3Done,
-        Phase::Confirm3,
-        Phase::Confirm3Cancelled,
-        Phase::Prepare,
-        Phase::Finish3,
-    ];
 
     #[test]
     fn a_dead_vm_needs_nothing() {
         let dead = Observed { alive: false, run_state: "shutoff".into(), migration: "none".into() };
         for role in [Role::Source, Role::Destination] {
-            for phase in ALL_PHASES {
+            for phase in Phase::ALL {
                 for peer in ALL_PEERS {
                     assert_eq!(decide(role, phase, &dead, peer), Action::Nothing, "{role:?} {phase:?} {peer:?}");
                 }

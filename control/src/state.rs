@@ -105,6 +105,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in libvirt's order (source, then destination).
+    pub const ALL: [Phase; 7] = [
+        Phase::Begin3,
+        Phase::Perform3,
+        Phase::Perform3Done,
+        Phase::Confirm3,
+        Phase::Confirm3Cancelled,
+        Phase::Prepare,
+        Phase::Finish3,
+    ];
+
     /// libvirt's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -348,22 +359,14 @@ mod tests {
 
     #[test]
     fn phases_are_libvirts_and_records_round_trip() {
-        let names: Vec<String> = [
-            Phase::Begin3,
-            Phase::Perform3,
-            Phase::Perform3Done,
-            Phase::Confirm3,
-            Phase::Confirm3Cancelled,
-            Phase::Prepare,
-            Phase::Finish3,
-        ]
-        .iter()
-        .map(|p| {
-            let s = serde_json::to_value(p).expect("ser");
-            assert_eq!(s, p.as_str());
-            p.as_str().to_string()
-        })
-        .collect();
+        let names: Vec<String> = Phase::ALL
+            .iter()
+            .map(|p| {
+                let s = serde_json::to_value(p).expect("ser");
+                assert_eq!(s, p.as_str());
+                p.as_str().to_string()
+            })
+            .collect();
         assert_eq!(names.join(","), "begin3,perform3,perform3_done,confirm3,confirm3_cancelled,prepare,finish3");
         let root = std::env::temp_dir().join(format!("qmig-control-state-{}", std::process::id()));
         let dir = StateDir::open(&root).expect("open");
