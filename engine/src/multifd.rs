@@ -29,7 +29,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use transports::{CancelToken, Channel, MigrationReader, MigrationWriter, RateLimit};
+use transports::{CancelToken, Channel, MigrationReader, MigrationWriter, Pacer, RateLimit};
 
 /// Pages a packet holds at 4 KiB target pages (`MULTIFD_PACKET_SIZE / TPS`).
 pub const PAGES_PER_PACKET: usize = (savevm_format::multifd::MULTIFD_PACKET_SIZE / PAGE as u64) as usize;
@@ -178,7 +178,9 @@ pub struct Sender {
 impl Sender {
     /// Start one thread per channel in `scope` (channel `i` gets id `i` and writes its
     /// initial packet first), each sending pages of `mem` (index = RAM block index)
-    /// with `compression` at `level`; bytes are counted (and limited) by `rate`.
+    /// with `compression` at `level`; bytes are counted (and limited) by `rate` as
+    /// QEMU 7.2 counts them: each packet's header plus its pages uncompressed (the
+    /// initial packet not at all), whatever the compression put on the wire.
     /// With `announced` the channels' initial packets were written already ([`announce`]),
     /// else each thread writes its own with `uuid` (QEMU's `-uuid`).
     #[allow(clippy::too_many_arguments)]
@@ -207,8 +209,14 @@ impl Sender {
                 source,
             })?;
             let (jtx, jrx) = unbounded::<Job>();
-            let (w, rtx, mem, pages) =
-                (MigrationWriter::new(ch, rate.clone()), rtx.clone(), mem.clone(), pages.clone());
+            // The channel's own counter; the shared limit sees 7.2's count (`pacer`).
+            let (w, pacer, rtx, mem, pages) = (
+                MigrationWriter::new(ch, RateLimit::new(0)),
+                Pacer::new(rate.clone()),
+                rtx.clone(),
+                mem.clone(),
+                pages.clone(),
+            );
             let flag = compression.flag();
             std::thread::Builder::new()
                 .name(format!("qmig-multifd-send-{i}"))
@@ -216,6 +224,7 @@ impl Sender {
                     let mut t = SendThread {
                         id,
                         w,
+                        pacer,
                         comp,
                         flag,
                         mem,
@@ -380,6 +389,8 @@ impl Sender {
 struct SendThread<'g> {
     id: u8,
     w: MigrationWriter<'g>,
+    /// Paces the packets by 7.2's count against the migration's `max-bandwidth`.
+    pacer: Pacer,
     comp: Option<PacketCompressor>,
     flag: u32,
     mem: Arc<Vec<&'g GuestRegion>>,
@@ -444,6 +455,10 @@ impl SendThread<'_> {
     }
 
     fn header(&mut self, h: &PacketHeader) -> io::Result<()> {
+        // QEMU 7.2's multifd_send_pages / multifd_send_sync_main: the header plus the
+        // pages uncompressed count against the rate limit.
+        let counted = header_len(PAGE as u64) as u64 + u64::from(h.normal_pages) * PAGE as u64;
+        self.pacer.charge(counted, self.w.channel())?;
         self.buf.clear();
         h.encode(PAGE as u64, &mut self.buf).map_err(|e| io::Error::other(e.to_string()))?;
         debug_assert_eq!(self.buf.len(), header_len(PAGE as u64));

@@ -40,7 +40,7 @@ pub use channel::{
     connect, connect_with, Channel, ChannelOptions, Direction, Listener, ReturnPath, DEFAULT_IO_TIMEOUT,
 };
 pub use error::{is_no_progress, NoProgress, TransportError};
-pub use ratelimit::{RateLimit, WINDOW};
+pub use ratelimit::{Pacer, RateLimit, WINDOW};
 pub use stream::{MigrationReader, MigrationWriter};
 pub use tls::{TlsAuthz, TlsClient, TlsError, TlsParams, TlsServer};
 pub use uri::{MigrationUri, UriError};

@@ -68,6 +68,32 @@ impl RateLimit {
     }
 }
 
+/// Paces a producer against a shared [`RateLimit`] by a byte count it gives itself
+/// rather than by the bytes it writes: QEMU 7.2's multifd counts each packet as its
+/// header plus its pages uncompressed, whatever went on the wire.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: RateLimit,
+    window: Window,
+}
+
+impl Pacer {
+    /// A pacer counting into `rate` (its limit and counters are shared).
+    pub fn new(rate: RateLimit) -> Self {
+        Pacer { rate, window: Window::new() }
+    }
+
+    /// Wait (on `channel`, so a cancel ends the wait) until this window's budget is
+    /// not spent, then count `n` bytes as sent.
+    pub fn charge(&mut self, n: u64, channel: &crate::Channel) -> std::io::Result<()> {
+        while let Some(until) = self.window.blocked_until(&self.rate) {
+            channel.sleep_until(until)?;
+        }
+        self.rate.account(n);
+        Ok(())
+    }
+}
+
 /// Window bookkeeping owned by one writer.
 #[derive(Debug)]
 pub(crate) struct Window {

@@ -256,3 +256,40 @@ fn byte_counters_exact() {
         assert_eq!(bad, None, "{uri}: first corrupted byte");
     }
 }
+
+/// A `Pacer` holds a producer to the shared limit by the counts it charges (not by
+/// what it writes), and a cancel of its channel ends a wait for the next window.
+#[test]
+fn pacer_charges_against_the_shared_limit() {
+    let (l, uri) = bind(unique_sock("pacer"));
+    let peer = thread::spawn(move || l.accept().expect("accept"));
+    let ch = connect_to(&uri);
+    let _peer = peer.join().expect("accept thread");
+    // 100 KiB/s: a budget of 10 KiB per 100 ms window.
+    let rate = RateLimit::new(100 << 10);
+    let mut p = transports::Pacer::new(rate.clone());
+    let t = Instant::now();
+    for _ in 0..3 {
+        p.charge(10 << 10, &ch).expect("charge");
+    }
+    // The first charge spends the window; each later one waits for a new window.
+    assert!(t.elapsed() >= Duration::from_millis(180), "3 windows' budget in {:?}", t.elapsed());
+    assert_eq!(rate.total_bytes(), 30 << 10, "charged bytes counted");
+
+    // A budget of 1 byte: every charge waits for a new window, until the cancel.
+    rate.set_max_bandwidth(1);
+    let token = ch.cancel_token().clone();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(250));
+        token.cancel();
+    });
+    let t = Instant::now();
+    let err = loop {
+        match p.charge(1, &ch) {
+            Ok(()) => assert!(t.elapsed() < Duration::from_secs(30), "the cancel never ended the charges"),
+            Err(e) => break e,
+        }
+    };
+    assert!(transports::is_cancelled(&err), "not a cancel: {err}");
+    canceller.join().expect("canceller");
+}
