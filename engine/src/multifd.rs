@@ -21,7 +21,7 @@ use crate::memory::{GuestRegion, PAGE};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender as ChanTx};
 use savevm_format::multifd::{
     check_initial, check_pages, header_len, ChannelExpect, ChannelReader, Compression, InitialPacket, PacketCompressor,
-    PacketHeader, MULTIFD_FLAG_SYNC,
+    PacketHeader, Payload, MULTIFD_FLAG_SYNC,
 };
 use savevm_format::{PageSink, RamBlock};
 use std::fmt;
@@ -747,9 +747,22 @@ fn receive(
     let stream = |source| MultifdError::Stream { channel: name, source };
     let mut mem: Option<Arc<SharedMem>> = None;
     let mut pages = 0u64;
+    let mut scratch = Vec::new();
+    if reader.compression_expected() == Some(Compression::None) && reader.get_ref().channel().can_splice() {
+        // Read headers exactly (no payload bytes behind them in the buffer), so each
+        // payload is spliced whole into the RAM file.
+        reader.get_mut().set_fill_limit(header_len(PAGE as u64));
+    }
     loop {
         let at = reader.offset();
-        let Some((h, data)) = reader.next_packet().map_err(stream)? else {
+        // Uncompressed payloads headed for a RAM file are left in the socket and
+        // moved into the file by the kernel (`place_spliced`); the rest come read.
+        let next = if reader.get_ref().channel().can_splice() {
+            reader.next_header()
+        } else {
+            reader.next_packet().map(|p| p.map(|(h, data)| (h, Payload::Data(data))))
+        };
+        let Some((h, payload)) = next.map_err(stream)? else {
             let _ = msgs.send(Msg::Ended(name));
             return Ok(());
         };
@@ -772,13 +785,20 @@ fn receive(
                     savevm_format::ErrorKind::Multifd(format!("no memory for RAM block '{}'", b.name.escape_debug())),
                 ))
             })?;
-            match m.files.get(b.index) {
-                Some(Some(file)) => write_runs(file, &h.offsets, data).map_err(|source| MultifdError::Io {
-                    channel: name,
-                    what: "writing the RAM file",
-                    source,
-                })?,
-                _ => {
+            let file = m.files.get(b.index).and_then(Option::as_ref);
+            let write_err = |source| MultifdError::Io { channel: name, what: "writing the RAM file", source };
+            match (payload, file) {
+                (Payload::Pending(len), Some(file)) => {
+                    let offsets = &h.offsets;
+                    reader.take_payload(|ahead, r| place_spliced(file, offsets, len, ahead, r)).map_err(stream)?;
+                }
+                (Payload::Pending(_), None) => {
+                    let offsets = &h.offsets;
+                    let scratch = &mut scratch;
+                    reader.take_payload(|ahead, r| place_read(region, offsets, ahead, r, scratch)).map_err(stream)?;
+                }
+                (Payload::Data(data), Some(file)) => write_runs(file, &h.offsets, data).map_err(write_err)?,
+                (Payload::Data(data), None) => {
                     for (i, &off) in h.offsets.iter().enumerate() {
                         if let Some(src) = data.get(i * PAGE..(i + 1) * PAGE) {
                             region.page(off / PAGE as u64).copy_from(src);
@@ -806,20 +826,80 @@ fn receive(
     }
 }
 
+/// The runs of consecutive pages among a packet's offsets: (first offset, pages).
+fn runs(offsets: &[u64]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *offsets.get(i)?;
+        let mut n = 1;
+        while offsets.get(i + n).is_some_and(|&o| Some(o) == first.checked_add((n * PAGE) as u64)) {
+            n += 1;
+        }
+        i += n;
+        Some((first, n))
+    })
+}
+
 /// Writes a packet's pages (`data`, one page per offset, offsets already checked
 /// against the block) to `file` at their offsets, one positioned write per run of
 /// consecutive offsets.
 fn write_runs(file: &std::fs::File, offsets: &[u64], data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut i = 0;
-    while i < offsets.len() {
-        let mut n = 1;
-        while i + n < offsets.len() && offsets[i + n] == offsets[i] + (n * PAGE) as u64 {
-            n += 1;
+    let mut at = 0;
+    for (off, n) in runs(offsets) {
+        let src = data.get(at..at + n * PAGE).ok_or_else(|| io::Error::other("multifd: short packet data"))?;
+        file.write_all_at(src, off)?;
+        at += n * PAGE;
+    }
+    Ok(())
+}
+
+/// Moves a packet's uncompressed payload (`len` bytes, one page per offset,
+/// offsets checked against the block) from the channel into `file`: the bytes
+/// read ahead with the header (`ahead`) by positioned writes, the rest per run of
+/// consecutive pages with [`MigrationReader::copy_to_file`] (splice on a plain
+/// socket: one kernel copy, where the read path copied twice).
+fn place_spliced(
+    file: &std::fs::File,
+    offsets: &[u64],
+    len: usize,
+    mut ahead: &[u8],
+    r: &mut MigrationReader,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if len != offsets.len() * PAGE {
+        return Err(io::Error::other(format!("multifd: payload of {len} bytes for {} pages", offsets.len())));
+    }
+    for (off, n) in runs(offsets) {
+        let bytes = n * PAGE;
+        let k = ahead.len().min(bytes);
+        if k > 0 {
+            file.write_all_at(&ahead[..k], off)?;
+            ahead = &ahead[k..];
         }
-        let src = data.get(i * PAGE..(i + n) * PAGE).ok_or_else(|| io::Error::other("multifd: short packet data"))?;
-        file.write_all_at(src, offsets[i])?;
-        i += n;
+        if bytes > k {
+            r.copy_to_file(file, off + k as u64, bytes - k)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a packet's uncompressed payload into `scratch` (`ahead` first, then the
+/// channel) and copies it page by page into guest memory (no RAM file to splice into).
+fn place_read(
+    region: &GuestRegion,
+    offsets: &[u64],
+    ahead: &[u8],
+    r: &mut MigrationReader,
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    use std::io::Read;
+    scratch.resize(offsets.len() * PAGE, 0);
+    let k = ahead.len().min(scratch.len());
+    scratch[..k].copy_from_slice(&ahead[..k]);
+    r.read_exact(&mut scratch[k..])?;
+    for (i, &off) in offsets.iter().enumerate() {
+        region.page(off / PAGE as u64).copy_from(&scratch[i * PAGE..(i + 1) * PAGE]);
     }
     Ok(())
 }

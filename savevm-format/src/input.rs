@@ -35,6 +35,14 @@ impl<R: Read> Input<R> {
         self.offset
     }
 
+    pub(crate) fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     pub(crate) fn into_inner(self) -> R {
         self.inner
     }
@@ -77,6 +85,25 @@ impl<R: Read> Input<R> {
         }
         self.offset += buf.len() as u64;
         Ok(())
+    }
+
+    /// For a caller that reads `len` bytes itself: the peeked bytes among them
+    /// (consumed here; the offset moves only with [`advance`](Self::advance)), and
+    /// the inner reader for the rest.
+    pub(crate) fn take_ahead(&mut self, len: usize) -> (Vec<u8>, &mut R) {
+        let n = self.pending().len().min(len);
+        let ahead = self.peek[self.peek_pos..self.peek_pos + n].to_vec();
+        self.peek_pos += n;
+        if self.peek_pos == self.peek.len() {
+            self.peek.clear();
+            self.peek_pos = 0;
+        }
+        (ahead, &mut self.inner)
+    }
+
+    /// Count `n` bytes the caller read itself (see [`take_ahead`](Self::take_ahead)).
+    pub(crate) fn advance(&mut self, n: u64) {
+        self.offset += n;
     }
 
     /// Make sure at least `n` (≤ MAX_PEEK) bytes are buffered; returns how many are (less at end of input).

@@ -355,6 +355,16 @@ enum Inflater {
     Zstd(Box<zstd::stream::raw::Decoder<'static>>),
 }
 
+/// A packet's page data as [`ChannelReader::next_header`] returns it.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    /// The data, read (and inflated) already: `normal_pages * tps` bytes.
+    Data(&'a [u8]),
+    /// This many uncompressed bytes follow in the channel, for
+    /// [`ChannelReader::take_payload`].
+    Pending(usize),
+}
+
 /// Reads one multifd channel: the initial packet, then page packets with their
 /// (decompressed) data.
 pub struct ChannelReader<R> {
@@ -366,6 +376,11 @@ pub struct ChannelReader<R> {
     expected: Option<Compression>,
     comp: Vec<u8>,
     data: Vec<u8>,
+    /// With [`next_header`](Self::next_header): the uncompressed payload bytes of the
+    /// last packet that the caller still has to take ([`take_payload`](Self::take_payload)).
+    deferred: usize,
+    /// Whether the next packet's uncompressed payload is left to the caller.
+    defer: bool,
 }
 
 impl<R: Read> ChannelReader<R> {
@@ -380,6 +395,8 @@ impl<R: Read> ChannelReader<R> {
             expected: None,
             comp: vec![],
             data: vec![],
+            deferred: 0,
+            defer: false,
         }
     }
 
@@ -401,6 +418,22 @@ impl<R: Read> ChannelReader<R> {
             Some(p) => Ok(p),
             None => Err(Error::at(0, ErrorKind::Multifd("no initial packet".into()))),
         }
+    }
+
+    /// The reader underneath.
+    pub fn get_ref(&self) -> &R {
+        self.input.get_ref()
+    }
+
+    /// The reader underneath, e.g. to tune it; reading from it directly puts the
+    /// channel out of step (use [`take_payload`](Self::take_payload)).
+    pub fn get_mut(&mut self) -> &mut R {
+        self.input.get_mut()
+    }
+
+    /// The compression set with [`expect_compression`](Self::expect_compression).
+    pub fn compression_expected(&self) -> Option<Compression> {
+        self.expected
     }
 
     /// Pages per packet (offset slots in the header).
@@ -426,15 +459,67 @@ impl<R: Read> ChannelReader<R> {
 
     /// The next packet and its page data (`normal_pages * tps` bytes), or `None` at a clean end.
     pub fn next_packet(&mut self) -> Result<Option<(PacketHeader, &[u8])>> {
-        self.initial()?;
-        let start = self.input.offset();
-        match self.packet() {
-            Ok(Some(h)) => {
+        self.defer = false;
+        match self.read_packet()? {
+            Some(h) => {
                 // `packet` sized `data` to the packet's pages when it has any.
                 let n = if h.normal_pages == 0 { 0 } else { self.data.len() };
                 Ok(Some((h, &self.data[..n])))
             }
-            Ok(None) => Ok(None),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`next_packet`](Self::next_packet), but an uncompressed payload is left
+    /// unread: the header is checked and returned with the payload's length, and the
+    /// caller then takes exactly that many bytes with [`take_payload`](Self::take_payload)
+    /// (e.g. moving them into a file without passing through user memory). A
+    /// compressed payload is inflated as usual and returned as data (length 0 pending).
+    pub fn next_header(&mut self) -> Result<Option<(PacketHeader, Payload<'_>)>> {
+        self.defer = true;
+        let r = self.read_packet();
+        self.defer = false;
+        match r? {
+            Some(h) if self.deferred > 0 => Ok(Some((h, Payload::Pending(self.deferred)))),
+            Some(h) => {
+                let n = if h.normal_pages == 0 { 0 } else { self.data.len() };
+                Ok(Some((h, Payload::Data(&self.data[..n]))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Hand the pending payload of the last [`next_header`](Self::next_header) to `f`:
+    /// first the bytes already read ahead (possibly none), then the reader for the
+    /// rest; `f` must consume exactly the rest (the pending length minus the
+    /// read-ahead bytes) from the reader, else the channel is out of step. An error
+    /// of `f` is reported at the payload's start; an early end of input as
+    /// `UnexpectedEof` (use `io::ErrorKind::UnexpectedEof`).
+    pub fn take_payload(&mut self, f: impl FnOnce(&[u8], &mut R) -> std::io::Result<()>) -> Result<()> {
+        let len = std::mem::take(&mut self.deferred);
+        let at = self.input.offset();
+        let (ahead, inner) = self.input.take_ahead(len);
+        match f(&ahead, inner) {
+            Ok(()) => {
+                self.input.advance(len as u64);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::at(at, ErrorKind::UnexpectedEof { what: "multifd page data" }))
+            }
+            Err(e) => Err(Error::at(at, ErrorKind::Io(e))),
+        }
+    }
+
+    fn read_packet(&mut self) -> Result<Option<PacketHeader>> {
+        if self.deferred > 0 {
+            let at = self.input.offset();
+            return Err(Error::at(at, ErrorKind::Multifd("the last packet's payload was not taken".into())));
+        }
+        self.initial()?;
+        let start = self.input.offset();
+        match self.packet() {
+            Ok(h) => Ok(h),
             Err(k @ (ErrorKind::UnexpectedEof { .. } | ErrorKind::Io(_))) => Err(self.input.err(k)),
             Err(k) => Err(Error::at(start, k)),
         }
@@ -505,6 +590,10 @@ impl<R: Read> ChannelReader<R> {
                 return Err(ErrorKind::Multifd(format!(
                     "next_packet_size {next_packet_size} for {normal_pages} pages"
                 )));
+            }
+            if self.defer {
+                self.deferred = out_len;
+                return Ok(Some(h));
             }
             self.input.read_exact(&mut self.data, "multifd page data")?;
             return Ok(Some(h));

@@ -576,6 +576,45 @@ impl Channel {
         }
     }
 
+    /// True when [`splice_into`](Self::splice_into) can move this channel's bytes:
+    /// a plain socket read side (not TLS, not an `exec:` pipe) whose first read
+    /// (the TLS check) is behind it.
+    pub fn can_splice(&self) -> bool {
+        self.tls.is_none()
+            && self.exec.is_none()
+            && self._shutdown.is_some()
+            && self.read.is_some()
+            && !self.first_read.load(Ordering::Relaxed)
+    }
+
+    /// Move up to `len` bytes from the socket into the pipe `pipe_w` (which must
+    /// have room for them) without a user-space copy: `splice(2)`. Blocks like
+    /// [`read`](Self::read) (cancel, io timeout); 0 at end of stream. `Unsupported`
+    /// when [`can_splice`](Self::can_splice) is false.
+    pub fn splice_into(&self, pipe_w: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        if !self.can_splice() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "this channel cannot splice"));
+        }
+        let fd = self.read.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "write-only"))?;
+        loop {
+            self.cancel.check()?;
+            match splice(
+                fd.as_fd(),
+                None,
+                pipe_w,
+                None,
+                len,
+                SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLIN, "read")?,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
     /// Wait until `fd` is ready for `events`; with an io timeout, a
     /// [`NoProgress`] error (kind `TimedOut`) when nothing moved for that long.
     fn wait_progress(&self, fd: &OwnedFd, events: PollFlags, what: &'static str) -> io::Result<()> {

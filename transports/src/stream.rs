@@ -249,19 +249,52 @@ pub struct MigrationReader {
     pos: usize,
     filled: usize,
     rate: RateLimit,
+    /// The pipe [`copy_to_file`](Self::copy_to_file) splices through, made on first use.
+    pipe: Option<SplicePipe>,
+    /// Set once splicing failed in a way that will not change (no pipe, a file
+    /// system without splice writes): later copies read and write.
+    no_splice: bool,
+    /// Most bytes one refill of the buffer asks for (see [`set_fill_limit`](Self::set_fill_limit)).
+    fill_limit: usize,
+}
+
+/// Size asked for the splice pipe: two packets of pages (the kernel may grant less).
+const SPLICE_PIPE_SIZE: i32 = 1 << 20;
+
+/// A pipe for `splice(2)`: socket -> pipe -> file.
+struct SplicePipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+    /// Bytes it holds at most.
+    cap: usize,
+}
+
+impl SplicePipe {
+    fn new() -> io::Result<SplicePipe> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        // A larger pipe means fewer splice calls; a smaller one (the per-user pipe
+        // limit reached) still works.
+        let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_SIZE));
+        let cap = fcntl(&w, FcntlArg::F_GETPIPE_SZ)?;
+        let cap = usize::try_from(cap).ok().filter(|&c| c > 0).ok_or_else(|| io::Error::other("pipe of no size"))?;
+        Ok(SplicePipe { r, w, cap })
+    }
 }
 
 impl MigrationReader {
     /// A reader over `ch` with a 1 MiB buffer; bytes read are counted in `rate`.
     pub fn new(ch: Channel, rate: RateLimit) -> Self {
-        MigrationReader { ch, buf: vec![0u8; 1 << 20].into_boxed_slice(), pos: 0, filled: 0, rate }
+        MigrationReader::with_capacity(ch, rate, 1 << 20)
     }
 
     /// A reader over `ch` with a `capacity`-byte buffer (at least 4 KiB): a read of
     /// at least that many bytes, when nothing is buffered, goes straight from the
     /// channel into the caller's buffer (one copy fewer for large payloads).
     pub fn with_capacity(ch: Channel, rate: RateLimit, capacity: usize) -> Self {
-        MigrationReader { ch, buf: vec![0u8; capacity.max(4096)].into_boxed_slice(), pos: 0, filled: 0, rate }
+        let buf = vec![0u8; capacity.max(4096)].into_boxed_slice();
+        let fill_limit = buf.len();
+        MigrationReader { ch, buf, pos: 0, filled: 0, rate, pipe: None, no_splice: false, fill_limit }
     }
 
     /// The byte counters.
@@ -277,6 +310,133 @@ impl MigrationReader {
     /// The channel.
     pub fn channel(&self) -> &Channel {
         &self.ch
+    }
+
+    /// Refill the buffer with reads of at most `limit` bytes (at least 1, at most
+    /// the buffer): a caller that reads a fixed-size header and then hands the
+    /// payload to [`copy_to_file`](Self::copy_to_file) leaves the payload in the
+    /// channel, where it can be spliced.
+    pub fn set_fill_limit(&mut self, limit: usize) {
+        self.fill_limit = limit.clamp(1, self.buf.len());
+    }
+
+    /// Write the next `len` bytes of the stream into `file` at `offset`. Bytes
+    /// already buffered go with a positioned write; on a channel that
+    /// [can splice](Channel::can_splice) the rest moves socket -> pipe -> file with
+    /// `splice(2)` (one kernel copy into the file's pages, no pass through user
+    /// memory), else it is read through the buffer and written. An end of stream
+    /// before `len` bytes is `UnexpectedEof`; cancel and the io timeout act as on reads.
+    pub fn copy_to_file(&mut self, file: &std::fs::File, mut offset: u64, mut len: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let n = (self.filled - self.pos).min(len);
+        if n > 0 {
+            file.write_all_at(&self.buf[self.pos..self.pos + n], offset)?;
+            self.pos += n;
+            offset += n as u64;
+            len -= n;
+        }
+        if len > 0 && !self.no_splice && self.ch.can_splice() {
+            if self.pipe.is_none() {
+                match SplicePipe::new() {
+                    Ok(p) => self.pipe = Some(p),
+                    // No pipe (descriptors exhausted): read and write instead.
+                    Err(_) => self.no_splice = true,
+                }
+            }
+            if let Some(pipe) = self.pipe.take() {
+                let r = self.splice_to_file(&pipe, file, &mut offset, &mut len);
+                // A pipe left holding bytes (an error on the way out) is not reused.
+                if r.is_ok() {
+                    self.pipe = Some(pipe);
+                }
+                r?;
+            }
+        }
+        while len > 0 {
+            let avail = self.fill_buf()?;
+            if avail.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a payload"));
+            }
+            let n = avail.len().min(len);
+            file.write_all_at(&avail[..n], offset)?;
+            self.consume(n);
+            offset += n as u64;
+            len -= n;
+        }
+        Ok(())
+    }
+
+    /// The splicing part of [`copy_to_file`](Self::copy_to_file): moves bytes until
+    /// `len` is 0, or stops early (leaving the rest to the read path, the pipe
+    /// empty) when the file system takes no splice writes.
+    fn splice_to_file(
+        &mut self,
+        pipe: &SplicePipe,
+        file: &std::fs::File,
+        offset: &mut u64,
+        len: &mut usize,
+    ) -> io::Result<()> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        use std::os::fd::AsFd;
+        while *len > 0 {
+            let got = self.ch.splice_into(pipe.w.as_fd(), (*len).min(pipe.cap))?;
+            if got == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a payload"));
+            }
+            self.rate.account(got as u64);
+            let mut left = got;
+            while left > 0 {
+                let mut off = libc::loff_t::try_from(*offset).map_err(|_| io::Error::other("file offset too large"))?;
+                match splice(pipe.r.as_fd(), None, file.as_fd(), Some(&mut off), left, SpliceFFlags::SPLICE_F_MOVE) {
+                    Ok(0) => {
+                        return Err(io::Error::new(io::ErrorKind::WriteZero, "splice into the file wrote nothing"))
+                    }
+                    Ok(m) => {
+                        left -= m;
+                        *offset += m as u64;
+                        *len -= m;
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EINVAL) if left == got => {
+                        // The file system takes no splice writes: empty the pipe by
+                        // reading, and read and write from now on.
+                        self.no_splice = true;
+                        return self.drain_pipe(pipe, file, offset, len, left);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move the `left` bytes a pipe holds into `file` at `offset` by reading them.
+    fn drain_pipe(
+        &mut self,
+        pipe: &SplicePipe,
+        file: &std::fs::File,
+        offset: &mut u64,
+        len: &mut usize,
+        mut left: usize,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        while left > 0 {
+            let k = left.min(self.buf.len());
+            let n = match nix::unistd::read(&pipe.r, &mut self.buf[..k]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ran dry")),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            file.write_all_at(&self.buf[..n], *offset)?;
+            left -= n;
+            *offset += n as u64;
+            *len -= n;
+        }
+        // The buffer was used as scratch: nothing is buffered now.
+        self.pos = 0;
+        self.filled = 0;
+        Ok(())
     }
 }
 
@@ -298,7 +458,7 @@ impl Read for MigrationReader {
 impl BufRead for MigrationReader {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos == self.filled {
-            let n = self.ch.read(&mut self.buf)?;
+            let n = self.ch.read(&mut self.buf[..self.fill_limit])?;
             self.rate.account(n as u64);
             self.pos = 0;
             self.filled = n;
