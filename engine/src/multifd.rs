@@ -231,6 +231,7 @@ impl Sender {
                         buf: Vec::new(),
                         raw: Vec::new(),
                         zout: Vec::new(),
+                        views: Vec::new(),
                         pages,
                         announced,
                         uuid,
@@ -398,6 +399,8 @@ struct SendThread<'g> {
     raw: Vec<u8>,
     /// A compressed packet's payload.
     zout: Vec<u8>,
+    /// A packet's pages, for [`MigrationWriter::send_spliced`].
+    views: Vec<vm_memory::VolatileSlice<'g>>,
     pages: Arc<AtomicU64>,
     /// The initial packet was written when the channel connected.
     announced: bool,
@@ -481,9 +484,15 @@ impl SendThread<'_> {
         match self.comp.as_mut() {
             None => {
                 self.header(&h)?;
-                // In place: the pages are queued as volatile views and sent with writev.
-                for &p in &b.pages {
-                    self.w.write_volatile(region.page(p))?;
+                // In place: the pages are spliced into the socket by reference where
+                // the kernel allows (see `send_spliced` for why dirty tracking is
+                // unchanged), else queued as volatile views and sent with writev.
+                self.views.clear();
+                self.views.extend(b.pages.iter().map(|&p| region.page(p)));
+                if !self.w.send_spliced(&self.views)? {
+                    for v in self.views.drain(..) {
+                        self.w.write_volatile(v)?;
+                    }
                 }
             }
             Some(comp) => {

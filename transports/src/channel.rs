@@ -615,6 +615,34 @@ impl Channel {
         }
     }
 
+    /// True when [`splice_from`](Self::splice_from) can write this channel: a plain
+    /// socket write side (not TLS, not an `exec:` pipe).
+    pub fn can_splice_write(&self) -> bool {
+        self.tls.is_none() && self.exec.is_none() && self._shutdown.is_some() && self.write.is_some()
+    }
+
+    /// Move up to `len` bytes from the pipe `pipe_r` into the socket with
+    /// `splice(2)` (a unix socket takes the pipe's pages by reference since Linux
+    /// 6.5, TCP likewise). Blocks like a write (cancel, io timeout). `Unsupported`
+    /// when [`can_splice_write`](Self::can_splice_write) is false.
+    pub fn splice_from(&self, pipe_r: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        if !self.can_splice_write() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "this channel cannot splice"));
+        }
+        let fd = self.write.as_ref().ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "read-only"))?;
+        loop {
+            self.cancel.check()?;
+            let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MORE;
+            match splice(pipe_r, None, fd.as_fd(), None, len, flags) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EAGAIN) => self.wait_progress(fd, PollFlags::POLLOUT, "write")?,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.io_error(e.into())),
+            }
+        }
+    }
+
     /// Wait until `fd` is ready for `events`; with an io timeout, a
     /// [`NoProgress`] error (kind `TimedOut`) when nothing moved for that long.
     fn wait_progress(&self, fd: &OwnedFd, events: PollFlags, what: &'static str) -> io::Result<()> {

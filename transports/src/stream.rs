@@ -46,6 +46,10 @@ pub struct MigrationWriter<'g> {
     rate: RateLimit,
     window: Window,
     paced: bool,
+    /// The pipe [`send_spliced`](Self::send_spliced) moves pages through, made on first use.
+    pipe: Option<SplicePipe>,
+    /// Set once splicing failed in a way that will not change.
+    no_splice: bool,
     _borrow: PhantomData<&'g [u8]>,
 }
 
@@ -64,6 +68,8 @@ impl<'g> MigrationWriter<'g> {
             rate,
             window: Window::new(),
             paced: false,
+            pipe: None,
+            no_splice: false,
             _borrow: PhantomData,
         }
     }
@@ -113,6 +119,93 @@ impl<'g> MigrationWriter<'g> {
     pub fn write_volatile(&mut self, data: VolatileSlice<'g>) -> io::Result<()> {
         let ptr = data.ptr_guard().as_ptr();
         self.queue(ptr, data.len())
+    }
+
+    /// Send everything queued, then `pages` (guest memory borrowed for `'g`) without
+    /// copying them into socket buffers: `vmsplice(2)` puts references to the pages
+    /// in a pipe and `splice(2)` hands them to the socket, which keeps them until
+    /// the peer reads. So the bytes that go out are the pages' contents when the
+    /// peer copies them, a little later than a `writev` would read them; a guest
+    /// write after the pages were picked dirties them again, so they are sent again
+    /// in a later pass, exactly as when the write lands after a `writev` (dirty
+    /// tracking is unchanged). Returns `Ok(false)`, sending nothing, where this
+    /// cannot work (TLS, `exec:`, a rate limit this writer applies, no pipe): the
+    /// caller then queues the pages with [`write_volatile`](Self::write_volatile).
+    pub fn send_spliced(&mut self, pages: &[VolatileSlice<'g>]) -> io::Result<bool> {
+        if self.no_splice || self.paced || self.rate.budget().is_some() || !self.ch.can_splice_write() {
+            return Ok(false);
+        }
+        if self.pipe.is_none() {
+            match SplicePipe::new() {
+                Ok(p) => self.pipe = Some(p),
+                Err(_) => {
+                    self.no_splice = true;
+                    return Ok(false);
+                }
+            }
+        }
+        self.send_pending()?;
+        let Some(pipe) = self.pipe.take() else { return Ok(false) };
+        let mut iov: Vec<libc::iovec> = pages
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| libc::iovec { iov_base: p.ptr_guard().as_ptr() as *mut libc::c_void, iov_len: p.len() })
+            .collect();
+        let mut first = 0;
+        let mut any = false;
+        while first < iov.len() {
+            let count = (iov.len() - first).min(MAX_IOV);
+            // SAFETY: the iovecs lie inside memory borrowed for `'g` (the guest pages
+            // passed in), which outlives this writer; the kernel takes references to
+            // those pages and only reads them; the pipe is ours and empty here.
+            let n = unsafe {
+                libc::vmsplice(
+                    std::os::fd::AsRawFd::as_raw_fd(&pipe.w),
+                    iov[first..].as_ptr(),
+                    count,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            let mut n = match usize::try_from(n) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if !any {
+                        // Nothing of these pages went out: they go the usual way.
+                        self.no_splice = true;
+                        return Ok(false);
+                    }
+                    return Err(e);
+                }
+            };
+            any = true;
+            let mut left = n;
+            while left > 0 {
+                let m = self.ch.splice_from(std::os::fd::AsFd::as_fd(&pipe.r), left)?;
+                if m == 0 {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "migration channel accepted no bytes"));
+                }
+                self.rate.account(m as u64);
+                left -= m;
+            }
+            // Step past what the pipe took (whole iovecs, then part of one).
+            while n > 0 {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        self.pipe = Some(pipe);
+        Ok(true)
     }
 
     fn queue(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
