@@ -75,8 +75,7 @@ fn qemu_run(cfg: &Config, dir: &Path, size: u64, secs: f64) -> Result<Value, Str
         let mut sq = busy_q35(cfg, &src_path, size, false)?;
         sq.qmp().and_then(|p| p.set_capabilities(&[("xbzrle", true)])).map_err(|e| format!("xbzrle: {e}"))?;
         let p = json!({ "max-bandwidth": BANDWIDTH, "downtime-limit": 1, "xbzrle-cache-size": CACHE });
-        sq.execute("migrate-set-parameters", Some(p))
-            .map_err(qemu_err("migrate-set-parameters", &sq))?;
+        sq.execute("migrate-set-parameters", Some(p)).map_err(qemu_err("migrate-set-parameters", &sq))?;
         sq.execute("cont", None).map_err(qemu_err("cont", &sq))?;
         thread::sleep(Duration::from_millis(200));
         let t0 = Instant::now();
