@@ -65,6 +65,30 @@ pub struct KvmDemoOptions {
     /// after the first pass if sooner): the guest runs on the destination while its
     /// pages arrive (`qmig demo --postcopy [--postcopy-after SECS]`).
     pub postcopy: Option<Duration>,
+    /// Boot this raw firmware image instead of the guest program (QEMU's `-bios
+    /// FILE`; one vCPU, one slot): verified by RAM equal at arrival and the guest
+    /// writing on at the destination.
+    pub bios: Option<std::path::PathBuf>,
+}
+
+/// Where a firmware guest's progress is read: page 16, offset 0 (the fixtures'
+/// busy-bios.bin writes its 16-bit loop counter there, and into pages 17..143).
+pub const FIRMWARE_PROBE: u64 = 16 * 4096;
+
+fn read_bios(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Usage(format!("--bios {}: {e}", path.display())))
+}
+
+/// A firmware guest's progress marks: the word at [`FIRMWARE_PROBE`] and vCPU 0's CX.
+fn firmware_marks(vm: &Vm) -> Result<(u16, u16)> {
+    let mut w = [0u8; 2];
+    vm.read_ram(FIRMWARE_PROBE, &mut w).map_err(vm_err)?;
+    let cpu = vm.cpu_devices();
+    let cx = match cpu.first() {
+        Some(c) => c.state().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?.regs.rcx,
+        None => 0,
+    };
+    Ok((u16::from_le_bytes(w), cx as u16))
 }
 
 fn vm_err(e: minivmm::VmError) -> Error {
@@ -74,6 +98,10 @@ fn vm_err(e: minivmm::VmError) -> Error {
 /// Run the KVM demo; returns the statistics (`query-migrate` names, `"verified"`,
 /// `"guest"`) and whether everything checked out.
 pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)> {
+    let bios = opts.bios.as_deref().map(read_bios).transpose()?;
+    if bios.is_some() && (opts.slots != 1 || opts.vcpus != 1 || opts.postcopy.is_some()) {
+        return Err(Error::Usage("a --bios guest runs one vCPU in one memory slot, without postcopy".into()));
+    }
     let layout = Layout::with_slots(opts.ram_size, opts.slots).map_err(|e| Error::Usage(e.to_string()))?;
     let dir = work_dir()?;
     let uri: MigrationUri = match &opts.uri {
@@ -87,8 +115,14 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     let vm_options = minivmm::VmOptions { huge_pages: opts.huge_pages };
     let mut vm = Vm::with_options(layout, opts.vcpus, vm_options).map_err(vm_err)?;
     let huge_pages = vm.huge_pages();
-    vm.boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
-        .map_err(vm_err)?;
+    match &bios {
+        Some(image) => {
+            vm.map_firmware(image, true).map_err(vm_err)?;
+        }
+        None => vm
+            .boot(GuestConfig { working_set: opts.working_set, dirty_rate: opts.dirty_rate, seed: opts.seed })
+            .map_err(vm_err)?,
+    }
     vm.vcpus().resume().map_err(|e| Error::Usage(format!("KVM guest: {}", engine::error::report(&e))))?;
     let booted = Instant::now();
 
@@ -142,6 +176,9 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
         }
     };
 
+    if bios.is_some() {
+        return firmware_result(opts, &vm, child, info, timeout, huge_pages);
+    }
     // The source vCPUs stopped for good at switchover: this is the guest at stop.
     let at_stop = vm.controls().map_err(vm_err)?;
     let ran = booted.elapsed().saturating_sub(info.downtime.unwrap_or_default()).as_secs_f64();
@@ -217,6 +254,50 @@ pub fn demo(opts: &KvmDemoOptions, cancel: &CancelToken) -> Result<(Value, bool)
     Ok((stats, verified))
 }
 
+/// The end of a `--bios` demo: RAM at the destination's arrival equal to the
+/// source's at stop, and the guest writing on at the destination.
+fn firmware_result(
+    opts: &KvmDemoOptions,
+    vm: &Vm,
+    mut child: Child,
+    info: engine::info::MigrationInfo,
+    timeout: Option<Value>,
+    huge_pages: bool,
+) -> Result<(Value, bool)> {
+    let src_digest = format!("{:016x}", guest::digest_volatile(&vm.ram()));
+    let (word, cx) = firmware_marks(vm)?;
+    let vcpu_error = vm.vcpus().error();
+    let dest = wait_report(&mut child, "qmig kvm-dest")?;
+    let ram_equal = dest["ram_digest"].as_str() == Some(src_digest.as_str());
+    let fw = &dest["firmware"];
+    let ran_on = fw["ran_on"].as_bool() == Some(true);
+    let verified = ram_equal && ran_on && vcpu_error.is_none() && dest["vcpu_error"].is_null();
+    let mut stats = qmig::send::stats_json(&info);
+    stats["verified"] = json!(verified);
+    if let Some(t) = timeout {
+        stats["timeout"] = t;
+    }
+    stats["guest"] = json!({
+        "kind": "kvm",
+        "bios": opts.bios.as_ref().map(|p| p.display().to_string()),
+        "huge-pages": huge_pages,
+        "ram_digest_at_stop": src_digest,
+        "ram_digest_on_arrival": dest["ram_digest"],
+        "ram_equal_at_stop": ram_equal,
+        "probe_gpa": FIRMWARE_PROBE,
+        "probe_word_at_stop": word,
+        "cx_at_stop": cx,
+        "probe_word_on_arrival": fw["probe_word_loaded"],
+        "probe_word_after_run": fw["probe_word_after_run"],
+        "cx_after_run": fw["cx_after_run"],
+        "ran_on_destination": ran_on,
+        "ran_on_destination_ms": dest["ran_ms"],
+        "vcpu_error": vcpu_error,
+    });
+    stats["destination"] = dest;
+    Ok((stats, verified))
+}
+
 fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, MigrationUri)> {
     let exe = std::env::current_exe().map_err(Error::Io)?;
     let mut cmd = Command::new(exe);
@@ -232,6 +313,9 @@ fn start_dest(opts: &KvmDemoOptions, uri: &MigrationUri) -> Result<(Child, Migra
     }
     if opts.postcopy.is_some() {
         cmd.arg("--postcopy");
+    }
+    if let Some(b) = &opts.bios {
+        cmd.arg("--bios").arg(b);
     }
     spawn_listening(cmd, "qmig kvm-dest")
 }
@@ -250,13 +334,18 @@ pub fn dest(
     vm_options: minivmm::VmOptions,
     (uri, channel): (&MigrationUri, &transports::ChannelOptions),
     (run_on, postcopy, multifd): (Duration, bool, Option<(u8, savevm_format::multifd::Compression)>),
-    tls: Option<&transports::TlsParams>,
+    (tls, bios): (Option<&transports::TlsParams>, Option<&std::path::Path>),
     cancel: &CancelToken,
     on_listening: impl FnOnce(&MigrationUri),
 ) -> Result<Value> {
     let creds = tls.map(|t| t.server()).transpose().map_err(|e| Error::Transport(e.into()))?;
     let layout = Layout::with_slots(ram_size, slots).map_err(|e| Error::Usage(e.to_string()))?;
     let mut vm = Vm::with_options(layout, vcpus, vm_options).map_err(vm_err)?;
+    // The image's read-only mapping (not migrated, as QEMU's ROM); its alias below
+    // 1 MiB arrives with the RAM.
+    if let Some(path) = bios {
+        vm.map_firmware(&read_bios(path)?, false).map_err(vm_err)?;
+    }
     let mut listener = Listener::bind(uri, cancel).map_err(Error::transport)?.with_options(*channel);
     if let Some(creds) = creds {
         listener = listener.with_tls(creds).map_err(Error::transport)?;
@@ -288,6 +377,9 @@ pub fn dest(
     };
     let loaded_ms = start.elapsed().as_millis() as u64;
     let digest = guest::digest_volatile(&vm.ram());
+    if bios.is_some() {
+        return firmware_run_on(&vm, report, digest, (start, loaded_ms, run_on), cancel);
+    }
     let loaded = vm.controls().map_err(vm_err)?;
     let mut control = vm.vcpus();
     if !report.resumed && report.runstate.as_deref().is_none_or(|r| r == "running") {
@@ -323,5 +415,49 @@ pub fn dest(
         "runstate": report.runstate,
         "return-path": report.return_path.requested.then(|| report.return_path.to_json()),
         "postcopy": report.postcopy.as_ref().map(engine::postcopy_dest::PostcopyReport::to_json),
+    }))
+}
+
+/// The destination of a firmware guest: progress marks on arrival, resume, run
+/// `run_on`, stop, marks again.
+fn firmware_run_on(
+    vm: &Vm,
+    report: engine::incoming::IncomingReport,
+    digest: u64,
+    (_start, loaded_ms, run_on): (Instant, u64, Duration),
+    cancel: &CancelToken,
+) -> Result<Value> {
+    let (word0, cx0) = firmware_marks(vm)?;
+    let mut control = vm.vcpus();
+    if !report.resumed && report.runstate.as_deref().is_none_or(|r| r == "running") {
+        control.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
+    }
+    let resumed = Instant::now();
+    while resumed.elapsed() < run_on {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    control.stop().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("stop")).into()))?;
+    let ran_ms = resumed.elapsed().as_millis() as u64;
+    let (word1, cx1) = firmware_marks(vm)?;
+    Ok(json!({
+        "ram_digest": format!("{digest:016x}"),
+        "huge_pages": vm.huge_pages(),
+        "firmware": {
+            "probe_word_loaded": word0,
+            "cx_loaded": cx0,
+            "probe_word_after_run": word1,
+            "cx_after_run": cx1,
+            // The loop's 16-bit counter moved on (it wraps: equal again after a
+            // multiple of 65 536 rounds is possible, and then reads as not run).
+            "ran_on": word1 != word0 || cx1 != cx0,
+        },
+        "vcpu_error": control.error(),
+        "load_ms": loaded_ms,
+        "ran_ms": ran_ms,
+        "runstate": report.runstate,
+        "return-path": report.return_path.requested.then(|| report.return_path.to_json()),
     }))
 }

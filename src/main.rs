@@ -215,6 +215,9 @@ enum Cmd {
         /// Rate limit of the background pages in postcopy, bytes/s with suffixes (QEMU's `max-postcopy-bandwidth`; 0 = unlimited); requested pages are never held by it.
         #[arg(long = "max-postcopy-bandwidth", value_name = "BYTES_PER_S", default_value = "0", value_parser = parse_size, requires = "postcopy")]
         max_postcopy_bandwidth: u64,
+        /// KVM guest: boot this raw firmware image instead of the guest program, as QEMU's `-bios FILE` (read-only below 4 GiB, its last 128 KiB aliased below 1 MiB); one vCPU, one memory slot; verified by RAM equal at arrival and the guest running on.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["slots", "working_set", "dirty_rate", "vcpus", "seed", "postcopy", "capture"])]
+        bios: Option<PathBuf>,
     },
     /// The destination VMM of the KVM demo: load a migrating KVM guest, resume it, report its counter and checksum.
     #[command(hide = true, name = "kvm-dest")]
@@ -248,6 +251,9 @@ enum Cmd {
         /// Capability postcopy-ram: the guest runs from POSTCOPY_RUN on while its pages arrive.
         #[arg(long)]
         postcopy: bool,
+        /// A firmware guest: map this image as the source did (read-only below 4 GiB).
+        #[arg(long, value_name = "FILE")]
+        bios: Option<PathBuf>,
     },
     /// Run the KVM guest as a long-lived VM driven over QMP, like `qemu-system-x86_64 -qmp unix:PATH -incoming defer|URI [-S]`.
     Vm {
@@ -474,6 +480,7 @@ struct KvmArgs<'a> {
     multifd: Option<u8>,
     tls: Option<transports::TlsParams>,
     postcopy: Option<std::time::Duration>,
+    bios: Option<PathBuf>,
     cancel: &'a transports::CancelToken,
 }
 
@@ -500,6 +507,7 @@ fn kvm_demo(a: KvmArgs<'_>) -> qmig::Result<()> {
         multifd: a.multifd,
         tls: a.tls,
         postcopy: a.postcopy,
+        bios: a.bios,
     };
     let (stats, verified) = kvm_demo::demo(&opts, a.cancel)?;
     write_demo_stats(a.stats_json.as_deref(), &stats)?;
@@ -521,7 +529,7 @@ fn kvm_dest(
     (run_on, postcopy): (u64, bool),
     channel: &transports::ChannelOptions,
     multifd: &MultifdArgs,
-    tls: Option<transports::TlsParams>,
+    (tls, bios): (Option<transports::TlsParams>, Option<&std::path::Path>),
     cancel: &transports::CancelToken,
 ) -> qmig::Result<()> {
     let run_on = std::time::Duration::from_millis(run_on);
@@ -532,7 +540,7 @@ fn kvm_dest(
         options,
         (from, channel),
         (run_on, postcopy, mf),
-        tls.as_ref(),
+        (tls.as_ref(), bios),
         cancel,
         |bound| print_line(&serde_json::json!({ "listening": bound.to_string() })),
     )?;
@@ -547,7 +555,7 @@ fn kvm_dest(
     _: (u64, bool),
     _: &transports::ChannelOptions,
     _: &MultifdArgs,
-    _: Option<transports::TlsParams>,
+    _: (Option<transports::TlsParams>, Option<&std::path::Path>),
     _: &transports::CancelToken,
 ) -> qmig::Result<()> {
     Err(qmig::Error::Usage(kvm_unavailable().unwrap_or_default()))
@@ -804,6 +812,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
             postcopy,
             postcopy_after,
             max_postcopy_bandwidth,
+            bios,
         } => {
             let tls = tls.params()?;
             let channel = channel_options(io_timeout)?;
@@ -827,13 +836,20 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 // After the first pass (a day is "never" before that).
                 None => postcopy.then(|| std::time::Duration::from_secs(86_400)),
             };
-            if use_kvm(if kvm { "kvm" } else { &guest }, &dest)? {
+            if bios.is_some() && (guest == "synthetic" || dest == "qemu") {
+                return Err(qmig::Error::Usage(
+                    "--bios boots a KVM guest migrated to a qmig VMM (not --guest synthetic or --dest qemu)".into(),
+                ));
+            }
+            // A firmware guest runs one vCPU in one slot.
+            let slots = if bios.is_some() { 1 } else { slots };
+            if use_kvm(if kvm || bios.is_some() { "kvm" } else { &guest }, &dest)? {
                 if capture.is_some() {
                     return Err(qmig::Error::Usage("--capture is for the synthetic guest (--guest synthetic)".into()));
                 }
                 let working_set = working_set.unwrap_or_else(|| {
                     let fits = (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096);
-                    if fits < 256 << 20 {
+                    if fits < 256 << 20 && bios.is_none() {
                         eprintln!(
                             "qmig demo: working set {} MiB (the default 256 MiB is more than a quarter of {} MiB of RAM)",
                             fits >> 20,
@@ -863,6 +879,7 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                     multifd: multifd.multifd,
                     tls,
                     postcopy,
+                    bios,
                     cancel,
                 });
             }
@@ -895,17 +912,27 @@ fn run(cli: Cli, cancel: &CancelToken) -> qmig::Result<()> {
                 )));
             }
         }
-        Cmd::KvmDest { from, ram_size, slots, vcpus, run_on, no_huge_pages, postcopy, io_timeout, multifd, tls } => {
-            kvm_dest(
-                &uri(&from)?,
-                (ram_size, slots, vcpus, !no_huge_pages),
-                (run_on, postcopy),
-                &channel_options(io_timeout)?,
-                &multifd,
-                tls.params()?,
-                cancel,
-            )?
-        }
+        Cmd::KvmDest {
+            from,
+            ram_size,
+            slots,
+            vcpus,
+            run_on,
+            no_huge_pages,
+            postcopy,
+            io_timeout,
+            multifd,
+            tls,
+            bios,
+        } => kvm_dest(
+            &uri(&from)?,
+            (ram_size, slots, vcpus, !no_huge_pages),
+            (run_on, postcopy),
+            &channel_options(io_timeout)?,
+            &multifd,
+            (tls.params()?, bios.as_deref()),
+            cancel,
+        )?,
         Cmd::Vm { qmp, incoming, paused, ram_size, slots, vcpus, working_set, dirty_rate, seed, name, uuid } => {
             let working_set = working_set.unwrap_or_else(|| (256 << 20).min(ram_size / 4 / 4096 * 4096).max(4096));
             let guest =

@@ -89,7 +89,7 @@
 //!   away; qmig's per-request latency (`recv --postcopy-touch`, `kvm-dest`) and QEMU's
 //!   `postcopy-blocktime` of a q35 + KVM guest running `busy-bios.bin`;
 //! - `--xbzrle=1` / `QMIG_COMPARE_XBZRLE`: the XBZRLE live rows ([`xbzrle_rows`]): bytes
-//!   on the wire of a KVM guest rewriting 128 pages, QEMU 7.2 and qmig.
+//!   on the wire of the same KVM guest (`busy-bios.bin`) rewriting 128 pages, QEMU 7.2 and qmig.
 //!
 //! Without `qemu-system-x86_64` the QEMU cases are skipped with a note. At most
 //! one source image and one destination file exist at a time (8 GiB for 4 GiB
@@ -185,7 +185,8 @@ fn main() {
     }
     print_postcopy(&postcopy);
     print_xbzrle(&xbzrle);
-    let goals = goals(&rows, &limits);
+    let mut goals = goals(&rows, &limits);
+    goals.extend(xbzrle_goals(&xbzrle));
     print_goals(&goals);
 
     let mut doc = document(&cfg, started, &load_start, &limits, &rows, &live, goals);

@@ -43,6 +43,9 @@ pub enum LayoutError {
     /// Two slots were asked for but the RAM fits below the hole.
     #[error("a two-slot layout needs more than {LOW_RAM_MAX} bytes of RAM (got {0})")]
     TooSmallForTwoSlots(u64),
+    /// A firmware image does not fit.
+    #[error("firmware image: {0}")]
+    Firmware(String),
 }
 
 impl Layout {
@@ -103,6 +106,58 @@ impl Layout {
     }
 }
 
+/// Largest firmware image (`-bios`) accepted.
+pub const FIRMWARE_MAX: u64 = 16 << 20;
+/// Bytes of the firmware's legacy alias below 1 MiB (its last 128 KiB, as QEMU's PC machines map it).
+pub const FIRMWARE_ALIAS_MAX: u64 = 128 << 10;
+
+/// Where a raw firmware image (QEMU's `-bios FILE`) goes: the whole image
+/// read-only just below 4 GiB, and its last [`FIRMWARE_ALIAS_MAX`] bytes (the
+/// whole image if smaller) again just below 1 MiB, where real-mode code at
+/// `f000:xxxx` runs. In this VMM the alias is a copy in guest RAM (so it migrates
+/// as RAM); the top-of-4-GiB copy is a KVM read-only slot outside `pc.ram`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Firmware {
+    /// Image size in bytes.
+    pub size: u64,
+    /// Guest-physical address of the read-only image (4 GiB - size).
+    pub rom_gpa: u64,
+    /// Guest-physical address of the alias below 1 MiB (1 MiB - alias length).
+    pub alias_gpa: u64,
+    /// Offset in the image where the alias starts.
+    pub alias_from: u64,
+    /// Alias length in bytes.
+    pub alias_len: u64,
+}
+
+impl Firmware {
+    /// The placement of an image of `size` bytes in a guest with `layout`: the size
+    /// must be a non-zero multiple of 4 KiB up to [`FIRMWARE_MAX`], the alias must lie
+    /// in RAM and the RAM must end below the image.
+    pub fn place(size: u64, layout: &Layout) -> Result<Self, LayoutError> {
+        if size == 0 || !size.is_multiple_of(4096) || size > FIRMWARE_MAX {
+            return Err(LayoutError::Firmware(format!(
+                "{size} bytes: must be a non-zero multiple of 4 KiB up to {FIRMWARE_MAX}"
+            )));
+        }
+        let alias_len = size.min(FIRMWARE_ALIAS_MAX);
+        let fw = Firmware {
+            size,
+            rom_gpa: (4 << 30) - size,
+            alias_gpa: (1 << 20) - alias_len,
+            alias_from: size - alias_len,
+            alias_len,
+        };
+        if layout.offset_of(fw.alias_gpa).is_none() || layout.offset_of((1 << 20) - 1).is_none() {
+            return Err(LayoutError::Firmware("its alias below 1 MiB is not in RAM".into()));
+        }
+        if layout.slots.iter().any(|s| s.gpa + s.len > fw.rom_gpa) {
+            return Err(LayoutError::Firmware(format!("RAM overlaps the image at {:#x}", fw.rom_gpa)));
+        }
+        Ok(fw)
+    }
+}
+
 fn check(ram_size: u64) -> Result<(), LayoutError> {
     if !((4 << 20)..=MAX_RAM).contains(&ram_size) || !ram_size.is_multiple_of(2 << 20) {
         return Err(LayoutError::Size(ram_size));
@@ -128,5 +183,30 @@ mod tests {
         assert!(gap.validate().is_err());
         let empty = Layout { ram_size: 64 << 20, slots: vec![] };
         assert!(empty.validate().is_err());
+    }
+
+    #[test]
+    fn firmware_goes_below_4g_and_1m() {
+        let l = Layout::one_slot(16 << 20).unwrap();
+        let fw = Firmware::place(64 << 10, &l).unwrap();
+        assert_eq!((fw.rom_gpa, fw.alias_gpa, fw.alias_from, fw.alias_len), (0xffff_0000, 0xf_0000, 0, 64 << 10));
+        let big = Firmware::place(256 << 10, &l).unwrap();
+        assert_eq!(
+            (big.rom_gpa, big.alias_gpa, big.alias_from, big.alias_len),
+            (0xfffc_0000, 0xe_0000, 128 << 10, 128 << 10)
+        );
+        assert!(Firmware::place(0, &l).is_err());
+        assert!(Firmware::place(1000, &l).is_err());
+        assert!(Firmware::place(32 << 20, &l).is_err());
+        // RAM reaching into the image's place.
+        let high = Layout {
+            ram_size: 8 << 20,
+            slots: vec![
+                Slot { gpa: 0, offset: 0, len: 4 << 20 },
+                Slot { gpa: (4 << 30) - (4 << 20), offset: 4 << 20, len: 4 << 20 },
+            ],
+        };
+        assert_eq!(high.validate(), Ok(()));
+        assert!(Firmware::place(64 << 10, &high).is_err());
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Each x86-64 vCPU (one or more) runs a tiny guest program ([`guest`]) that
 //! keeps writing its counter into its slice of the working set at a set rate and
-//! maintains a checksum of it.
+//! maintains a checksum of it, or a raw firmware image runs from the reset
+//! vector instead ([`Vm::map_firmware`], QEMU's `-bios`).
 //! Guest RAM is one `pc.ram` block (vm-memory) in one or two KVM slots
 //! ([`layout`]); KVM's dirty log ([`dirty`]) is the engine's dirty source; each vCPU's
 //! state (registers, CPUID, MSRs, FPU/XSAVE, local APIC, events...) travels as

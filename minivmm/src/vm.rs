@@ -6,7 +6,7 @@
 use crate::cpu::{self, CpuState, MSR_IA32_TSC, MSR_MTRR_DEF_TYPE};
 use crate::dirty::KvmDirtyLog;
 use crate::guest::{self, ctrl, ctrl_addr, CODE_ADDR, GDT_ADDR, MAX_VCPUS, PML4_ADDR, WORKING_SET_MIN};
-use crate::layout::{Layout, LayoutError};
+use crate::layout::{Firmware, Layout, LayoutError};
 use engine::source::GuestRegion;
 use engine::vm::{DeviceHandler, VcpuControl, VmmError};
 use kvm_bindings::{
@@ -444,6 +444,14 @@ pub struct Vm {
     written: bool,
     /// Guest RAM was advised MADV_HUGEPAGE and the kernel took it.
     huge_pages: bool,
+    /// A firmware image mapped read-only below 4 GiB (not part of `pc.ram`).
+    rom: Option<Rom>,
+}
+
+/// A firmware image in its own host mapping, a KVM read-only slot.
+struct Rom {
+    map: MmapRegion,
+    firmware: Firmware,
 }
 
 static SIGNAL: Once = Once::new();
@@ -607,6 +615,7 @@ impl Vm {
             config: None,
             written: false,
             huge_pages,
+            rom: None,
         })
     }
 
@@ -748,6 +757,59 @@ impl Vm {
         self.config = Some(cfg);
         self.written = true;
         Ok(())
+    }
+
+    /// Map a raw firmware image as QEMU's `-bios FILE` does ([`Firmware`]): the
+    /// whole image read-only at 4 GiB - its size, in its own KVM slot
+    /// (`KVM_MEM_READONLY`) outside `pc.ram`, so it is not migrated (the
+    /// destination maps the same file, as QEMU's ROM is there from its own
+    /// `-bios`). With `alias`, its last 128 KiB are also copied into guest RAM below
+    /// 1 MiB (a source booting it; that copy migrates as RAM, so a destination
+    /// passes `false`). The vCPUs keep KVM's reset state (real mode, CS base
+    /// 0xffff0000, RIP 0xfff0): resumed, vCPU 0 runs the image from its reset
+    /// vector. One vCPU only (this VMM sends no INIT/SIPI to others).
+    pub fn map_firmware(&mut self, image: &[u8], alias: bool) -> Result<Firmware, VmError> {
+        if self.rom.is_some() {
+            return Err(VmError::Config("a firmware image is already mapped".into()));
+        }
+        if self.vcpus.len() != 1 {
+            return Err(VmError::Config(format!("a firmware guest runs one vCPU, not {}", self.vcpus.len())));
+        }
+        if self.vm.check_extension_raw(kvm_bindings::KVM_CAP_READONLY_MEM as _) <= 0 {
+            return Err(VmError::Config("KVM has no read-only memory slots (KVM_CAP_READONLY_MEM)".into()));
+        }
+        let fw = Firmware::place(image.len() as u64, &self.layout)?;
+        let map = MmapRegion::new(image.len()).map_err(|e| VmError::Memory(format!("firmware mmap: {e}")))?;
+        vm_memory::VolatileMemory::as_volatile_slice(&map).copy_from(image);
+        let region = kvm_userspace_memory_region {
+            slot: self.regions.len() as u32,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: fw.rom_gpa,
+            memory_size: fw.size,
+            userspace_addr: map.as_ptr() as u64,
+        };
+        // SAFETY: `map` is a live mapping of `fw.size` bytes that `self.rom` keeps
+        // until the VM (declared before it, so dropped first) is gone.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (firmware)"))?;
+        if alias {
+            let from = fw.alias_from as usize;
+            self.mem
+                .write_slice(&image[from..from + fw.alias_len as usize], GuestAddress(fw.alias_gpa))
+                .map_err(|e| VmError::Memory(format!("firmware alias: {e}")))?;
+            self.written = true;
+        }
+        self.rom = Some(Rom { map, firmware: fw });
+        Ok(fw)
+    }
+
+    /// The mapped firmware image's placement and bytes, if any.
+    pub fn firmware(&self) -> Option<(Firmware, vm_memory::VolatileSlice<'_>)> {
+        self.rom.as_ref().map(|r| (r.firmware, vm_memory::VolatileMemory::as_volatile_slice(&r.map)))
+    }
+
+    /// Read guest RAM at guest-physical `gpa` (a firmware guest's data, the alias).
+    pub fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| VmError::Memory(format!("read at {gpa:#x}: {e}")))
     }
 
     /// Every vCPU starts runnable (no INIT/SIPI) in 64-bit mode at the program,
