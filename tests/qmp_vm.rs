@@ -744,19 +744,20 @@ fn postcopy_then_kill(dir: &TestDir, tag: &str, kill_source: bool) -> (Value, Du
     let killed = Instant::now();
     let _ = victim.child.wait();
     let survivor_name = if kill_source { format!("{tag}-dst") } else { format!("{tag}-src") };
+    // A destination whose load failed ends (status 1, as QEMU's does): then its exit
+    // and its last stderr line are the answer (also when it exits between the
+    // `failed` reply and the `query-status` after it).
+    let exited = |survivor: &mut QmigVm, e: String| {
+        let code = survivor.wait_exit().and_then(|s| s.code());
+        let took = killed.elapsed();
+        let err = std::fs::read_to_string(dir.join(&format!("{survivor_name}.stderr"))).unwrap_or_default();
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        (json!({ "exit-code": code, "stderr": last, "qmp": e }), took, "exited".to_string())
+    };
     let end = loop {
-        // A destination whose load failed ends (status 1, as QEMU's does): then its
-        // exit and its last stderr line are the answer.
         let r = match survivor.qmp().execute("query-migrate", None) {
             Ok(r) => r,
-            Err(e) => {
-                let code = survivor.wait_exit().and_then(|s| s.code());
-                let took = killed.elapsed();
-                let err = std::fs::read_to_string(dir.join(&format!("{survivor_name}.stderr"))).unwrap_or_default();
-                let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
-                let v = json!({ "exit-code": code, "stderr": last, "qmp": e.to_string() });
-                return (v, took, "exited".into());
-            }
+            Err(e) => return exited(survivor, e.to_string()),
         };
         if !matches!(status_of(&r), "postcopy-active" | "active" | "device") {
             break r;
@@ -765,7 +766,10 @@ fn postcopy_then_kill(dir: &TestDir, tag: &str, kill_source: bool) -> (Value, Du
         std::thread::sleep(Duration::from_millis(5));
     };
     let took = killed.elapsed();
-    (end, took, run_state(survivor.qmp()))
+    match survivor.qmp().query_status() {
+        Ok(state) => (end, took, state),
+        Err(e) => exited(survivor, e.to_string()),
+    }
 }
 
 /// Issue 10 test 6 on the KVM path (`qmig vm`, the guest running on KVM and
