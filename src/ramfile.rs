@@ -520,17 +520,47 @@ impl RamImage {
         Some(RamImage::new(path, f, map, known_zero))
     }
 
-    /// A prepared image for a block of `len` bytes: its blocks allocated (see
-    /// [`allocate`]) once the length is known to match; `None` (dropped) otherwise,
-    /// or when the path no longer names the same file of that length.
-    fn adopt(self, len: u64) -> Option<Result<Self>> {
+    /// A prepared image for a block of `len` bytes (its holes reserved by
+    /// [`RamImage::reserve`] when set up); `None` (dropped) when the length does not
+    /// match or the path no longer names the same file of that length.
+    fn adopt(self, len: u64) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let (now, mapped) = (std::fs::metadata(&self.path).ok()?, self.file.metadata().ok()?);
         if self.map.len() as u64 != len || mapped.len() != len || (now.dev(), now.ino()) != (mapped.dev(), mapped.ino())
         {
             return None;
         }
-        Some(allocate(&self.file, len).map_err(|e| Error::file(&self.path, e)).map(|()| self))
+        Some(self)
+    }
+
+    /// Make sure an existing file's holes can be filled, so a full filesystem is a
+    /// one-line error (ENOSPC) rather than a SIGBUS at a write through the mapping.
+    /// A file with every block allocated needs nothing. Holes that are known and
+    /// written only with positioned writes (not `shared`: each page of a hole is
+    /// staged and `pwrite`n, as a new file's) need only the free space, checked
+    /// here, as for a new file: allocating them all now (`fallocate`) cost the
+    /// allocation up front, in the migration's window, where a fresh file pays it
+    /// page by page alongside the copy. Otherwise every block is allocated ([`allocate`]).
+    fn reserve(&self, shared: bool) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let len = self.map.len() as u64;
+        let m = self.file.metadata().map_err(|e| Error::file(&self.path, e))?;
+        if m.blocks().saturating_mul(512) >= len {
+            return Ok(());
+        }
+        match (&self.known_zero, shared) {
+            (Some(bits), false) => {
+                let pages: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+                let need = pages.saturating_mul(PAGE as u64);
+                let fs = nix::sys::statvfs::fstatvfs(&*self.file).map_err(|e| Error::file(&self.path, e.into()))?;
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                if need > free {
+                    return Err(Error::file(&self.path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
+                }
+                Ok(())
+            }
+            _ => allocate(&self.file, len).map_err(|e| Error::file(&self.path, e)),
+        }
     }
 
     /// Map an existing destination RAM file of exactly `len` bytes, or create it
@@ -546,10 +576,9 @@ impl RamImage {
             ))),
             Ok(_) => {
                 let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::file(path, e))?;
-                // Holes are found before they are allocated: their pages still read as
-                // zero after, and get the fresh file's fast path (staged, pwrite).
+                // Its holes are known to be zero: their pages get the fresh file's fast
+                // path (staged, pwrite); `reserve` checks they can be filled.
                 let known_zero = holes(&f, len);
-                allocate(&f, len).map_err(|e| Error::file(path, e))?;
                 // SAFETY: a shared writable mapping of a file of the checked length; we are
                 // its only writer for the duration of the migration, as QEMU is for its RAM.
                 let map = unsafe { MmapMut::map_mut(&f) }.map_err(|e| Error::file(path, e))?;
@@ -739,13 +768,16 @@ impl ImageSink {
             };
             let prepared = self.prepared.iter().position(|i| i.path == p).map(|i| self.prepared.swap_remove(i));
             let mut img = if let Some(img) = prepared.filter(|_| exists).and_then(|i| i.adopt(b.length)) {
-                img?
+                img
             } else if exists {
                 RamImage::open_or_create(&b.name, &p, b.length)?
             } else {
                 self.created.push(p.clone());
                 RamImage::create(&p, b.length)?
             };
+            if exists {
+                img.reserve(self.shared)?;
+            }
             if self.shared {
                 img.known_zero = None;
             }

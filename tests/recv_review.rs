@@ -290,7 +290,9 @@ impl Drop for Tmpfs {
 
 /// Bug 7: an existing sparse destination file on a full filesystem killed recv with
 /// SIGBUS (exit 135, nothing on stderr) at the first write through the mapping.
-/// The file is allocated before it is mapped, so it is a one-line ENOSPC error.
+/// Its holes are checked against the free space before anything is written (or,
+/// where pages may reach them through the mapping, allocated), so it is a one-line
+/// ENOSPC error.
 #[test]
 fn full_filesystem_under_an_existing_sparse_file_is_an_error() {
     let Some(fs) = Tmpfs::mount("enospc", 1 << 20) else { return };
