@@ -239,6 +239,46 @@ impl Config {
     /// Options from `--key=value` arguments, else `QMIG_COMPARE_KEY`, else the defaults.
     pub(crate) fn parse() -> Config {
         let args: Vec<String> = std::env::args().skip(1).collect();
+        // `--help` prints the options; an unknown `--key` is refused (it used to be
+        // ignored, so `--help` ran the quick matrix).
+        const KEYS: [&str; 16] = [
+            "quick",
+            "sizes",
+            "fills",
+            "cases",
+            "wires",
+            "dests",
+            "runs",
+            "verify",
+            "limits",
+            "json",
+            "shm",
+            "multifd",
+            "live",
+            "postcopy",
+            "postcopy-size",
+            "xbzrle",
+        ];
+        let usage = || {
+            format!(
+                "usage: cargo bench --bench compare -- [--KEY=VALUE]...\nkeys (or QMIG_COMPARE_KEY variables): {}\n\
+                 each is described at the top of benches/compare/main.rs",
+                KEYS.map(|k| format!("--{k}")).join(" ")
+            )
+        };
+        if args.iter().any(|a| a == "--help" || a == "-h") {
+            println!("{}", usage());
+            std::process::exit(0);
+        }
+        for a in args.iter().filter_map(|a| a.strip_prefix("--")) {
+            let key = a.split('=').next().unwrap_or(a);
+            // `--bench` is cargo's; libtest's flags (`cargo test --benches -- ...`) are let through.
+            const PASSED: [&str; 8] =
+                ["bench", "nocapture", "quiet", "show-output", "exact", "ignored", "include-ignored", "test-threads"];
+            if !KEYS.contains(&key) && !PASSED.contains(&key) && !key.is_empty() {
+                panic!("unknown option --{key}\n{}", usage());
+            }
+        }
         let arg = |key: &str| -> Option<String> {
             let flag = format!("--{key}");
             let prefix = format!("--{key}=");
