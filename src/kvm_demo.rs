@@ -382,16 +382,7 @@ pub fn dest(
     }
     let loaded = vm.controls().map_err(vm_err)?;
     let mut control = vm.vcpus();
-    if !report.resumed && report.runstate.as_deref().is_none_or(|r| r == "running") {
-        control.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
-    }
-    let resumed = Instant::now();
-    while resumed.elapsed() < run_on {
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let resumed = run_for(&mut control, &report, run_on, cancel)?;
     let now = vm.stop_and_check_all().map_err(vm_err)?;
     let per_vcpu: Vec<Value> = now
         .iter()
@@ -418,6 +409,27 @@ pub fn dest(
     }))
 }
 
+/// Resume the loaded guest (unless the stream left it paused or it already
+/// runs) and let it run `run_on`; when it was resumed.
+fn run_for(
+    control: &mut minivmm::Vcpus,
+    report: &engine::incoming::IncomingReport,
+    run_on: Duration,
+    cancel: &CancelToken,
+) -> Result<Instant> {
+    if !report.resumed && report.runstate.as_deref().is_none_or(|r| r == "running") {
+        control.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
+    }
+    let resumed = Instant::now();
+    while resumed.elapsed() < run_on {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(resumed)
+}
+
 /// The destination of a firmware guest: progress marks on arrival, resume, run
 /// `run_on`, stop, marks again.
 fn firmware_run_on(
@@ -429,16 +441,7 @@ fn firmware_run_on(
 ) -> Result<Value> {
     let (word0, cx0) = firmware_marks(vm)?;
     let mut control = vm.vcpus();
-    if !report.resumed && report.runstate.as_deref().is_none_or(|r| r == "running") {
-        control.resume().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("resume")).into()))?;
-    }
-    let resumed = Instant::now();
-    while resumed.elapsed() < run_on {
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let resumed = run_for(&mut control, &report, run_on, cancel)?;
     control.stop().map_err(|e| Error::incoming(e.on(engine::vm::VmmPart::Vcpu("stop")).into()))?;
     let ran_ms = resumed.elapsed().as_millis() as u64;
     let (word1, cx1) = firmware_marks(vm)?;
